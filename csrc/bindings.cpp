@@ -1,0 +1,53 @@
+// pybind11 boundary: raw pointers, sizes and the CUDA stream in, nothing framework-specific.
+// Python (d2pruner_kernels/kernels/mis.py) validates device, dtype, contiguity and shapes
+// before any call; C++ errors surface as Python exceptions.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "mis.h"
+
+namespace py = pybind11;
+
+namespace {
+
+d2p::MisArgs make_args(uintptr_t adj, uintptr_t order, uintptr_t kept, uintptr_t rounds,
+                       int batch, int n_tokens, int n_pivots, int k) {
+  if (batch < 0 || n_tokens < 1 || n_pivots < 0 || n_pivots > k || k > n_tokens)
+    throw std::invalid_argument("d2pruner MIS: inconsistent sizes");
+  return {reinterpret_cast<const uint32_t*>(adj), reinterpret_cast<const int64_t*>(order),
+          reinterpret_cast<int64_t*>(kept), reinterpret_cast<int32_t*>(rounds),
+          batch, n_tokens, n_pivots, k};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "d2pruner_kernels compiled MIS stage (CPU walk, CPU twin of the CUDA rounds, CUDA)";
+  m.def("mis_walk_cpu", [](uintptr_t adj, uintptr_t order, uintptr_t kept, uintptr_t rounds,
+                           int batch, int n_tokens, int n_pivots, int k) {
+    const auto a = make_args(adj, order, kept, rounds, batch, n_tokens, n_pivots, k);
+    py::gil_scoped_release nogil;
+    d2p::mis_walk_cpu(a);
+  }, "Sequential greedy walk on CPU.");
+  m.def("mis_rounds_cpu", [](uintptr_t adj, uintptr_t order, uintptr_t kept, uintptr_t rounds,
+                             int batch, int n_tokens, int n_pivots, int k) {
+    const auto a = make_args(adj, order, kept, rounds, batch, n_tokens, n_pivots, k);
+    py::gil_scoped_release nogil;
+    d2p::mis_rounds_cpu(a);
+  }, "CPU twin of the CUDA kernel (same windows, rounds and rules).");
+  m.attr("window") = d2p::kWindow;
+#ifdef D2P_WITH_CUDA
+  m.attr("with_cuda") = true;
+  m.def("mis_rounds_cuda", [](uintptr_t adj, uintptr_t order, uintptr_t kept, uintptr_t rounds,
+                              int batch, int n_tokens, int n_pivots, int k, int device,
+                              uintptr_t stream) {
+    d2p::mis_rounds_cuda(make_args(adj, order, kept, rounds, batch, n_tokens, n_pivots, k),
+                         device, reinterpret_cast<void*>(stream));
+  }, "Luby rounds on the GPU: one block per image, one launch, on the given stream.");
+  m.def("cuda_device_count", &d2p::cuda_device_count);
+#else
+  m.attr("with_cuda") = false;
+  m.def("cuda_device_count", [] { return 0; });
+#endif
+}

@@ -1,0 +1,100 @@
+// CPU implementations of the MIS stage: the sequential greedy walk and the round-by-round
+// twin of the CUDA kernel. Both end in the same assembly (fill, pivots, ascending output).
+#include <algorithm>
+#include <vector>
+
+#include "mis.h"
+#include "mis_rules.h"
+
+namespace d2p {
+namespace {
+
+// Steps 6-7 for one image: the first m candidates of `in` (rank order), then the fill
+// (candidates not in `in`, rank order) up to m, plus the pivots; written ascending.
+void assemble(const MisArgs& a, const int64_t* order, const std::vector<uint32_t>& in,
+              int64_t* kept) {
+  const int C = a.candidates(), m = a.k - a.n_pivots;
+  std::vector<char> keep(a.n_tokens, 0);
+  for (int i = 0; i < a.n_pivots; ++i) keep[order[i]] = 1;
+  int taken = 0;
+  for (int v = 0; v < C && taken < m; ++v)
+    if (in[v / 32] >> (v % 32) & 1u) keep[order[a.n_pivots + v]] = 1, ++taken;
+  for (int v = 0; v < C && taken < m; ++v)
+    if (!(in[v / 32] >> (v % 32) & 1u)) keep[order[a.n_pivots + v]] = 1, ++taken;
+  for (int t = 0, j = 0; t < a.n_tokens; ++t)
+    if (keep[t]) kept[j++] = t;
+}
+
+// Sequential greedy walk: take v unless a taken candidate is a better-ranked neighbour.
+void walk_one(const MisArgs& a, const uint32_t* adj, std::vector<uint32_t>& in) {
+  const int C = a.candidates(), m = a.k - a.n_pivots, words = a.words_c();
+  int taken = 0;
+  for (int v = 0; v < C && taken < m; ++v) {
+    const uint32_t* row = adj + static_cast<size_t>(v) * words;
+    bool blocked = false;
+    for (int w = 0; w < row_end_word(v) && !blocked; ++w) blocked = row[w] & lower_bits(v, w) & in[w];
+    if (!blocked) in[v / 32] |= 1u << (v % 32), ++taken;
+  }
+}
+
+// The CUDA kernel's schedule, one simulated thread per candidate of a window of kWindow:
+// an external pass against the decided candidates before the window, then synchronous
+// (Jacobi) Luby rounds inside it until the m best-ranked members are settled.
+int rounds_one(const MisArgs& a, const uint32_t* adj, std::vector<uint32_t>& in) {
+  const int C = a.candidates(), m = a.k - a.n_pivots, words = a.words_c();
+  std::vector<uint32_t> out(words, 0);
+  std::vector<uint8_t> st(kWindow), ns(kWindow);
+  auto set = [](std::vector<uint32_t>& bits, int v) { bits[v / 32] |= 1u << (v % 32); };
+  int rounds = 0, total = 0;
+  for (int lo = 0; lo < C && m > 0; lo += kWindow) {
+    const int hi = std::min(C, lo + kWindow);
+    for (int v = lo; v < hi; ++v) {
+      const uint32_t* row = adj + static_cast<size_t>(v) * words;
+      st[v - lo] = luby_rule(row, in.data(), out.data(), v, 0, window_first_word(lo)) == kOut ? kOut : kUndecided;
+      if (st[v - lo] == kOut) set(out, v);
+    }
+    ++rounds;
+    for (;;) {
+      for (int v = lo; v < hi; ++v) {
+        const uint32_t* row = adj + static_cast<size_t>(v) * words;
+        ns[v - lo] = st[v - lo] != kUndecided ? st[v - lo]
+                     : luby_rule(row, in.data(), out.data(), v, window_first_word(lo), row_end_word(v));
+      }
+      for (int v = lo; v < hi; ++v) {
+        if (ns[v - lo] != st[v - lo]) set(ns[v - lo] == kIn ? in : out, v);
+        st[v - lo] = ns[v - lo];
+      }
+      ++rounds;
+      int first = hi, count = 0;  // first undecided; members settled before it
+      for (int v = lo; v < hi && first == hi; ++v) if (st[v - lo] == kUndecided) first = v;
+      for (int v = lo; v < first; ++v) count += st[v - lo] == kIn;
+      if (total + count >= m) return rounds;
+      if (first == hi) { total += count; break; }
+    }
+  }
+  return rounds;
+}
+
+template <typename Select>
+void run_cpu(const MisArgs& a, Select select) {
+  const size_t adj_stride = static_cast<size_t>(a.candidates()) * a.words_c();
+  for (int b = 0; b < a.batch; ++b) {
+    std::vector<uint32_t> in(a.words_c() + 1, 0);
+    const int r = select(a, a.adj + b * adj_stride, in);
+    if (a.rounds) a.rounds[b] = r;
+    assemble(a, a.order + static_cast<size_t>(b) * a.n_tokens, in, a.kept + static_cast<size_t>(b) * a.k);
+  }
+}
+
+}  // namespace
+
+void mis_walk_cpu(const MisArgs& a) {
+  run_cpu(a, [](const MisArgs& x, const uint32_t* adj, std::vector<uint32_t>& in) {
+    walk_one(x, adj, in);
+    return 0;
+  });
+}
+
+void mis_rounds_cpu(const MisArgs& a) { run_cpu(a, rounds_one); }
+
+}  // namespace d2p

@@ -1,0 +1,169 @@
+// CUDA MIS stage: one block per image, one launch for the whole batch, no host round-trip.
+//
+// Each block walks its candidates in windows of kWindow (one thread per candidate). A window
+// starts with one external pass (is a member before the window a better-ranked neighbour?),
+// then runs synchronous Luby rounds (mis_rules.h) until every candidate of the window is
+// decided, and stops the whole walk as soon as the m best-ranked members are settled: with a
+// small budget most of the graph is never read. Bitsets of members / non-members and of the
+// kept tokens live in shared memory. The tail (first m members, fill, pivots, ascending
+// output) is a block-wide scan over those bitsets.
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <stdexcept>
+#include <string>
+
+#include "mis.h"
+#include "mis_rules.h"
+
+namespace d2p {
+namespace {
+
+constexpr int kThreads = kWindow;
+constexpr int kWarps = kThreads / 32;
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+struct Scratch {
+  int warp_sums[kWarps];
+  int total;
+  int first[2];  // first undecided candidate of the round, double-buffered by round parity
+};
+
+// Exclusive prefix sum of x over the block; *total receives the block's sum. All threads call.
+__device__ int block_exclusive_scan(int x, Scratch& s, int* total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int incl = x;
+  for (int d = 1; d < 32; d <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= d) incl += y;
+  }
+  if (lane == 31) s.warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int mine = lane < kWarps ? s.warp_sums[lane] : 0;
+    int acc = mine;
+    for (int d = 1; d < 32; d <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, acc, d);
+      if (lane >= d) acc += y;
+    }
+    if (lane < kWarps) s.warp_sums[lane] = acc - mine;
+    if (lane == 31) s.total = acc;
+  }
+  __syncthreads();
+  const int result = s.warp_sums[warp] + incl - x;
+  *total = s.total;
+  __syncthreads();  // scratch reusable
+  return result;
+}
+
+// Calls visit(position, index) for the first `limit` set bits of word(0 .. n_words), in
+// position order, index = 0, 1, ...; returns how many were visited. All threads call.
+template <typename Word, typename Visit>
+__device__ int visit_first_bits(int n_words, int limit, Word word, Visit visit, Scratch& s) {
+  int base = 0;  // uniform: set bits before this chunk of words
+  for (int w0 = 0; w0 < n_words && base < limit; w0 += kThreads) {
+    const int w = w0 + threadIdx.x;
+    uint32_t bits = w < n_words ? word(w) : 0u;
+    int total;
+    int idx = base + block_exclusive_scan(popcount32(bits), s, &total);
+    for (; bits && idx < limit; bits &= bits - 1, ++idx) visit(32 * w + __ffs(bits) - 1, idx);
+    base += total;
+  }
+  return min(base, limit);
+}
+
+__global__ void __launch_bounds__(kThreads) mis_rounds_kernel(MisArgs a) {
+  extern __shared__ uint32_t bitsets[];
+  __shared__ Scratch s;
+  const int C = a.candidates(), m = a.k - a.n_pivots, words_c = a.words_c();
+  const int words_n = (a.n_tokens + 31) / 32, tid = threadIdx.x;
+  uint32_t* in = bitsets;            // decided members          [words_c]
+  uint32_t* out = in + words_c;      // decided non-members      [words_c]
+  uint32_t* keep = out + words_c;    // kept tokens, token order [words_n]
+  const uint32_t* adj = a.adj + static_cast<size_t>(blockIdx.x) * C * words_c;
+  const int64_t* order = a.order + static_cast<size_t>(blockIdx.x) * a.n_tokens;
+
+  for (int i = tid; i < 2 * words_c + words_n; i += kThreads) bitsets[i] = 0u;
+  if (tid < 2) s.first[tid] = INT_MAX;
+  __syncthreads();
+
+  // Steps 5: windows of Luby rounds. rounds/total/done/first are block-uniform.
+  int rounds = 0, total = 0, parity = 0;
+  bool done = m <= 0;
+  for (int lo = 0; lo < C && !done; lo += kThreads) {
+    const int hi = min(C, lo + kThreads), v = lo + tid;
+    const bool mine = v < hi;
+    const uint32_t* row = adj + static_cast<size_t>(mine ? v : 0) * words_c;
+    State st = kUndecided;
+    if (mine && luby_rule(row, in, out, v, 0, window_first_word(lo)) == kOut) {
+      st = kOut;
+      atomicOr(&out[v / 32], 1u << (v % 32));
+    }
+    ++rounds;
+    __syncthreads();
+    for (;;) {
+      const State next = (mine && st == kUndecided)
+          ? luby_rule(row, in, out, v, window_first_word(lo), row_end_word(v)) : st;
+      __syncthreads();  // every read of this round is done before anyone writes
+      if (next != st) atomicOr(next == kIn ? &in[v / 32] : &out[v / 32], 1u << (v % 32));
+      st = next;
+      if (mine && st == kUndecided) atomicMin(&s.first[parity], v);
+      if (tid == 0) s.first[parity ^ 1] = INT_MAX;  // last read before the previous barrier
+      ++rounds;
+      __syncthreads();
+      const int first = min(s.first[parity], hi);
+      const int count = __syncthreads_count(mine && st == kIn && v < first);
+      parity ^= 1;
+      if (total + count >= m) { done = true; break; }
+      if (first == hi) { total += count; break; }
+    }
+  }
+
+  // Steps 6-7: the m best-ranked members, the fill, the pivots, written ascending.
+  auto keep_token = [&](int64_t t) { atomicOr(&keep[t / 32], 1u << (t % 32)); };
+  auto keep_candidate = [&](int v, int) { keep_token(order[a.n_pivots + v]); };
+  const int taken = visit_first_bits(words_c, m, [&](int w) { return in[w]; }, keep_candidate, s);
+  if (taken < m)  // the walk ran out of members: fill with non-members in rank order
+    visit_first_bits(words_c, m - taken, [&](int w) { return ~in[w] & lower_bits(C, w); },
+                     keep_candidate, s);
+  for (int i = tid; i < a.n_pivots; i += kThreads) keep_token(order[i]);
+  __syncthreads();
+  int64_t* kept = a.kept + static_cast<size_t>(blockIdx.x) * a.k;
+  visit_first_bits(words_n, a.k, [&](int w) { return keep[w]; },
+                   [&](int t, int j) { kept[j] = t; }, s);
+  if (tid == 0 && a.rounds) a.rounds[blockIdx.x] = rounds;
+}
+
+}  // namespace
+
+static size_t mis_shared_bytes(int n_tokens, int n_pivots) {
+  const size_t words_c = (n_tokens - n_pivots + 31) / 32, words_n = (n_tokens + 31) / 32;
+  return (2 * words_c + words_n) * sizeof(uint32_t);
+}
+
+void mis_rounds_cuda(const MisArgs& a, int device, void* stream) {
+  int current = -1;
+  check(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != device) check(cudaSetDevice(device), "cudaSetDevice");
+  const size_t smem = mis_shared_bytes(a.n_tokens, a.n_pivots);
+  if (smem > 48 * 1024)
+    throw std::invalid_argument("d2pruner MIS kernel: N=" + std::to_string(a.n_tokens) +
+                                " tokens need more than 48 KiB of shared memory");
+  if (a.batch == 0) return;
+  mis_rounds_kernel<<<a.batch, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(a);
+  check(cudaGetLastError(), "d2pruner MIS kernel launch");
+}
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error (e.g. 35: no driver)
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace d2p
