@@ -1,0 +1,15 @@
+"""d2pruner_kernels: exact, batched, sync-free D2Pruner visual-token pruning.
+
+    prune(tokens, attn, grid_hw, k, **options) -> int64 indices, ascending
+
+The stages are public too (debiased_scores, rank_order, similarity_graph, greedy_mis), the
+pure-torch twins live in `d2pruner_kernels.reference`, the packed adjacency layout in
+`d2pruner_kernels.layout`.
+"""
+from . import layout, reference
+from .prune import prune
+from .stages import debiased_scores, greedy_mis, rank_order, similarity_graph
+
+__all__ = ["prune", "debiased_scores", "rank_order", "similarity_graph", "greedy_mis",
+           "layout", "reference"]
+__version__ = "0.1.0"

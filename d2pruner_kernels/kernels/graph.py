@@ -1,0 +1,127 @@
+"""Triton kernel of SPEC step 4: the hybrid graph over the candidates, as packed bits.
+
+For candidates i, j (rank positions among the non-pivots, token ids t_i = order[n_p + i]):
+
+    cos_ij = <x_i, x_j> / (max(|x_i|, 1e-12) * max(|x_j|, 1e-12))
+    sp_ij  = max(|dy|, |dx|) <= radius  and  |dt| <= temporal_radius   on the (T, H, W) grid
+    f_ij   = (1 - beta) * cos_ij + beta * sp_ij;   edge iff f_ij >= theta and j < i
+
+One program per BLOCK x BLOCK tile of the strict lower triangle: the raw dot products run
+on the tensor cores in the input dtype (bf16/fp16 products are exact in the float32
+accumulator; float32 inputs use true-fp32 "ieee" dots, never tf32), the norms come from one
+float32 pass before, and the epilogue fuses the normalisation, the spatial term, the
+threshold and the bit packing. Only the packed bits reach memory (layout: ../layout.py);
+tiles above the diagonal are never launched work, their words stay unwritten.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+import torch
+
+from ..layout import num_words
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _similarity_graph_kernel(
+        x_ptr, norm_ptr, order_ptr, adj_ptr,
+        C, D, n_pivots, stride_xb, stride_xn, stride_nb, stride_ob, n_words,
+        grid_h, grid_w, radius, temporal_radius, cos_weight, spatial_weight, threshold,
+        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+        UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    col_block = tl.program_id(0)
+    row_block = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    if col_block > row_block:  # only j < i is stored
+        return
+    rows = row_block * BLOCK + tl.arange(0, BLOCK)
+    cols = col_block * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < C
+    col_ok = cols < C
+    # Token ids of the candidates in rank order; their feature rows are gathered.
+    ti = tl.load(order_ptr + b * stride_ob + n_pivots + rows, mask=row_ok, other=0)
+    tj = tl.load(order_ptr + b * stride_ob + n_pivots + cols, mask=col_ok, other=0)
+    offs_k = tl.arange(0, BLOCK_K)
+    xi = x_ptr + b * stride_xb + ti[:, None] * stride_xn + offs_k[None, :]
+    xj = x_ptr + b * stride_xb + tj[:, None] * stride_xn + offs_k[None, :]
+
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(xi + k0, mask=row_ok[:, None], other=0.0)
+            c = tl.load(xj + k0, mask=col_ok[:, None], other=0.0)
+        else:
+            k_ok = (k0 + offs_k) < D
+            a = tl.load(xi + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            c = tl.load(xj + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong (triton#11584): go through fp32
+            a = a.to(tl.float32)
+            c = c.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, tl.trans(c), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(c), acc)
+
+    # Epilogue: cosine, spatial term, threshold, then 32 columns -> one int32 word.
+    ni = tl.maximum(tl.load(norm_ptr + b * stride_nb + ti, mask=row_ok, other=1.0), 1e-12)
+    nj = tl.maximum(tl.load(norm_ptr + b * stride_nb + tj, mask=col_ok, other=1.0), 1e-12)
+    cos = acc / ni[:, None] / nj[None, :]
+    hw = grid_h * grid_w
+    dy = tl.abs((ti // grid_w % grid_h)[:, None] - (tj // grid_w % grid_h)[None, :])
+    dx = tl.abs((ti % grid_w)[:, None] - (tj % grid_w)[None, :])
+    dt = tl.abs((ti // hw)[:, None] - (tj // hw)[None, :])
+    near = (dy <= radius) & (dx <= radius) & (dt <= temporal_radius)
+    f = cos_weight * cos + spatial_weight * near.to(tl.float32)
+    edge = (f >= threshold) & (cols[None, :] < rows[:, None]) & col_ok[None, :]
+    shifts = tl.arange(0, 32)
+    bits = tl.reshape(edge.to(tl.int32), [BLOCK, BLOCK // 32, 32]) << shifts[None, None, :]
+    words = tl.reduce(bits, 2, _bit_or)
+    word_idx = col_block * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
+    out = adj_ptr + (b * C + rows[:, None]) * n_words + word_idx[None, :]
+    tl.store(out, words, mask=row_ok[:, None] & (word_idx[None, :] < n_words))
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def default_config(dtype: torch.dtype, d: int) -> dict:
+    if interpreting():  # few, large programs: each interpreted loop step costs ~ms
+        return dict(BLOCK=64, BLOCK_K=min(256, triton.next_power_of_2(d)), num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK=32, BLOCK_K=32, num_warps=4, num_stages=2)
+    return dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
+                     grid: tuple[int, int, int], sim_threshold: float = 0.8,
+                     spatial_weight: float = 0.0, radius: int = 2, temporal_radius: int = 1,
+                     config: dict | None = None) -> torch.Tensor:
+    """tokens [B, N, D] (fp16/bf16/fp32), order int64 [B, N] -> packed int32 [B, C, words]."""
+    b, n, d = tokens.shape
+    c = n - n_pivots
+    adj = torch.empty(b, c, num_words(c), dtype=torch.int32, device=tokens.device)
+    if c == 0:
+        return adj
+    x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
+    order = order if order.stride(-1) == 1 else order.contiguous()
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)  # [B, N], one pass
+    cfg = dict(config or default_config(x.dtype, d))
+    block, block_k = cfg.pop("BLOCK"), cfg.pop("BLOCK_K")
+    upcast = interpreting() and x.dtype == torch.bfloat16
+    tiles = triton.cdiv(c, block)
+    _similarity_graph_kernel[(tiles, tiles, b)](
+        x, norms, order, adj, c, d, n_pivots, x.stride(0), x.stride(1), norms.stride(0),
+        order.stride(0), adj.shape[2], grid[1], grid[2], radius, temporal_radius,
+        1.0 - spatial_weight, spatial_weight, sim_threshold,
+        BLOCK=block, BLOCK_K=block_k, EVEN_K=d % block_k == 0, UPCAST=upcast,
+        IEEE=upcast or x.dtype == torch.float32, **cfg)
+    return adj

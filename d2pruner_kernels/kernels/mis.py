@@ -1,0 +1,75 @@
+"""The compiled MIS stage (SPEC steps 5-7) from csrc/: CUDA kernel, CPU walk, CPU twin.
+
+Python checks device, dtype, contiguity and shapes here, before the raw pointers cross into
+C++; the C++ side trusts them.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layout import num_words
+
+try:
+    from .. import _C
+except ImportError:  # extension not built: the reference is used instead
+    _C = None
+
+# CUDA kernel: bitsets of 2 * ceil(C/32) + ceil(N/32) words in 48 KiB of shared memory.
+MAX_CUDA_TOKENS = 131072
+
+
+def extension_available() -> bool:
+    return _C is not None
+
+
+def cuda_available() -> bool:
+    return _C is not None and _C.with_cuda and _C.cuda_device_count() > 0
+
+
+def _check(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int) -> None:
+    if adj.dtype != torch.int32 or order.dtype != torch.int64:
+        raise TypeError(f"adjacency must be int32 and order int64, got {adj.dtype} and {order.dtype}")
+    if adj.device != order.device:
+        raise ValueError(f"adjacency is on {adj.device} but order is on {order.device}")
+    b, n = order.shape
+    c = n - n_pivots
+    if not 0 <= n_pivots <= k <= n:
+        raise ValueError(f"need 0 <= n_pivots <= k <= N, got n_pivots={n_pivots}, k={k}, N={n}")
+    if tuple(adj.shape) != (b, c, num_words(c)):
+        raise ValueError(f"adjacency must be [B, C, words] = [{b}, {c}, {num_words(c)}], "
+                         f"got {list(adj.shape)}")
+    if not (adj.is_contiguous() and order.is_contiguous()):
+        raise ValueError("adjacency and order must be contiguous")
+
+
+def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
+               method: str = "auto", return_rounds: bool = False):
+    """Kept token indices int64 [B, k], ascending, from the packed graph and the rank order.
+
+    method: "auto" (CUDA rounds on a GPU, the sequential walk on CPU), "walk" (CPU),
+    "rounds" (CPU twin of the CUDA kernel, or the CUDA kernel itself for CUDA tensors).
+    With return_rounds, also returns int32 [B] Luby rounds (zeros for the walk).
+    """
+    if _C is None:
+        raise RuntimeError("d2pruner_kernels._C is not built; use backend='reference'")
+    _check(adj, order, n_pivots, k)
+    b, n = order.shape
+    kept = torch.empty(b, k, dtype=torch.int64, device=order.device)
+    rounds = torch.zeros(b, dtype=torch.int32, device=order.device)
+    ptrs = (adj.data_ptr(), order.data_ptr(), kept.data_ptr(), rounds.data_ptr(), b, n, n_pivots, k)
+    if order.is_cuda:
+        if not _C.with_cuda:
+            raise RuntimeError("d2pruner_kernels._C was built without CUDA (no nvcc at build time)")
+        if n > MAX_CUDA_TOKENS:
+            raise ValueError(f"the CUDA MIS kernel supports N <= {MAX_CUDA_TOKENS}, got N={n}")
+        if method == "walk":
+            raise ValueError("method='walk' runs on CPU tensors only")
+        stream = torch.cuda.current_stream(order.device).cuda_stream
+        _C.mis_rounds_cuda(*ptrs, order.device.index, stream)
+    elif method == "rounds":
+        _C.mis_rounds_cpu(*ptrs)
+    elif method in ("auto", "walk"):
+        _C.mis_walk_cpu(*ptrs)
+    else:
+        raise ValueError(f"method must be 'auto', 'walk' or 'rounds', got {method!r}")
+    return (kept, rounds) if return_rounds else kept

@@ -1,0 +1,53 @@
+"""Triton kernel of SPEC step 1: debiased importance scores, one fused pass.
+
+    s[b, n] = (sum_h attn[b, h, n] / H) / (prior[b, n] + eps)      in float32
+    s = -inf where s is NaN (NaN ranks last); -0.0 is written as +0.0
+
+Attention is read through its strides, so every layout a user holds is a view, never a
+copy: [B, N] (H = 1), [B, H, N], or a query row of a full attention map [B, H, L, L]
+sliced over the visual key span. The prior is [N] (batch stride 0) or [B, N].
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+import torch
+
+BLOCK_N = 1024
+
+
+@triton.jit
+def _debiased_scores_kernel(attn_ptr, prior_ptr, out_ptr, N, H,
+                            stride_ab, stride_ah, stride_an, stride_pb, stride_pn, eps,
+                            HAS_PRIOR: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    ptrs = attn_ptr + b * stride_ab + offs * stride_an
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for h in range(H):  # heads in order, float32 accumulation
+        acc += tl.load(ptrs + h * stride_ah, mask=mask, other=0.0).to(tl.float32)
+    s = tl.div_rn(acc, tl.full([BLOCK], H, tl.float32))  # the mean, IEEE division
+    if HAS_PRIOR:
+        p = tl.load(prior_ptr + b * stride_pb + offs * stride_pn, mask=mask, other=1.0)
+        s = tl.div_rn(s, p.to(tl.float32) + eps)  # IEEE division, as torch does
+    s = tl.where(s != s, float("-inf"), s) + 0.0
+    tl.store(out_ptr + b * N + offs, s, mask=mask)
+
+
+def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None,
+                    eps: float = 1e-7) -> torch.Tensor:
+    """attn [B, N] or [B, H, N] (any strides), prior [N] / [B, N] / None -> float32 [B, N]."""
+    a = attn.unsqueeze(1) if attn.dim() == 2 else attn
+    b, h, n = a.shape
+    out = torch.empty(b, n, dtype=torch.float32, device=attn.device)
+    if prior is None:
+        p, spb, spn = out, 0, 0  # never read
+    else:
+        p = prior
+        spb, spn = (0, prior.stride(0)) if prior.dim() == 1 else prior.stride()
+    grid = (triton.cdiv(n, BLOCK_N), b)
+    _debiased_scores_kernel[grid](a, p, out, n, h, *a.stride(), spb, spn, eps,
+                                  HAS_PRIOR=prior is not None, BLOCK=BLOCK_N)
+    return out

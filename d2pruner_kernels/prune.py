@@ -1,0 +1,77 @@
+"""prune(): the public entry point. Validates (metadata only), then runs the stages.
+
+On CUDA the whole call is free of host synchronisation: four kernels (scores, sort,
+norms + graph, MIS) on the current stream, output shape fixed by `k`. It is also a
+`torch.library` custom op (`torch.ops.d2pruner.prune`) with a fake implementation, so
+`torch.compile(fullgraph=True)` traces through it and CUDA graphs capture it.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from . import stages
+from .checks import (BACKENDS, check_float, check_int, check_prune_inputs, pivot_count,
+                     resolve_k)
+
+
+def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
+          prior: torch.Tensor | None = None, pivot_ratio: float = 0.7,
+          sim_threshold: float = 0.8, spatial_weight: float = 0.0, radius: int = 2,
+          temporal_radius: int = 1, eps: float = 1e-7, check_finite: bool = False,
+          backend: str = "auto") -> torch.Tensor:
+    """Indices of the visual tokens D2Pruner keeps, int64, ascending (SPEC.md).
+
+    tokens: [B, N, D] or [N, D] features (fp16 / bf16 / fp32).
+    attn:   [B, N] or [B, H, N] (or unbatched [N] / [H, N]) importance; heads are averaged.
+            A row of a full attention map is a view: attn_full[:, :, row, start:end].
+    grid_hw: (H, W) or (T, H, W), product N.  k: int in [1, N] or ratio in (0, 1].
+    prior:  [N] or [B, N] positive positional prior (or a PositionalPrior), None = no debiasing.
+    Returns [B, k] (or [k]) on the input's device.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    if hasattr(prior, "as_tensor"):  # a PositionalPrior
+        prior = prior.as_tensor(device=tokens.device if isinstance(tokens, torch.Tensor) else None)
+    pivot_ratio = check_float("pivot_ratio", pivot_ratio, 0.0, 1.0)
+    sim_threshold = check_float("sim_threshold", sim_threshold, -1.0, 1.0)
+    spatial_weight = check_float("spatial_weight", spatial_weight, 0.0, 1.0)
+    eps = check_float("eps", eps, 0.0, float("inf"))
+    radius = check_int("radius", radius)
+    temporal_radius = check_int("temporal_radius", temporal_radius)
+    batched, _, n, _, grid = check_prune_inputs(tokens, attn, grid_hw, prior, check_finite)
+    k = resolve_k(k, n)
+    if not batched:
+        tokens, attn = tokens.unsqueeze(0), attn.unsqueeze(0)
+    args = (tokens, attn, prior, list(grid), k, pivot_count(pivot_ratio, k), sim_threshold,
+            spatial_weight, radius, temporal_radius, eps, backend)
+    out = _prune_op(*args) if torch.compiler.is_compiling() else _run(*args)
+    return out if batched else out[0]
+
+
+def _run(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight, radius,
+         temporal_radius, eps, backend) -> torch.Tensor:
+    scores = stages.debiased_scores(attn, prior, eps, backend=backend)
+    order = stages.rank_order(scores)
+    adj = stages.similarity_graph(tokens, order, n_pivots, grid, sim_threshold=sim_threshold,
+                                  spatial_weight=spatial_weight, radius=radius,
+                                  temporal_radius=temporal_radius, backend=backend)
+    return stages.greedy_mis(adj, order, n_pivots, k, backend=backend)
+
+
+@torch.library.custom_op("d2pruner::prune", mutates_args=())
+def _prune_op(tokens: torch.Tensor, attn: torch.Tensor, prior: Optional[torch.Tensor],
+              grid: List[int], k: int, n_pivots: int, sim_threshold: float,
+              spatial_weight: float, radius: int, temporal_radius: int, eps: float,
+              backend: str) -> torch.Tensor:
+    return _run(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight, radius,
+                temporal_radius, eps, backend)
+
+
+@_prune_op.register_fake
+def _(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight, radius,
+      temporal_radius, eps, backend):
+    return tokens.new_empty((tokens.shape[0], k), dtype=torch.int64)

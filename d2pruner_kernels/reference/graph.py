@@ -1,0 +1,54 @@
+"""SPEC step 4: the hybrid (semantic + spatial) graph over the candidates, in rank order."""
+from __future__ import annotations
+
+import torch
+
+from ..layout import pack_lower
+
+
+def grid_coords(n: int, grid: tuple[int, int, int], device=None):
+    """(t, y, x) of every token of a row-major (T, H, W) grid, each int64 [N]."""
+    _, h, w = grid
+    i = torch.arange(n, device=device)
+    return i // (h * w), (i // w) % h, i % w
+
+
+def similarity_edges(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
+                     grid: tuple[int, int, int], sim_threshold: float = 0.8,
+                     spatial_weight: float = 0.0, radius: int = 2,
+                     temporal_radius: int = 1) -> torch.Tensor:
+    """Dense bool [B, C, C] edges among the C = N - n_pivots candidates, rank order.
+
+    f_ij = (1 - beta) * cos_ij + beta * sp_ij; edge iff f_ij >= theta and i != j.
+    """
+    b, n, _ = tokens.shape
+    cand = order[:, n_pivots:]                                   # [B, C] token ids
+    x = tokens.float()
+    x_hat = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+    xc = torch.gather(x_hat, 1, cand.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    with _true_fp32():
+        cos = torch.bmm(xc, xc.transpose(1, 2))                 # [B, C, C]
+    t, y, xx = (c[cand] for c in grid_coords(n, grid, tokens.device))
+    near = lambda a, r: (a.unsqueeze(2) - a.unsqueeze(1)).abs() <= r  # noqa: E731
+    sp = near(y, radius) & near(xx, radius) & near(t, temporal_radius)
+    f = (1.0 - spatial_weight) * cos + spatial_weight * sp.float()
+    eye = torch.eye(cand.shape[1], dtype=torch.bool, device=tokens.device)
+    return (f >= sim_threshold) & ~eye
+
+
+def similarity_graph(tokens, order, n_pivots, grid, sim_threshold=0.8, spatial_weight=0.0,
+                     radius=2, temporal_radius=1) -> torch.Tensor:
+    """The same graph in the packed layout of `d2pruner_kernels.layout`."""
+    return pack_lower(similarity_edges(tokens, order, n_pivots, grid, sim_threshold,
+                                       spatial_weight, radius, temporal_radius))
+
+
+class _true_fp32:
+    """Matrix products in real float32 on CUDA, whatever the user set (never tf32)."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved

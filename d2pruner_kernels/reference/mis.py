@@ -1,0 +1,42 @@
+"""SPEC steps 5-7: greedy MIS in rank order stopped at m, fill, ascending output."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..layout import unpack_symmetric
+
+
+def greedy_walk(edges: torch.Tensor, m: int) -> list[int]:
+    """Candidates (rank positions) of one image kept by steps 5-6, in the order taken.
+
+    edges: bool [C, C] symmetric. Walk in rank order, take a candidate that no taken
+    candidate touches, stop at m; then fill with untaken candidates in rank order.
+    """
+    adj = edges.cpu().numpy()
+    blocked = np.zeros(adj.shape[0], dtype=bool)
+    taken: list[int] = []
+    for v in range(adj.shape[0]):
+        if len(taken) == m:
+            break
+        if not blocked[v]:
+            taken.append(v)
+            blocked |= adj[v]
+    chosen = set(taken)
+    fill = [v for v in range(adj.shape[0]) if v not in chosen][: m - len(taken)]
+    return taken + fill
+
+
+def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int) -> torch.Tensor:
+    """Kept token indices int64 [B, k], ascending: pivots, the MIS picks and the fill.
+
+    adj: packed int32 [B, C, words] (see `layout`); order: int64 [B, N] rank order.
+    """
+    c = order.shape[1] - n_pivots
+    m = k - n_pivots
+    out = []
+    for b in range(order.shape[0]):
+        picks = greedy_walk(unpack_symmetric(adj[b:b + 1], c)[0], m) if m > 0 else []
+        positions = list(range(n_pivots)) + [n_pivots + p for p in picks]
+        out.append(torch.sort(order[b, positions]).values)
+    return torch.stack(out)

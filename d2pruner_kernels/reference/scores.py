@@ -1,0 +1,24 @@
+"""SPEC steps 1-2: debiased importance scores and the rank order."""
+from __future__ import annotations
+
+import torch
+
+
+def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None,
+                    eps: float = 1e-7) -> torch.Tensor:
+    """s = mean_heads(attn) / (prior + eps) in float32; NaN -> -inf.
+
+    attn: [B, N] or [B, H, N]; prior: [N], [B, N] or None. Returns float32 [B, N].
+    -0.0 is written as +0.0 so that every backend sorts equal scores identically.
+    """
+    a = attn.float()
+    if a.dim() == 3:
+        a = a.mean(dim=1)
+    if prior is not None:
+        a = a / (prior.float() + eps)
+    return torch.where(torch.isnan(a), float("-inf"), a) + 0.0
+
+
+def rank_order(scores: torch.Tensor) -> torch.Tensor:
+    """Token indices sorted by score, best first; ties to the smaller index. int64 [B, N]."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices

@@ -1,0 +1,51 @@
+"""Random inputs for the tests: clustered features (plenty of pairs on both sides of the
+similarity threshold), attention with distinct scores, and a check for the parity band."""
+from __future__ import annotations
+
+import torch
+
+from d2pruner_kernels import reference
+
+
+def clustered_tokens(b: int, n: int, d: int, *, clusters: int = 6, noise: float = 0.35,
+                     dtype=torch.float32, device="cpu", generator=None) -> torch.Tensor:
+    """Features = one of `clusters` random centres + Gaussian noise: cosines spread over
+    [-0.3, 1], so the default threshold 0.8 cuts through real pairs."""
+    g = generator
+    centres = torch.randn(b, clusters, d, generator=g)
+    assign = torch.randint(0, clusters, (b, n), generator=g)
+    x = torch.gather(centres, 1, assign.unsqueeze(-1).expand(-1, -1, d))
+    x = x + noise * torch.randn(b, n, d, generator=g)
+    return x.to(dtype=dtype, device=device)
+
+
+def distinct_attention(b: int, h: int, n: int, *, dtype=torch.float32, device="cpu",
+                       generator=None) -> torch.Tensor:
+    """[B, H, N] attention whose head-mean has no near-ties (a random permutation of a grid
+    of well separated values, plus small per-head noise that averages out exactly)."""
+    base = torch.stack([torch.randperm(n, generator=generator) for _ in range(b)]).float()
+    base = (base + 1.0) / n  # distinct, gap 1/N
+    heads = base.unsqueeze(1).expand(b, h, n).clone()
+    if h > 1:  # +delta on one head, -delta on another: the mean is unchanged up to rounding
+        delta = 0.25 / n * torch.rand(b, n, generator=generator)
+        heads[:, 0] += delta
+        heads[:, 1] -= delta
+    return heads.to(dtype=dtype, device=device)
+
+
+def band_margin(tokens, order, n_pivots, grid, theta, beta, radius=2, temporal_radius=1):
+    """Smallest |f_ij - theta| over candidate pairs i != j (float64), to keep tests out of
+    the band where two correct backends may disagree on an edge."""
+    x = tokens.double()
+    xh = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+    cand = order[:, n_pivots:]
+    xc = torch.gather(xh, 1, cand.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    cos = xc @ xc.transpose(1, 2)
+    t, y, xx = (c[cand] for c in reference.grid_coords(tokens.shape[1], grid, tokens.device))
+    near = lambda a, r: (a.unsqueeze(2) - a.unsqueeze(1)).abs() <= r  # noqa: E731
+    sp = (near(y, radius) & near(xx, radius) & near(t, temporal_radius)).double()
+    f = (1 - beta) * cos + beta * sp
+    c = cand.shape[1]
+    off = ~torch.eye(c, dtype=torch.bool, device=tokens.device)
+    gap = (f - theta).abs()[:, off] if c > 1 else torch.full((1,), float("inf"))
+    return gap.min().item() if gap.numel() else float("inf")
