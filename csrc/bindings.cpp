@@ -12,38 +12,42 @@ namespace py = pybind11;
 namespace {
 
 d2p::MisArgs make_args(uintptr_t adj, uintptr_t order, uintptr_t kept, uintptr_t rounds,
-                       int batch, int n_tokens, int n_pivots, int k) {
-  if (batch < 0 || n_tokens < 1 || n_pivots < 0 || n_pivots > k || k > n_tokens)
+                       int batch, int n_tokens, int n_pivots, int k, int rows_ready,
+                       uintptr_t skip, uintptr_t done) {
+  if (batch < 0 || n_tokens < 1 || n_pivots < 0 || n_pivots > k || k > n_tokens ||
+      rows_ready < 0 || rows_ready > n_tokens - n_pivots)
     throw std::invalid_argument("d2pruner MIS: inconsistent sizes");
   return {reinterpret_cast<const uint32_t*>(adj), reinterpret_cast<const int64_t*>(order),
           reinterpret_cast<int64_t*>(kept), reinterpret_cast<int32_t*>(rounds),
-          batch, n_tokens, n_pivots, k};
+          batch, n_tokens, n_pivots, k, rows_ready,
+          reinterpret_cast<const int32_t*>(skip), reinterpret_cast<int32_t*>(done)};
 }
+
+#define MIS_PARAMS uintptr_t adj, uintptr_t order, uintptr_t kept, uintptr_t rounds, int batch, \
+    int n_tokens, int n_pivots, int k, int rows_ready, uintptr_t skip, uintptr_t done
+#define MIS_ARGS adj, order, kept, rounds, batch, n_tokens, n_pivots, k, rows_ready, skip, done
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "d2pruner_kernels compiled MIS stage (CPU walk, CPU twin of the CUDA rounds, CUDA)";
-  m.def("mis_walk_cpu", [](uintptr_t adj, uintptr_t order, uintptr_t kept, uintptr_t rounds,
-                           int batch, int n_tokens, int n_pivots, int k) {
-    const auto a = make_args(adj, order, kept, rounds, batch, n_tokens, n_pivots, k);
+  m.def("mis_walk_cpu", [](MIS_PARAMS) {
+    const auto a = make_args(MIS_ARGS);
+    if (a.rows_ready != a.candidates() || a.skip || a.done)
+      throw std::invalid_argument("d2pruner MIS: the walk needs the whole graph");
     py::gil_scoped_release nogil;
     d2p::mis_walk_cpu(a);
   }, "Sequential greedy walk on CPU.");
-  m.def("mis_rounds_cpu", [](uintptr_t adj, uintptr_t order, uintptr_t kept, uintptr_t rounds,
-                             int batch, int n_tokens, int n_pivots, int k) {
-    const auto a = make_args(adj, order, kept, rounds, batch, n_tokens, n_pivots, k);
+  m.def("mis_rounds_cpu", [](MIS_PARAMS) {
+    const auto a = make_args(MIS_ARGS);
     py::gil_scoped_release nogil;
     d2p::mis_rounds_cpu(a);
   }, "CPU twin of the CUDA kernel (same windows, rounds and rules).");
   m.attr("window") = d2p::kWindow;
 #ifdef D2P_WITH_CUDA
   m.attr("with_cuda") = true;
-  m.def("mis_rounds_cuda", [](uintptr_t adj, uintptr_t order, uintptr_t kept, uintptr_t rounds,
-                              int batch, int n_tokens, int n_pivots, int k, int device,
-                              uintptr_t stream) {
-    d2p::mis_rounds_cuda(make_args(adj, order, kept, rounds, batch, n_tokens, n_pivots, k),
-                         device, reinterpret_cast<void*>(stream));
+  m.def("mis_rounds_cuda", [](MIS_PARAMS, int device, uintptr_t stream) {
+    d2p::mis_rounds_cuda(make_args(MIS_ARGS), device, reinterpret_cast<void*>(stream));
   }, "Luby rounds on the GPU: one block per image, one launch, on the given stream.");
   m.def("cuda_device_count", &d2p::cuda_device_count);
 #else

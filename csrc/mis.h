@@ -13,11 +13,17 @@ struct MisArgs {
   int64_t* kept;         // [B, k] output
   int32_t* rounds;       // [B] Luby rounds taken, or nullptr
   int batch, n_tokens, n_pivots, k;
+  // Lazy graphs: only rows [0, rows_ready) of adj exist yet (rows_ready == C: the whole graph).
+  // An image whose m members settle inside those rows is written and marked done[b] = 1;
+  // otherwise done[b] = 0 and nothing is written. Images with skip[b] != 0 are untouched.
+  int rows_ready;
+  const int32_t* skip;  // [B] or nullptr
+  int32_t* done;        // [B] or nullptr
   D2P_HD int candidates() const { return n_tokens - n_pivots; }
   D2P_HD int words_c() const { return (candidates() + 31) / 32; }
 };
 
-// CPU: the sequential greedy walk (production path on CPU; fastest there).
+// CPU: the sequential greedy walk (production path on CPU; fastest there). Whole graphs only.
 void mis_walk_cpu(const MisArgs& a);
 // CPU twin of the CUDA kernel: the same windows, Luby rounds and rules, threads as loops.
 void mis_rounds_cpu(const MisArgs& a);

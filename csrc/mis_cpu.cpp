@@ -39,14 +39,17 @@ void walk_one(const MisArgs& a, const uint32_t* adj, std::vector<uint32_t>& in) 
 
 // The CUDA kernel's schedule, one simulated thread per candidate of a window of kWindow:
 // an external pass against the decided candidates before the window, then synchronous
-// (Jacobi) Luby rounds inside it until the m best-ranked members are settled.
-int rounds_one(const MisArgs& a, const uint32_t* adj, std::vector<uint32_t>& in) {
-  const int C = a.candidates(), m = a.k - a.n_pivots, words = a.words_c();
+// (Jacobi) Luby rounds inside it until the m best-ranked members are settled. Returns
+// whether they settled within rows [0, rows_ready); counts rounds into *rounds.
+bool rounds_one(const MisArgs& a, const uint32_t* adj, std::vector<uint32_t>& in, int* rounds_out) {
+  const int C = a.rows_ready, m = a.k - a.n_pivots, words = a.words_c();
   std::vector<uint32_t> out(words, 0);
   std::vector<uint8_t> st(kWindow), ns(kWindow);
   auto set = [](std::vector<uint32_t>& bits, int v) { bits[v / 32] |= 1u << (v % 32); };
-  int rounds = 0, total = 0;
-  for (int lo = 0; lo < C && m > 0; lo += kWindow) {
+  int& rounds = *rounds_out;
+  int total = 0;
+  if (m <= 0) return true;
+  for (int lo = 0; lo < C; lo += kWindow) {
     const int hi = std::min(C, lo + kWindow);
     for (int v = lo; v < hi; ++v) {
       const uint32_t* row = adj + static_cast<size_t>(v) * words;
@@ -68,30 +71,36 @@ int rounds_one(const MisArgs& a, const uint32_t* adj, std::vector<uint32_t>& in)
       int first = hi, count = 0;  // first undecided; members settled before it
       for (int v = lo; v < hi && first == hi; ++v) if (st[v - lo] == kUndecided) first = v;
       for (int v = lo; v < first; ++v) count += st[v - lo] == kIn;
-      if (total + count >= m) return rounds;
+      if (total + count >= m) return true;
       if (first == hi) { total += count; break; }
     }
   }
-  return rounds;
+  return false;
 }
 
+// Per image: skip, select, then write the kept tokens unless the rows ready did not suffice.
 template <typename Select>
 void run_cpu(const MisArgs& a, Select select) {
   const size_t adj_stride = static_cast<size_t>(a.candidates()) * a.words_c();
   for (int b = 0; b < a.batch; ++b) {
+    if (a.skip && a.skip[b]) continue;
     std::vector<uint32_t> in(a.words_c() + 1, 0);
-    const int r = select(a, a.adj + b * adj_stride, in);
-    if (a.rounds) a.rounds[b] = r;
-    assemble(a, a.order + static_cast<size_t>(b) * a.n_tokens, in, a.kept + static_cast<size_t>(b) * a.k);
+    int rounds = 0;
+    const bool settled = select(a, a.adj + b * adj_stride, in, &rounds);
+    const bool complete = settled || a.rows_ready >= a.candidates();
+    if (a.rounds) a.rounds[b] = rounds;
+    if (a.done) a.done[b] = complete;
+    if (complete)
+      assemble(a, a.order + static_cast<size_t>(b) * a.n_tokens, in, a.kept + static_cast<size_t>(b) * a.k);
   }
 }
 
 }  // namespace
 
 void mis_walk_cpu(const MisArgs& a) {
-  run_cpu(a, [](const MisArgs& x, const uint32_t* adj, std::vector<uint32_t>& in) {
+  run_cpu(a, [](const MisArgs& x, const uint32_t* adj, std::vector<uint32_t>& in, int*) {
     walk_one(x, adj, in);
-    return 0;
+    return true;
   });
 }
 

@@ -78,7 +78,8 @@ __device__ int visit_first_bits(int n_words, int limit, Word word, Visit visit, 
 __global__ void __launch_bounds__(kThreads) mis_rounds_kernel(MisArgs a) {
   extern __shared__ uint32_t bitsets[];
   __shared__ Scratch s;
-  const int C = a.candidates(), m = a.k - a.n_pivots, words_c = a.words_c();
+  if (a.skip && a.skip[blockIdx.x]) return;  // finished by an earlier launch
+  const int C = a.candidates(), R = a.rows_ready, m = a.k - a.n_pivots, words_c = a.words_c();
   const int words_n = (a.n_tokens + 31) / 32, tid = threadIdx.x;
   uint32_t* in = bitsets;            // decided members          [words_c]
   uint32_t* out = in + words_c;      // decided non-members      [words_c]
@@ -90,11 +91,12 @@ __global__ void __launch_bounds__(kThreads) mis_rounds_kernel(MisArgs a) {
   if (tid < 2) s.first[tid] = INT_MAX;
   __syncthreads();
 
-  // Steps 5: windows of Luby rounds. rounds/total/done/first are block-uniform.
+  // Step 5: windows of Luby rounds over the rows ready. rounds/total/settled/first are
+  // block-uniform.
   int rounds = 0, total = 0, parity = 0;
-  bool done = m <= 0;
-  for (int lo = 0; lo < C && !done; lo += kThreads) {
-    const int hi = min(C, lo + kThreads), v = lo + tid;
+  bool settled = m <= 0;
+  for (int lo = 0; lo < R && !settled; lo += kThreads) {
+    const int hi = min(R, lo + kThreads), v = lo + tid;
     const bool mine = v < hi;
     const uint32_t* row = adj + static_cast<size_t>(mine ? v : 0) * words_c;
     State st = kUndecided;
@@ -117,10 +119,15 @@ __global__ void __launch_bounds__(kThreads) mis_rounds_kernel(MisArgs a) {
       const int first = min(s.first[parity], hi);
       const int count = __syncthreads_count(mine && st == kIn && v < first);
       parity ^= 1;
-      if (total + count >= m) { done = true; break; }
+      if (total + count >= m) { settled = true; break; }
       if (first == hi) { total += count; break; }
     }
   }
+
+  if (tid == 0 && a.rounds) a.rounds[blockIdx.x] = rounds;
+  const bool complete = settled || R >= C;  // else: more rows needed, a later launch decides
+  if (tid == 0 && a.done) a.done[blockIdx.x] = complete;
+  if (!complete) return;
 
   // Steps 6-7: the m best-ranked members, the fill, the pivots, written ascending.
   auto keep_token = [&](int64_t t) { atomicOr(&keep[t / 32], 1u << (t % 32)); };
@@ -134,7 +141,6 @@ __global__ void __launch_bounds__(kThreads) mis_rounds_kernel(MisArgs a) {
   int64_t* kept = a.kept + static_cast<size_t>(blockIdx.x) * a.k;
   visit_first_bits(words_n, a.k, [&](int w) { return keep[w]; },
                    [&](int t, int j) { kept[j] = t; }, s);
-  if (tid == 0 && a.rounds) a.rounds[blockIdx.x] = rounds;
 }
 
 }  // namespace

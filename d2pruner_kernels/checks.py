@@ -83,14 +83,14 @@ def check_prune_inputs(tokens, attn, grid_hw, prior, check_finite: bool):
     batched = tokens.dim() == 3
     if batched:
         b, n, d = tokens.shape
+        if b == 0:
+            raise ValueError("tokens has an empty batch (B=0)")
         check_tensor("attn", attn, (2, 3))
         if attn.shape[0] != b:
             raise ValueError(f"attn has batch {attn.shape[0]} but tokens has B={b}")
     else:
         b, (n, d) = 1, tokens.shape
         check_tensor("attn", attn, (1, 2))
-    if b == 0:
-        raise ValueError("tokens has an empty batch (B=0)")
     if n == 0 or d == 0:
         raise ValueError(f"tokens must have N >= 1 tokens of D >= 1 features, got shape {_shape(tokens)}")
     if attn.shape[-1] != n:

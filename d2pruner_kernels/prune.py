@@ -1,7 +1,8 @@
 """prune(): the public entry point. Validates (metadata only), then runs the stages.
 
-On CUDA the whole call is free of host synchronisation: four kernels (scores, sort,
-norms + graph, MIS) on the current stream, output shape fixed by `k`. It is also a
+On CUDA the whole call is free of host synchronisation: scores, sort, norms, then the
+lazy graph + MIS of `kernels/select.py`, all on the current stream, output shape fixed by
+`k`. It is also a
 `torch.library` custom op (`torch.ops.d2pruner.prune`) with a fake implementation, so
 `torch.compile(fullgraph=True)` traces through it and CUDA graphs capture it.
 """
@@ -56,6 +57,12 @@ def _run(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight, 
          temporal_radius, eps, backend) -> torch.Tensor:
     scores = stages.debiased_scores(attn, prior, eps, backend=backend)
     order = stages.rank_order(scores)
+    if n_pivots == k:  # no supplements: plain top-k, no graph needed
+        return torch.sort(order[:, :k], dim=1).values
+    if stages.use_triton(backend, tokens.device) and stages.use_compiled_mis(backend, tokens.device):
+        from .kernels import select  # imports Triton: only when the kernels run
+        return select.select(tokens, order, n_pivots, k, tuple(grid), sim_threshold,
+                             spatial_weight, radius, temporal_radius)
     adj = stages.similarity_graph(tokens, order, n_pivots, grid, sim_threshold=sim_threshold,
                                   spatial_weight=spatial_weight, radius=radius,
                                   temporal_radius=temporal_radius, backend=backend)

@@ -33,9 +33,8 @@ def distinct_attention(b: int, h: int, n: int, *, dtype=torch.float32, device="c
     return heads.to(dtype=dtype, device=device)
 
 
-def band_margin(tokens, order, n_pivots, grid, theta, beta, radius=2, temporal_radius=1):
-    """Smallest |f_ij - theta| over candidate pairs i != j (float64), to keep tests out of
-    the band where two correct backends may disagree on an edge."""
+def fused_similarity64(tokens, order, n_pivots, grid, beta, radius=2, temporal_radius=1):
+    """f_ij of SPEC step 4 in float64 over the candidates, [B, C, C]."""
     x = tokens.double()
     xh = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
     cand = order[:, n_pivots:]
@@ -44,8 +43,20 @@ def band_margin(tokens, order, n_pivots, grid, theta, beta, radius=2, temporal_r
     t, y, xx = (c[cand] for c in reference.grid_coords(tokens.shape[1], grid, tokens.device))
     near = lambda a, r: (a.unsqueeze(2) - a.unsqueeze(1)).abs() <= r  # noqa: E731
     sp = (near(y, radius) & near(xx, radius) & near(t, temporal_radius)).double()
-    f = (1 - beta) * cos + beta * sp
-    c = cand.shape[1]
-    off = ~torch.eye(c, dtype=torch.bool, device=tokens.device)
-    gap = (f - theta).abs()[:, off] if c > 1 else torch.full((1,), float("inf"))
+    return (1 - beta) * cos + beta * sp
+
+
+def in_band(tokens, order, n_pivots, grid, theta, beta, radius=2, temporal_radius=1, band=1e-5):
+    """bool [B, C, C]: candidate pairs with |f_ij - theta| <= band, where two correct
+    backends may disagree on the edge (SPEC: numerics and parity)."""
+    f = fused_similarity64(tokens, order, n_pivots, grid, beta, radius, temporal_radius)
+    return (f - theta).abs() <= band
+
+
+def band_margin(tokens, order, n_pivots, grid, theta, beta, radius=2, temporal_radius=1):
+    """Smallest |f_ij - theta| over candidate pairs i != j (float64)."""
+    f = fused_similarity64(tokens, order, n_pivots, grid, beta, radius, temporal_radius)
+    c = f.shape[1]
+    off = ~torch.eye(c, dtype=torch.bool, device=f.device)
+    gap = (f - theta).abs()[:, off]
     return gap.min().item() if gap.numel() else float("inf")

@@ -32,19 +32,22 @@ def _bit_or(a, b):
 
 @triton.jit
 def _similarity_graph_kernel(
-        x_ptr, norm_ptr, order_ptr, adj_ptr,
-        C, D, n_pivots, stride_xb, stride_xn, stride_nb, stride_ob, n_words,
-        grid_h, grid_w, radius, temporal_radius, cos_weight, spatial_weight, threshold,
+        x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr,
+        C, row_end, D, n_pivots, row_block_start,
+        stride_xb, stride_xn, stride_nb, stride_ob, n_words, grid_h, grid_w, radius, temporal_radius, cos_weight, spatial_weight, threshold,
         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-        UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_SKIP: tl.constexpr):
     col_block = tl.program_id(0)
-    row_block = tl.program_id(1)
+    row_block = row_block_start + tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     if col_block > row_block:  # only j < i is stored
         return
+    if HAS_SKIP:  # lazy graphs: this image's selection is already settled
+        if tl.load(skip_ptr + b) != 0:
+            return
     rows = row_block * BLOCK + tl.arange(0, BLOCK)
     cols = col_block * BLOCK + tl.arange(0, BLOCK)
-    row_ok = rows < C
+    row_ok = rows < row_end  # row_end <= C: the rows asked for
     col_ok = cols < C
     # Token ids of the candidates in rank order; their feature rows are gathered.
     ti = tl.load(order_ptr + b * stride_ob + n_pivots + rows, mask=row_ok, other=0)
@@ -101,27 +104,50 @@ def default_config(dtype: torch.dtype, d: int) -> dict:
     return dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
+class GraphRows:
+    """Launches the graph kernel over ranges of rows of one (tokens, order) pair, sharing
+    the norms: the whole graph at once, or a prefix first and the rest later (lazy)."""
+
+    def __init__(self, tokens, order, n_pivots, grid, sim_threshold=0.8, spatial_weight=0.0,
+                 radius=2, temporal_radius=1, config=None):
+        b, n, d = tokens.shape
+        self.x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
+        self.order = order if order.stride(-1) == 1 else order.contiguous()
+        self.norms = torch.linalg.vector_norm(self.x, dim=-1, dtype=torch.float32)  # one pass
+        self.cfg = dict(config or default_config(self.x.dtype, d))
+        self.block = self.cfg.pop("BLOCK")
+        self.block_k = self.cfg.pop("BLOCK_K")
+        self.c = n - n_pivots
+        self.adj = torch.empty(b, self.c, num_words(self.c), dtype=torch.int32, device=tokens.device)
+        upcast = interpreting() and self.x.dtype == torch.bfloat16
+        self.args = (n_pivots, grid, radius, temporal_radius, 1.0 - spatial_weight,
+                     spatial_weight, sim_threshold)
+        self.flags = dict(BLOCK=self.block, BLOCK_K=self.block_k, EVEN_K=d % self.block_k == 0,
+                          UPCAST=upcast, IEEE=upcast or self.x.dtype == torch.float32)
+
+    def rows(self, start: int, end: int, skip: torch.Tensor | None = None) -> None:
+        """Computes rows [start, end) of adj (start a multiple of BLOCK); images with
+        skip[b] != 0 are left alone."""
+        assert start % self.block == 0
+        row_blocks = triton.cdiv(end, self.block) - start // self.block
+        if row_blocks <= 0:
+            return
+        n_pivots, grid, radius, temporal_radius, w_cos, w_sp, theta = self.args
+        x, adj = self.x, self.adj
+        _similarity_graph_kernel[(triton.cdiv(end, self.block), row_blocks, x.shape[0])](
+            x, self.norms, self.order, adj, adj if skip is None else skip,
+            self.c, min(end, self.c), x.shape[2], n_pivots, start // self.block,
+            x.stride(0), x.stride(1), self.norms.stride(0), self.order.stride(0),
+            adj.shape[2], grid[1], grid[2], radius, temporal_radius, w_cos, w_sp, theta,
+            HAS_SKIP=skip is not None, **self.flags, **self.cfg)
+
+
 def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
                      grid: tuple[int, int, int], sim_threshold: float = 0.8,
                      spatial_weight: float = 0.0, radius: int = 2, temporal_radius: int = 1,
                      config: dict | None = None) -> torch.Tensor:
     """tokens [B, N, D] (fp16/bf16/fp32), order int64 [B, N] -> packed int32 [B, C, words]."""
-    b, n, d = tokens.shape
-    c = n - n_pivots
-    adj = torch.empty(b, c, num_words(c), dtype=torch.int32, device=tokens.device)
-    if c == 0:
-        return adj
-    x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
-    order = order if order.stride(-1) == 1 else order.contiguous()
-    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)  # [B, N], one pass
-    cfg = dict(config or default_config(x.dtype, d))
-    block, block_k = cfg.pop("BLOCK"), cfg.pop("BLOCK_K")
-    upcast = interpreting() and x.dtype == torch.bfloat16
-    tiles = triton.cdiv(c, block)
-    _similarity_graph_kernel[(tiles, tiles, b)](
-        x, norms, order, adj, c, d, n_pivots, x.stride(0), x.stride(1), norms.stride(0),
-        order.stride(0), adj.shape[2], grid[1], grid[2], radius, temporal_radius,
-        1.0 - spatial_weight, spatial_weight, sim_threshold,
-        BLOCK=block, BLOCK_K=block_k, EVEN_K=d % block_k == 0, UPCAST=upcast,
-        IEEE=upcast or x.dtype == torch.float32, **cfg)
-    return adj
+    g = GraphRows(tokens, order, n_pivots, grid, sim_threshold, spatial_weight, radius,
+                  temporal_radius, config)
+    g.rows(0, g.c)
+    return g.adj

@@ -43,20 +43,39 @@ def _check(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int) -> Non
 
 
 def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
-               method: str = "auto", return_rounds: bool = False):
+               method: str = "auto", return_rounds: bool = False, rows_ready: int | None = None,
+               skip: torch.Tensor | None = None, done: torch.Tensor | None = None,
+               kept: torch.Tensor | None = None):
     """Kept token indices int64 [B, k], ascending, from the packed graph and the rank order.
 
     method: "auto" (CUDA rounds on a GPU, the sequential walk on CPU), "walk" (CPU),
     "rounds" (CPU twin of the CUDA kernel, or the CUDA kernel itself for CUDA tensors).
-    With return_rounds, also returns int32 [B] Luby rounds (zeros for the walk).
+    With return_rounds, also returns int32 [B] Luby rounds (0 for the walk).
+
+    Lazy graphs (method "rounds" or a GPU): only rows [0, rows_ready) of adj exist yet. An
+    image whose m members settle within them is written to `kept` and marked done[b] = 1,
+    else done[b] = 0 and its row of `kept` is left alone; images with skip[b] != 0 are not
+    touched at all. skip / done: int32 [B] on the same device.
     """
     if _C is None:
         raise RuntimeError("d2pruner_kernels._C is not built; use backend='reference'")
     _check(adj, order, n_pivots, k)
     b, n = order.shape
-    kept = torch.empty(b, k, dtype=torch.int64, device=order.device)
-    rounds = torch.zeros(b, dtype=torch.int32, device=order.device)
-    ptrs = (adj.data_ptr(), order.data_ptr(), kept.data_ptr(), rounds.data_ptr(), b, n, n_pivots, k)
+    c = n - n_pivots
+    rows_ready = c if rows_ready is None else rows_ready
+    if not 0 <= rows_ready <= c:
+        raise ValueError(f"rows_ready must be in [0, C={c}], got {rows_ready}")
+    for name, t in (("skip", skip), ("done", done)):
+        if t is not None and (t.dtype != torch.int32 or t.shape != (b,) or t.device != order.device):
+            raise ValueError(f"{name} must be int32 [{b}] on {order.device}")
+    if kept is None:
+        kept = torch.empty(b, k, dtype=torch.int64, device=order.device)
+    elif kept.shape != (b, k) or kept.dtype != torch.int64 or not kept.is_contiguous():
+        raise ValueError(f"kept must be a contiguous int64 [{b}, {k}] tensor")
+    rounds = torch.empty(b, dtype=torch.int32, device=order.device) if return_rounds else None
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    ptrs = (adj.data_ptr(), order.data_ptr(), kept.data_ptr(), ptr(rounds), b, n, n_pivots, k,
+            rows_ready, ptr(skip), ptr(done))
     if order.is_cuda:
         if not _C.with_cuda:
             raise RuntimeError("d2pruner_kernels._C was built without CUDA (no nvcc at build time)")
@@ -69,6 +88,8 @@ def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
     elif method == "rounds":
         _C.mis_rounds_cpu(*ptrs)
     elif method in ("auto", "walk"):
+        if rows_ready != c or skip is not None or done is not None:
+            raise ValueError("the CPU walk needs the whole graph: use method='rounds'")
         _C.mis_walk_cpu(*ptrs)
     else:
         raise ValueError(f"method must be 'auto', 'walk' or 'rounds', got {method!r}")

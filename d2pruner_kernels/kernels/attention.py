@@ -1,0 +1,233 @@
+"""Triton kernels of `attention_scores`: a few rows of softmax(q kᵀ * scale), averaged over
+heads and query rows, restricted to the visual key span, with no L x L matrix.
+
+For query row m = (g, r) of key head hk (query head h = hk * G + g, G = Hq // Hk):
+
+    s[m, j]  = scale * log2(e) * <q[b, h, r], k[b, hk, j]>         (base-2 logits, float32)
+    seen     = j <= q_positions[b, r]                              (all j when no positions)
+    lse2[m]  = log2 sum_{j seen} 2^s[m, j]                         (= lse * log2(e))
+    out[b, n] = sum_{h, r} 2^(s[m, start + n] - lse2[m]) / (Hq * Nq)
+
+Two passes (measured on an H100, see docs/attention_and_prior.md):
+  1. `_lse_partials_kernel` reads all L keys once, split into chunks for parallelism; each
+     program keeps an online (running max, rescaled sum) pair per row of its GQA group
+     and writes it for its chunk. Skipped when the caller passes FlashAttention's lse.
+  2. `_span_probs_kernel` merges the chunk pairs into lse2 (one vector load, no loop),
+     reads only the span keys, and sums the probabilities over heads and rows in a fixed
+     order: no atomics, the same bits on every run.
+The span keys are read twice, against L once; for a span much shorter than L pass 2 is
+a small share of the time.
+
+The dot products run in the input dtype with float32 accumulation (bf16/fp16 products are
+exact in float32); float32 inputs use true-fp32 "ieee" dots, never tf32. Head dims that are
+not powers of two (80, 96) are padded to the next one with masked loads.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import triton
+import triton.language as tl
+
+import torch
+
+from .graph import interpreting
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _group_rows(m0, R, NQ, G, hk, BLOCK_M: tl.constexpr):
+    """Rows m0..m0+BLOCK_M of a GQA group: (valid, query head, query row)."""
+    m = m0 + tl.arange(0, BLOCK_M)
+    return m < R, hk * G + m // NQ, m % NQ
+
+
+@triton.jit
+def _load_tile(ptr, idx, idx_ok, stride_idx, offs_d, D, EVEN_D: tl.constexpr):
+    """[len(idx), BLOCK_D] rows of a head, zero-padded past D."""
+    ptrs = ptr + idx[:, None] * stride_idx + offs_d[None, :]
+    if EVEN_D:
+        return tl.load(ptrs, mask=idx_ok[:, None], other=0.0)
+    return tl.load(ptrs, mask=idx_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _logits2(q, kt, qk_scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    if UPCAST:  # the interpreter's bf16 dot is wrong (triton#11584): go through fp32
+        q = q.to(tl.float32)
+        kt = kt.to(tl.float32)
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    return s * qk_scale2
+
+
+@triton.jit
+def _lse_partials_kernel(
+        q_ptr, k_ptr, pos_ptr, m_ptr, l_ptr,
+        L, D, NQ, G, R, HQ, HK, chunk, n_chunks, qk_scale2,
+        sq_b, sq_h, sq_r, sk_b, sk_h, sk_l, sp_b, sp_r,
+        HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+        IEEE: tl.constexpr):
+    c = tl.program_id(0)
+    b = tl.program_id(1) // HK
+    hk = tl.program_id(1) % HK
+    m0 = tl.program_id(2) * BLOCK_M
+    row_ok, h, r = _group_rows(m0, R, NQ, G, hk, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_rows = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + r.to(tl.int64) * sq_r
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_head = k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
+
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, L)
+    if HAS_POS:  # padding rows get -1: they see nothing and do not stretch the loop
+        pos = tl.load(pos_ptr + b * sp_b + r * sp_r, mask=row_ok, other=-1)
+        hi = tl.minimum(hi, tl.max(pos) + 1)
+
+    # Online log-sum-exp in base 2: mx is the running max, acc the sum of 2^(s - mx).
+    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < hi
+        kt = tl.trans(_load_tile(k_head, keys, key_ok, sk_l, offs_d, D, EVEN_D))
+        s = _logits2(q, kt, qk_scale2, UPCAST, IEEE)
+        seen = key_ok[None, :]
+        if HAS_POS:
+            seen = seen & (keys[None, :] <= pos[:, None])
+        s = tl.where(seen, s, float("-inf"))
+        mx_new = tl.maximum(mx, tl.max(s, axis=1))
+        base = tl.where(mx_new == float("-inf"), 0.0, mx_new)  # a row seeing nothing yet
+        acc = acc * tl.exp2(mx - base) + tl.sum(tl.exp2(s - base[:, None]), axis=1)
+        mx = mx_new
+
+    out = ((b * HQ + h) * NQ + r) * n_chunks + c
+    tl.store(m_ptr + out, mx, mask=row_ok)
+    tl.store(l_ptr + out, acc, mask=row_ok)
+
+
+@triton.jit
+def _span_probs_kernel(
+        q_ptr, k_ptr, pos_ptr, lse_ptr, m_ptr, l_ptr, out_ptr,
+        span_start, n_span, D, NQ, G, R, HQ, HK, n_chunks, qk_scale2, inv_rows,
+        sq_b, sq_h, sq_r, sk_b, sk_h, sk_l, sp_b, sp_r,
+        HAS_POS: tl.constexpr, HAS_LSE: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    b = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_span
+    keys = span_start + cols
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    k_head = k_ptr + b.to(tl.int64) * sk_b
+    for hk in range(HK):
+        kt = tl.trans(_load_tile(k_head, keys, col_ok, sk_l, offs_d, D, EVEN_D))
+        for m0 in range(0, R, BLOCK_M):
+            row_ok, h, r = _group_rows(m0, R, NQ, G, hk, BLOCK_M)
+            q_rows = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + r.to(tl.int64) * sq_r
+            q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            row = (b * HQ + h) * NQ + r
+            if HAS_LSE:
+                lse2 = tl.load(lse_ptr + row, mask=row_ok, other=0.0) * 1.4426950408889634
+            else:
+                # Merge the chunks: lse2 = M + log2(sum_c l_c 2^(m_c - M)), M = max_c m_c.
+                part = row[:, None] * n_chunks + offs_c[None, :]
+                part_ok = row_ok[:, None] & (offs_c[None, :] < n_chunks)
+                mc = tl.load(m_ptr + part, mask=part_ok, other=float("-inf"))
+                lc = tl.load(l_ptr + part, mask=part_ok, other=0.0)
+                big = tl.max(mc, axis=1)
+                big = tl.where(big == float("-inf"), 0.0, big)
+                tot = tl.sum(lc * tl.exp2(mc - big[:, None]), axis=1)
+                lse2 = big + tl.log2(tl.where(tot > 0, tot, 1.0))  # tot = 0: row sees nothing
+            s = _logits2(q, kt, qk_scale2, UPCAST, IEEE)
+            seen = row_ok[:, None] & col_ok[None, :]
+            if HAS_POS:
+                pos = tl.load(pos_ptr + b * sp_b + r * sp_r, mask=row_ok, other=-1)
+                seen = seen & (keys[None, :] <= pos[:, None])
+            p = tl.where(seen, tl.exp2(s - lse2[:, None]), 0.0)
+            total += tl.sum(p, axis=0)
+        k_head += sk_h  # pointer arithmetic is 64-bit: no int32 overflow
+    tl.store(out_ptr + b * n_span + cols, total * inv_rows, mask=col_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_config(dtype: torch.dtype, d: int, rows: int, device: torch.device) -> dict:
+    """Block sizes; `programs` is the number of pass-1 programs to aim for."""
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    if interpreting():  # few, large programs: each interpreted loop step costs ~ms
+        return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_N_SPAN=128, programs=1,
+                    num_warps=4, num_stages=1)
+    block_n = 64 if dtype == torch.float32 or d > 64 else 128
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_N_SPAN=32,
+                programs=4 * _sm_count(device.index or 0), num_warps=4, num_stages=3)
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int],
+                     scale: float, lse: torch.Tensor | None = None,
+                     q_positions: torch.Tensor | None = None,
+                     config: dict | None = None) -> torch.Tensor:
+    """q [B, Hq, Nq, d], k [B, Hk, L, d] (validated by the caller) -> float32 [B, end-start].
+
+    config may set BLOCK_M, BLOCK_N (pass 1 keys), BLOCK_N_SPAN (pass 2 keys), programs
+    (pass-1 parallelism target) or chunk (keys per pass-1 program, a BLOCK_N multiple)."""
+    b, hq, nq, d = q.shape
+    hk, n_keys = k.shape[1], k.shape[2]
+    g, rows = hq // hk, (hq // hk) * nq
+    start, end = key_span
+    n_span = end - start
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    cfg = dict(default_config(q.dtype, d, rows, q.device), **(config or {}))
+    block_m, block_n, block_ns = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_N_SPAN")
+    programs, chunk = cfg.pop("programs"), cfg.pop("chunk", None)
+    block_d = max(16, triton.next_power_of_2(d))
+    upcast = interpreting() and q.dtype == torch.bfloat16
+    flags = dict(BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=block_d == d, UPCAST=upcast,
+                 IEEE=upcast or q.dtype == torch.float32, HAS_POS=q_positions is not None)
+    qk_scale2 = float(scale) * LOG2E
+
+    if q_positions is None:
+        pos, sp_b, sp_r = q, 0, 0  # never read
+    else:
+        pos = q_positions
+        sp_b, sp_r = (0, pos.stride(0)) if pos.dim() == 1 else pos.stride()
+    strides = (*q.stride()[:3], *k.stride()[:3], sp_b, sp_r)
+    out = torch.empty(b, n_span, dtype=torch.float32, device=q.device)
+    m_blocks = triton.cdiv(rows, block_m)
+
+    if lse is None:
+        # Pass 1: split the L keys into chunks so that B * Hk * m_blocks * chunks programs
+        # fill the device; at most 128 chunks (pass 2 merges them in one vector load).
+        if chunk is None:
+            want = max(1, min(128, triton.cdiv(programs, b * hk * m_blocks)))
+            chunk = triton.cdiv(triton.cdiv(n_keys, want), block_n) * block_n
+        n_chunks = triton.cdiv(n_keys, chunk)
+        part_m = torch.empty(b, hq, nq, n_chunks, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        _lse_partials_kernel[(n_chunks, b * hk, m_blocks)](
+            q, k, pos, part_m, part_l, n_keys, d, nq, g, rows, hq, hk, chunk, n_chunks,
+            qk_scale2, *strides, BLOCK_N=block_n, **flags, **cfg)
+        lse_arg, block_c = part_m, triton.next_power_of_2(n_chunks)  # lse_arg never read
+    else:
+        lse_arg = lse if lse.is_contiguous() else lse.contiguous()
+        part_m = part_l = lse_arg  # never read
+        n_chunks, block_c = 1, 1
+
+    _span_probs_kernel[(triton.cdiv(n_span, block_ns), b)](
+        q, k, pos, lse_arg, part_m, part_l, out, start, n_span, d, nq, g, rows, hq, hk,
+        n_chunks, qk_scale2, 1.0 / (hq * nq), *strides, HAS_LSE=lse is not None,
+        BLOCK_C=block_c, BLOCK_N=block_ns, **flags, **cfg)
+    return out

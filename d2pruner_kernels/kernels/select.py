@@ -1,0 +1,46 @@
+"""SPEC steps 4-7 on the kernels backend, lazily: graph rows the walk never reaches are
+never computed.
+
+The greedy walk stopped at m members reads only the rows of the candidates up to its m-th
+member, and with a small budget that is a short prefix of the rank order. So:
+
+  1. graph rows [0, P);
+  2. MIS over them: images whose m members settle there are written and marked done;
+  3. graph rows [P, C), for the images not done;
+  4. MIS over the whole graph, for the images not done.
+
+All launches are issued every time (no host sync, capturable in a CUDA graph); 3 and 4
+return at once for finished images. The result is exactly the full-graph selection.
+P = min(C, max(PREFIX_MIN, PREFIX_PER_MEMBER * m)), rounded up to the graph tile.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import mis
+from .graph import GraphRows
+
+PREFIX_MIN = 1024
+PREFIX_PER_MEMBER = 8
+
+
+def prefix_rows(c: int, m: int, block: int) -> int:
+    p = max(PREFIX_MIN, PREFIX_PER_MEMBER * m)
+    return min(c, -(-p // block) * block)
+
+
+def select(tokens, order, n_pivots, k, grid, sim_threshold, spatial_weight, radius,
+           temporal_radius) -> torch.Tensor:
+    """Kept token ids int64 [B, k], ascending, from the features and the rank order."""
+    g = GraphRows(tokens, order, n_pivots, grid, sim_threshold, spatial_weight, radius,
+                  temporal_radius)
+    method = "auto" if tokens.is_cuda else "rounds"  # CPU (interpreter): the kernel's twin
+    p = prefix_rows(g.c, k - n_pivots, g.block)
+    g.rows(0, p)
+    if p >= g.c:
+        return mis.greedy_mis(g.adj, g.order, n_pivots, k, method=method)
+    done = torch.empty(order.shape[0], dtype=torch.int32, device=order.device)
+    kept = mis.greedy_mis(g.adj, g.order, n_pivots, k, method=method, rows_ready=p, done=done)
+    g.rows(p, g.c, skip=done)
+    mis.greedy_mis(g.adj, g.order, n_pivots, k, method=method, skip=done, kept=kept)
+    return kept

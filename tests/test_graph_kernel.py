@@ -1,0 +1,88 @@
+"""Triton hybrid-graph kernel == reference edges, bit for bit outside the parity band."""
+import pytest
+import torch
+
+import d2pruner_kernels as d2p
+from d2pruner_kernels import layout
+from conftest import DEVICE
+from inputs import clustered_tokens, in_band
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def compare(tokens, order, n_p, grid, theta=0.8, beta=0.0, radius=2, temporal_radius=1):
+    kw = dict(sim_threshold=theta, spatial_weight=beta, radius=radius,
+              temporal_radius=temporal_radius)
+    got = d2p.similarity_graph(tokens, order, n_p, grid, backend="kernels", **kw)
+    want = d2p.similarity_graph(tokens, order, n_p, grid, backend="reference", **kw)
+    c = order.shape[1] - n_p
+    assert got.shape == want.shape == (tokens.shape[0], c, layout.num_words(c))
+    e_got, e_want = layout.unpack_lower(got, c), layout.unpack_lower(want, c)
+    grid3 = grid if len(grid) == 3 else (1, *grid)
+    band = in_band(tokens, order, n_p, grid3, theta, beta, radius, temporal_radius)
+    differ = (e_got != e_want) & ~band
+    assert not differ.any(), f"{int(differ.sum())} edges differ outside the band"
+    return e_want
+
+
+def inputs(b, n, d, dtype, seed, clusters=6):
+    g = torch.Generator().manual_seed(seed)
+    x = clustered_tokens(b, n, d, clusters=clusters, dtype=dtype, generator=g).to(DEVICE)
+    order = torch.stack([torch.randperm(n, generator=g) for _ in range(b)]).to(DEVICE)
+    return x, order
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,grid", [(1, 8, (1, 1)), (2, 5, (1, 2)), (33, 17, (3, 11)),
+                                      (577, 65, (1, 577)), (130, 96, (2, 5, 13))])
+def test_edges_match_reference(dtype, n, d, grid):
+    x, order = inputs(2, n, d, dtype, seed=n * d)
+    n_p = n // 5
+    edges = compare(x, order, n_p, grid)
+    if n > 30:  # plenty of pairs on both sides of the threshold
+        frac = edges.float().sum() / max(1, (n - n_p) * (n - n_p - 1))
+        assert 0.02 < frac < 0.5
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("radius", [0, 1, 2])
+@pytest.mark.parametrize("grid,temporal_radius", [((9, 10), 1), ((3, 5, 6), 0), ((3, 5, 6), 1)])
+def test_spatial_term(beta, radius, grid, temporal_radius):
+    x, order = inputs(2, 90, 24, torch.float32, seed=radius + 7)
+    compare(x, order, 10, grid, theta=0.8, beta=beta, radius=radius,
+            temporal_radius=temporal_radius)
+
+
+def test_batch_items_have_their_own_graphs():
+    x, order = inputs(3, 70, 32, torch.bfloat16, seed=3)
+    edges = compare(x, order, 6, (7, 10))
+    assert not torch.equal(edges[0], edges[1]) and not torch.equal(edges[1], edges[2])
+
+
+def test_nan_and_zero_features():
+    x, order = inputs(1, 40, 16, torch.float32, seed=4)
+    x[0, 5] = 0.0
+    x[0, 9, 3] = float("nan")
+    edges = compare(x, order, 0, (5, 8), beta=0.5, radius=1)
+    pos = {int(t): i for i, t in enumerate(order[0].tolist())}
+    full = edges[0] | edges[0].T
+    assert not full[pos[9]].any(), "a NaN token has no edges"
+
+
+def test_interpreter_upcasts_bf16_dot():
+    """bf16 straight through the interpreter's tl.dot is garbage (triton#11584); the
+    kernel must upcast there. Values far from 1 make raw-bit products obviously wrong."""
+    x, order = inputs(1, 64, 48, torch.bfloat16, seed=5)
+    compare(x * 3.0, order, 0, (8, 8))
+
+
+def test_spare_words_are_never_read():
+    """Words after i // 32 of row i are unspecified: poisoning them changes nothing."""
+    x, order = inputs(1, 100, 16, torch.float32, seed=6)
+    adj = d2p.similarity_graph(x, order, 0, (10, 10), backend="kernels")
+    poisoned = adj.clone()
+    for i in range(100):
+        poisoned[0, i, i // 32 + 1:] = -1
+    assert torch.equal(layout.unpack_lower(adj, 100), layout.unpack_lower(poisoned, 100))
+    k = 30
+    assert torch.equal(d2p.greedy_mis(adj, order, 0, k), d2p.greedy_mis(poisoned, order, 0, k))

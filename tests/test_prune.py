@@ -1,0 +1,197 @@
+"""prune(): the API contract, the error contract, and kernels == reference end to end."""
+import math
+
+import pytest
+import torch
+
+import d2pruner_kernels as d2p
+from d2pruner_kernels import prune
+from conftest import DEVICE
+from inputs import band_margin, clustered_tokens, distinct_attention
+
+
+def case(b=2, n=48, d=16, h=3, seed=0, dtype=torch.float32, grid=(6, 8)):
+    g = torch.Generator().manual_seed(seed)
+    x = clustered_tokens(b, n, d, dtype=dtype, generator=g)
+    a = distinct_attention(b, h, n, generator=g)
+    return x, a, grid
+
+
+# ---- end to end parity ----------------------------------------------------------------
+
+def band_free_case(b, n, d, h, grid, k, rho, beta, radius, dtype, seed):
+    """Draw until no candidate pair lies within 1e-5 of the threshold (SPEC parity rule)."""
+    for s in range(seed, seed + 50):
+        x, a, _ = case(b, n, d, h, s, dtype, grid)
+        order = torch.sort(a.mean(1), dim=1, descending=True, stable=True).indices
+        n_p = math.floor(rho * k + 1e-6)
+        grid3 = grid if len(grid) == 3 else (1, *grid)
+        if band_margin(x, order, n_p, grid3, 0.8, beta, radius) > 1e-5:
+            return x.to(DEVICE), a.to(DEVICE)
+    raise AssertionError("no band-free input found")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,grid,k,rho,beta,radius", [
+    (48, (6, 8), 12, 0.7, 0.0, 2),
+    (77, (7, 11), 0.25, 0.5, 0.5, 1),
+    (90, (2, 5, 9), 30, 0.0, 0.5, 2),
+    (60, (6, 10), 60, 0.7, 0.0, 2),
+    (33, (3, 11), 1, 0.7, 0.0, 2),
+])
+def test_kernels_equal_reference(dtype, n, grid, k, rho, beta, radius):
+    x, a = band_free_case(3, n, 24, 4, grid, k if isinstance(k, int) else round(k * n), rho,
+                          beta, radius, dtype, seed=n)
+    kw = dict(pivot_ratio=rho, spatial_weight=beta, radius=radius)
+    got = prune(x, a, grid, k, backend="kernels", **kw)
+    want = prune(x, a, grid, k, backend="reference", **kw)
+    assert got.device == x.device and got.dtype == torch.int64
+    assert torch.equal(got, want)
+    assert torch.equal(prune(x, a, grid, k, backend="auto", **kw), want)
+
+
+def test_unbatched_shapes_and_ratio_k():
+    x, a, grid = case(b=1)
+    out = prune(x[0], a[0], grid, 0.25)
+    assert out.shape == (12,) and torch.equal(out, prune(x, a, grid, 12)[0])
+    assert torch.equal(prune(x[0], a[0, 0], grid, 5), prune(x[:1], a[:1, 0], grid, 5)[0])
+    assert prune(x[0], a[0], grid, 0.001).shape == (1,)  # max(1, floor(ratio*N + 0.5))
+    assert prune(x[0], a[0], grid, 1.0).shape == (48,)
+
+
+def test_batched_equals_per_item():
+    x, a, grid = case(b=4, seed=3)
+    prior = torch.rand(4, 48) + 0.5
+    out = prune(x, a, grid, 10, prior=prior, spatial_weight=0.5)
+    for b in range(4):
+        assert torch.equal(out[b], prune(x[b], a[b], grid, 10, prior=prior[b], spatial_weight=0.5))
+
+
+def test_inputs_are_never_modified():
+    x, a, grid = case()
+    prior = torch.rand(48) + 0.5
+    saved = [t.clone() for t in (x, a, prior)]
+    prune(x, a, grid, 10, prior=prior)
+    assert all(torch.equal(s, t) for s, t in zip(saved, (x, a, prior)))
+
+
+def test_prior_changes_the_selection_as_the_formula_says():
+    x, a, grid = case(b=1, seed=4)
+    prior = torch.rand(48, generator=torch.Generator().manual_seed(9)) + 0.1
+    top = prune(x, a, grid, 6, prior=prior, pivot_ratio=1.0)[0]
+    assert torch.equal(top, (a[0].mean(0) / (prior + 1e-7)).topk(6).indices.sort().values)
+
+
+# ---- the error contract -----------------------------------------------------------------
+
+X, A, GRID = case()
+
+BAD = [
+    (dict(tokens=X[0, 0]), ValueError, "tokens must be 2-D or 3-D"),
+    (dict(tokens=X.long()), TypeError, "tokens must be float16, bfloat16 or float32"),
+    (dict(tokens=X.double()), TypeError, "got torch.float64"),
+    (dict(tokens=X[:0]), ValueError, "empty batch"),
+    (dict(attn=A[0, 0]), ValueError, "attn must be 2-D or 3-D"),
+    (dict(attn=A[:1]), ValueError, "attn has batch 1 but tokens has B=2"),
+    (dict(attn=A[..., :40]), ValueError, "attn has N=40 but tokens has N=48"),
+    (dict(attn=A.long()), TypeError, "attn must be float16"),
+    (dict(grid_hw=(6, 7)), ValueError, "grid (6, 7) has 42 cells but tokens has N=48"),
+    (dict(grid_hw=48), TypeError, "grid_hw must be a tuple"),
+    (dict(grid_hw=(2, 3, 4, 2)), TypeError, "grid_hw must be a tuple"),
+    (dict(grid_hw=(6.0, 8)), TypeError, "grid_hw entries must be an int"),
+    (dict(k=0), ValueError, "k must be in [1, N=48], got 0"),
+    (dict(k=49), ValueError, "k must be in [1, N=48], got 49"),
+    (dict(k=0.0), ValueError, "k as a ratio must be in (0, 1], got 0.0"),
+    (dict(k=1.5), ValueError, "k as a ratio must be in (0, 1]"),
+    (dict(k=float("nan")), ValueError, "k as a ratio"),
+    (dict(k=True), TypeError, "got bool"),
+    (dict(k="10"), TypeError, "k must be an int"),
+    (dict(prior=torch.rand(47) + 1), ValueError, "prior has N=47 but tokens has N=48"),
+    (dict(prior=torch.rand(3, 48) + 1), ValueError, "prior has batch 3 but tokens has B=2"),
+    (dict(prior=-torch.rand(48)), ValueError, "prior must be positive"),
+    (dict(prior=torch.zeros(48)), ValueError, "prior must be positive"),
+    (dict(prior=torch.ones(48, dtype=torch.int64)), TypeError, "prior must be float16"),
+    (dict(pivot_ratio=1.2), ValueError, "pivot_ratio must be in [0.0, 1.0], got 1.2"),
+    (dict(pivot_ratio=float("nan")), ValueError, "pivot_ratio"),
+    (dict(sim_threshold=1.5), ValueError, "sim_threshold must be in [-1.0, 1.0]"),
+    (dict(spatial_weight=-0.1), ValueError, "spatial_weight must be in [0.0, 1.0]"),
+    (dict(radius=-1), ValueError, "radius must be >= 0, got -1"),
+    (dict(radius=1.5), TypeError, "radius must be an int"),
+    (dict(temporal_radius=-2), ValueError, "temporal_radius must be >= 0"),
+    (dict(eps=-1e-3), ValueError, "eps must be in"),
+    (dict(backend="triton"), ValueError, "backend must be one of"),
+    (dict(check_finite="yes"), TypeError, "check_finite must be a bool"),
+]
+
+
+@pytest.mark.parametrize("override,error,message", BAD, ids=[b[2][:40] for b in BAD])
+def test_bad_input_raises_with_a_message(override, error, message):
+    args = dict(tokens=X, attn=A, grid_hw=GRID, k=10)
+    args.update(override)
+    with pytest.raises(error) as info:
+        prune(args.pop("tokens"), args.pop("attn"), args.pop("grid_hw"), args.pop("k"), **args)
+    assert message in str(info.value)
+
+
+def test_check_finite_rejects_nan_and_inf_only_when_asked():
+    x = X.clone()
+    x[1, 3, 2] = float("inf")
+    prune(x, A, GRID, 10)  # default: no value check, the steps handle it
+    with pytest.raises(ValueError, match="tokens holds NaN or Inf"):
+        prune(x, A, GRID, 10, check_finite=True)
+    a = A.clone()
+    a[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="attn holds NaN or Inf"):
+        prune(X, a, GRID, 10, check_finite=True)
+
+
+def test_mixed_devices_are_rejected():
+    meta = torch.empty(2, 48, device="meta")
+    with pytest.raises(ValueError, match="attn is on meta but tokens is on cpu"):
+        prune(X, meta, GRID, 10)
+
+
+def test_stage_backends_reject_what_they_cannot_run():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        d2p.debiased_scores(A, backend="fast")
+    with pytest.raises(ValueError, match="query_row and key_span"):
+        d2p.debiased_scores(torch.rand(1, 2, 5, 5))
+
+
+# ---- the lazy graph of the kernels backend ----------------------------------------------
+
+@pytest.mark.parametrize("k,rho,clusters", [(12, 0.5, 40), (40, 0.0, 4), (70, 0.3, 3)])
+def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters):
+    """With a 64-row prefix, images settle inside it (many clusters, small m) or need the
+    rest of the graph (few clusters: the MIS is small and the walk runs out); mixed in one
+    batch, both must equal the reference."""
+    from d2pruner_kernels.kernels import select
+    monkeypatch.setattr(select, "PREFIX_MIN", 64)
+    monkeypatch.setattr(select, "PREFIX_PER_MEMBER", 1)
+    g = torch.Generator().manual_seed(k)
+    n, grid = 150, (10, 15)
+    for seed in range(20):
+        x = torch.cat([clustered_tokens(1, n, 16, clusters=c, generator=g)
+                       for c in (clusters, 40, 3)]).to(DEVICE)
+        a = distinct_attention(3, 2, n, generator=g).to(DEVICE)
+        order = torch.sort(a.mean(1), dim=1, descending=True, stable=True).indices
+        if band_margin(x, order, math.floor(rho * k + 1e-6), (1, *grid), 0.8, 0.0) > 1e-5:
+            break
+    got = prune(x, a, grid, k, pivot_ratio=rho, backend="kernels")
+    assert torch.equal(got, prune(x, a, grid, k, pivot_ratio=rho, backend="reference"))
+
+
+def test_lazy_prefix_really_splits(monkeypatch):
+    """The protocol under test: one image settles in the prefix, one does not."""
+    from d2pruner_kernels.kernels import graph, mis, select
+    monkeypatch.setattr(select, "PREFIX_MIN", 64)
+    monkeypatch.setattr(select, "PREFIX_PER_MEMBER", 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([clustered_tokens(1, 150, 16, clusters=40, generator=g),
+                   clustered_tokens(1, 150, 16, clusters=2, generator=g)]).to(DEVICE)
+    order = torch.stack([torch.randperm(150, generator=g) for _ in range(2)]).to(DEVICE)
+    rows = graph.GraphRows(x, order, 5, (1, 10, 15))
+    rows.rows(0, 64)
+    done = torch.full((2,), -1, dtype=torch.int32, device=DEVICE)
+    mis.greedy_mis(rows.adj, rows.order, 5, 20, method="rounds", rows_ready=64, done=done)
+    assert done.tolist() == [1, 0]
