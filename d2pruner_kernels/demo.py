@@ -1,0 +1,432 @@
+"""`make demo`: D2Pruner on an embedded example, next to the two baselines it improves on.
+
+    python -m d2pruner_kernels.demo --out demo_out
+
+Everything is drawn and computed here, seeded, nothing is downloaded:
+
+* a 336x336 picture (sky gradient, clouds, sun, house, tree, textured grass, a path), cut
+  into the 24x24 grid of 14-px patches of a LLaVA-1.5 vision tower (N = 576 tokens);
+* patch features: colour mean / spread and edge statistics of every patch, lifted to D=256
+  by a fixed random projection with a tanh, so that look-alike patches (two bits of sky,
+  two bits of grass) have cosine near 1 and different things do not;
+* an 8-head attention map over the patches: content saliency (objects and their outlines)
+  times a LLaVA-like positional bias that grows along the raster order towards the bottom
+  rows, with head-wise noise;
+* the positional prior that debiasing divides by.
+
+It prunes at 75% and 90% reduction with raw-attention top-k, debiased top-k and D2Pruner,
+prints what each kept and how long prune() took, and writes `<out>/demo.png`: one row per
+reduction, three panels (raw top-k, debiased top-k, D2Pruner), pruned patches dimmed.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from . import reference, stages
+from .checks import pivot_count
+from .prune import prune
+
+PATCH = 14                    # pixels per patch side (CLIP ViT-L/14 at 336 px)
+GRID = (24, 24)               # patch grid (rows, columns)
+IMG = PATCH * GRID[0]         # 336
+N = GRID[0] * GRID[1]         # 576 visual tokens
+D = 256                       # feature width
+HEADS = 8
+REDUCTIONS = (0.75, 0.90)     # share of the tokens pruned
+BIAS_STRENGTH = 3.5           # log of the bias ratio last token / first token
+CONTENT_FLOOR = 0.12          # attention every patch gets whatever its content
+BOTTOM_ROWS = 4               # "bottom rows" in the printed summary: rows 20..23
+REGIONS = ("sky", "cloud", "sun", "house", "roof", "tree", "grass", "path")
+
+# figure layout (pixels)
+MARGIN = 12
+TITLE_H = 44
+HEADER_H = 34
+PICK_COLOUR = (255, 140, 0)
+
+
+def kept_count(reduction: float, n: int = N) -> int:
+    """Tokens kept at a given reduction: round((1 - reduction) * N) (75% -> 144, 90% -> 58)."""
+    return max(1, math.floor((1.0 - reduction) * n + 0.5))
+
+
+def figure_size(rows: int = len(REDUCTIONS), cols: int = 3) -> tuple[int, int]:
+    """(width, height) of demo.png."""
+    return (MARGIN + cols * (IMG + MARGIN),
+            HEADER_H + rows * (TITLE_H + IMG + MARGIN))
+
+
+# --------------------------------------------------------------------------- the picture
+
+def draw_scene(seed: int = 0):
+    """The example picture, uint8 [336, 336, 3], and the region label of every pixel."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    h = w = IMG
+    horizon = 16 * PATCH                                      # grass from patch row 16 on
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+
+    # sky: deep blue at the top to pale blue at the horizon
+    t = (yy / horizon)[..., None]
+    top, low = np.array([30, 80, 185], np.float32), np.array([190, 220, 248], np.float32)
+    img = (1 - t) * top + t * low
+    label = np.zeros((h, w), np.uint8)                        # 0 = sky
+
+    # grass: green with per-pixel grain and darker/lighter blades
+    grass = yy >= horizon
+    shade = 0.85 + 0.3 * ((yy - horizon) / (h - horizon))     # a bit lighter towards the viewer
+    base = np.stack([60 * shade, 140 * shade, 45 * shade], -1)
+    img[grass] = base[grass]
+    label[grass] = REGIONS.index("grass")
+
+    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    lab = Image.fromarray(label)
+    d, dl = ImageDraw.Draw(im), ImageDraw.Draw(lab)
+
+    def shape(kind, xy, fill, region, **kw):
+        getattr(d, kind)(xy, fill=fill, **kw)
+        getattr(dl, kind)(xy, fill=REGIONS.index(region), **kw)
+
+    for _ in range(900):                                      # grass blades
+        x0, y0 = rng.integers(0, w), rng.integers(horizon + 4, h)
+        ln = rng.integers(4, 10)
+        c = tuple(int(v) for v in rng.choice([[35, 95, 30], [95, 175, 60]]))
+        d.line([(x0, y0), (x0 + rng.integers(-2, 3), y0 - ln)], fill=c, width=1)
+
+    # clouds
+    for cx, cy, s in ((70, 52, 1.0), (150, 88, 0.7)):
+        for dx, dy, r in ((-22, 4, 16), (0, -6, 22), (24, 4, 17), (8, 10, 16)):
+            r = r * s
+            shape("ellipse", (cx + dx * s - r, cy + dy * s - r * 0.8,
+                              cx + dx * s + r, cy + dy * s + r * 0.8), (246, 248, 252), "cloud")
+    # sun with rays
+    sx, sy, sr = 272, 58, 28
+    for a in range(0, 360, 30):
+        ca, sa = math.cos(math.radians(a)), math.sin(math.radians(a))
+        shape("line", ((sx + ca * (sr + 5), sy + sa * (sr + 5)),
+                       (sx + ca * (sr + 16), sy + sa * (sr + 16))), (255, 200, 40), "sun", width=4)
+    shape("ellipse", (sx - sr, sy - sr, sx + sr, sy + sr), (255, 215, 60), "sun")
+
+    # path from the door to the bottom edge
+    shape("polygon", ((166, 252), (188, 252), (236, h), (122, h)), (196, 170, 120), "path")
+    # house: walls, roof, door, windows, chimney
+    shape("rectangle", (214, 104, 228, 140), (120, 60, 50), "roof")
+    shape("rectangle", (120, 152, 234, 252), (226, 206, 170), "house")
+    shape("polygon", ((108, 154), (246, 154), (177, 92)), (175, 58, 40), "roof")
+    shape("rectangle", (164, 196, 190, 252), (110, 65, 35), "house")
+    for x0 in (132, 204):
+        shape("rectangle", (x0 - 2, 168, x0 + 20, 190), (250, 250, 250), "house")
+        shape("rectangle", (x0, 170, x0 + 18, 188), (95, 150, 210), "house")
+        d.line(((x0 + 9, 170), (x0 + 9, 188)), fill=(250, 250, 250), width=2)
+        d.line(((x0, 179), (x0 + 18, 179)), fill=(250, 250, 250), width=2)
+    # tree: trunk and a leafy crown
+    shape("rectangle", (50, 185, 66, 262), (105, 70, 40), "tree")
+    for dx, dy, r in ((0, -10, 36), (-22, 8, 24), (22, 8, 24), (0, -36, 22)):
+        shape("ellipse", (58 + dx - r, 168 + dy - r, 58 + dx + r, 168 + dy + r), (40, 115, 45), "tree")
+
+    img = np.asarray(im).astype(np.float32)
+    tree = np.asarray(lab) == REGIONS.index("tree")
+    leaves = tree & (yy < 185)                                # texture on the crown
+    img[leaves] += rng.normal(0, 18, (int(leaves.sum()), 1)) * np.array([0.6, 1.0, 0.5])
+    img += rng.normal(0, 3.0, img.shape)                      # sensor noise everywhere
+    return np.clip(img, 0, 255).astype(np.uint8), np.asarray(lab)
+
+
+def patchify(img: np.ndarray) -> np.ndarray:
+    """[336, 336, C] -> [576, 14, 14, C] patches in row-major grid order."""
+    gh, gw = GRID
+    c = img.shape[-1]
+    return img.reshape(gh, PATCH, gw, PATCH, c).transpose(0, 2, 1, 3, 4).reshape(N, PATCH, PATCH, c)
+
+
+def patch_regions(label: np.ndarray) -> np.ndarray:
+    """Majority region of every patch, int [576]."""
+    p = patchify(label[..., None])[..., 0].reshape(N, -1)
+    return np.array([np.bincount(row, minlength=len(REGIONS)).argmax() for row in p])
+
+
+# --------------------------------------------------------------------------- features
+
+def patch_features(img: np.ndarray, seed: int = 0) -> torch.Tensor:
+    """[576, 256] float32 features: per-patch statistics lifted by a seeded random map.
+
+    Statistics (14 per patch): mean RGB, RGB std, mean |d/dx|, mean |d/dy| and a 4-bin
+    gradient-orientation histogram of the luminance, plus brightness and saturation. They
+    are z-scored over the patches and weighted (colour counts most), then x = tanh(z W)
+    with a fixed Gaussian W [14, 256]: a smooth nonlinear lift that keeps the geometry, so
+    look-alike patches get cosine near 1 and different ones much less.
+    """
+    x = img.astype(np.float32) / 255.0
+    lum = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    gy, gx = np.gradient(lum)
+    p = patchify(x).reshape(N, -1, 3)
+    pgx = patchify(gx[..., None]).reshape(N, -1)
+    pgy = patchify(gy[..., None]).reshape(N, -1)
+    mag = np.hypot(pgx, pgy)
+    ang = np.mod(np.arctan2(pgy, pgx), np.pi)                 # orientation in [0, pi)
+    bins = np.minimum((ang / (np.pi / 4)).astype(int), 3)
+    hist = np.stack([(mag * (bins == b)).mean(1) for b in range(4)], 1)
+    mean, std = p.mean(1), p.std(1)
+    bright, sat = mean.max(1), mean.max(1) - mean.min(1)
+    stats = np.concatenate([mean, std, np.abs(pgx).mean(1, keepdims=True),
+                            np.abs(pgy).mean(1, keepdims=True), hist,
+                            bright[:, None], sat[:, None]], 1)
+    weights = np.array([1.0] * 3 + [0.3] * 3 + [0.3] * 2 + [0.2] * 4 + [0.6, 0.6], np.float32)
+    z = (stats - stats.mean(0)) / (stats.std(0) + 1e-6) * weights
+    g = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(z.shape[1], D, generator=g) / math.sqrt(z.shape[1])
+    return torch.tanh(torch.from_numpy(z).float() @ w * 1.2).contiguous()
+
+
+# --------------------------------------------------------------------------- attention
+
+def content_saliency(img: np.ndarray) -> np.ndarray:
+    """[576] in [0, 1]: how much a patch stands out (colour rarity + contrast to its
+    neighbours); objects and their outlines score high, sky and grass low."""
+    x = img.astype(np.float32) / 255.0
+    mean = patchify(x).reshape(N, -1, 3).mean(1)              # [N, 3]
+    rarity = np.linalg.norm(mean[:, None] - mean[None], axis=-1).mean(1)
+    m = mean.reshape(*GRID, 3)
+    pad = np.pad(m, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    surround = sum(pad[1 + dy:1 + dy + GRID[0], 1 + dx:1 + dx + GRID[1]]
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx) / 8
+    contrast = np.linalg.norm(m - surround, axis=-1).reshape(N)
+    norm = lambda v: (v - v.min()) / (v.max() - v.min() + 1e-12)  # noqa: E731
+    return norm(0.5 * norm(rarity) + 0.5 * norm(contrast))
+
+
+def positional_bias(strength: float = BIAS_STRENGTH) -> np.ndarray:
+    """[576] LLaVA-like positional bias: the last text token attends more to the visual
+    tokens near it in the sequence, i.e. later in raster order, i.e. the bottom rows."""
+    pos = np.arange(N, dtype=np.float64) / (N - 1)
+    return np.exp(strength * pos)
+
+
+def head_attention(saliency: np.ndarray, seed: int = 0) -> torch.Tensor:
+    """[8, 576] attention of the last text token over the visual tokens, per head:
+    softmax(log content + log bias + head noise), each head with its own temperature."""
+    rng = np.random.default_rng(seed + 2)
+    content = CONTENT_FLOOR + saliency
+    logits = []
+    for h in range(HEADS):
+        temp = rng.uniform(0.8, 1.4)                          # how peaked this head's content is
+        noise = rng.normal(0.0, 0.35, N)                      # head-wise noise
+        logits.append(temp * np.log(content) + np.log(positional_bias()) + noise)
+    logits = np.stack(logits)
+    a = np.exp(logits - logits.max(1, keepdims=True))
+    return torch.from_numpy(a / a.sum(1, keepdims=True)).float()
+
+
+def calibration_prior(saliency: np.ndarray) -> torch.Tensor:
+    """[576] positional prior, computed analytically.
+
+    In real use the prior is the same attention averaged offline over ~1000 calibration
+    images. Over many images the content term averages out to a constant,
+    so that mean is (bias x average content): the demo writes it down directly instead of
+    simulating a calibration set, with the mean content of this picture as the constant.
+    Normalised to mean 1 (only its shape matters to the ranking).
+    """
+    p = positional_bias() * (CONTENT_FLOOR + saliency).mean()
+    return torch.from_numpy(p / p.mean()).float()
+
+
+# --------------------------------------------------------------------------- pruning
+
+def backend_description(device: torch.device) -> str:
+    tri = stages.use_triton("auto", device)
+    mis = stages.use_compiled_mis("auto", device)
+    return (f"scores + graph: {'Triton kernels' if tri else 'torch reference'}, "
+            f"MIS: {('CUDA kernel' if device.type == 'cuda' else 'compiled C++ walk') if mis else 'torch reference'}")
+
+
+def timed(fn, repeats: int, device: torch.device):
+    """Result of fn() and the median wall time in ms over `repeats` runs (after a warm-up)."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return out, statistics.median(times)
+
+
+def run_methods(tokens, attn, prior, k, repeats, device):
+    """{name: (kept indices as a numpy array, median ms)} for the three methods."""
+    calls = {
+        # plain top-k of the head-mean attention: no prior, all of the budget as pivots
+        "raw top-k": lambda: prune(tokens, attn, GRID, k, prior=None, pivot_ratio=1.0),
+        # top-k of the debiased score: SPEC says rho = 1 is exactly that
+        "debiased top-k": lambda: prune(tokens, attn, GRID, k, prior=prior, pivot_ratio=1.0),
+        # D2Pruner with the defaults: 70% pivots, diverse rest from the similarity graph
+        "D2Pruner": lambda: prune(tokens, attn, GRID, k, prior=prior),
+    }
+    out = {}
+    for name, fn in calls.items():
+        kept, ms = timed(fn, repeats, device)
+        out[name] = (kept.cpu().numpy(), ms)
+    return out
+
+
+def row_counts(kept: np.ndarray) -> np.ndarray:
+    return np.bincount(kept // GRID[1], minlength=GRID[0])
+
+
+# --------------------------------------------------------------------------- the figure
+
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 without sizes
+        return ImageFont.load_default()
+
+
+def render_panel(img: np.ndarray, kept: np.ndarray, picks: np.ndarray | None = None):
+    """The picture with pruned patches dimmed and greyed, kept patches bright with a white
+    outline; `picks` (D2Pruner's greedy-MIS picks, a subset of kept) get an orange one."""
+    from PIL import Image, ImageDraw
+
+    x = img.astype(np.float32)
+    grey = x.mean(-1, keepdims=True)
+    dim = 0.38 * (0.3 * x + 0.7 * grey) + 28.0               # desaturated, dark
+    keep = np.zeros(N, bool)
+    keep[kept] = True
+    mask = np.kron(keep.reshape(GRID), np.ones((PATCH, PATCH), bool))[..., None]
+    panel = Image.fromarray(np.where(mask, x, dim).clip(0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(panel)
+    special = set() if picks is None else {int(i) for i in picks}
+    for i in kept:
+        r, c = divmod(int(i), GRID[1])
+        box = (c * PATCH, r * PATCH, c * PATCH + PATCH - 1, r * PATCH + PATCH - 1)
+        if int(i) in special:
+            d.rectangle(box, outline=PICK_COLOUR, width=2)
+        else:
+            d.rectangle(box, outline=(255, 255, 255))
+    return panel
+
+
+def make_figure(img: np.ndarray, results: dict, picks: dict, path: str) -> None:
+    """results: {reduction: {method: (kept, ms)}}; picks: {reduction: D2Pruner's MIS picks}."""
+    from PIL import Image, ImageDraw
+
+    fig = Image.new("RGB", figure_size(), (255, 255, 255))
+    d = ImageDraw.Draw(fig)
+    d.text((MARGIN, 8), f"Visual tokens kept of a 24x24 patch grid (N={N}). Dimmed: pruned. "
+           "Orange: D2Pruner's diverse (greedy MIS) picks.", fill=(0, 0, 0), font=_font(17))
+    y = HEADER_H
+    for reduction, res in results.items():
+        k = kept_count(reduction)
+        for col, (name, (kept, _)) in enumerate(res.items()):
+            x0 = MARGIN + col * (IMG + MARGIN)
+            d.text((x0, y + 2), name, fill=(0, 0, 0), font=_font(17))
+            d.text((x0, y + 22), f"{reduction:.0%} reduction: k={k} of {N}, "
+                   f"{len(np.unique(kept // GRID[1]))} of 24 rows hit",
+                   fill=(70, 70, 70), font=_font(14))
+            extra = picks[reduction] if name == "D2Pruner" else None
+            fig.paste(render_panel(img, kept, extra), (x0, y + TITLE_H))
+        y += TITLE_H + IMG + MARGIN
+    fig.save(path)
+
+
+# --------------------------------------------------------------------------- main
+
+def build_example(seed: int = 0, device="cpu"):
+    """Picture, region label per patch, tokens [576, 256], attention [8, 576], prior [576]."""
+    img, label = draw_scene(seed)
+    sal = content_saliency(img)
+    tokens = patch_features(img, seed).to(device)
+    attn = head_attention(sal, seed).to(device)
+    prior = calibration_prior(sal).to(device)
+    return img, patch_regions(label), tokens, attn, prior
+
+
+def _fmt_kept(name, kept, ms, regions, width):
+    rows = row_counts(kept)
+    reg = np.bincount(regions[kept], minlength=len(REGIONS))
+    lines = [f"  {name:<{width}} rows 0-23: {' '.join(f'{c:2d}' for c in rows)}",
+             f"  {'':<{width}} {len(np.unique(kept // GRID[1])):2d} rows hit, "
+             f"{rows[-BOTTOM_ROWS:].sum():3d} in the bottom {BOTTOM_ROWS} rows | "
+             + ", ".join(f"{r} {c}" for r, c in zip(REGIONS, reg) if c)
+             + f" | {ms:.2f} ms",
+             f"  {'':<{width}} first indices: {' '.join(str(int(i)) for i in kept[:12])} ..."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m d2pruner_kernels.demo", description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--out", default="demo_out", help="folder for demo.png (default: demo_out)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed prune() calls per method (median)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads while the demo runs (default 1: at N=576 more threads "
+                         "buy little and stall badly on a busy machine; 0 = leave torch's setting)")
+    args = ap.parse_args(argv)
+    saved = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return _demo(args)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _demo(args) -> dict:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise SystemExit("the demo draws with Pillow: pip install 'd2pruner_kernels[demo]'")
+    dev = torch.device("cuda" if args.device == "cuda" or
+                       (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+    img, regions, tokens, attn, prior = build_example(args.seed, dev)
+    edges = reference.similarity_edges(tokens[None], torch.arange(N, device=dev)[None], 0, (1, *GRID))
+    n_edges = int(edges.sum()) // 2
+    where = (torch.cuda.get_device_name(dev) + " (GPU)") if dev.type == "cuda" \
+        else f"CPU of this machine ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)"
+    print(f"D2Pruner demo: drawn {IMG}x{IMG} picture -> {GRID[0]}x{GRID[1]} patches of {PATCH} px "
+          f"(N={N}), features D={D}, attention H={HEADS} heads with a bottom-row bias")
+    print(f"similarity graph over all {N} tokens at sim_threshold=0.8: {n_edges} edges "
+          f"(mean degree {2 * n_edges / N:.1f})")
+    print(f"prune(backend='auto') on {dev.type}: {backend_description(dev)}; times are the "
+          f"median wall time of {args.repeats} prune() calls on the {where}")
+
+    results, picks = {}, {}
+    width = max(len(s) for s in ("raw top-k", "debiased top-k", "D2Pruner"))
+    order = stages.rank_order(stages.debiased_scores(attn[None], prior[None]))[0].cpu().numpy()
+    for reduction in REDUCTIONS:
+        k = kept_count(reduction)
+        res = run_methods(tokens, attn, prior, k, args.repeats, dev)
+        n_p = pivot_count(0.7, k)
+        # D2Pruner's kept set = the n_p best debiased tokens (pivots) + the MIS picks
+        picks[reduction] = np.setdiff1d(res["D2Pruner"][0], order[:n_p])
+        results[reduction] = res
+        print(f"\n{reduction:.0%} reduction: keep k={k} of {N} "
+              f"(D2Pruner: {n_p} pivots + {k - n_p} from the greedy MIS)")
+        for name, (kept, ms) in res.items():
+            print(_fmt_kept(name, kept, ms, regions, width))
+        reg = np.bincount(regions[picks[reduction]], minlength=len(REGIONS))
+        print(f"  {'':<{width}} its {len(picks[reduction])} greedy-MIS picks: "
+              + ", ".join(f"{r} {c}" for r, c in zip(REGIONS, reg) if c))
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "demo.png")
+    make_figure(img, results, picks, path)
+    print(f"\nwrote {path}")
+    return {"png": path, "results": results, "picks": picks, "regions": regions}
+
+
+if __name__ == "__main__":
+    main()
