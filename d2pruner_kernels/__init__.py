@@ -2,14 +2,17 @@
 
     prune(tokens, attn, grid_hw, k, **options) -> int64 indices, ascending
 
-The stages are public too (debiased_scores, rank_order, similarity_graph, greedy_mis), the
+The stages are public too (debiased_scores, rank_order, similarity_graph, greedy_mis), as
+are attention_scores (attention rows from Q and K) and PositionalPrior; the
 pure-torch twins live in `d2pruner_kernels.reference`, the packed adjacency layout in
 `d2pruner_kernels.layout`.
 """
 from . import layout, reference
+from .attention_scores import attention_scores
+from .prior import PositionalPrior
 from .prune import prune
 from .stages import debiased_scores, greedy_mis, rank_order, similarity_graph
 
 __all__ = ["prune", "debiased_scores", "rank_order", "similarity_graph", "greedy_mis",
-           "layout", "reference"]
+           "attention_scores", "PositionalPrior", "layout", "reference"]
 __version__ = "0.1.0"

@@ -8,15 +8,15 @@ For query row m = (g, r) of key head hk (query head h = hk * G + g, G = Hq // Hk
     lse2[m]  = log2 sum_{j seen} 2^s[m, j]                         (= lse * log2(e))
     out[b, n] = sum_{h, r} 2^(s[m, start + n] - lse2[m]) / (Hq * Nq)
 
-Two passes (measured on an H100, see docs/attention_and_prior.md):
+Two passes (timed on an H200, see docs/attention_and_prior.md):
   1. `_lse_partials_kernel` reads all L keys once, split into chunks for parallelism; each
      program keeps an online (running max, rescaled sum) pair per row of its GQA group
      and writes it for its chunk. Skipped when the caller passes FlashAttention's lse.
-  2. `_span_probs_kernel` merges the chunk pairs into lse2 (one vector load, no loop),
-     reads only the span keys, and sums the probabilities over heads and rows in a fixed
-     order: no atomics, the same bits on every run.
-The span keys are read twice, against L once; for a span much shorter than L pass 2 is
-a small share of the time.
+  2. `_span_probs_kernel` merges the chunk pairs into lse2 (one vector load), reads only
+     the span keys, and sums the probabilities over heads and rows in a fixed order. When
+     the span is short, the key heads are split over several programs for parallelism
+     and their partial sums added by one torch sum: no atomics, the same bits every run.
+The span keys are read twice, the others once.
 
 The dot products run in the input dtype with float32 accumulation (bf16/fp16 products are
 exact in float32); float32 inputs use true-fp32 "ieee" dots, never tf32. Head dims that are
@@ -25,7 +25,6 @@ not powers of two (80, 96) are padded to the next one with masked loads.
 from __future__ import annotations
 
 import functools
-import math
 
 import triton
 import triton.language as tl
@@ -115,48 +114,55 @@ def _lse_partials_kernel(
 @triton.jit
 def _span_probs_kernel(
         q_ptr, k_ptr, pos_ptr, lse_ptr, m_ptr, l_ptr, out_ptr,
-        span_start, n_span, D, NQ, G, R, HQ, HK, n_chunks, qk_scale2, inv_rows,
+        span_start, n_span, D, NQ, G, R, HQ, HK, heads_per_prog, n_chunks, qk_scale2, inv_rows,
         sq_b, sq_h, sq_r, sk_b, sk_h, sk_l, sp_b, sp_r,
         HAS_POS: tl.constexpr, HAS_LSE: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         EVEN_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # Program (span block, b, head group): key heads hk_lo .. hk_lo + heads_per_prog - 1.
     b = tl.program_id(1)
+    group = tl.program_id(2)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_span
     keys = span_start + cols
     offs_d = tl.arange(0, BLOCK_D)
     offs_c = tl.arange(0, BLOCK_C)
+    hk_lo = group * heads_per_prog
+    m_blocks = tl.cdiv(R, BLOCK_M)
+    n_iter = (tl.minimum(hk_lo + heads_per_prog, HK) - hk_lo) * m_blocks
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    k_head = k_ptr + b.to(tl.int64) * sk_b
-    for hk in range(HK):
+    # One flat loop over (key head, row block), in a fixed order: the sum is deterministic.
+    for it in range(0, n_iter):
+        hk = hk_lo + it // m_blocks
+        row_ok, h, r = _group_rows((it % m_blocks) * BLOCK_M, R, NQ, G, hk, BLOCK_M)
+        k_head = k_ptr + b.to(tl.int64) * sk_b + tl.cast(hk, tl.int64) * sk_h
         kt = tl.trans(_load_tile(k_head, keys, col_ok, sk_l, offs_d, D, EVEN_D))
-        for m0 in range(0, R, BLOCK_M):
-            row_ok, h, r = _group_rows(m0, R, NQ, G, hk, BLOCK_M)
-            q_rows = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + r.to(tl.int64) * sq_r
-            q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            row = (b * HQ + h) * NQ + r
-            if HAS_LSE:
-                lse2 = tl.load(lse_ptr + row, mask=row_ok, other=0.0) * 1.4426950408889634
-            else:
-                # Merge the chunks: lse2 = M + log2(sum_c l_c 2^(m_c - M)), M = max_c m_c.
-                part = row[:, None] * n_chunks + offs_c[None, :]
-                part_ok = row_ok[:, None] & (offs_c[None, :] < n_chunks)
-                mc = tl.load(m_ptr + part, mask=part_ok, other=float("-inf"))
-                lc = tl.load(l_ptr + part, mask=part_ok, other=0.0)
-                big = tl.max(mc, axis=1)
-                big = tl.where(big == float("-inf"), 0.0, big)
-                tot = tl.sum(lc * tl.exp2(mc - big[:, None]), axis=1)
-                lse2 = big + tl.log2(tl.where(tot > 0, tot, 1.0))  # tot = 0: row sees nothing
-            s = _logits2(q, kt, qk_scale2, UPCAST, IEEE)
-            seen = row_ok[:, None] & col_ok[None, :]
-            if HAS_POS:
-                pos = tl.load(pos_ptr + b * sp_b + r * sp_r, mask=row_ok, other=-1)
-                seen = seen & (keys[None, :] <= pos[:, None])
-            p = tl.where(seen, tl.exp2(s - lse2[:, None]), 0.0)
-            total += tl.sum(p, axis=0)
-        k_head += sk_h  # pointer arithmetic is 64-bit: no int32 overflow
-    tl.store(out_ptr + b * n_span + cols, total * inv_rows, mask=col_ok)
+        q_rows = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + r.to(tl.int64) * sq_r
+        q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        row = (b * HQ + h) * NQ + r
+        if HAS_LSE:
+            lse2 = tl.load(lse_ptr + row, mask=row_ok, other=0.0) * 1.4426950408889634
+        else:
+            # Merge the chunks: lse2 = M + log2(sum_c l_c 2^(m_c - M)), M = max_c m_c.
+            part = row[:, None] * n_chunks + offs_c[None, :]
+            part_ok = row_ok[:, None] & (offs_c[None, :] < n_chunks)
+            mc = tl.load(m_ptr + part, mask=part_ok, other=float("-inf"))
+            lc = tl.load(l_ptr + part, mask=part_ok, other=0.0)
+            big = tl.max(mc, axis=1)
+            big = tl.where(big == float("-inf"), 0.0, big)
+            tot = tl.sum(lc * tl.exp2(mc - big[:, None]), axis=1)
+            lse2 = big + tl.log2(tl.where(tot > 0, tot, 1.0))  # tot = 0: row sees nothing
+        s = _logits2(q, kt, qk_scale2, UPCAST, IEEE)
+        seen = row_ok[:, None] & col_ok[None, :]
+        if HAS_POS:
+            pos = tl.load(pos_ptr + b * sp_b + r * sp_r, mask=row_ok, other=-1)
+            seen = seen & (keys[None, :] <= pos[:, None])
+        p = tl.where(seen, tl.exp2(s - lse2[:, None]), 0.0)
+        total += tl.sum(p, axis=0)
+    # out is [B, n_groups, n_span]; with one group it is the result itself.
+    out = out_ptr + (b * tl.num_programs(2) + group).to(tl.int64) * n_span + cols
+    tl.store(out, total * inv_rows, mask=col_ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,14 +171,16 @@ def _sm_count(index: int) -> int:
 
 
 def default_config(dtype: torch.dtype, d: int, rows: int, device: torch.device) -> dict:
-    """Block sizes; `programs` is the number of pass-1 programs to aim for."""
+    """Block sizes; `programs` / `span_programs`: the number of pass-1 / pass-2 programs
+    to aim for (pass 2 splits the key heads over programs until it has that many)."""
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     if interpreting():  # few, large programs: each interpreted loop step costs ~ms
         return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_N_SPAN=128, programs=1,
-                    num_warps=4, num_stages=1)
+                    span_programs=1, num_warps=4, num_stages=1)
     block_n = 64 if dtype == torch.float32 or d > 64 else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_N_SPAN=32,
-                programs=4 * _sm_count(device.index or 0), num_warps=4, num_stages=3)
+    sms = _sm_count(device.index or 0)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_N_SPAN=64, programs=4 * sms,
+                span_programs=2 * sms, num_warps=4, num_stages=3)
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int],
@@ -182,7 +190,8 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
     """q [B, Hq, Nq, d], k [B, Hk, L, d] (validated by the caller) -> float32 [B, end-start].
 
     config may set BLOCK_M, BLOCK_N (pass 1 keys), BLOCK_N_SPAN (pass 2 keys), programs
-    (pass-1 parallelism target) or chunk (keys per pass-1 program, a BLOCK_N multiple)."""
+    (pass-1 parallelism target), chunk (keys per pass-1 program, a BLOCK_N multiple),
+    span_programs (pass-2 parallelism target), num_warps, num_stages."""
     b, hq, nq, d = q.shape
     hk, n_keys = k.shape[1], k.shape[2]
     g, rows = hq // hk, (hq // hk) * nq
@@ -193,6 +202,7 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
     cfg = dict(default_config(q.dtype, d, rows, q.device), **(config or {}))
     block_m, block_n, block_ns = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_N_SPAN")
     programs, chunk = cfg.pop("programs"), cfg.pop("chunk", None)
+    span_programs = cfg.pop("span_programs")
     block_d = max(16, triton.next_power_of_2(d))
     upcast = interpreting() and q.dtype == torch.bfloat16
     flags = dict(BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=block_d == d, UPCAST=upcast,
@@ -205,7 +215,6 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
         pos = q_positions
         sp_b, sp_r = (0, pos.stride(0)) if pos.dim() == 1 else pos.stride()
     strides = (*q.stride()[:3], *k.stride()[:3], sp_b, sp_r)
-    out = torch.empty(b, n_span, dtype=torch.float32, device=q.device)
     m_blocks = triton.cdiv(rows, block_m)
 
     if lse is None:
@@ -226,8 +235,15 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
         part_m = part_l = lse_arg  # never read
         n_chunks, block_c = 1, 1
 
-    _span_probs_kernel[(triton.cdiv(n_span, block_ns), b)](
+    # Pass 2: span blocks x images, and the key heads split into groups when that is
+    # needed to reach `span_programs` programs; the groups' partial sums are then added.
+    span_blocks = triton.cdiv(n_span, block_ns)
+    groups = max(1, min(hk, triton.cdiv(span_programs, span_blocks * b)))
+    heads_per_prog = triton.cdiv(hk, groups)
+    groups = triton.cdiv(hk, heads_per_prog)
+    out = torch.empty(b, groups, n_span, dtype=torch.float32, device=q.device)
+    _span_probs_kernel[(span_blocks, b, groups)](
         q, k, pos, lse_arg, part_m, part_l, out, start, n_span, d, nq, g, rows, hq, hk,
-        n_chunks, qk_scale2, 1.0 / (hq * nq), *strides, HAS_LSE=lse is not None,
-        BLOCK_C=block_c, BLOCK_N=block_ns, **flags, **cfg)
-    return out
+        heads_per_prog, n_chunks, qk_scale2, 1.0 / (hq * nq), *strides,
+        HAS_LSE=lse is not None, BLOCK_C=block_c, BLOCK_N=block_ns, **flags, **cfg)
+    return out[:, 0] if groups == 1 else out.sum(dim=1)  # a fixed order: deterministic

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# What we run on a lent GPU machine (H100/H200), in one call: build against the machine's
+# own torch, the GPU-relevant tests natively, per-stage timings, compute-sanitizer on the
+# CUDA kernel, then (FULL=1) the whole suite and the benchmark report. Logs go to $OUT.
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+step() { echo; echo "== $* ($(date +%T))"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)"
+
+step build
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1 \
+  || { tail -40 "$OUT/build.log"; exit 1; }
+python3 -c "from d2pruner_kernels.kernels import mis; print('CUDA MIS available:', mis.cuda_available())"
+
+step tests
+TESTS="tests/test_cuda.py tests/test_mis.py tests/test_prune.py tests/test_compile.py tests/test_scores_kernel.py tests/test_graph_kernel.py"
+[ "${FULL:-0}" = 1 ] && TESTS=tests
+timeout "${TEST_TIMEOUT:-80}" python3 -m pytest $TESTS -q -p no:cacheprovider -n 16 -rs \
+  >"$OUT/tests.log" 2>&1
+echo "tests rc=$?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+
+step stages
+timeout "${STAGES_TIMEOUT:-75}" python3 -m benchmarks.stages --out "$OUT/stages.md" >"$OUT/stages.log" 2>&1
+echo "stages rc=$?"; tail -4 "$OUT/stages.log"
+
+step compute-sanitizer
+for tool in memcheck ${SANITIZERS:-}; do
+  timeout 45 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 .ci/sanitize.py \
+    >"$OUT/sanitize_$tool.log" 2>&1
+  echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|all answers right" "$OUT/sanitize_$tool.log" | head -3
+done
+
+if [ "${FULL:-0}" = 1 ]; then
+  step report
+  timeout 240 python3 -m benchmarks.report --sync-check --out "$OUT/report.md" >"$OUT/report.log" 2>&1
+  echo "report rc=$?"; tail -3 "$OUT/report.log"
+fi
+step end
+cat "$OUT/stages.md" 2>/dev/null || cat "$OUT/stages.log"

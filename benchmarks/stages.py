@@ -1,0 +1,126 @@
+"""Per-stage GPU timings at the shapes the kernel issues name (bf16, D = 4096):
+scores, graph, MIS (with Luby round counts) and prune() end to end, each next to the
+reference on the same device. Medians from triton.testing: `eager` = back-to-back calls
+timed with CUDA events (do_bench), `graph` = replays of a captured CUDA graph
+(do_bench_cudagraph), i.e. GPU time without host launch overhead.
+
+    python -m benchmarks.stages [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import triton.testing as tt
+
+import d2pruner_kernels as d2p
+from d2pruner_kernels import reference
+from d2pruner_kernels.checks import pivot_count
+from d2pruner_kernels.kernels import graph as graph_kernel
+from d2pruner_kernels.kernels import mis as mis_kernel
+
+from .harness import device_name
+
+
+def inputs(b, n, d, heads=32, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    centres = torch.randn(b, 64, d, device="cuda", generator=g)
+    assign = torch.randint(0, 64, (b, n), device="cuda", generator=g)
+    x = torch.gather(centres, 1, assign[..., None].expand(-1, -1, d))
+    x = (x + 0.7 * torch.randn(b, n, d, device="cuda", generator=g)).bfloat16()
+    attn = torch.rand(b, heads, n, device="cuda", generator=g).bfloat16()
+    prior = torch.rand(n, device="cuda", generator=g) + 0.5
+    return x, attn, prior
+
+
+def us(fn, graph=False, slow=False):
+    if slow:  # Python loops: a few host-timed calls
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+        times = []
+        for _ in range(3):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return 1e3 * sorted(times)[1]
+    if graph:
+        return 1e3 * tt.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    return 1e3 * tt.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def row(cells):
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    lines = [f"Device: {device_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}",
+             "", row(["stage", "shape", "ours eager µs", "ours graph µs", "reference µs",
+                      "ref / ours(graph)", "note"]), row(["---"] * 7)]
+
+    def add(stage, shape, ours_fn, ref_fn, note="", ref_slow=False):
+        e, g = us(ours_fn), us(ours_fn, graph=True)
+        r = us(ref_fn, slow=ref_slow)
+        lines.append(row([stage, shape, f"{e:.1f}", f"{g:.1f}", f"{r:.1f}", f"{r / g:.0f}x", note]))
+        print(lines[-1], flush=True)
+
+    for n, grid in ((576, (24, 24)), (2880, (48, 60))):
+        x, attn, prior = inputs(1, n, 4096)
+        shape = f"B=1 N={n} D=4096 H=32"
+        add("scores", shape, lambda: d2p.debiased_scores(attn, prior, backend="kernels"),
+            lambda: reference.debiased_scores(attn, prior))
+        order = d2p.rank_order(d2p.debiased_scores(attn, prior))
+        for frac in (0.10, 0.25):
+            k = max(1, math.floor(frac * n + 0.5))
+            n_p = pivot_count(0.7, k)
+            kshape = f"{shape} k={k}"
+            adj = d2p.similarity_graph(x, order, n_p, grid, backend="kernels")
+            add("graph (full)", kshape,
+                lambda: d2p.similarity_graph(x, order, n_p, grid, backend="kernels"),
+                lambda: reference.similarity_graph(x, order, n_p, (1, *grid)),
+                note=f"C={n - n_p}, {2 * (n - n_p) ** 2 / 2 * 4096 / 1e9:.1f} GFLOP")
+            _, rounds = mis_kernel.greedy_mis(adj, order, n_p, k, return_rounds=True)
+            add("MIS", kshape, lambda: mis_kernel.greedy_mis(adj, order, n_p, k),
+                lambda: reference.greedy_mis(adj, order, n_p, k), ref_slow=True,
+                note=f"{int(rounds.max())} Luby rounds")
+            add("prune (e2e)", kshape,
+                lambda: d2p.prune(x, attn, grid, k, prior=prior),
+                lambda: d2p.prune(x, attn, grid, k, prior=prior, backend="reference"),
+                ref_slow=True)
+    # a batch of 64 LLaVA-1.5 images
+    x, attn, prior = inputs(64, 576, 4096)
+    order = d2p.rank_order(d2p.debiased_scores(attn, prior))
+    for k in (58, 144):
+        n_p = pivot_count(0.7, k)
+        adj = d2p.similarity_graph(x, order, n_p, (24, 24), backend="kernels")
+        _, rounds = mis_kernel.greedy_mis(adj, order, n_p, k, return_rounds=True)
+        add("MIS", f"B=64 N=576 k={k}", lambda: mis_kernel.greedy_mis(adj, order, n_p, k),
+            lambda: reference.greedy_mis(adj, order, n_p, k), ref_slow=True,
+            note=f"max {int(rounds.max())} Luby rounds")
+        f = lambda: d2p.prune(x, attn, (24, 24), k, prior=prior)  # noqa: E731
+        lines.append(row(["prune (e2e)", f"B=64 N=576 D=4096 k={k}", f"{us(f):.1f}",
+                          f"{us(f, graph=True):.1f}", "", "", ""]))
+        print(lines[-1], flush=True)
+    # graph tile configurations at N=2880 (the heaviest stage)
+    x, attn, prior = inputs(1, 2880, 4096)
+    order = d2p.rank_order(d2p.debiased_scores(attn, prior))
+    for cfg in (dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3),
+                dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3)):
+        f = lambda: graph_kernel.similarity_graph(x, order, 224, (1, 48, 60), config=cfg)  # noqa: E731
+        lines.append(row(["graph config", str(cfg), f"{us(f):.1f}", f"{us(f, graph=True):.1f}",
+                          "", "", "B=1 N=2880 k=320"]))
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
