@@ -78,9 +78,11 @@ def _similarity_graph_kernel(
     nj = tl.maximum(tl.load(norm_ptr + b * stride_nb + tj, mask=col_ok, other=1.0), 1e-12)
     cos = acc / ni[:, None] / nj[None, :]
     hw = grid_h * grid_w
-    dy = tl.abs((ti // grid_w % grid_h)[:, None] - (tj // grid_w % grid_h)[None, :])
-    dx = tl.abs((ti % grid_w)[:, None] - (tj % grid_w)[None, :])
-    dt = tl.abs((ti // hw)[:, None] - (tj // hw)[None, :])
+    ti32 = ti.to(tl.int32)  # token ids < N: the grid arithmetic in 32 bits
+    tj32 = tj.to(tl.int32)
+    dy = tl.abs((ti32 // grid_w % grid_h)[:, None] - (tj32 // grid_w % grid_h)[None, :])
+    dx = tl.abs((ti32 % grid_w)[:, None] - (tj32 % grid_w)[None, :])
+    dt = tl.abs((ti32 // hw)[:, None] - (tj32 // hw)[None, :])
     near = (dy <= radius) & (dx <= radius) & (dt <= temporal_radius)
     f = cos_weight * cos + spatial_weight * near.to(tl.float32)
     edge = (f >= threshold) & (cols[None, :] < rows[:, None]) & col_ok[None, :]
