@@ -22,27 +22,31 @@ def num_words(c: int) -> int:
 
 
 def _bit_weights(device) -> torch.Tensor:
-    return torch.ones(32, dtype=torch.int64, device=device) << torch.arange(32, device=device)
+    return torch.ones(8, dtype=torch.uint8, device=device) << torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def pack_lower(edges: torch.Tensor) -> torch.Tensor:
-    """bool [B, C, C] edges (rank order) -> packed int32 [B, C, words] of the strict lower triangle."""
+    """bool [B, C, C] edges (rank order) -> packed int32 [B, C, words] of the strict lower
+    triangle. Bytes are packed and viewed as int32: byte 0 of a word holds columns 0-7,
+    which is the LSB-first order on little-endian machines (x86, ARM, every GPU)."""
     b, c, _ = edges.shape
     w = num_words(c)
+    if w == 0:
+        return torch.zeros(b, c, 0, dtype=torch.int32, device=edges.device)
     lower = edges & torch.ones(c, c, dtype=torch.bool, device=edges.device).tril(-1)
-    padded = torch.zeros(b, c, w * 32, dtype=torch.int64, device=edges.device)
+    padded = torch.zeros(b, c, w * 32, dtype=torch.uint8, device=edges.device)
     padded[:, :, :c] = lower
-    words = (padded.view(b, c, w, 32) * _bit_weights(edges.device)).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32
-    return words.to(torch.int32)
+    packed = (padded.view(b, c, w * 4, 8) * _bit_weights(edges.device)).sum(-1, dtype=torch.uint8)
+    return packed.view(torch.int32)
 
 
 def unpack_lower(adj: torch.Tensor, c: int) -> torch.Tensor:
     """packed int32 [B, C, words] -> bool [B, C, C], the strict lower triangle only
     (unspecified words are masked away)."""
     b = adj.shape[0]
-    bits = (adj.to(torch.int64).unsqueeze(-1) >> torch.arange(32, device=adj.device)) & 1
-    full = bits.view(b, c, -1)[:, :, :c].bool()
+    by = adj.contiguous().view(torch.uint8)  # [B, C, words * 4], byte 0 = columns 0-7
+    bits = (by.unsqueeze(-1) & _bit_weights(adj.device)) != 0
+    full = bits.view(b, c, -1)[:, :, :c]
     return full & torch.ones(c, c, dtype=torch.bool, device=adj.device).tril(-1)
 
 
