@@ -6,7 +6,7 @@
 --sync-check   only run prune() once under torch.cuda.set_sync_debug_mode("error") and
                report pass/fail (exit status 1 on fail); the full report includes it too.
 
-Floor of a shape (docs/benchmarks.md): the largest of
+Floor of a shape (README.md, "Speed"): the largest of
     bytes  = tokens + attention read once + output written, over the measured copy bandwidth
     flops  = B * C^2 * D (the lower triangle of the candidate Gram matrix, 2 flops per MAC),
              over the measured matmul peak (bf16 on GPU, fp32 on CPU)
@@ -30,7 +30,7 @@ from .harness import (DEVICE, ON_GPU, bound_calls, device_name, median_seconds,
                       prune_variants, synchronize, wall_seconds)
 from .shapes import CPU_SHAPES, GPU_SHAPES, Shape, input_copies, make_inputs
 
-LAUNCHES = 5           # scores, sort, norms, graph, MIS (see docs/benchmarks.md)
+LAUNCHES = 5           # scores, sort, norms, graph, MIS (see README.md, "Speed")
 TOO_SLOW_S = 30.0      # total time allowed to one baseline at one shape
 REPS_FAST = 50 if ON_GPU else 20
 REPS_SLOW = 5

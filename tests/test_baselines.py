@@ -1,8 +1,6 @@
 """The benchmark baselines (benchmarks/baselines.py): the naive D2Pruner must select exactly
 what our reference backend selects; the peers get sanity checks of their published rules."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +8,7 @@ import torch
 from d2pruner_kernels import prune, reference
 from inputs import band_margin, clustered_tokens, distinct_attention
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's benchmarks/
-from benchmarks import baselines  # noqa: E402
+from benchmarks import baselines
 
 THETA = 0.8
 

@@ -239,17 +239,3 @@ def test_cli_errors(tmp_path, capsys):
                            "--quiet"]) == 2
     assert "must be positive" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "p")
-
-
-DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "attention_and_prior.md")
-
-
-@pytest.mark.skipif(not os.path.exists(DOC), reason="docs/attention_and_prior.md not present")
-def test_doc_examples_run(tmp_path, monkeypatch):
-    import re
-    monkeypatch.chdir(tmp_path)  # the examples write their files here
-    blocks = re.findall(r"```python\n(.*?)```", open(DOC).read(), re.S)
-    assert len(blocks) == 2
-    for block in blocks:
-        exec(compile(block, DOC, "exec"), {})
-    assert PositionalPrior.load(tmp_path / "toy_prior.safetensors").count == 40

@@ -8,7 +8,7 @@ For query row m = (g, r) of key head hk (query head h = hk * G + g, G = Hq // Hk
     lse2[m]  = log2 sum_{j seen} 2^s[m, j]                         (= lse * log2(e))
     out[b, n] = sum_{h, r} 2^(s[m, start + n] - lse2[m]) / (Hq * Nq)
 
-Two passes (timed on an H200, see docs/attention_and_prior.md):
+Two passes (timed on an H200, see the README):
   1. `_lse_partials_kernel` reads all L keys once, split into chunks for parallelism; each
      program keeps an online (running max, rescaled sum) pair per row of its GQA group
      and writes it for its chunk. Skipped when the caller passes FlashAttention's lse.

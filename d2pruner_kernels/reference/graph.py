@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import pack_lower
+from .numerics import true_fp32
 
 
 def grid_coords(n: int, grid: tuple[int, int, int], device=None):
@@ -26,7 +27,7 @@ def similarity_edges(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
     x = tokens.float()
     x_hat = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
     xc = torch.gather(x_hat, 1, cand.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    with _true_fp32():
+    with true_fp32():
         cos = torch.bmm(xc, xc.transpose(1, 2))                 # [B, C, C]
     t, y, xx = (c[cand] for c in grid_coords(n, grid, tokens.device))
     near = lambda a, r: (a.unsqueeze(2) - a.unsqueeze(1)).abs() <= r  # noqa: E731
@@ -42,13 +43,3 @@ def similarity_graph(tokens, order, n_pivots, grid, sim_threshold=0.8, spatial_w
     return pack_lower(similarity_edges(tokens, order, n_pivots, grid, sim_threshold,
                                        spatial_weight, radius, temporal_radius))
 
-
-class _true_fp32:
-    """Matrix products in real float32 on CUDA, whatever the user set (never tf32)."""
-
-    def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.saved
