@@ -25,9 +25,9 @@ def _qk(b, hq, nq, hk, n_keys, d, dtype, seed):
     return q.to(DEVICE, dtype), k.to(DEVICE, dtype)
 
 
-def exact(q, k, span, scale=None, positions=None):
-    """The definition, in float64 on the inputs as given (already rounded to their dtype):
-    full logits of the rows, softmax over the keys each row sees, span, mean."""
+def logits64(q, k, scale=None, positions=None):
+    """Full float64 logits of the rows, on the inputs as given (already rounded to their
+    dtype), -inf where the causal limit hides a key."""
     q64, k64 = q.double().cpu(), k.double().cpu()
     hq, hk, n_keys, d = q.shape[1], k.shape[1], k.shape[2], q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -35,19 +35,17 @@ def exact(q, k, span, scale=None, positions=None):
     if positions is not None:
         pos = positions.cpu().reshape(-1, 1, q.shape[2], 1)
         logits = logits.masked_fill(torch.arange(n_keys) > pos, float("-inf"))
-    p = torch.softmax(logits, dim=-1)
+    return logits
+
+
+def exact(q, k, span, scale=None, positions=None):
+    """The definition: softmax over the keys each row sees, the span, the mean."""
+    p = torch.softmax(logits64(q, k, scale, positions), dim=-1)
     return p[..., span[0]:span[1]].mean(dim=(1, 2))
 
 
 def exact_lse(q, k, scale=None, positions=None):
-    q64, k64 = q.double().cpu(), k.double().cpu()
-    hq, hk, n_keys, d = q.shape[1], k.shape[1], k.shape[2], q.shape[-1]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    logits = q64 @ k64.repeat_interleave(hq // hk, 1).transpose(-1, -2) * scale
-    if positions is not None:
-        pos = positions.cpu().reshape(-1, 1, q.shape[2], 1)
-        logits = logits.masked_fill(torch.arange(n_keys) > pos, float("-inf"))
-    return torch.logsumexp(logits, dim=-1)
+    return torch.logsumexp(logits64(q, k, scale, positions), dim=-1)
 
 
 def assert_rel_close(out, want, rtol=RTOL):
