@@ -19,7 +19,8 @@ python3 -c "from d2pruner_kernels.kernels import mis; print('CUDA MIS available:
 step tests
 TESTS="tests/test_cuda.py tests/test_mis.py tests/test_prune.py tests/test_compile.py tests/test_scores_kernel.py tests/test_graph_kernel.py"
 [ "${FULL:-0}" = 1 ] && TESTS=tests
-timeout "${TEST_TIMEOUT:-80}" python3 -m pytest $TESTS -q -p no:cacheprovider -n 16 -rs \
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 16")  # parallel Triton compiles
+timeout "${TEST_TIMEOUT:-80}" python3 -m pytest $TESTS -q -p no:cacheprovider $XDIST -rs \
   >"$OUT/tests.log" 2>&1
 echo "tests rc=$?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20

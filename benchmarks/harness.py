@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from d2pruner_kernels import prune
+from d2pruner_kernels import kernels, prune
 
 from . import baselines
 from .shapes import Inputs, Shape
@@ -49,7 +49,7 @@ def skip_reason(shape: Shape) -> str | None:
 
 def interpreting() -> bool:
     """Triton kernels run under the interpreter (CPU smoke runs): timings mean nothing."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return kernels.interpreting()
 
 
 def synchronize() -> None:

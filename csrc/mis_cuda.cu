@@ -151,16 +151,18 @@ static size_t mis_shared_bytes(int n_tokens, int n_pivots) {
 }
 
 void mis_rounds_cuda(const MisArgs& a, int device, void* stream) {
-  int current = -1;
-  check(cudaGetDevice(&current), "cudaGetDevice");
-  if (current != device) check(cudaSetDevice(device), "cudaSetDevice");
   const size_t smem = mis_shared_bytes(a.n_tokens, a.n_pivots);
-  if (smem > 48 * 1024)
+  if (smem + sizeof(Scratch) > 48 * 1024)
     throw std::invalid_argument("d2pruner MIS kernel: N=" + std::to_string(a.n_tokens) +
                                 " tokens need more than 48 KiB of shared memory");
   if (a.batch == 0) return;
+  int current = -1;
+  check(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != device) check(cudaSetDevice(device), "cudaSetDevice");
   mis_rounds_kernel<<<a.batch, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(a);
-  check(cudaGetLastError(), "d2pruner MIS kernel launch");
+  const cudaError_t err = cudaGetLastError();
+  if (current != device) cudaSetDevice(current);  // leave the caller's device as it was
+  check(err, "d2pruner MIS kernel launch");
 }
 
 int cuda_device_count() {

@@ -15,7 +15,8 @@ import importlib.util
 import torch
 
 from . import reference
-from .checks import BACKENDS
+from .checks import check_backend
+from .kernels import interpreting
 from .kernels import mis as mis_kernel
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -26,20 +27,12 @@ def _triton_module(name: str):
 
 
 def _triton_usable(device: torch.device) -> bool:
-    if not _HAS_TRITON:
-        return False
-    import os
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return _HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
 
 
 def use_triton(backend: str, device: torch.device) -> bool:
     """Whether a Triton stage runs: 'kernels' demands it, 'auto' takes it on CUDA."""
-    _check_backend(backend)
+    check_backend(backend)
     if backend == "reference":
         return False
     if backend == "kernels":
@@ -51,15 +44,23 @@ def use_triton(backend: str, device: torch.device) -> bool:
     return device.type == "cuda" and _triton_usable(device)
 
 
-def use_compiled_mis(backend: str, device: torch.device) -> bool:
-    """Whether the compiled MIS runs: CUDA kernel on a GPU, the C++ walk on CPU."""
-    _check_backend(backend)
+def use_compiled_mis(backend: str, device: torch.device, n_tokens: int = 0) -> bool:
+    """Whether the compiled MIS runs: the CUDA kernel on a GPU (N <= MAX_CUDA_TOKENS), the
+    C++ walk on CPU. 'kernels' raises where it cannot; 'auto' falls back to the reference."""
+    check_backend(backend)
     if backend == "reference":
         return False
-    ok = mis_kernel.extension_available() and (device.type == "cpu" or mis_kernel.cuda_available())
+    ext = mis_kernel.extension_available()
+    if device.type == "cuda":
+        ok = ext and mis_kernel.cuda_available() and n_tokens <= mis_kernel.MAX_CUDA_TOKENS
+        why = (f"N={n_tokens} tokens: the CUDA MIS kernel supports N <= {mis_kernel.MAX_CUDA_TOKENS}"
+               if n_tokens > mis_kernel.MAX_CUDA_TOKENS else
+               "d2pruner_kernels._C built with CUDA (nvcc at install time)")
+    else:
+        ok = ext and device.type == "cpu"
+        why = f"d2pruner_kernels._C and CPU tensors, got {device}"
     if backend == "kernels" and not ok:
-        raise RuntimeError(f"backend='kernels' needs d2pruner_kernels._C built with "
-                           f"{'CUDA' if device.type == 'cuda' else 'the CPU MIS'} for {device}")
+        raise RuntimeError(f"backend='kernels' needs {why}")
     return ok
 
 
@@ -81,8 +82,14 @@ def _attn_view(attn: torch.Tensor, query_row: int | None, key_span) -> torch.Ten
 def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None, eps: float = 1e-7,
                     *, query_row: int | None = None, key_span: tuple[int, int] | None = None,
                     backend: str = "auto") -> torch.Tensor:
-    """SPEC step 1: mean over heads / (prior + eps) in float32, NaN -> -inf. [B, N]."""
+    """SPEC step 1: mean over heads / (prior + eps) in float32, NaN -> -inf. [B, N].
+    prior: [N], [1, N] or [B, N]."""
     a = _attn_view(attn, query_row, key_span)
+    if prior is not None:
+        b, n = a.shape[0], a.shape[-1]
+        if prior.shape not in ((n,), (1, n), (b, n)):
+            raise ValueError(f"prior must be [N], [1, N] or [B, N] with B={b}, N={n}, "
+                             f"got {list(prior.shape)}")
     if use_triton(backend, a.device):
         return _triton_module("scores").debiased_scores(a, prior, eps)
     return reference.debiased_scores(a, prior, eps)
@@ -107,7 +114,8 @@ def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
 
 def greedy_mis(adjacency: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
                backend: str = "auto") -> torch.Tensor:
-    """SPEC steps 5-7: pivots + greedy MIS picks + fill, ascending int64 [B, k]."""
-    if use_compiled_mis(backend, order.device):
+    """SPEC steps 5-7: pivots + greedy MIS picks + fill, ascending int64 [B, k].
+    `order` must be a permutation of the tokens per image (as rank_order returns)."""
+    if use_compiled_mis(backend, order.device, order.shape[1]):
         return mis_kernel.greedy_mis(adjacency, order, n_pivots, k)
     return reference.greedy_mis(adjacency, order, n_pivots, k)

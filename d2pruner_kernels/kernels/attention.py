@@ -31,7 +31,7 @@ import triton.language as tl
 
 import torch
 
-from .graph import interpreting
+from . import interpreting
 
 LOG2E = 1.4426950408889634
 

@@ -15,14 +15,13 @@ tiles above the diagonal are never launched work, their words stay unwritten.
 """
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
 import torch
 
 from ..layout import num_words
+from . import interpreting
 
 
 @triton.jit
@@ -92,10 +91,6 @@ def _similarity_graph_kernel(
     word_idx = col_block * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
     out = adj_ptr + (b * C + rows[:, None]) * n_words + word_idx[None, :]
     tl.store(out, words, mask=row_ok[:, None] & (word_idx[None, :] < n_words))
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def default_config(dtype: torch.dtype, d: int) -> dict:

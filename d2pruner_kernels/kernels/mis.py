@@ -14,8 +14,9 @@ try:
 except ImportError:  # extension not built: the reference is used instead
     _C = None
 
-# CUDA kernel: bitsets of 2 * ceil(C/32) + ceil(N/32) words in 48 KiB of shared memory.
-MAX_CUDA_TOKENS = 131072
+# CUDA kernel: bitsets of 2 * ceil(C/32) + ceil(N/32) words (at most 3 * ceil(N/32)) and a
+# scratch of < 256 bytes in 48 KiB of shared memory.
+MAX_CUDA_TOKENS = (48 * 1024 - 256) // 12 * 32  # 130368
 
 
 def extension_available() -> bool:

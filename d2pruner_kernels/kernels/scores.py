@@ -24,13 +24,15 @@ def _debiased_scores_kernel(attn_ptr, prior_ptr, out_ptr, N, H,
     b = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    ptrs = attn_ptr + b * stride_ab + offs * stride_an
+    # 64-bit offsets: a row of a [B, H, L, L] map has head stride L*L, past 2^31 soon.
+    ptrs = attn_ptr + b * stride_ab + offs.to(tl.int64) * stride_an
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for h in range(H):  # heads in order, float32 accumulation
-        acc += tl.load(ptrs + h * stride_ah, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        ptrs += stride_ah
     s = tl.div_rn(acc, tl.full([BLOCK], H, tl.float32))  # the mean, IEEE division
     if HAS_PRIOR:
-        p = tl.load(prior_ptr + b * stride_pb + offs * stride_pn, mask=mask, other=1.0)
+        p = tl.load(prior_ptr + b * stride_pb + offs.to(tl.int64) * stride_pn, mask=mask, other=1.0)
         s = tl.div_rn(s, p.to(tl.float32) + eps)  # IEEE division, as torch does
     s = tl.where(s != s, float("-inf"), s) + 0.0
     tl.store(out_ptr + b * N + offs, s, mask=mask)
@@ -47,6 +49,7 @@ def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None,
     else:
         p = prior
         spb, spn = (0, prior.stride(0)) if prior.dim() == 1 else prior.stride()
+        spb = 0 if prior.dim() == 2 and prior.shape[0] == 1 else spb  # [1, N] broadcasts
     grid = (triton.cdiv(n, BLOCK_N), b)
     _debiased_scores_kernel[grid](a, p, out, n, h, *a.stride(), spb, spn, eps,
                                   HAS_PRIOR=prior is not None, BLOCK=BLOCK_N)

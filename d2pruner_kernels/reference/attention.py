@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .numerics import true_fp32
+from .numerics import matmul_fp32
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int],
@@ -29,8 +29,8 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
     hk, n_keys = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     kk = k.to(work).repeat_interleave(hq // hk, dim=1)            # [B, Hq, L, d]
-    with true_fp32():
-        logits = torch.matmul(q.to(work), kk.transpose(-1, -2)) * scale  # [B, Hq, Nq, L]
+    a, b = q.to(work), kk.transpose(-1, -2)
+    logits = (torch.matmul(a, b) if work == torch.float64 else matmul_fp32(a, b)) * scale  # [B, Hq, Nq, L]
     if q_positions is None:
         seen = torch.ones(1, 1, 1, n_keys, dtype=torch.bool, device=q.device)
     else:

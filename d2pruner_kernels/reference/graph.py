@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import pack_lower
-from .numerics import true_fp32
+from .numerics import matmul_fp32
 
 
 def grid_coords(n: int, grid: tuple[int, int, int], device=None):
@@ -27,8 +27,7 @@ def similarity_edges(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
     x = tokens.float()
     x_hat = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
     xc = torch.gather(x_hat, 1, cand.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    with true_fp32():
-        cos = torch.bmm(xc, xc.transpose(1, 2))                 # [B, C, C]
+    cos = matmul_fp32(xc, xc.transpose(1, 2))                  # [B, C, C]
     t, y, xx = (c[cand] for c in grid_coords(n, grid, tokens.device))
     near = lambda a, r: (a.unsqueeze(2) - a.unsqueeze(1)).abs() <= r  # noqa: E731
     sp = near(y, radius) & near(xx, radius) & near(t, temporal_radius)

@@ -2,12 +2,13 @@
 import torch
 
 
-class true_fp32:
-    """Matrix products in real float32 on CUDA, whatever the user set (never tf32)."""
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for float32 operands, never in tf32, without touching global settings.
 
-    def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.saved
+    On CUDA the product runs in float64 and is rounded to float32 (cuBLAS may use tf32 for
+    float32 when the user allows it, and flipping that switch here would race with other
+    threads and clash with torch's new fp32_precision API); on CPU float32 is IEEE already.
+    """
+    if a.is_cuda:
+        return torch.matmul(a.double(), b.double()).float()
+    return torch.matmul(a, b)
