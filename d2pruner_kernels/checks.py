@@ -19,6 +19,11 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
+def check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def check_tensor(name: str, t, ranks: tuple[int, ...]) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -95,6 +100,8 @@ def check_prune_inputs(tokens, attn, grid_hw, prior, check_finite: bool):
         raise ValueError(f"tokens must have N >= 1 tokens of D >= 1 features, got shape {_shape(tokens)}")
     if attn.shape[-1] != n:
         raise ValueError(f"attn has N={attn.shape[-1]} but tokens has N={n}")
+    if attn.dim() == (3 if batched else 2) and attn.shape[-2] == 0:
+        raise ValueError(f"attn has no heads (shape {_shape(attn)})")
     if attn.device != tokens.device:
         raise ValueError(f"attn is on {attn.device} but tokens is on {tokens.device}")
     grid = check_grid(grid_hw, n)
@@ -102,7 +109,7 @@ def check_prune_inputs(tokens, attn, grid_hw, prior, check_finite: bool):
         check_tensor("prior", prior, (1, 2) if batched else (1,))
         if prior.shape[-1] != n:
             raise ValueError(f"prior has N={prior.shape[-1]} but tokens has N={n}")
-        if prior.dim() == 2 and prior.shape[0] != b:
+        if prior.dim() == 2 and prior.shape[0] not in (1, b):
             raise ValueError(f"prior has batch {prior.shape[0]} but tokens has B={b}")
         if prior.device != tokens.device:
             raise ValueError(f"prior is on {prior.device} but tokens is on {tokens.device}")

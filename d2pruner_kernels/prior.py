@@ -60,6 +60,7 @@ class PositionalPrior:
         self.transforms = ""  # what was derived from the calibrated map, for the file
         self.count = 0
         self._mean = torch.zeros(self.n, dtype=torch.float64)
+        self._device_copies: dict = {}  # as_tensor() results, dropped by update()
 
     @property
     def n(self) -> int:
@@ -104,6 +105,7 @@ class PositionalPrior:
             return self
         total = self.count + nb
         self._mean += (maps.sum(dim=0) - nb * self._mean) / total
+        self._device_copies.clear()
         self.count = total
         return self
 
@@ -133,7 +135,10 @@ class PositionalPrior:
 
     def as_tensor(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The prior as prune() takes it: [N] on `device` in `dtype`, after `check()`."""
-        return self.mean.to(device=device, dtype=dtype)
+        key = (str(torch.device(device)) if device is not None else "cpu", dtype)
+        if key not in self._device_copies:  # one host-to-device copy per device, not per call
+            self._device_copies[key] = self.mean.to(device=device, dtype=dtype)
+        return self._device_copies[key]
 
     # -- files ---------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 
 from . import stages
-from .checks import (BACKENDS, check_float, check_int, check_prune_inputs, pivot_count,
+from .checks import (check_backend, check_float, check_int, check_prune_inputs, pivot_count,
                      resolve_k)
 
 
@@ -31,19 +31,27 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
     prior:  [N] or [B, N] positive positional prior (or a PositionalPrior), None = no debiasing.
     Returns [B, k] (or [k]) on the input's device.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
-    if hasattr(prior, "as_tensor"):  # a PositionalPrior
-        prior = prior.as_tensor(device=tokens.device if isinstance(tokens, torch.Tensor) else None)
+    if check_finite and torch.compiler.is_compiling():
+        raise ValueError("check_finite=True reads values (a device sync): not supported under "
+                         "torch.compile; check the inputs outside the compiled region")
+    prior_obj = prior if hasattr(prior, "as_tensor") else None  # a PositionalPrior
     pivot_ratio = check_float("pivot_ratio", pivot_ratio, 0.0, 1.0)
     sim_threshold = check_float("sim_threshold", sim_threshold, -1.0, 1.0)
     spatial_weight = check_float("spatial_weight", spatial_weight, 0.0, 1.0)
     eps = check_float("eps", eps, 0.0, float("inf"))
     radius = check_int("radius", radius)
     temporal_radius = check_int("temporal_radius", temporal_radius)
-    batched, _, n, _, grid = check_prune_inputs(tokens, attn, grid_hw, prior, check_finite)
+    batched, _, n, _, grid = check_prune_inputs(tokens, attn, grid_hw,
+                                                None if prior_obj else prior, check_finite)
+    if prior_obj is not None:  # calibrated for this grid; one device copy, cached
+        own = tuple(prior_obj.grid) if len(prior_obj.grid) == 3 else (1, *prior_obj.grid)
+        if own != grid:
+            raise ValueError(f"prior is calibrated for grid {tuple(prior_obj.grid)}, "
+                             f"got grid_hw {tuple(grid_hw)}")
+        prior = prior_obj.as_tensor(device=tokens.device)
     k = resolve_k(k, n)
     if not batched:
         tokens, attn = tokens.unsqueeze(0), attn.unsqueeze(0)
@@ -55,11 +63,24 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
 
 def _run(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight, radius,
          temporal_radius, eps, backend) -> torch.Tensor:
+    if tokens.is_cuda:  # launch on the tensors' GPU, whatever the current device is
+        with torch.cuda.device(tokens.device):
+            return _stages(tokens, attn, prior, grid, k, n_pivots, sim_threshold,
+                           spatial_weight, radius, temporal_radius, eps, backend)
+    return _stages(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight,
+                   radius, temporal_radius, eps, backend)
+
+
+def _stages(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight, radius,
+            temporal_radius, eps, backend) -> torch.Tensor:
+    # Decide the path before any kernel runs ('kernels' raises here if it cannot run).
+    fused = (stages.use_triton(backend, tokens.device)
+             and stages.use_compiled_mis(backend, tokens.device, tokens.shape[1]))
     scores = stages.debiased_scores(attn, prior, eps, backend=backend)
     order = stages.rank_order(scores)
     if n_pivots == k:  # no supplements: plain top-k, no graph needed
         return torch.sort(order[:, :k], dim=1).values
-    if stages.use_triton(backend, tokens.device) and stages.use_compiled_mis(backend, tokens.device):
+    if fused:
         from .kernels import select  # imports Triton: only when the kernels run
         return select.select(tokens, order, n_pivots, k, tuple(grid), sim_threshold,
                              spatial_weight, radius, temporal_radius)

@@ -9,9 +9,8 @@ import torch
 
 from d2pruner_kernels.attention_scores import attention_scores
 from d2pruner_kernels.reference import attention as ref
+from conftest import DEVICE, ON_GPU
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ON_GPU = DEVICE.type == "cuda"
 RTOL = 1e-5
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

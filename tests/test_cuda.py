@@ -36,6 +36,19 @@ def test_large_shapes_match_reference_stage_by_stage(n, grid, d):
     assert torch.equal(mis.greedy_mis(got, order, n_p, k), reference.greedy_mis(got, order, n_p, k))
 
 
+@pytest.mark.parametrize("n,grid,k", [(2880, (48, 60), 320), (8192, (32, 16, 16), 819)])
+def test_lazy_prune_equals_the_full_graph_selection(n, grid, k):
+    """At these sizes prune() builds a prefix of the graph first (kernels/select.py): its
+    answer must be the reference walk's on the whole graph, image by image."""
+    x, a = llava_like(2, n, 512, seed=5)
+    x[1] = x[1, :1] + 0.01 * x[1]  # image 1: near-duplicates, the walk runs out: full graph
+    got = prune(x, a, grid, k)
+    order = d2p.rank_order(d2p.debiased_scores(a))
+    n_p = int(0.7 * k + 1e-6)
+    adj = d2p.similarity_graph(x, order, n_p, grid, backend="kernels")
+    assert torch.equal(got, reference.greedy_mis(adj, order, n_p, k))
+
+
 def test_identical_over_100_runs():
     x, a = llava_like(8, 576, 1024, seed=1)
     first = prune(x, a, (24, 24), 64)

@@ -108,6 +108,7 @@ BAD = [
     (dict(k="10"), TypeError, "k must be an int"),
     (dict(prior=torch.rand(47) + 1), ValueError, "prior has N=47 but tokens has N=48"),
     (dict(prior=torch.rand(3, 48) + 1), ValueError, "prior has batch 3 but tokens has B=2"),
+    (dict(prior=torch.rand(2, 47) + 1), ValueError, "prior has N=47 but tokens has N=48"),
     (dict(prior=-torch.rand(48)), ValueError, "prior must be positive"),
     (dict(prior=torch.zeros(48)), ValueError, "prior must be positive"),
     (dict(prior=torch.ones(48, dtype=torch.int64)), TypeError, "prior must be float16"),
@@ -145,6 +146,58 @@ def test_check_finite_rejects_nan_and_inf_only_when_asked():
         prune(X, a, GRID, 10, check_finite=True)
 
 
+def test_attn_without_heads_is_rejected():
+    with pytest.raises(ValueError, match="attn has no heads"):
+        prune(X, A[:, :0], GRID, 10)
+
+
+def test_a_positional_prior_object_is_used_once_per_device():
+    from d2pruner_kernels import PositionalPrior
+    prior = PositionalPrior(GRID).update(torch.rand(3, 48, generator=torch.Generator().manual_seed(7)) + 0.2)
+    out = prune(X, A, GRID, 10, prior=prior)
+    assert torch.equal(out, prune(X, A, GRID, 10, prior=prior.as_tensor()))
+    assert prior.as_tensor() is prior.as_tensor()  # cached: no copy per call
+    cached = prior.as_tensor()
+    prior.update(torch.rand(48) + 0.2)
+    assert prior.as_tensor() is not cached  # new data, new copy
+    with pytest.raises(ValueError, match=r"prior is calibrated for grid \(6, 8\), got grid_hw \(8, 6\)"):
+        prune(X, A, (8, 6), 10, prior=prior)
+
+
+def test_check_finite_is_refused_under_compile():
+    fn = torch.compile(lambda x, a: prune(x, a, GRID, 10, check_finite=True), backend="eager",
+                       fullgraph=True)
+    with pytest.raises(Exception, match="check_finite=True reads values"):
+        fn(X, A)
+
+
+def test_prior_broadcasts_from_one_row():
+    prior = torch.rand(1, 48) + 0.5
+    assert torch.equal(prune(X, A, GRID, 10, prior=prior), prune(X, A, GRID, 10, prior=prior[0]))
+
+
+def test_reference_does_not_touch_tf32_settings():
+    """The reference never flips torch's TF32 switches (which clash with the new API)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        prune(X, A, GRID, 10, backend="reference")
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = saved
+
+
+def test_dispatch_never_hands_other_devices_to_the_cpu_walk():
+    from d2pruner_kernels import stages
+    meta = torch.device("meta")
+    assert not stages.use_compiled_mis("auto", meta, 48)
+    with pytest.raises(RuntimeError, match="CPU tensors, got meta"):
+        stages.use_compiled_mis("kernels", meta, 48)
+
+
 def test_mixed_devices_are_rejected():
     meta = torch.empty(2, 48, device="meta")
     with pytest.raises(ValueError, match="attn is on meta but tokens is on cpu"):
@@ -170,13 +223,15 @@ def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters):
     monkeypatch.setattr(select, "PREFIX_PER_MEMBER", 1)
     g = torch.Generator().manual_seed(k)
     n, grid = 150, (10, 15)
-    for seed in range(20):
+    for seed in range(50):
         x = torch.cat([clustered_tokens(1, n, 16, clusters=c, generator=g)
                        for c in (clusters, 40, 3)]).to(DEVICE)
         a = distinct_attention(3, 2, n, generator=g).to(DEVICE)
         order = torch.sort(a.mean(1), dim=1, descending=True, stable=True).indices
         if band_margin(x, order, math.floor(rho * k + 1e-6), (1, *grid), 0.8, 0.0) > 1e-5:
             break
+    else:
+        raise AssertionError("no band-free input found")
     got = prune(x, a, grid, k, pivot_ratio=rho, backend="kernels")
     assert torch.equal(got, prune(x, a, grid, k, pivot_ratio=rho, backend="reference"))
 

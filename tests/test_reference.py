@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from d2pruner_kernels import prune, reference
-from inputs import band_margin, clustered_tokens, distinct_attention
+from inputs import band_margin, clustered_tokens, distinct_attention, fused_similarity64
 
 # 3x3 grid, token t at (t // 3, t % 3). Scores rank the tokens 4, 0, 1, 2, 8, 3, 5, 6, 7.
 RANKED = [4, 0, 1, 2, 8, 3, 5, 6, 7]
@@ -120,14 +120,8 @@ def test_zero_and_nan_features():
 # ---- invariants on random clustered inputs ---------------------------------------------
 
 def float64_edges(x, order, n_p, grid, theta, beta, radius):
-    xh = x.double() / torch.linalg.vector_norm(x.double(), dim=-1, keepdim=True).clamp_min(1e-12)
-    t, y, xx = reference.grid_coords(x.shape[0], grid)
-    cand = order[n_p:]
-    cos = xh[cand] @ xh[cand].T
-    near = lambda a, r: (a[cand, None] - a[None, cand]).abs() <= r  # noqa: E731
-    sp = (near(y, radius) & near(xx, radius) & near(t, 1)).double()
-    f = (1 - beta) * cos + beta * sp
-    return (f >= theta) & ~torch.eye(len(cand), dtype=torch.bool)
+    f = fused_similarity64(x[None], order[None], n_p, grid, beta, radius)[0]
+    return (f >= theta) & ~torch.eye(f.shape[0], dtype=torch.bool)
 
 
 def check_selection(out, x, attn, grid, k, rho, theta, beta, radius):

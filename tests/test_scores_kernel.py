@@ -67,6 +67,37 @@ def test_nan_rows_and_values_rank_last():
     assert torch.equal(reference.rank_order(got), reference.rank_order(reference.debiased_scores(attn)))
 
 
+def test_negative_zero_is_written_as_positive_zero():
+    attn = torch.tensor([[0.0, -0.0, 1.0, -0.0]], device=DEVICE)
+    got = d2p.debiased_scores(attn, backend="kernels")
+    assert not torch.signbit(got).any()
+
+
+def test_head_stride_beyond_32_bits():
+    """A query row of a [B, H, L, L] map with (H-1)*L*L > 2^31: offsets must be 64-bit."""
+    h, L, n = 9, 16384, 300
+    try:  # 4.8 GB of address space, a few pages touched
+        full = torch.empty(1, h, L, L, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError) as e:
+        pytest.skip(f"cannot reserve a [1, {h}, {L}, {L}] tensor here: {e}")
+    row = distinct_attention(1, h, n, dtype=torch.float16, generator=torch.Generator().manual_seed(2))
+    full[:, :, L - 1, 5:5 + n] = row.to(DEVICE)
+    kw = {"query_row": L - 1, "key_span": (5, 5 + n)}
+    got = d2p.debiased_scores(full, backend="kernels", **kw)
+    assert_scores_equal(got, reference.debiased_scores(row.to(DEVICE)))
+
+
+def test_prior_shapes_broadcast_or_are_refused():
+    attn = distinct_attention(3, 2, 20, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    prior = torch.rand(1, 20, device=DEVICE) + 0.5
+    got = d2p.debiased_scores(attn, prior, backend="kernels")
+    assert_scores_equal(got, reference.debiased_scores(attn, prior))
+    with pytest.raises(ValueError, match=r"prior must be \[N\], \[1, N\] or \[B, N\]"):
+        d2p.debiased_scores(attn, prior[:, :19], backend="kernels")
+    with pytest.raises(ValueError, match="prior must be"):
+        d2p.debiased_scores(attn, torch.rand(2, 20, device=DEVICE), backend="reference")
+
+
 def test_inputs_are_not_modified():
     attn = distinct_attention(2, 3, 40, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     prior = torch.rand(40, device=DEVICE) + 0.5
