@@ -114,15 +114,11 @@ def check_prune_inputs(tokens, attn, grid_hw, prior, check_finite: bool):
         if prior.device != tokens.device:
             raise ValueError(f"prior is on {prior.device} but tokens is on {tokens.device}")
         # Reading values costs a sync on a GPU: done on CPU always, on a GPU on request.
-        if (prior.device.type == "cpu" or check_finite) and not _compiling():
+        if (prior.device.type == "cpu" or check_finite) and not torch.compiler.is_compiling():
             if not bool((prior > 0).all()):
                 raise ValueError("prior must be positive everywhere (it divides the attention)")
-    if check_finite and not _compiling():
+    if check_finite:  # prune() refuses check_finite under torch.compile
         for name, t in (("tokens", tokens), ("attn", attn), ("prior", prior)):
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} holds NaN or Inf values (check_finite=True)")
     return batched, b, n, d, grid
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()

@@ -8,6 +8,7 @@ lazy graph + MIS of `kernels/select.py`, all on the current stream, output shape
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -63,12 +64,11 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
 
 def _run(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight, radius,
          temporal_radius, eps, backend) -> torch.Tensor:
-    if tokens.is_cuda:  # launch on the tensors' GPU, whatever the current device is
-        with torch.cuda.device(tokens.device):
-            return _stages(tokens, attn, prior, grid, k, n_pivots, sim_threshold,
-                           spatial_weight, radius, temporal_radius, eps, backend)
-    return _stages(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight,
-                   radius, temporal_radius, eps, backend)
+    # Launch on the tensors' GPU, whatever the current device is.
+    on_device = torch.cuda.device(tokens.device) if tokens.is_cuda else contextlib.nullcontext()
+    with on_device:
+        return _stages(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight,
+                       radius, temporal_radius, eps, backend)
 
 
 def _stages(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight, radius,

@@ -17,4 +17,3 @@ def test_compile_fullgraph_traces_through_prune():
 
     compiled = torch.compile(model, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
     torch.testing.assert_close(compiled(x, a), model(x, a), rtol=0, atol=0)
-    assert torch.ops.d2pruner.prune.default is not None

@@ -5,6 +5,8 @@ C++; the C++ side trusts them.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..layout import num_words
@@ -23,6 +25,7 @@ def extension_available() -> bool:
     return _C is not None
 
 
+@functools.cache  # asked on every prune() call: one driver query per process
 def cuda_available() -> bool:
     return _C is not None and _C.with_cuda and _C.cuda_device_count() > 0
 
