@@ -1,9 +1,8 @@
 """prune(): the public entry point. Validates (metadata only), then runs the stages.
 
-On CUDA the whole call is free of host synchronisation: scores, sort, norms, then the
-lazy graph + MIS of `kernels/select.py`, all on the current stream, output shape fixed by
-`k`. It is also a
-`torch.library` custom op (`torch.ops.d2pruner.prune`) with a fake implementation, so
+On CUDA the whole call is free of host synchronisation: scores, then rank + norms, the
+lazy graph and the MIS of `kernels/select.py`, all on the current stream, output shape
+fixed by `k`. It is also a `torch.library` custom op (`torch.ops.d2pruner.prune`) with a fake implementation, so
 `torch.compile(fullgraph=True)` traces through it and CUDA graphs capture it.
 """
 from __future__ import annotations
@@ -77,13 +76,13 @@ def _stages(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weigh
     fused = (stages.use_triton(backend, tokens.device)
              and stages.use_compiled_mis(backend, tokens.device, tokens.shape[1]))
     scores = stages.debiased_scores(attn, prior, eps, backend=backend)
-    order = stages.rank_order(scores)
+    if fused:  # steps 2-7: rank + norms in one launch, then the lazy graph + MIS
+        from .kernels import select  # imports Triton: only when the kernels run
+        return select.select(tokens, scores, n_pivots, k, tuple(grid), sim_threshold,
+                             spatial_weight, radius, temporal_radius)
+    order = stages.rank_order(scores, backend=backend)
     if n_pivots == k:  # no supplements: plain top-k, no graph needed
         return torch.sort(order[:, :k], dim=1).values
-    if fused:
-        from .kernels import select  # imports Triton: only when the kernels run
-        return select.select(tokens, order, n_pivots, k, tuple(grid), sim_threshold,
-                             spatial_weight, radius, temporal_radius)
     adj = stages.similarity_graph(tokens, order, n_pivots, grid, sim_threshold=sim_threshold,
                                   spatial_weight=spatial_weight, radius=radius,
                                   temporal_radius=temporal_radius, backend=backend)

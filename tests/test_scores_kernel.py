@@ -67,6 +67,15 @@ def test_nan_rows_and_values_rank_last():
     assert torch.equal(reference.rank_order(got), reference.rank_order(reference.debiased_scores(attn)))
 
 
+@pytest.mark.parametrize("h", [1, 8, 17, 32])
+def test_head_counts_around_the_unrolled_step(h):
+    """Heads are read 8 at a time: fewer, exactly 8, a ragged tail, several steps."""
+    g = torch.Generator().manual_seed(h)
+    attn = distinct_attention(2, h, 300, dtype=torch.bfloat16, generator=g).to(DEVICE)
+    assert_scores_equal(d2p.debiased_scores(attn, backend="kernels"),
+                        reference.debiased_scores(attn))
+
+
 def test_negative_zero_is_written_as_positive_zero():
     attn = torch.tensor([[0.0, -0.0, 1.0, -0.0]], device=DEVICE)
     got = d2p.debiased_scores(attn, backend="kernels")

@@ -9,7 +9,7 @@ For candidates i, j (rank positions among the non-pivots, token ids t_i = order[
 One program per BLOCK x BLOCK tile of the strict lower triangle: the raw dot products run
 on the tensor cores in the input dtype (bf16/fp16 products are exact in the float32
 accumulator; float32 inputs use true-fp32 "ieee" dots, never tf32), the norms come from one
-float32 pass before, and the epilogue fuses the normalisation, the spatial term, the
+float32 pass before (`rank.py`), and the epilogue fuses the normalisation, the spatial term, the
 threshold and the bit packing. Only the packed bits reach memory (layout: ../layout.py);
 tiles above the diagonal are never launched work, their words stay unwritten.
 """
@@ -22,6 +22,7 @@ import torch
 
 from ..layout import num_words
 from . import interpreting
+from .rank import rank_and_norms
 
 
 @triton.jit
@@ -106,11 +107,12 @@ class GraphRows:
     the norms: the whole graph at once, or a prefix first and the rest later (lazy)."""
 
     def __init__(self, tokens, order, n_pivots, grid, sim_threshold=0.8, spatial_weight=0.0,
-                 radius=2, temporal_radius=1, config=None):
+                 radius=2, temporal_radius=1, config=None, norms=None):
         b, n, d = tokens.shape
         self.x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
         self.order = order if order.stride(-1) == 1 else order.contiguous()
-        self.norms = torch.linalg.vector_norm(self.x, dim=-1, dtype=torch.float32)  # one pass
+        # float32 |x_n|, from the rank launch when prune() made it, else one pass here
+        self.norms = norms if norms is not None else rank_and_norms(None, self.x)[1]
         self.cfg = dict(config or default_config(self.x.dtype, d))
         self.block = self.cfg.pop("BLOCK")
         self.block_k = self.cfg.pop("BLOCK_K")

@@ -1,5 +1,5 @@
-"""SPEC steps 4-7 on the kernels backend, lazily: graph rows the walk never reaches are
-never computed.
+"""SPEC steps 2-7 on the kernels backend: the rank order and the feature norms in one
+launch (`rank.py`), then the graph, lazily: rows the walk never reaches are never computed.
 
 The greedy walk stopped at m members reads only the rows of the candidates up to its m-th
 member, and with a small budget that is a short prefix of the rank order. So:
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from . import mis
+from ..reference import rank_order
+from . import mis, rank
 from .graph import GraphRows
 
 PREFIX_MIN = 1024
@@ -29,11 +30,18 @@ def prefix_rows(c: int, m: int, block: int) -> int:
     return min(c, -(-p // block) * block)
 
 
-def select(tokens, order, n_pivots, k, grid, sim_threshold, spatial_weight, radius,
+def select(tokens, scores, n_pivots, k, grid, sim_threshold, spatial_weight, radius,
            temporal_radius) -> torch.Tensor:
-    """Kept token ids int64 [B, k], ascending, from the features and the rank order."""
+    """Kept token ids int64 [B, k], ascending, from the features and the debiased scores."""
+    need_graph = n_pivots < k
+    if scores.shape[1] <= rank.MAX_N:
+        order, norms = rank.rank_and_norms(scores, tokens if need_graph else None)
+    else:
+        order, norms = rank_order(scores), None  # torch.sort
+    if not need_graph:  # no supplements: plain top-k
+        return torch.sort(order[:, :k], dim=1).values
     g = GraphRows(tokens, order, n_pivots, grid, sim_threshold, spatial_weight, radius,
-                  temporal_radius)
+                  temporal_radius, norms=norms)
     method = "auto" if tokens.is_cuda else "rounds"  # CPU (interpreter): the kernel's twin
     p = prefix_rows(g.c, k - n_pivots, g.block)
     g.rows(0, p)

@@ -1,0 +1,102 @@
+"""Triton kernel of SPEC step 2 (the rank order), with the feature norms of step 4 in the
+same launch.
+
+Rank by counting, exact and deterministic, no sort network:
+
+    rank[i] = #{j : key[j] > key[i]} + #{j < i : key[j] == key[i]}
+    order[rank[i]] = i
+
+`key` orders floats as torch.sort does: the IEEE bits made monotone as int32, -0.0 taken
+as +0.0 and every NaN above +inf, so `order` equals
+`torch.sort(scores, descending=True, stable=True).indices` bit for bit. The count is
+O(N^2) compares spread over (N / BLOCK_I) x B programs: ~10^5 at LLaVA size, one
+launch, where torch's sort spends several; above MAX_N torch.sort takes over.
+
+The norms |x_n| (float32, used by the graph kernel) ride along as extra programs of the
+same grid (a horizontal fusion: one launch less, no dependency between the two jobs).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+import torch
+
+MAX_N = 16384  # beyond this the O(N^2) count loses to a sort
+BLOCK_I = 64
+BLOCK_J = 128
+NORM_ROWS = 2
+
+
+@triton.jit
+def _sort_key(s):
+    """float32 -> int32 with the order of torch.sort: -0.0 == +0.0 < ... and NaN on top."""
+    s = s + 0.0  # -0.0 -> +0.0
+    bits = s.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
+    return tl.where(s != s, 0x7FFFFFFF, key)
+
+
+@triton.jit
+def _rank_norms_kernel(s_ptr, order_ptr, x_ptr, norm_ptr, N, D, rank_programs,
+                       stride_sb, stride_ob, stride_xb, stride_xn, stride_nb,
+                       BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                       NORM_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < rank_programs:
+        i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+        i_ok = i < N
+        ki = _sort_key(tl.load(s_ptr + b * stride_sb + i, mask=i_ok, other=0.0))
+        count = tl.zeros([BLOCK_I], dtype=tl.int32)
+        for j0 in range(0, N, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            j_ok = j < N
+            kj = _sort_key(tl.load(s_ptr + b * stride_sb + j, mask=j_ok, other=0.0))
+            ahead = (kj[None, :] > ki[:, None]) | ((kj[None, :] == ki[:, None]) & (j[None, :] < i[:, None]))
+            count += tl.sum((ahead & j_ok[None, :]).to(tl.int32), axis=1)
+        tl.store(order_ptr + b * stride_ob + count, i.to(tl.int64), mask=i_ok)
+    else:  # norms of NORM_ROWS feature rows, float32 sum of squares in D order of chunks
+        n = (pid - rank_programs) * NORM_ROWS + tl.arange(0, NORM_ROWS)
+        n_ok = n < N
+        offs_d = tl.arange(0, BLOCK_D)
+        rows = x_ptr + b * stride_xb + n.to(tl.int64)[:, None] * stride_xn
+        acc = tl.zeros([NORM_ROWS, BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d_ok = (d0 + offs_d) < D
+            v = tl.load(rows + d0 + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            v = v.to(tl.float32)
+            acc += v * v
+        tl.store(norm_ptr + b * stride_nb + n, tl.sqrt_rn(tl.sum(acc, axis=1)), mask=n_ok)
+
+
+def rank_and_norms(scores: torch.Tensor | None, tokens: torch.Tensor | None):
+    """scores float32 [B, N] -> order int64 [B, N] (best first, ties to the smaller index);
+    tokens [B, N, D] -> float32 norms [B, N]. Either may be None; one launch for both."""
+    ref = scores if scores is not None else tokens
+    b, n = ref.shape[0], ref.shape[1]
+    dev = ref.device
+    order = norms = None
+    rank_programs = norm_programs = 0
+    s = x = order_arg = norm_arg = torch.empty(1, device=dev)  # placeholders, never read
+    if scores is not None:
+        if n > MAX_N:
+            raise ValueError(f"rank kernel supports N <= {MAX_N}, got {n}")
+        s = scores if scores.stride(-1) == 1 else scores.contiguous()
+        order = order_arg = torch.empty(b, n, dtype=torch.int64, device=dev)
+        rank_programs = triton.cdiv(n, BLOCK_I)
+    if tokens is not None:
+        x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
+        norms = norm_arg = torch.empty(b, n, dtype=torch.float32, device=dev)
+        norm_programs = triton.cdiv(n, NORM_ROWS)
+    if rank_programs + norm_programs == 0:
+        return order, norms
+    d = x.shape[-1] if tokens is not None else 1
+    xs = x.stride() if tokens is not None else (0, 0, 1)
+    _rank_norms_kernel[(rank_programs + norm_programs, b)](
+        s, order_arg, x, norm_arg, n, d, rank_programs,
+        s.stride(0) if scores is not None else 0, order_arg.stride(0) if order is not None else 0,
+        xs[0], xs[1], norm_arg.stride(0) if norms is not None else 0,
+        BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, NORM_ROWS=NORM_ROWS,
+        BLOCK_D=min(2048, triton.next_power_of_2(d)), num_warps=4)
+    return order, norms

@@ -1,0 +1,66 @@
+"""Triton rank kernel == torch.sort(descending, stable) exactly; its norms == vector_norm."""
+import pytest
+import torch
+
+import d2pruner_kernels as d2p
+from d2pruner_kernels import reference
+from conftest import DEVICE
+
+SORT = dict(dim=-1, descending=True, stable=True)
+
+
+def rank_module():
+    from d2pruner_kernels.kernels import rank  # Triton: imported after conftest's setup
+    return rank
+
+
+def scores_with_ties(b, n, g):
+    """Few distinct values (many ties), NaN, +-inf and -0.0 sprinkled in."""
+    s = torch.randint(-4, 5, (b, n), generator=g).float() / 4
+    specials = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 0.0])
+    pick = torch.rand(b, n, generator=g) < 0.2
+    s[pick] = specials[torch.randint(0, 5, (int(pick.sum()),), generator=g)]
+    return s
+
+
+@pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 577, 1500])
+@pytest.mark.parametrize("kind", ["ties", "distinct"])
+def test_rank_equals_stable_sort(n, kind):
+    g = torch.Generator().manual_seed(n)
+    s = scores_with_ties(3, n, g) if kind == "ties" else torch.randn(3, n, generator=g)
+    s = s.to(DEVICE)
+    order, norms = rank_module().rank_and_norms(s, None)
+    assert norms is None and order.dtype == torch.int64
+    assert torch.equal(order, torch.sort(s, **SORT).indices)
+
+
+def test_rank_order_stage_backends_agree_and_big_n_falls_back(monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    s = scores_with_ties(2, 300, g).to(DEVICE)
+    want = reference.rank_order(s)
+    assert torch.equal(d2p.rank_order(s, backend="kernels"), want)
+    monkeypatch.setattr(rank_module(), "MAX_N", 100)  # past the limit: torch.sort
+    assert torch.equal(d2p.rank_order(s, backend="kernels"), want)
+    with pytest.raises(ValueError, match="rank kernel supports N <= 100"):
+        rank_module().rank_and_norms(s, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,d", [(1, 1), (5, 37), (130, 2049), (577, 64)])
+def test_norms_match_vector_norm(dtype, n, d):
+    g = torch.Generator().manual_seed(n + d)
+    x = (3 * torch.randn(2, n, d, generator=g)).to(dtype).to(DEVICE)
+    x[0, 0] = 0  # a zero row has norm 0 (the graph clamps it later)
+    s = torch.randn(2, n, generator=g).to(DEVICE)
+    order, norms = rank_module().rank_and_norms(s, x)  # both jobs in one launch
+    want = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+    torch.testing.assert_close(norms, want, rtol=2e-6, atol=0)
+    assert norms[0, 0] == 0
+    assert torch.equal(order, torch.sort(s, **SORT).indices)
+
+
+def test_norms_of_strided_tokens():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 2, 33, generator=g).to(DEVICE)[:, :, 1]  # row stride 66
+    _, norms = rank_module().rank_and_norms(None, x)
+    torch.testing.assert_close(norms, torch.linalg.vector_norm(x, dim=-1), rtol=2e-6, atol=0)
