@@ -1,6 +1,7 @@
 """Per-stage GPU timings at the shapes the kernel issues name (bf16, D = 4096):
-scores, graph, MIS (with Luby round counts) and prune() end to end, each next to the
-reference on the same device. Medians from triton.testing: `eager` = back-to-back calls
+scores, rank (+ norms), graph, MIS (with Luby round counts) and prune() end to end, each
+next to the reference on the same device, then graph-kernel configurations (split-K,
+stages, tiles) side by side. Medians from triton.testing: `eager` = back-to-back calls
 timed with CUDA events (do_bench), `graph` = replays of a captured CUDA graph
 (do_bench_cudagraph), i.e. GPU time without host launch overhead.
 
@@ -19,6 +20,7 @@ from d2pruner_kernels import reference
 from d2pruner_kernels.checks import pivot_count
 from d2pruner_kernels.kernels import graph as graph_kernel
 from d2pruner_kernels.kernels import mis as mis_kernel
+from d2pruner_kernels.kernels import rank as rank_kernel
 
 from .harness import device_name
 
@@ -74,7 +76,14 @@ def main(argv=None):
         shape = f"B=1 N={n} D=4096 H=32"
         add("scores", shape, lambda: d2p.debiased_scores(attn, prior, backend="kernels"),
             lambda: reference.debiased_scores(attn, prior))
-        order = d2p.rank_order(d2p.debiased_scores(attn, prior))
+        s = d2p.debiased_scores(attn, prior)
+        add("rank", shape, lambda: d2p.rank_order(s, backend="kernels"),
+            lambda: reference.rank_order(s), note="vs torch.sort(stable)")
+        add("rank + norms", shape, lambda: rank_kernel.rank_and_norms(s, x),
+            lambda: (reference.rank_order(s),
+                     torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)),
+            note="one launch vs sort + vector_norm")
+        order = d2p.rank_order(s)
         for frac in (0.10, 0.25):
             k = max(1, math.floor(frac * n + 0.5))
             n_p = pivot_count(0.7, k)
@@ -106,15 +115,19 @@ def main(argv=None):
         lines.append(row(["prune (e2e)", f"B=64 N=576 D=4096 k={k}", f"{us(f):.1f}",
                           f"{us(f, graph=True):.1f}", "", "", ""]))
         print(lines[-1], flush=True)
-    # graph tile configurations at N=2880 (the heaviest stage)
-    x, attn, prior = inputs(1, 2880, 4096)
-    order = d2p.rank_order(d2p.debiased_scores(attn, prior))
-    for cfg in (dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3),
-                dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3)):
-        f = lambda: graph_kernel.similarity_graph(x, order, 224, (1, 48, 60), config=cfg)  # noqa: E731
-        lines.append(row(["graph config", str(cfg), f"{us(f):.1f}", f"{us(f, graph=True):.1f}",
-                          "", "", "B=1 N=2880 k=320"]))
-        print(lines[-1], flush=True)
+    # graph configurations: split-K at N=576 (45 tiles), tiles at N=2880 (the heaviest stage)
+    base = dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    for n, grid, n_p, cfgs in (
+            (576, (24, 24), 44, [dict(base, SPLITS=s) for s in (1, 2, 4, 8)]
+             + [dict(base, SPLITS=4, num_stages=4), dict(base, BLOCK_K=128, SPLITS=4)]),
+            (2880, (48, 60), 224, [base, dict(base, BLOCK=128, num_warps=8)])):
+        x, attn, prior = inputs(1, n, 4096)
+        order = d2p.rank_order(d2p.debiased_scores(attn, prior))
+        for cfg in cfgs:
+            f = lambda: graph_kernel.similarity_graph(x, order, n_p, (1, *grid), config=cfg)  # noqa: E731
+            lines.append(row(["graph config", str(cfg), f"{us(f):.1f}",
+                              f"{us(f, graph=True):.1f}", "", "", f"B=1 N={n} n_p={n_p}"]))
+            print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.out:
         with open(args.out, "w") as fh:

@@ -49,11 +49,39 @@ def test_lazy_prune_equals_the_full_graph_selection(n, grid, k):
     assert torch.equal(got, reference.greedy_mis(adj, order, n_p, k))
 
 
-def test_identical_over_100_runs():
-    x, a = llava_like(8, 576, 1024, seed=1)
+@pytest.mark.parametrize("b,d", [(8, 1024), (1, 4096)])  # one graph launch / split-K
+def test_identical_over_100_runs(b, d):
+    x, a = llava_like(b, 576, d, seed=1)
     first = prune(x, a, (24, 24), 64)
     for _ in range(100):
         assert torch.equal(prune(x, a, (24, 24), 64), first)
+
+
+def test_split_k_graph_at_llava_size():
+    """B = 1, N = 576, D = 4096: 45 tiles cannot fill the GPU, so K is split; the edges
+    must still be the reference's (outside the band) and the same as an unsplit launch."""
+    from d2pruner_kernels.kernels import graph
+    x, a = llava_like(1, 576, 4096, seed=3)
+    order = d2p.rank_order(d2p.debiased_scores(a))
+    rows = graph.GraphRows(x, order, 44, (1, 24, 24))
+    assert rows.splits > 1
+    rows.rows(0, rows.c)
+    one = graph.similarity_graph(x, order, 44, (1, 24, 24),
+                                 config=dict(graph.default_config(x.dtype, 4096), SPLITS=1))
+    want = d2p.similarity_graph(x, order, 44, (24, 24), backend="reference")
+    band = in_band(x, order, 44, (1, 24, 24), 0.8, 0.0)
+    for got in (rows.adj, one):
+        differ = layout.unpack_lower(got, rows.c) != layout.unpack_lower(want, rows.c)
+        assert not (differ & ~band).any()
+
+
+@pytest.mark.parametrize("n", [576, 8192, 16384])
+def test_rank_kernel_equals_stable_sort_at_size(n):
+    g = torch.Generator().manual_seed(n)
+    s = (torch.randint(0, 50, (4, n), generator=g).float() / 7).cuda()  # many ties
+    s[0, ::97] = float("nan")
+    want = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    assert torch.equal(d2p.rank_order(s, backend="kernels"), want)
 
 
 def test_no_host_sync_inside_prune():

@@ -10,10 +10,16 @@ from inputs import clustered_tokens, in_band
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def compare(tokens, order, n_p, grid, theta=0.8, beta=0.0, radius=2, temporal_radius=1):
+def compare(tokens, order, n_p, grid, theta=0.8, beta=0.0, radius=2, temporal_radius=1,
+            config=None):
     kw = dict(sim_threshold=theta, spatial_weight=beta, radius=radius,
               temporal_radius=temporal_radius)
-    got = d2p.similarity_graph(tokens, order, n_p, grid, backend="kernels", **kw)
+    if config is None:
+        got = d2p.similarity_graph(tokens, order, n_p, grid, backend="kernels", **kw)
+    else:
+        from d2pruner_kernels.kernels import graph
+        grid3 = tuple(grid) if len(grid) == 3 else (1, *grid)
+        got = graph.similarity_graph(tokens, order, n_p, grid3, config=config, **kw)
     want = d2p.similarity_graph(tokens, order, n_p, grid, backend="reference", **kw)
     c = order.shape[1] - n_p
     assert got.shape == want.shape == (tokens.shape[0], c, layout.num_words(c))
@@ -51,6 +57,28 @@ def test_spatial_term(beta, radius, grid, temporal_radius):
     x, order = inputs(2, 90, 24, torch.float32, seed=radius + 7)
     compare(x, order, 10, grid, theta=0.8, beta=beta, radius=radius,
             temporal_radius=temporal_radius)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits,n,d", [(2, 130, 96), (3, 77, 17), (4, 200, 300)])
+def test_split_k_matches_reference(dtype, splits, n, d):
+    """K sliced over programs, partials summed by a second launch: still the same edges.
+    (3, d=17) leaves two slices empty; d=300 ends on a ragged slice."""
+    from d2pruner_kernels.kernels import graph
+    x, order = inputs(2, n, d, dtype, seed=splits * n)
+    cfg = dict(graph.default_config(dtype, d), BLOCK_K=32, SPLITS=splits)
+    compare(x, order, n // 7, (1, n), beta=0.3, radius=1, config=cfg)
+
+
+def test_split_count_fills_the_gpu_and_keeps_slices_long(monkeypatch):
+    from d2pruner_kernels.kernels import graph
+    monkeypatch.setattr(graph, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    assert graph.split_count(45, 64, cuda) == 4     # LLaVA-1.5: 45 tiles, D = 4096
+    assert graph.split_count(903, 64, cuda) == 1    # enough tiles already
+    assert graph.split_count(45, 16, cuda) == 2     # each slice keeps >= 8 K steps
+    assert graph.split_count(1, 4096, cuda) == 8    # at most 8
+    assert graph.split_count(1, 4096, torch.device("cpu")) == 1
 
 
 def test_batch_items_have_their_own_graphs():

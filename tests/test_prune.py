@@ -213,12 +213,14 @@ def test_stage_backends_reject_what_they_cannot_run():
 
 # ---- the lazy graph of the kernels backend ----------------------------------------------
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("k,rho,clusters", [(12, 0.5, 40), (40, 0.0, 4), (70, 0.3, 3)])
-def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters):
+def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, splits):
     """With a 64-row prefix, images settle inside it (many clusters, small m) or need the
     rest of the graph (few clusters: the MIS is small and the walk runs out); mixed in one
-    batch, both must equal the reference."""
-    from d2pruner_kernels.kernels import select
+    batch, both must equal the reference, with or without split-K graph launches."""
+    from d2pruner_kernels.kernels import graph, select
+    monkeypatch.setattr(graph, "split_count", lambda *args: splits)
     monkeypatch.setattr(select, "PREFIX_MIN", 64)
     monkeypatch.setattr(select, "PREFIX_PER_MEMBER", 1)
     g = torch.Generator().manual_seed(k)

@@ -2,10 +2,23 @@
 
 The Triton modules are imported only when a Triton stage runs, so the package works
 without Triton or without the compiled extension (the reference then runs instead)."""
+import functools
 import os
+
+import torch
 
 
 def interpreting() -> bool:
     """Triton kernels run on CPU tensors under the interpreter (TRITON_INTERPRET=1, which
     must be set before the kernel modules are imported)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: no query per call)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

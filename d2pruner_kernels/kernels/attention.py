@@ -24,14 +24,12 @@ not powers of two (80, 96) are padded to the next one with masked loads.
 """
 from __future__ import annotations
 
-import functools
-
 import triton
 import triton.language as tl
 
 import torch
 
-from . import interpreting
+from . import interpreting, sm_count
 
 LOG2E = 1.4426950408889634
 
@@ -165,11 +163,6 @@ def _span_probs_kernel(
     tl.store(out, total * inv_rows, mask=col_ok)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def default_config(dtype: torch.dtype, d: int, rows: int, device: torch.device) -> dict:
     """Block sizes; `programs` / `span_programs`: the number of pass-1 / pass-2 programs
     to aim for (pass 2 splits the key heads over programs until it has that many)."""
@@ -178,7 +171,7 @@ def default_config(dtype: torch.dtype, d: int, rows: int, device: torch.device) 
         return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_N_SPAN=128, programs=1,
                     span_programs=1, num_warps=4, num_stages=1)
     block_n = 64 if dtype == torch.float32 or d > 64 else 128
-    sms = _sm_count(device.index or 0)
+    sms = sm_count(device)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_N_SPAN=64, programs=4 * sms,
                 span_programs=2 * sms, num_warps=4, num_stages=3)
 

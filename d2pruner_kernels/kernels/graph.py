@@ -21,7 +21,7 @@ import triton.language as tl
 import torch
 
 from ..layout import num_words
-from . import interpreting
+from . import interpreting, sm_count
 from .rank import rank_and_norms
 
 
@@ -32,14 +32,25 @@ def _bit_or(a, b):
 
 @triton.jit
 def _similarity_graph_kernel(
-        x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr,
-        C, row_end, D, n_pivots, row_block_start,
-        stride_xb, stride_xn, stride_nb, stride_ob, n_words, grid_h, grid_w, radius, temporal_radius, cos_weight, spatial_weight, threshold,
+        x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, ws_ptr,
+        C, row_end, D, n_pivots, row_block_start, k_chunk, n_tiles,
+        stride_xb, stride_xn, stride_nb, stride_ob, n_words, grid_h, grid_w, radius,
+        temporal_radius, cos_weight, spatial_weight, threshold,
         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-        UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_SKIP: tl.constexpr):
+        UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_SKIP: tl.constexpr,
+        SPLITS: tl.constexpr, PHASE: tl.constexpr):
+    # PHASE 0: whole dot + epilogue. Split-K (SPLITS > 1) for small graphs, where the
+    # tiles alone cannot fill the GPU: PHASE 1 programs each reduce one K slice into a
+    # float32 workspace tile, PHASE 2 sums the slices in slice order (deterministic) and
+    # runs the epilogue.
     col_block = tl.program_id(0)
     row_block = row_block_start + tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    if PHASE == 1:  # grid axis 2: image x slice
+        b = (tl.program_id(2) // SPLITS).to(tl.int64)
+        split = tl.program_id(2) % SPLITS
+    else:
+        b = tl.program_id(2).to(tl.int64)
+        split = 0
     if col_block > row_block:  # only j < i is stored
         return
     if HAS_SKIP:  # lazy graphs: this image's selection is already settled
@@ -52,26 +63,40 @@ def _similarity_graph_kernel(
     # Token ids of the candidates in rank order; their feature rows are gathered.
     ti = tl.load(order_ptr + b * stride_ob + n_pivots + rows, mask=row_ok, other=0)
     tj = tl.load(order_ptr + b * stride_ob + n_pivots + cols, mask=col_ok, other=0)
-    offs_k = tl.arange(0, BLOCK_K)
-    xi = x_ptr + b * stride_xb + ti[:, None] * stride_xn + offs_k[None, :]
-    xj = x_ptr + b * stride_xb + tj[:, None] * stride_xn + offs_k[None, :]
+    # This tile's float32 partials in the workspace: [B, SPLITS, n_tiles, BLOCK, BLOCK].
+    tile = row_block * (row_block + 1) // 2 + col_block
+    ws_tile = (ws_ptr + (b * SPLITS * n_tiles + tile) * (BLOCK * BLOCK)
+               + tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :])
 
-    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(xi + k0, mask=row_ok[:, None], other=0.0)
-            c = tl.load(xj + k0, mask=col_ok[:, None], other=0.0)
-        else:
-            k_ok = (k0 + offs_k) < D
-            a = tl.load(xi + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            c = tl.load(xj + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong (triton#11584): go through fp32
-            a = a.to(tl.float32)
-            c = c.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, tl.trans(c), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(c), acc)
+    if PHASE == 2:
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for s in range(SPLITS):
+            acc += tl.load(ws_tile + s * n_tiles * (BLOCK * BLOCK))
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        xi = x_ptr + b * stride_xb + ti[:, None] * stride_xn + offs_k[None, :]
+        xj = x_ptr + b * stride_xb + tj[:, None] * stride_xn + offs_k[None, :]
+        k_lo = split * k_chunk  # k_chunk: a multiple of BLOCK_K (all of D when PHASE 0)
+        k_hi = tl.minimum(D, k_lo + k_chunk)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(xi + k0, mask=row_ok[:, None], other=0.0)
+                c = tl.load(xj + k0, mask=col_ok[:, None], other=0.0)
+            else:
+                k_ok = (k0 + offs_k) < k_hi
+                a = tl.load(xi + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                c = tl.load(xj + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:  # the interpreter's bf16 dot is wrong (triton#11584): go through fp32
+                a = a.to(tl.float32)
+                c = c.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, tl.trans(c), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(c), acc)
+        if PHASE == 1:
+            tl.store(ws_tile + split * n_tiles * (BLOCK * BLOCK), acc)
+            return
 
     # Epilogue: cosine, spatial term, threshold, then 32 columns -> one int32 word.
     ni = tl.maximum(tl.load(norm_ptr + b * stride_nb + ti, mask=row_ok, other=1.0), 1e-12)
@@ -92,6 +117,19 @@ def _similarity_graph_kernel(
     word_idx = col_block * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
     out = adj_ptr + (b * C + rows[:, None]) * n_words + word_idx[None, :]
     tl.store(out, words, mask=row_ok[:, None] & (word_idx[None, :] < n_words))
+
+
+def split_count(programs: int, k_steps: int, device: torch.device) -> int:
+    """K slices per tile (split-K): double while the tiles leave SMs idle and each slice
+    keeps >= 8 K steps; at most 8. Depends only on the shape and the GPU, so every launch
+    over a graph (prefix or rest) sums its dot products the same way."""
+    if device.type != "cuda":
+        return 1
+    sms = sm_count(device)
+    s = 1
+    while s < 8 and programs * s < sms and k_steps // (2 * s) >= 8:
+        s *= 2
+    return s
 
 
 def default_config(dtype: torch.dtype, d: int) -> dict:
@@ -123,6 +161,16 @@ class GraphRows:
                      spatial_weight, sim_threshold)
         self.flags = dict(BLOCK=self.block, BLOCK_K=self.block_k, EVEN_K=d % self.block_k == 0,
                           UPCAST=upcast, IEEE=upcast or self.x.dtype == torch.float32)
+        # split-K: fixed per graph (from the full triangle), with its float32 workspace
+        row_blocks = triton.cdiv(self.c, self.block)
+        self.n_tiles = row_blocks * (row_blocks + 1) // 2
+        k_steps = triton.cdiv(d, self.block_k)
+        self.splits = self.cfg.pop("SPLITS", None) or split_count(b * self.n_tiles, k_steps,
+                                                                  tokens.device)
+        self.k_chunk = triton.cdiv(k_steps, self.splits) * self.block_k
+        self.ws = self.adj if self.splits == 1 else torch.empty(
+            b * self.splits * self.n_tiles * self.block ** 2, dtype=torch.float32,
+            device=tokens.device)
 
     def rows(self, start: int, end: int, skip: torch.Tensor | None = None) -> None:
         """Computes rows [start, end) of adj (start a multiple of BLOCK); images with
@@ -132,13 +180,19 @@ class GraphRows:
         if row_blocks <= 0:
             return
         n_pivots, grid, radius, temporal_radius, w_cos, w_sp, theta = self.args
-        x, adj = self.x, self.adj
-        _similarity_graph_kernel[(triton.cdiv(end, self.block), row_blocks, x.shape[0])](
-            x, self.norms, self.order, adj, adj if skip is None else skip,
-            self.c, min(end, self.c), x.shape[2], n_pivots, start // self.block,
-            x.stride(0), x.stride(1), self.norms.stride(0), self.order.stride(0),
-            adj.shape[2], grid[1], grid[2], radius, temporal_radius, w_cos, w_sp, theta,
-            HAS_SKIP=skip is not None, **self.flags, **self.cfg)
+        x, adj, b = self.x, self.adj, self.x.shape[0]
+        args = (x, self.norms, self.order, adj, adj if skip is None else skip, self.ws,
+                self.c, min(end, self.c), x.shape[2], n_pivots, start // self.block,
+                self.k_chunk, self.n_tiles,
+                x.stride(0), x.stride(1), self.norms.stride(0), self.order.stride(0),
+                adj.shape[2], grid[1], grid[2], radius, temporal_radius, w_cos, w_sp, theta)
+        flags = dict(HAS_SKIP=skip is not None, SPLITS=self.splits, **self.flags, **self.cfg)
+        col_blocks = triton.cdiv(end, self.block)
+        if self.splits == 1:
+            _similarity_graph_kernel[(col_blocks, row_blocks, b)](*args, PHASE=0, **flags)
+        else:
+            _similarity_graph_kernel[(col_blocks, row_blocks, b * self.splits)](*args, PHASE=1, **flags)
+            _similarity_graph_kernel[(col_blocks, row_blocks, b)](*args, PHASE=2, **flags)
 
 
 def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
