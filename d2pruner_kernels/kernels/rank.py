@@ -22,6 +22,8 @@ import triton.language as tl
 
 import torch
 
+from . import interpreting
+
 MAX_N = 16384  # beyond this the O(N^2) count loses to a sort
 BLOCK_I = 64
 BLOCK_J = 128
@@ -73,6 +75,8 @@ def _rank_norms_kernel(s_ptr, order_ptr, x_ptr, norm_ptr, N, D, rank_programs,
 def rank_and_norms(scores: torch.Tensor | None, tokens: torch.Tensor | None):
     """scores float32 [B, N] -> order int64 [B, N] (best first, ties to the smaller index);
     tokens [B, N, D] -> float32 norms [B, N]. Either may be None; one launch for both."""
+    # the interpreter pays per program: few, large ones there
+    block_i, norm_rows = (256, 64) if interpreting() else (BLOCK_I, NORM_ROWS)
     ref = scores if scores is not None else tokens
     b, n = ref.shape[0], ref.shape[1]
     dev = ref.device
@@ -84,11 +88,11 @@ def rank_and_norms(scores: torch.Tensor | None, tokens: torch.Tensor | None):
             raise ValueError(f"rank kernel supports N <= {MAX_N}, got {n}")
         s = scores if scores.stride(-1) == 1 else scores.contiguous()
         order = order_arg = torch.empty(b, n, dtype=torch.int64, device=dev)
-        rank_programs = triton.cdiv(n, BLOCK_I)
+        rank_programs = triton.cdiv(n, block_i)
     if tokens is not None:
         x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
         norms = norm_arg = torch.empty(b, n, dtype=torch.float32, device=dev)
-        norm_programs = triton.cdiv(n, NORM_ROWS)
+        norm_programs = triton.cdiv(n, norm_rows)
     if rank_programs + norm_programs == 0:
         return order, norms
     d = x.shape[-1] if tokens is not None else 1
@@ -97,6 +101,6 @@ def rank_and_norms(scores: torch.Tensor | None, tokens: torch.Tensor | None):
         s, order_arg, x, norm_arg, n, d, rank_programs,
         s.stride(0) if scores is not None else 0, order_arg.stride(0) if order is not None else 0,
         xs[0], xs[1], norm_arg.stride(0) if norms is not None else 0,
-        BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, NORM_ROWS=NORM_ROWS,
+        BLOCK_I=block_i, BLOCK_J=BLOCK_J, NORM_ROWS=norm_rows,
         BLOCK_D=min(2048, triton.next_power_of_2(d)), num_warps=4)
     return order, norms
