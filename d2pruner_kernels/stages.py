@@ -97,10 +97,11 @@ def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None, eps: 
 
 def rank_order(scores: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """SPEC step 2: token ids by descending score, ties to the smaller index (NaN first, as
-    torch.sort). int64 [B, N]. The Triton rank kernel runs up to N = 16384, torch.sort above."""
+    torch.sort). int64 [B, N]. The Triton rank kernel takes float32 [B, N] with N <= 16384;
+    other dtypes, shapes and sizes go to torch.sort (same order)."""
     if use_triton(backend, scores.device):
         rank = _triton_module("rank")
-        if scores.shape[-1] <= rank.MAX_N:
+        if scores.dtype == torch.float32 and scores.dim() == 2 and scores.shape[-1] <= rank.MAX_N:
             return rank.rank_and_norms(scores, None)[0]
     return reference.rank_order(scores)
 

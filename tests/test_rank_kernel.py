@@ -45,6 +45,16 @@ def test_rank_order_stage_backends_agree_and_big_n_falls_back(monkeypatch):
         rank_module().rank_and_norms(s, None)
 
 
+def test_rank_order_of_other_dtypes_and_shapes_is_torch_sort():
+    """float64 scores closer than a float32 ulp, bf16 scores, one unbatched row: never
+    squeezed through the float32 kernel."""
+    base = torch.tensor([1.0, 1.0 + 1e-12, 0.5, 1.0 + 2e-12], dtype=torch.float64)
+    for s in (base[None], base[None].bfloat16(), base.float()):
+        s = s.to(DEVICE)
+        assert torch.equal(d2p.rank_order(s, backend="kernels"), torch.sort(s, **SORT).indices)
+    assert d2p.rank_order(base[None].to(DEVICE), backend="kernels")[0].tolist() == [3, 1, 0, 2]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,d", [(1, 1), (5, 37), (130, 2049), (577, 64)])
 def test_norms_match_vector_norm(dtype, n, d):
