@@ -17,7 +17,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/build.log" 
 python3 -c "from d2pruner_kernels.kernels import mis; print('CUDA MIS available:', mis.cuda_available())"
 
 step tests
-TESTS="tests/test_cuda.py tests/test_mis.py tests/test_prune.py tests/test_compile.py tests/test_scores_kernel.py tests/test_graph_kernel.py"
+TESTS="tests/test_cuda.py tests/test_mis.py tests/test_prune.py tests/test_compile.py tests/test_scores_kernel.py tests/test_rank_kernel.py tests/test_graph_kernel.py"
 [ "${FULL:-0}" = 1 ] && TESTS=tests
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 16")  # parallel Triton compiles
 timeout "${TEST_TIMEOUT:-80}" python3 -m pytest $TESTS -q -p no:cacheprovider $XDIST -rs \
@@ -26,7 +26,7 @@ echo "tests rc=$?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 
 step stages
-timeout "${STAGES_TIMEOUT:-75}" python3 -m benchmarks.stages --out "$OUT/stages.md" >"$OUT/stages.log" 2>&1
+timeout "${STAGES_TIMEOUT:-120}" python3 -m benchmarks.stages --out "$OUT/stages.md" >"$OUT/stages.log" 2>&1
 echo "stages rc=$?"; tail -4 "$OUT/stages.log"
 
 step compute-sanitizer
