@@ -1,6 +1,7 @@
 """Triton rank kernel == torch.sort(descending, stable) exactly; its norms == vector_norm."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import d2pruner_kernels as d2p
 from d2pruner_kernels import reference
@@ -32,6 +33,15 @@ def test_rank_equals_stable_sort(n, kind):
     order, norms = rank_module().rank_and_norms(s, None)
     assert norms is None and order.dtype == torch.int64
     assert torch.equal(order, torch.sort(s, **SORT).indices)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1,
+                max_size=300))
+def test_rank_equals_stable_sort_on_any_floats(values):
+    """Subnormals, signed zeros, infinities, NaN, duplicates: whatever float32 holds."""
+    s = torch.tensor(values, dtype=torch.float32)[None].to(DEVICE)
+    assert torch.equal(rank_module().rank_and_norms(s, None)[0], torch.sort(s, **SORT).indices)
 
 
 def test_rank_order_stage_backends_agree_and_big_n_falls_back(monkeypatch):
