@@ -7,7 +7,6 @@ fixed by `k`. It is also a `torch.library` custom op (`torch.ops.d2pruner.prune`
 """
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional
 
 import torch
@@ -63,9 +62,7 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
 
 def _run(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight, radius,
          temporal_radius, eps, backend) -> torch.Tensor:
-    # Launch on the tensors' GPU, whatever the current device is.
-    on_device = torch.cuda.device(tokens.device) if tokens.is_cuda else contextlib.nullcontext()
-    with on_device:
+    with stages.on_device(tokens.device):  # the tensors' GPU, whatever the current one is
         return _stages(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight,
                        radius, temporal_radius, eps, backend)
 

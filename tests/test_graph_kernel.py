@@ -70,6 +70,18 @@ def test_split_k_matches_reference(dtype, splits, n, d):
     compare(x, order, n // 7, (1, n), beta=0.3, radius=1, config=cfg)
 
 
+def test_rows_past_the_graph_are_clamped():
+    """rows(0, end > C) computes rows [0, C), never a tile (nor a workspace slot) beyond."""
+    from d2pruner_kernels.kernels import graph
+    x, order = inputs(2, 150, 40, torch.float32, seed=8)
+    cfg = dict(graph.default_config(x.dtype, 40), BLOCK_K=16, SPLITS=2)
+    want = graph.similarity_graph(x, order, 20, (1, 10, 15), config=cfg)
+    rows = graph.GraphRows(x, order, 20, (1, 10, 15), config=cfg)
+    rows.rows(0, rows.c + 100)
+    c = rows.c
+    assert torch.equal(layout.unpack_lower(rows.adj, c), layout.unpack_lower(want, c))
+
+
 def test_split_count_fills_the_gpu_and_keeps_slices_long(monkeypatch):
     from d2pruner_kernels.kernels import graph
     monkeypatch.setattr(graph, "sm_count", lambda device: 132)

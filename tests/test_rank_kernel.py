@@ -41,7 +41,18 @@ def test_rank_equals_stable_sort(n, kind):
 def test_rank_equals_stable_sort_on_any_floats(values):
     """Subnormals, signed zeros, infinities, NaN, duplicates: whatever float32 holds."""
     s = torch.tensor(values, dtype=torch.float32)[None].to(DEVICE)
-    assert torch.equal(rank_module().rank_and_norms(s, None)[0], torch.sort(s, **SORT).indices)
+    assert torch.equal(rank_module().rank_and_norms(s, None)[0], reference.rank_order(s))
+
+
+def test_negative_nan_ranks_first_like_any_nan():
+    s = torch.tensor([[1.0, float("nan"), 2.0, -float("nan"), float("inf")] * 40]).to(DEVICE)
+    assert torch.signbit(s[0, 3]) and torch.isnan(s[0, 3])
+    want = torch.tensor([i for i in range(200) if i % 5 in (1, 3)]
+                        + [i for i in range(200) if i % 5 == 4]
+                        + [i for i in range(200) if i % 5 == 2]
+                        + [i for i in range(200) if i % 5 == 0])
+    assert reference.rank_order(s)[0].tolist() == want.tolist()
+    assert d2p.rank_order(s, backend="kernels")[0].tolist() == want.tolist()
 
 
 def test_rank_order_stage_backends_agree_and_big_n_falls_back(monkeypatch):

@@ -43,14 +43,14 @@ def _similarity_graph_kernel(
     # tiles alone cannot fill the GPU: PHASE 1 programs each reduce one K slice into a
     # float32 workspace tile, PHASE 2 sums the slices in slice order (deterministic) and
     # runs the epilogue.
-    col_block = tl.program_id(0)
-    row_block = row_block_start + tl.program_id(1)
-    if PHASE == 1:  # grid axis 2: image x slice
-        b = (tl.program_id(2) // SPLITS).to(tl.int64)
-        split = tl.program_id(2) % SPLITS
+    if PHASE == 1:  # grid axis 0: column block x K slice
+        col_block = tl.program_id(0) // SPLITS
+        split = tl.program_id(0) % SPLITS
     else:
-        b = tl.program_id(2).to(tl.int64)
+        col_block = tl.program_id(0)
         split = 0
+    row_block = row_block_start + tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     if col_block > row_block:  # only j < i is stored
         return
     if HAS_SKIP:  # lazy graphs: this image's selection is already settled
@@ -63,15 +63,15 @@ def _similarity_graph_kernel(
     # Token ids of the candidates in rank order; their feature rows are gathered.
     ti = tl.load(order_ptr + b * stride_ob + n_pivots + rows, mask=row_ok, other=0)
     tj = tl.load(order_ptr + b * stride_ob + n_pivots + cols, mask=col_ok, other=0)
-    # This tile's float32 partials in the workspace: [B, SPLITS, n_tiles, BLOCK, BLOCK].
+    # This tile's float32 partials in the workspace [B, SPLITS, n_tiles, BLOCK, BLOCK]
+    # (offsets in 64 bits: b is int64).
     tile = row_block * (row_block + 1) // 2 + col_block
-    ws_tile = (ws_ptr + (b * SPLITS * n_tiles + tile) * (BLOCK * BLOCK)
-               + tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :])
+    in_tile = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
 
     if PHASE == 2:
         acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         for s in range(SPLITS):
-            acc += tl.load(ws_tile + s * n_tiles * (BLOCK * BLOCK))
+            acc += tl.load(ws_ptr + ((b * SPLITS + s) * n_tiles + tile) * (BLOCK * BLOCK) + in_tile)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         xi = x_ptr + b * stride_xb + ti[:, None] * stride_xn + offs_k[None, :]
@@ -95,7 +95,7 @@ def _similarity_graph_kernel(
             else:
                 acc = tl.dot(a, tl.trans(c), acc)
         if PHASE == 1:
-            tl.store(ws_tile + split * n_tiles * (BLOCK * BLOCK), acc)
+            tl.store(ws_ptr + ((b * SPLITS + split) * n_tiles + tile) * (BLOCK * BLOCK) + in_tile, acc)
             return
 
     # Epilogue: cosine, spatial term, threshold, then 32 columns -> one int32 word.
@@ -119,15 +119,17 @@ def _similarity_graph_kernel(
     tl.store(out, words, mask=row_ok[:, None] & (word_idx[None, :] < n_words))
 
 
-def split_count(programs: int, k_steps: int, device: torch.device) -> int:
-    """K slices per tile (split-K): double while the tiles leave SMs idle and each slice
-    keeps >= 8 K steps; at most 8. Depends only on the shape and the GPU, so every launch
-    over a graph (prefix or rest) sums its dot products the same way."""
+def split_count(tiles: int, k_steps: int, device: torch.device) -> int:
+    """K slices per tile (split-K) for one image's `tiles`: double while they leave SMs
+    idle and the slices keep >= 8 K steps on average; at most 8. It depends on the image's
+    shape and the GPU only, never on the batch size or on which rows a launch covers, so
+    an image's dot products are summed the same way alone, in any batch, in the prefix or
+    the rest of a lazy graph: its edges, hence its selection, never depend on those."""
     if device.type != "cuda":
         return 1
     sms = sm_count(device)
     s = 1
-    while s < 8 and programs * s < sms and k_steps // (2 * s) >= 8:
+    while s < 8 and tiles * s < sms and k_steps // (2 * s) >= 8:
         s *= 2
     return s
 
@@ -161,11 +163,12 @@ class GraphRows:
                      spatial_weight, sim_threshold)
         self.flags = dict(BLOCK=self.block, BLOCK_K=self.block_k, EVEN_K=d % self.block_k == 0,
                           UPCAST=upcast, IEEE=upcast or self.x.dtype == torch.float32)
-        # split-K: fixed per graph (from the full triangle), with its float32 workspace
+        # split-K: fixed per image shape (its full triangle), with a float32 workspace of
+        # SPLITS x tiles x BLOCK^2 per image (< 2 x SMs tiles: about one image's features)
         row_blocks = triton.cdiv(self.c, self.block)
         self.n_tiles = row_blocks * (row_blocks + 1) // 2
         k_steps = triton.cdiv(d, self.block_k)
-        self.splits = self.cfg.pop("SPLITS", None) or split_count(b * self.n_tiles, k_steps,
+        self.splits = self.cfg.pop("SPLITS", None) or split_count(self.n_tiles, k_steps,
                                                                   tokens.device)
         self.k_chunk = triton.cdiv(k_steps, self.splits) * self.block_k
         self.ws = self.adj if self.splits == 1 else torch.empty(
@@ -176,13 +179,14 @@ class GraphRows:
         """Computes rows [start, end) of adj (start a multiple of BLOCK); images with
         skip[b] != 0 are left alone."""
         assert start % self.block == 0
+        end = min(end, self.c)  # no row block past the graph (nor its workspace tiles)
         row_blocks = triton.cdiv(end, self.block) - start // self.block
         if row_blocks <= 0:
             return
         n_pivots, grid, radius, temporal_radius, w_cos, w_sp, theta = self.args
         x, adj, b = self.x, self.adj, self.x.shape[0]
         args = (x, self.norms, self.order, adj, adj if skip is None else skip, self.ws,
-                self.c, min(end, self.c), x.shape[2], n_pivots, start // self.block,
+                self.c, end, x.shape[2], n_pivots, start // self.block,
                 self.k_chunk, self.n_tiles,
                 x.stride(0), x.stride(1), self.norms.stride(0), self.order.stride(0),
                 adj.shape[2], grid[1], grid[2], radius, temporal_radius, w_cos, w_sp, theta)
@@ -191,7 +195,7 @@ class GraphRows:
         if self.splits == 1:
             _similarity_graph_kernel[(col_blocks, row_blocks, b)](*args, PHASE=0, **flags)
         else:
-            _similarity_graph_kernel[(col_blocks, row_blocks, b * self.splits)](*args, PHASE=1, **flags)
+            _similarity_graph_kernel[(col_blocks * self.splits, row_blocks, b)](*args, PHASE=1, **flags)
             _similarity_graph_kernel[(col_blocks, row_blocks, b)](*args, PHASE=2, **flags)
 
 

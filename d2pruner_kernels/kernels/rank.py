@@ -1,16 +1,16 @@
-"""Triton kernel of SPEC step 2 (the rank order), with the feature norms of step 4 in the
-same launch.
+"""Triton kernel of SPEC step 2 (the rank order), with the feature norms the graph of
+step 4 needs in the same launch.
 
 Rank by counting, exact and deterministic, no sort network:
 
     rank[i] = #{j : key[j] > key[i]} + #{j < i : key[j] == key[i]}
     order[rank[i]] = i
 
-`key` orders floats as torch.sort does: the IEEE bits made monotone as int32, -0.0 taken
-as +0.0 and every NaN above +inf, so `order` equals
-`torch.sort(scores, descending=True, stable=True).indices` bit for bit. The count is
-O(N^2) compares spread over (N / BLOCK_I) x B programs: ~10^5 at LLaVA size, one
-launch, where torch's sort spends several; above MAX_N torch.sort takes over.
+`key` orders floats as torch.sort does on CPU: the IEEE bits made monotone as int32, -0.0
+taken as +0.0 and every NaN (either sign) above +inf, so `order` equals
+`reference.rank_order` (a stable descending torch.sort) exactly. The count is O(N^2)
+compares spread over (N / BLOCK_I) x B programs: 3.3e5 at LLaVA size, one launch, where
+torch's sort spends several; above MAX_N torch.sort takes over.
 
 The norms |x_n| (float32, used by the graph kernel) ride along as extra programs of the
 same grid (a horizontal fusion: one launch less, no dependency between the two jobs).

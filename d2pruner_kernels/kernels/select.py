@@ -34,6 +34,7 @@ def select(tokens, scores, n_pivots, k, grid, sim_threshold, spatial_weight, rad
            temporal_radius) -> torch.Tensor:
     """Kept token ids int64 [B, k], ascending, from the features and the debiased scores."""
     need_graph = n_pivots < k
+    tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()  # one copy at most
     if scores.shape[1] <= rank.MAX_N:
         order, norms = rank.rank_and_norms(scores, tokens if need_graph else None)
     else:
