@@ -115,6 +115,13 @@ def main(argv=None):
         lines.append(row(["prune (e2e)", f"B=64 N=576 D=4096 k={k}", f"{us(f):.1f}",
                           f"{us(f, graph=True):.1f}", "", "", ""]))
         print(lines[-1], flush=True)
+    # rank by counting (O(N^2)) against torch.sort around the cut-over rank.MAX_N
+    limit, rank_kernel.MAX_N = rank_kernel.MAX_N, 1 << 20
+    for n in (4096, 8192, 16384):
+        s = torch.rand(1, n, device="cuda")
+        add("rank (forced)", f"B=1 N={n}", lambda: rank_kernel.rank_and_norms(s, None),
+            lambda: reference.rank_order(s), note=f"kernel used up to N={limit}")
+    rank_kernel.MAX_N = limit
     # graph configurations: split-K at N=576 (45 tiles), tiles at N=2880 (the heaviest stage)
     base = dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3)
     for n, grid, n_p, cfgs in (

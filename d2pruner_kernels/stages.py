@@ -104,7 +104,7 @@ def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None, eps: 
 
 def rank_order(scores: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """SPEC step 2: token ids by descending score, ties to the smaller index (NaN first, as
-    torch.sort). int64 [B, N]. The Triton rank kernel takes float32 [B, N] with N <= 16384;
+    torch.sort). int64 [B, N]. The Triton rank kernel takes float32 [B, N] with N <= 8192;
     other dtypes, shapes and sizes go to torch.sort (same order)."""
     if use_triton(backend, scores.device):
         rank = _triton_module("rank")

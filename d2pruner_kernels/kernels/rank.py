@@ -24,19 +24,22 @@ import torch
 
 from . import interpreting
 
-MAX_N = 16384  # beyond this the O(N^2) count loses to a sort
-BLOCK_I = 64
+MAX_N = 8192  # O(N^2) compares: about where they stop beating a sort (NOTES.md)
+BLOCK_I = 32
 BLOCK_J = 128
 NORM_ROWS = 2
 
 
 @triton.jit
-def _sort_key(s):
-    """float32 -> int32 with the order of torch.sort: -0.0 == +0.0 < ... and NaN on top."""
+def _sort_key(s, idx, ok, N):
+    """float32 score and its index -> one int64, larger = earlier in the order: the float
+    made monotone as int32 (-0.0 == +0.0, NaN above +inf) in the high half, N-1-idx in the
+    low half (ties to the smaller index). Lanes not ok get the smallest int64."""
     s = s + 0.0  # -0.0 -> +0.0
     bits = s.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
-    return tl.where(s != s, 0x7FFFFFFF, key)
+    key = tl.where(s != s, 0x7FFFFFFF, key).to(tl.int64)
+    return tl.where(ok, (key << 32) | (N - 1 - idx).to(tl.int64), -(2 ** 63))
 
 
 @triton.jit
@@ -49,14 +52,15 @@ def _rank_norms_kernel(s_ptr, order_ptr, x_ptr, norm_ptr, N, D, rank_programs,
     if pid < rank_programs:
         i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < N
-        ki = _sort_key(tl.load(s_ptr + b * stride_sb + i, mask=i_ok, other=0.0))
-        count = tl.zeros([BLOCK_I], dtype=tl.int32)
+        ki = _sort_key(tl.load(s_ptr + b * stride_sb + i, mask=i_ok, other=0.0), i, i_ok, N)
+        # Keys are distinct: one compare per pair, counted in place; one reduction at the end.
+        ahead = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)
         for j0 in range(0, N, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
             j_ok = j < N
-            kj = _sort_key(tl.load(s_ptr + b * stride_sb + j, mask=j_ok, other=0.0))
-            ahead = (kj[None, :] > ki[:, None]) | ((kj[None, :] == ki[:, None]) & (j[None, :] < i[:, None]))
-            count += tl.sum((ahead & j_ok[None, :]).to(tl.int32), axis=1)
+            kj = _sort_key(tl.load(s_ptr + b * stride_sb + j, mask=j_ok, other=0.0), j, j_ok, N)
+            ahead += (kj[None, :] > ki[:, None]).to(tl.int32)
+        count = tl.sum(ahead, axis=1)
         tl.store(order_ptr + b * stride_ob + count, i.to(tl.int64), mask=i_ok)
     else:  # norms of NORM_ROWS feature rows, float32 sum of squares in D order of chunks
         n = (pid - rank_programs) * NORM_ROWS + tl.arange(0, NORM_ROWS)
