@@ -9,9 +9,10 @@ For candidates i, j (rank positions among the non-pivots, token ids t_i = order[
 One program per BLOCK x BLOCK tile of the strict lower triangle: the raw dot products run
 on the tensor cores in the input dtype (bf16/fp16 products are exact in the float32
 accumulator; float32 inputs use true-fp32 "ieee" dots, never tf32), the norms come from one
-float32 pass before (`rank.py`), and the epilogue fuses the normalisation, the spatial term, the
-threshold and the bit packing. Only the packed bits reach memory (layout: ../layout.py);
-tiles above the diagonal are never launched work, their words stay unwritten.
+float32 pass before (`rank.py`), and the epilogue fuses the normalisation, the spatial
+term, the threshold and the bit packing. Only the packed bits reach memory (layout:
+../layout.py); tiles above the diagonal are never launched work, their words stay
+unwritten. Graphs with fewer tiles than SMs split K over programs (`split_count`).
 """
 from __future__ import annotations
 
