@@ -87,9 +87,10 @@ def launches():
     order = torch.sort(s, descending=True, stable=True).indices
     norms = torch.linalg.vector_norm(x32, dim=-1)
 
-    def graph_rows(tokens, splits):
+    def graph_rows(tokens, splits, beta=0.0):
         cfg = dict(graph.default_config(tokens.dtype, tokens.shape[-1]), SPLITS=splits)
-        rows = graph.GraphRows(tokens, order, 44, (1, 24, 24), config=cfg, norms=norms)
+        rows = graph.GraphRows(tokens, order, 44, (1, 24, 24), spatial_weight=beta,
+                               config=cfg, norms=norms)
         return lambda: rows.rows(0, rows.c)
 
     q = torch.randn(1, 32, 1, 128, generator=g).bfloat16()
@@ -100,6 +101,7 @@ def launches():
         ("rank + norms", rank, "_rank_norms_kernel", lambda: rank.rank_and_norms(s, x)),
         ("graph bf16", graph, "_similarity_graph_kernel", graph_rows(x, 1)),
         ("graph bf16 split-K", graph, "_similarity_graph_kernel", graph_rows(x, 4)),
+        ("graph bf16 spatial", graph, "_similarity_graph_kernel", graph_rows(x, 1, beta=0.3)),
         ("graph fp32", graph, "_similarity_graph_kernel", graph_rows(x32, 1)),
         ("attention rows", attention, "_lse_partials_kernel|_span_probs_kernel",
          lambda: attention.attention_scores(q, k, (34, 34 + 2880), 128 ** -0.5)),

@@ -127,7 +127,8 @@ def main(argv=None):
     for n, grid, n_p, cfgs in (
             (576, (24, 24), 44, [dict(base, SPLITS=s) for s in (1, 2, 4, 8)]
              + [dict(base, SPLITS=4, num_stages=4), dict(base, BLOCK_K=128, SPLITS=4)]),
-            (2880, (48, 60), 224, [base, dict(base, BLOCK=128, num_warps=8)])):
+            (2880, (48, 60), 224, [base, dict(base, BLOCK=128, num_warps=8),
+                                   dict(base, BLOCK=128), dict(base, num_stages=4)])):
         x, attn, prior = inputs(1, n, 4096)
         order = d2p.rank_order(d2p.debiased_scores(attn, prior))
         for cfg in cfgs:

@@ -39,7 +39,7 @@ def _similarity_graph_kernel(
         temporal_radius, cos_weight, spatial_weight, threshold,
         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
         UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_SKIP: tl.constexpr,
-        SPLITS: tl.constexpr, PHASE: tl.constexpr):
+        SPATIAL: tl.constexpr, SPLITS: tl.constexpr, PHASE: tl.constexpr):
     # PHASE 0: whole dot + epilogue. Split-K (SPLITS > 1) for small graphs, where the
     # tiles alone cannot fill the GPU: PHASE 1 programs each reduce one K slice into a
     # float32 workspace tile, PHASE 2 sums the slices in slice order (deterministic) and
@@ -103,14 +103,17 @@ def _similarity_graph_kernel(
     ni = tl.maximum(tl.load(norm_ptr + b * stride_nb + ti, mask=row_ok, other=1.0), 1e-12)
     nj = tl.maximum(tl.load(norm_ptr + b * stride_nb + tj, mask=col_ok, other=1.0), 1e-12)
     cos = acc / ni[:, None] / nj[None, :]
-    hw = grid_h * grid_w
-    ti32 = ti.to(tl.int32)  # token ids < N: the grid arithmetic in 32 bits
-    tj32 = tj.to(tl.int32)
-    dy = tl.abs((ti32 // grid_w % grid_h)[:, None] - (tj32 // grid_w % grid_h)[None, :])
-    dx = tl.abs((ti32 % grid_w)[:, None] - (tj32 % grid_w)[None, :])
-    dt = tl.abs((ti32 // hw)[:, None] - (tj32 // hw)[None, :])
-    near = (dy <= radius) & (dx <= radius) & (dt <= temporal_radius)
-    f = cos_weight * cos + spatial_weight * near.to(tl.float32)
+    if SPATIAL:
+        hw = grid_h * grid_w
+        ti32 = ti.to(tl.int32)  # token ids < N: the grid arithmetic in 32 bits
+        tj32 = tj.to(tl.int32)
+        dy = tl.abs((ti32 // grid_w % grid_h)[:, None] - (tj32 // grid_w % grid_h)[None, :])
+        dx = tl.abs((ti32 % grid_w)[:, None] - (tj32 % grid_w)[None, :])
+        dt = tl.abs((ti32 // hw)[:, None] - (tj32 // hw)[None, :])
+        near = (dy <= radius) & (dx <= radius) & (dt <= temporal_radius)
+        f = cos_weight * cos + spatial_weight * near.to(tl.float32)
+    else:  # beta = 0: f = 1 * cos + 0 * sp is cos itself (NaN stays NaN), no grid work
+        f = cos
     edge = (f >= threshold) & (cols[None, :] < rows[:, None]) & col_ok[None, :]
     shifts = tl.arange(0, 32)
     bits = tl.reshape(edge.to(tl.int32), [BLOCK, BLOCK // 32, 32]) << shifts[None, None, :]
@@ -163,7 +166,8 @@ class GraphRows:
         self.args = (n_pivots, grid, radius, temporal_radius, 1.0 - spatial_weight,
                      spatial_weight, sim_threshold)
         self.flags = dict(BLOCK=self.block, BLOCK_K=self.block_k, EVEN_K=d % self.block_k == 0,
-                          UPCAST=upcast, IEEE=upcast or self.x.dtype == torch.float32)
+                          UPCAST=upcast, IEEE=upcast or self.x.dtype == torch.float32,
+                          SPATIAL=spatial_weight != 0)
         # split-K: fixed per image shape (its full triangle), with a float32 workspace of
         # SPLITS x tiles x BLOCK^2 per image (< 2 x SMs tiles: about one image's features)
         row_blocks = triton.cdiv(self.c, self.block)
