@@ -41,13 +41,27 @@ D2P_HD int popcount32(uint32_t x) {
 //   kUndecided some better-ranked neighbour is still undecided: wait for the next round.
 // Iterated to a fixed point this yields the lexicographically first MIS, i.e. exactly the
 // sequential greedy walk in rank order (Blelloch, Fineman & Shun, SPAA 2012).
+// Words are read kBatch at a time, without a branch or an exit in between (a word past
+// w_end is read at w_end - 1 and masked off), so a GPU thread has kBatch independent row
+// loads in flight instead of one dependent load per word.
+constexpr int kBatch = 8;
+
 D2P_HD State luby_rule(const uint32_t* row, const uint32_t* in, const uint32_t* out, int v,
                        int w_begin, int w_end) {
-  bool pending = false;
-  for (int w = w_begin; w < w_end; ++w) {
-    const uint32_t nb = row[w] & lower_bits(v, w);
-    if (nb & in[w]) return kOut;
-    pending |= (nb & ~out[w]) != 0;
+  uint32_t pending = 0;
+  for (int w0 = w_begin; w0 < w_end; w0 += kBatch) {
+    uint32_t hit = 0;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int u = 0; u < kBatch; ++u) {
+      const int w = w0 + u;
+      const int wr = w < w_end ? w : w_end - 1;  // in range, no branch
+      const uint32_t nb = row[wr] & lower_bits(v, w) & (w < w_end ? 0xffffffffu : 0u);
+      hit |= nb & in[wr];
+      pending |= nb & ~out[wr];
+    }
+    if (hit) return kOut;
   }
   return pending ? kUndecided : kIn;
 }
