@@ -22,3 +22,13 @@ def _sm_count(index: int) -> int:
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached: no query per call)."""
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are constexpr functions
+# (a few µs a call in Triton 3.7): too slow for launch glue that runs on every prune().
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()

@@ -29,7 +29,7 @@ import triton.language as tl
 
 import torch
 
-from . import interpreting, sm_count
+from . import cdiv, interpreting, next_pow2, sm_count
 
 LOG2E = 1.4426950408889634
 
@@ -166,7 +166,7 @@ def _span_probs_kernel(
 def default_config(dtype: torch.dtype, d: int, rows: int, device: torch.device) -> dict:
     """Block sizes; `programs` / `span_programs`: the number of pass-1 / pass-2 programs
     to aim for (pass 2 splits the key heads over programs until it has that many)."""
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_m = min(64, max(16, next_pow2(rows)))
     if interpreting():  # few, large programs: each interpreted loop step costs ~ms
         return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_N_SPAN=128, programs=1,
                     span_programs=1, num_warps=4, num_stages=1)
@@ -196,7 +196,7 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
     block_m, block_n, block_ns = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_N_SPAN")
     programs, chunk = cfg.pop("programs"), cfg.pop("chunk", None)
     span_programs = cfg.pop("span_programs")
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_pow2(d))
     upcast = interpreting() and q.dtype == torch.bfloat16
     flags = dict(BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=block_d == d, UPCAST=upcast,
                  IEEE=upcast or q.dtype == torch.float32, HAS_POS=q_positions is not None)
@@ -208,21 +208,21 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
         pos = q_positions
         sp_b, sp_r = (0, pos.stride(0)) if pos.dim() == 1 else pos.stride()
     strides = (*q.stride()[:3], *k.stride()[:3], sp_b, sp_r)
-    m_blocks = triton.cdiv(rows, block_m)
+    m_blocks = cdiv(rows, block_m)
 
     if lse is None:
         # Pass 1: split the L keys into chunks so that B * Hk * m_blocks * chunks programs
         # fill the device; at most 128 chunks (pass 2 merges them in one vector load).
         if chunk is None:
-            want = max(1, min(128, triton.cdiv(programs, b * hk * m_blocks)))
-            chunk = triton.cdiv(triton.cdiv(n_keys, want), block_n) * block_n
-        n_chunks = triton.cdiv(n_keys, chunk)
+            want = max(1, min(128, cdiv(programs, b * hk * m_blocks)))
+            chunk = cdiv(cdiv(n_keys, want), block_n) * block_n
+        n_chunks = cdiv(n_keys, chunk)
         part_m = torch.empty(b, hq, nq, n_chunks, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         _lse_partials_kernel[(n_chunks, b * hk, m_blocks)](
             q, k, pos, part_m, part_l, n_keys, d, nq, g, rows, hq, hk, chunk, n_chunks,
             qk_scale2, *strides, BLOCK_N=block_n, **flags, **cfg)
-        lse_arg, block_c = part_m, triton.next_power_of_2(n_chunks)  # lse_arg never read
+        lse_arg, block_c = part_m, next_pow2(n_chunks)  # lse_arg never read
     else:
         lse_arg = lse if lse.is_contiguous() else lse.contiguous()
         part_m = part_l = lse_arg  # never read
@@ -230,10 +230,10 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
 
     # Pass 2: span blocks x images, and the key heads split into groups when that is
     # needed to reach `span_programs` programs; the groups' partial sums are then added.
-    span_blocks = triton.cdiv(n_span, block_ns)
-    groups = max(1, min(hk, triton.cdiv(span_programs, span_blocks * b)))
-    heads_per_prog = triton.cdiv(hk, groups)
-    groups = triton.cdiv(hk, heads_per_prog)
+    span_blocks = cdiv(n_span, block_ns)
+    groups = max(1, min(hk, cdiv(span_programs, span_blocks * b)))
+    heads_per_prog = cdiv(hk, groups)
+    groups = cdiv(hk, heads_per_prog)
     out = torch.empty(b, groups, n_span, dtype=torch.float32, device=q.device)
     _span_probs_kernel[(span_blocks, b, groups)](
         q, k, pos, lse_arg, part_m, part_l, out, start, n_span, d, nq, g, rows, hq, hk,

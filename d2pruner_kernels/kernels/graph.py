@@ -22,7 +22,7 @@ import triton.language as tl
 import torch
 
 from ..layout import num_words
-from . import interpreting, sm_count
+from . import cdiv, interpreting, next_pow2, sm_count
 from .rank import rank_and_norms
 
 
@@ -140,7 +140,7 @@ def split_count(tiles: int, k_steps: int, device: torch.device) -> int:
 
 def default_config(dtype: torch.dtype, d: int) -> dict:
     if interpreting():  # few, large programs: each interpreted loop step costs ~ms
-        return dict(BLOCK=64, BLOCK_K=min(256, triton.next_power_of_2(d)), num_warps=4, num_stages=1)
+        return dict(BLOCK=64, BLOCK_K=min(256, next_pow2(d)), num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK=32, BLOCK_K=32, num_warps=4, num_stages=2)
     return dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3)
@@ -170,12 +170,12 @@ class GraphRows:
                           SPATIAL=spatial_weight != 0)
         # split-K: fixed per image shape (its full triangle), with a float32 workspace of
         # SPLITS x tiles x BLOCK^2 per image (< 2 x SMs tiles: about one image's features)
-        row_blocks = triton.cdiv(self.c, self.block)
+        row_blocks = cdiv(self.c, self.block)
         self.n_tiles = row_blocks * (row_blocks + 1) // 2
-        k_steps = triton.cdiv(d, self.block_k)
+        k_steps = cdiv(d, self.block_k)
         self.splits = self.cfg.pop("SPLITS", None) or split_count(self.n_tiles, k_steps,
                                                                   tokens.device)
-        self.k_chunk = triton.cdiv(k_steps, self.splits) * self.block_k
+        self.k_chunk = cdiv(k_steps, self.splits) * self.block_k
         self.ws = self.adj if self.splits == 1 else torch.empty(
             b * self.splits * self.n_tiles * self.block ** 2, dtype=torch.float32,
             device=tokens.device)
@@ -185,7 +185,7 @@ class GraphRows:
         skip[b] != 0 are left alone."""
         assert start % self.block == 0
         end = min(end, self.c)  # no row block past the graph (nor its workspace tiles)
-        row_blocks = triton.cdiv(end, self.block) - start // self.block
+        row_blocks = cdiv(end, self.block) - start // self.block
         if row_blocks <= 0:
             return
         n_pivots, grid, radius, temporal_radius, w_cos, w_sp, theta = self.args
@@ -196,7 +196,7 @@ class GraphRows:
                 x.stride(0), x.stride(1), self.norms.stride(0), self.order.stride(0),
                 adj.shape[2], grid[1], grid[2], radius, temporal_radius, w_cos, w_sp, theta)
         flags = dict(HAS_SKIP=skip is not None, SPLITS=self.splits, **self.flags, **self.cfg)
-        col_blocks = triton.cdiv(end, self.block)
+        col_blocks = cdiv(end, self.block)
         if self.splits == 1:
             _similarity_graph_kernel[(col_blocks, row_blocks, b)](*args, PHASE=0, **flags)
         else:

@@ -22,7 +22,7 @@ import triton.language as tl
 
 import torch
 
-from . import interpreting
+from . import cdiv, interpreting, next_pow2
 
 MAX_N = 8192  # O(N^2) compares: about where they stop beating a sort (NOTES.md)
 BLOCK_I = 32
@@ -86,17 +86,17 @@ def rank_and_norms(scores: torch.Tensor | None, tokens: torch.Tensor | None):
     dev = ref.device
     order = norms = None
     rank_programs = norm_programs = 0
-    s = x = order_arg = norm_arg = torch.empty(1, device=dev)  # placeholders, never read
+    s = x = order_arg = norm_arg = ref  # placeholders for the job not asked: never touched
     if scores is not None:
         if n > MAX_N:
             raise ValueError(f"rank kernel supports N <= {MAX_N}, got {n}")
         s = scores if scores.stride(-1) == 1 else scores.contiguous()
         order = order_arg = torch.empty(b, n, dtype=torch.int64, device=dev)
-        rank_programs = triton.cdiv(n, block_i)
+        rank_programs = cdiv(n, block_i)
     if tokens is not None:
         x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
         norms = norm_arg = torch.empty(b, n, dtype=torch.float32, device=dev)
-        norm_programs = triton.cdiv(n, norm_rows)
+        norm_programs = cdiv(n, norm_rows)
     if rank_programs + norm_programs == 0:
         return order, norms
     d = x.shape[-1] if tokens is not None else 1
@@ -106,5 +106,5 @@ def rank_and_norms(scores: torch.Tensor | None, tokens: torch.Tensor | None):
         s.stride(0) if scores is not None else 0, order_arg.stride(0) if order is not None else 0,
         xs[0], xs[1], norm_arg.stride(0) if norms is not None else 0,
         BLOCK_I=block_i, BLOCK_J=BLOCK_J, NORM_ROWS=norm_rows,
-        BLOCK_D=min(2048, triton.next_power_of_2(d)), num_warps=4)
+        BLOCK_D=min(2048, next_pow2(d)), num_warps=4)
     return order, norms

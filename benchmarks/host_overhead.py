@@ -1,0 +1,55 @@
+"""Host time of prune()'s own Python glue on the kernels path (validation, dispatch,
+allocations, launch arguments), with the launches themselves stubbed out, so that it runs
+on any CPU. In eager mode on a GPU this adds to Triton's launch cost per kernel; inside a
+CUDA graph or torch.compile it disappears.
+
+    python -m benchmarks.host_overhead [--calls 2000]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from unittest import mock
+
+import torch
+
+import d2pruner_kernels as d2p
+from d2pruner_kernels import stages
+from d2pruner_kernels.kernels import graph, mis, rank, scores
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def glue_us(calls: int) -> float:
+    x = torch.randn(1, 576, 4096).bfloat16()
+    attn = torch.rand(1, 32, 576).bfloat16()
+    prior = torch.rand(576) + 0.5
+    kept = torch.empty(1, 64, dtype=torch.int64)
+    with mock.patch.object(graph, "_similarity_graph_kernel", _NoLaunch()), \
+            mock.patch.object(rank, "_rank_norms_kernel", _NoLaunch()), \
+            mock.patch.object(scores, "_debiased_scores_kernel", _NoLaunch()), \
+            mock.patch.object(mis, "greedy_mis", lambda *args, **kwargs: kept), \
+            mock.patch.object(stages, "use_triton", lambda backend, device: True), \
+            mock.patch.object(stages, "use_compiled_mis", lambda *args: True), \
+            mock.patch.object(graph, "sm_count", lambda device: 132):
+        f = lambda: d2p.prune(x, attn, (24, 24), 64, prior=prior)  # noqa: E731
+        for _ in range(calls // 10):
+            f()
+        start = time.perf_counter()
+        for _ in range(calls):
+            f()
+        return 1e6 * (time.perf_counter() - start) / calls
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=2000)
+    args = ap.parse_args(argv)
+    print(f"prune() glue, LLaVA-1.5 shape, launches stubbed: {glue_us(args.calls):.1f} µs per call")
+
+
+if __name__ == "__main__":
+    main()
