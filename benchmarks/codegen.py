@@ -66,8 +66,11 @@ def specialise(fn, args, kwargs):
     return ASTSource(fn, sig, const, attrs), options
 
 
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
 def resources(cubin: bytes) -> dict:
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = CUOBJDUMP
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
