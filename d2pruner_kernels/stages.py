@@ -106,11 +106,9 @@ def rank_order(scores: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """SPEC step 2: token ids by descending score, ties to the smaller index (NaN first, as
     torch.sort). int64 [B, N]. The Triton rank kernel takes float32 [B, N] with N <= 8192;
     other dtypes, shapes and sizes go to torch.sort (same order)."""
-    if use_triton(backend, scores.device):
-        rank = _triton_module("rank")
-        if scores.dtype == torch.float32 and scores.dim() == 2 and scores.shape[-1] <= rank.MAX_N:
-            with on_device(scores.device):
-                return rank.rank_and_norms(scores, None)[0]
+    if use_triton(backend, scores.device) and scores.dtype == torch.float32 and scores.dim() == 2:
+        with on_device(scores.device):
+            return _triton_module("rank").rank_and_norms(scores, None)[0]
     return reference.rank_order(scores)
 
 

@@ -60,10 +60,12 @@ def test_rank_order_stage_backends_agree_and_big_n_falls_back(monkeypatch):
     s = scores_with_ties(2, 300, g).to(DEVICE)
     want = reference.rank_order(s)
     assert torch.equal(d2p.rank_order(s, backend="kernels"), want)
-    monkeypatch.setattr(rank_module(), "MAX_N", 100)  # past the limit: torch.sort
+    monkeypatch.setattr(rank_module(), "MAX_N", 100)  # past the limit: torch.sort ranks
     assert torch.equal(d2p.rank_order(s, backend="kernels"), want)
-    with pytest.raises(ValueError, match="rank kernel supports N <= 100"):
-        rank_module().rank_and_norms(s, None)
+    x = torch.randn(2, 300, 9, generator=g).to(DEVICE)
+    order, norms = rank_module().rank_and_norms(s, x)  # the norms still from the kernel
+    assert torch.equal(order, want)
+    torch.testing.assert_close(norms, torch.linalg.vector_norm(x, dim=-1), rtol=2e-6, atol=0)
 
 
 def test_rank_order_of_other_dtypes_and_shapes_is_torch_sort():

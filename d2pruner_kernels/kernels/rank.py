@@ -3,14 +3,15 @@ step 4 needs in the same launch.
 
 Rank by counting, exact and deterministic, no sort network:
 
-    rank[i] = #{j : key[j] > key[i]} + #{j < i : key[j] == key[i]}
+    rank[i] = #{j : s_j > s_i} + #{j < i : s_j == s_i} = #{j : key_j > key_i}
     order[rank[i]] = i
 
-`key` orders floats as torch.sort does on CPU: the IEEE bits made monotone as int32, -0.0
-taken as +0.0 and every NaN (either sign) above +inf, so `order` equals
-`reference.rank_order` (a stable descending torch.sort) exactly. The count is O(N^2)
-compares spread over (N / BLOCK_I) x B programs: 3.3e5 at LLaVA size, one launch, where
-torch's sort spends several; above MAX_N torch.sort takes over.
+with one int64 key per token: the float made monotone as int32 in the high half (-0.0
+taken as +0.0, every NaN of either sign above +inf, as torch.sort orders on CPU) and N-1-i
+in the low half, so ties go to the smaller index and one compare decides each pair.
+`order` equals `reference.rank_order` (a stable descending torch.sort) exactly. The count
+is O(N^2) compares spread over (N / BLOCK_I) x B programs: 3.3e5 at LLaVA size, one
+launch, where torch's sort spends several; above MAX_N torch.sort takes over.
 
 The norms |x_n| (float32, used by the graph kernel) ride along as extra programs of the
 same grid (a horizontal fusion: one launch less, no dependency between the two jobs).
@@ -22,6 +23,7 @@ import triton.language as tl
 
 import torch
 
+from ..reference import rank_order as reference_rank_order
 from . import cdiv, interpreting, next_pow2
 
 MAX_N = 8192  # O(N^2) compares: about where they stop beating a sort (NOTES.md)
@@ -78,33 +80,34 @@ def _rank_norms_kernel(s_ptr, order_ptr, x_ptr, norm_ptr, N, D, rank_programs,
 
 def rank_and_norms(scores: torch.Tensor | None, tokens: torch.Tensor | None):
     """scores float32 [B, N] -> order int64 [B, N] (best first, ties to the smaller index);
-    tokens [B, N, D] -> float32 norms [B, N]. Either may be None; one launch for both."""
+    tokens [B, N, D] -> float32 norms [B, N]. Either may be None; one launch for both.
+    Above MAX_N tokens the order comes from torch.sort (the reference) instead."""
+    if scores is not None and scores.shape[1] > MAX_N:
+        norms = None if tokens is None else rank_and_norms(None, tokens)[1]
+        return reference_rank_order(scores), norms
     # the interpreter pays per program: few, large ones there
     block_i, norm_rows = (256, 64) if interpreting() else (BLOCK_I, NORM_ROWS)
     ref = scores if scores is not None else tokens
-    b, n = ref.shape[0], ref.shape[1]
-    dev = ref.device
-    order = norms = None
-    rank_programs = norm_programs = 0
-    s = x = order_arg = norm_arg = ref  # placeholders for the job not asked: never touched
-    if scores is not None:
-        if n > MAX_N:
-            raise ValueError(f"rank kernel supports N <= {MAX_N}, got {n}")
-        s = scores if scores.stride(-1) == 1 else scores.contiguous()
-        order = order_arg = torch.empty(b, n, dtype=torch.int64, device=dev)
-        rank_programs = cdiv(n, block_i)
-    if tokens is not None:
-        x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
-        norms = norm_arg = torch.empty(b, n, dtype=torch.float32, device=dev)
-        norm_programs = cdiv(n, norm_rows)
-    if rank_programs + norm_programs == 0:
-        return order, norms
-    d = x.shape[-1] if tokens is not None else 1
-    xs = x.stride() if tokens is not None else (0, 0, 1)
+    b, n, dev = ref.shape[0], ref.shape[1], ref.device
+    if tokens is not None and tokens.stride(-1) != 1:
+        tokens = tokens.contiguous()
+    if scores is not None and scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    order = None if scores is None else torch.empty(b, n, dtype=torch.int64, device=dev)
+    norms = None if tokens is None else torch.empty(b, n, dtype=torch.float32, device=dev)
+    rank_programs = 0 if scores is None else cdiv(n, block_i)
+    norm_programs = 0 if tokens is None else cdiv(n, norm_rows)
+    d = 1 if tokens is None else tokens.shape[2]
+
+    def arg(t):  # the job not asked gets a placeholder it never touches
+        return ref if t is None else t
+
+    def stride(t, dim):
+        return 0 if t is None else t.stride(dim)
+
     _rank_norms_kernel[(rank_programs + norm_programs, b)](
-        s, order_arg, x, norm_arg, n, d, rank_programs,
-        s.stride(0) if scores is not None else 0, order_arg.stride(0) if order is not None else 0,
-        xs[0], xs[1], norm_arg.stride(0) if norms is not None else 0,
-        BLOCK_I=block_i, BLOCK_J=BLOCK_J, NORM_ROWS=norm_rows,
+        arg(scores), arg(order), arg(tokens), arg(norms), n, d, rank_programs,
+        stride(scores, 0), stride(order, 0), stride(tokens, 0), stride(tokens, 1),
+        stride(norms, 0), BLOCK_I=block_i, BLOCK_J=BLOCK_J, NORM_ROWS=norm_rows,
         BLOCK_D=min(2048, next_pow2(d)), num_warps=4)
     return order, norms

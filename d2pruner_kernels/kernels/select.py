@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import rank_order
 from . import mis, rank
 from .graph import GraphRows
 
@@ -35,10 +34,7 @@ def select(tokens, scores, n_pivots, k, grid, sim_threshold, spatial_weight, rad
     """Kept token ids int64 [B, k], ascending, from the features and the debiased scores."""
     need_graph = n_pivots < k
     tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()  # one copy at most
-    if scores.shape[1] <= rank.MAX_N:
-        order, norms = rank.rank_and_norms(scores, tokens if need_graph else None)
-    else:
-        order, norms = rank_order(scores), None  # torch.sort
+    order, norms = rank.rank_and_norms(scores, tokens if need_graph else None)
     if not need_graph:  # no supplements: plain top-k
         return torch.sort(order[:, :k], dim=1).values
     g = GraphRows(tokens, order, n_pivots, grid, sim_threshold, spatial_weight, radius,
