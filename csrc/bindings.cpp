@@ -50,6 +50,7 @@ PYBIND11_MODULE(_C, m) {
     d2p::mis_rounds_cuda(make_args(MIS_ARGS), device, reinterpret_cast<void*>(stream));
   }, "Luby rounds on the GPU: one block per image, one launch, on the given stream.");
   m.def("cuda_device_count", &d2p::cuda_device_count);
+  m.attr("max_cuda_tokens") = d2p::max_cuda_tokens();
 #else
   m.attr("with_cuda") = false;
   m.def("cuda_device_count", [] { return 0; });

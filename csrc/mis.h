@@ -29,6 +29,8 @@ void mis_walk_cpu(const MisArgs& a);
 void mis_rounds_cpu(const MisArgs& a);
 // CUDA: one block per image, one launch for the batch, on `stream`. Throws on CUDA errors.
 void mis_rounds_cuda(const MisArgs& a, int device, void* stream);
+// Largest N the CUDA kernel takes for any n_pivots (its bitsets + scratch in 48 KiB).
+int max_cuda_tokens();
 int cuda_device_count();  // 0 where no driver/GPU (never throws)
 
 }  // namespace d2p

@@ -150,6 +150,10 @@ static size_t mis_shared_bytes(int n_tokens, int n_pivots) {
   return (2 * words_c + words_n) * sizeof(uint32_t);
 }
 
+int max_cuda_tokens() {  // n_pivots = 0 needs the most words: 3 * ceil(N / 32)
+  return static_cast<int>((48 * 1024 - sizeof(Scratch)) / (3 * sizeof(uint32_t))) * 32;
+}
+
 void mis_rounds_cuda(const MisArgs& a, int device, void* stream) {
   const size_t smem = mis_shared_bytes(a.n_tokens, a.n_pivots);
   if (smem + sizeof(Scratch) > 48 * 1024)

@@ -56,15 +56,8 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
         tokens, attn = tokens.unsqueeze(0), attn.unsqueeze(0)
     args = (tokens, attn, prior, list(grid), k, pivot_count(pivot_ratio, k), sim_threshold,
             spatial_weight, radius, temporal_radius, eps, backend)
-    out = _prune_op(*args) if torch.compiler.is_compiling() else _run(*args)
+    out = _prune_op(*args) if torch.compiler.is_compiling() else _stages(*args)
     return out if batched else out[0]
-
-
-def _run(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight, radius,
-         temporal_radius, eps, backend) -> torch.Tensor:
-    with stages.on_device(tokens.device):  # the tensors' GPU, whatever the current one is
-        return _stages(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight,
-                       radius, temporal_radius, eps, backend)
 
 
 def _stages(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight, radius,
@@ -91,8 +84,8 @@ def _prune_op(tokens: torch.Tensor, attn: torch.Tensor, prior: Optional[torch.Te
               grid: List[int], k: int, n_pivots: int, sim_threshold: float,
               spatial_weight: float, radius: int, temporal_radius: int, eps: float,
               backend: str) -> torch.Tensor:
-    return _run(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight, radius,
-                temporal_radius, eps, backend)
+    return _stages(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight,
+                   radius, temporal_radius, eps, backend)
 
 
 @_prune_op.register_fake

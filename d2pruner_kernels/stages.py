@@ -10,7 +10,6 @@ All stages take batched tensors; `prune()` also accepts unbatched ones.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 
 import torch
@@ -29,11 +28,6 @@ def _triton_module(name: str):
 
 def _triton_usable(device: torch.device) -> bool:
     return _HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
-
-
-def on_device(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' for the launch."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def use_triton(backend: str, device: torch.device) -> bool:
@@ -97,8 +91,7 @@ def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None, eps: 
             raise ValueError(f"prior must be [N], [1, N] or [B, N] with B={b}, N={n}, "
                              f"got {list(prior.shape)}")
     if use_triton(backend, a.device):
-        with on_device(a.device):
-            return _triton_module("scores").debiased_scores(a, prior, eps)
+        return _triton_module("scores").debiased_scores(a, prior, eps)
     return reference.debiased_scores(a, prior, eps)
 
 
@@ -107,8 +100,7 @@ def rank_order(scores: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     torch.sort). int64 [B, N]. The Triton rank kernel takes float32 [B, N] with N <= 8192;
     other dtypes, shapes and sizes go to torch.sort (same order)."""
     if use_triton(backend, scores.device) and scores.dtype == torch.float32 and scores.dim() == 2:
-        with on_device(scores.device):
-            return _triton_module("rank").rank_and_norms(scores, None)[0]
+        return _triton_module("rank").rank_and_norms(scores, None)[0]
     return reference.rank_order(scores)
 
 
@@ -120,8 +112,7 @@ def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
     grid3 = tuple(grid) if len(grid) == 3 else (1, *grid)
     args = (tokens, order, n_pivots, grid3, sim_threshold, spatial_weight, radius, temporal_radius)
     if use_triton(backend, tokens.device):
-        with on_device(tokens.device):
-            return _triton_module("graph").similarity_graph(*args)
+        return _triton_module("graph").similarity_graph(*args)
     return reference.similarity_graph(*args)
 
 

@@ -1,7 +1,9 @@
-"""Kernel backends of the stages: Triton (scores, graph) and the compiled MIS (_C).
+"""Kernel backends of the stages: Triton (scores, rank + norms, graph, attention rows;
+select.py chains them for prune()) and the compiled MIS (_C).
 
 The Triton modules are imported only when a Triton stage runs, so the package works
 without Triton or without the compiled extension (the reference then runs instead)."""
+import contextlib
 import functools
 import os
 
@@ -12,6 +14,12 @@ def interpreting() -> bool:
     """Triton kernels run on CPU tensors under the interpreter (TRITON_INTERPRET=1, which
     must be set before the kernel modules are imported)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launch_device(device: torch.device):
+    """Triton launches on the current CUDA device: every launch wrapper makes it the one of
+    its tensors, so no caller has to (a no-op context on CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,7 +29,7 @@ import triton.language as tl
 
 import torch
 
-from . import cdiv, interpreting, next_pow2, sm_count
+from . import cdiv, interpreting, launch_device, next_pow2, sm_count
 
 LOG2E = 1.4426950408889634
 
@@ -219,12 +219,13 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
         n_chunks = cdiv(n_keys, chunk)
         part_m = torch.empty(b, hq, nq, n_chunks, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
-        _lse_partials_kernel[(n_chunks, b * hk, m_blocks)](
-            q, k, pos, part_m, part_l, n_keys, d, nq, g, rows, hq, hk, chunk, n_chunks,
-            qk_scale2, *strides, BLOCK_N=block_n, **flags, **cfg)
+        with launch_device(q.device):
+            _lse_partials_kernel[(n_chunks, b * hk, m_blocks)](
+                q, k, pos, part_m, part_l, n_keys, d, nq, g, rows, hq, hk, chunk, n_chunks,
+                qk_scale2, *strides, BLOCK_N=block_n, **flags, **cfg)
         lse_arg, block_c = part_m, next_pow2(n_chunks)  # lse_arg never read
     else:
-        lse_arg = lse if lse.is_contiguous() else lse.contiguous()
+        lse_arg = lse.contiguous()
         part_m = part_l = lse_arg  # never read
         n_chunks, block_c = 1, 1
 
@@ -235,8 +236,9 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
     heads_per_prog = cdiv(hk, groups)
     groups = cdiv(hk, heads_per_prog)
     out = torch.empty(b, groups, n_span, dtype=torch.float32, device=q.device)
-    _span_probs_kernel[(span_blocks, b, groups)](
-        q, k, pos, lse_arg, part_m, part_l, out, start, n_span, d, nq, g, rows, hq, hk,
-        heads_per_prog, n_chunks, qk_scale2, 1.0 / (hq * nq), *strides,
-        HAS_LSE=lse is not None, BLOCK_C=block_c, BLOCK_N=block_ns, **flags, **cfg)
+    with launch_device(q.device):
+        _span_probs_kernel[(span_blocks, b, groups)](
+            q, k, pos, lse_arg, part_m, part_l, out, start, n_span, d, nq, g, rows, hq, hk,
+            heads_per_prog, n_chunks, qk_scale2, 1.0 / (hq * nq), *strides,
+            HAS_LSE=lse is not None, BLOCK_C=block_c, BLOCK_N=block_ns, **flags, **cfg)
     return out[:, 0] if groups == 1 else out.sum(dim=1)  # a fixed order: deterministic

@@ -22,7 +22,7 @@ import triton.language as tl
 import torch
 
 from ..layout import num_words
-from . import cdiv, interpreting, next_pow2, sm_count
+from . import cdiv, interpreting, launch_device, next_pow2, sm_count
 from .rank import rank_and_norms
 
 
@@ -197,11 +197,13 @@ class GraphRows:
                 adj.shape[2], grid[1], grid[2], radius, temporal_radius, w_cos, w_sp, theta)
         flags = dict(HAS_SKIP=skip is not None, SPLITS=self.splits, **self.flags, **self.cfg)
         col_blocks = cdiv(end, self.block)
-        if self.splits == 1:
-            _similarity_graph_kernel[(col_blocks, row_blocks, b)](*args, PHASE=0, **flags)
-        else:
-            _similarity_graph_kernel[(col_blocks * self.splits, row_blocks, b)](*args, PHASE=1, **flags)
-            _similarity_graph_kernel[(col_blocks, row_blocks, b)](*args, PHASE=2, **flags)
+        with launch_device(x.device):
+            if self.splits == 1:
+                _similarity_graph_kernel[(col_blocks, row_blocks, b)](*args, PHASE=0, **flags)
+            else:
+                _similarity_graph_kernel[(col_blocks * self.splits, row_blocks, b)](
+                    *args, PHASE=1, **flags)
+                _similarity_graph_kernel[(col_blocks, row_blocks, b)](*args, PHASE=2, **flags)
 
 
 def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,

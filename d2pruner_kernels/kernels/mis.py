@@ -1,7 +1,7 @@
 """The compiled MIS stage (SPEC steps 5-7) from csrc/: CUDA kernel, CPU walk, CPU twin.
 
 Python checks device, dtype, contiguity and shapes here, before the raw pointers cross into
-C++; the C++ side trusts them.
+C++ (which checks its scalar arguments again).
 """
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ try:
 except ImportError:  # extension not built: the reference is used instead
     _C = None
 
-# CUDA kernel: bitsets of 2 * ceil(C/32) + ceil(N/32) words (at most 3 * ceil(N/32)) and a
-# scratch of < 256 bytes in 48 KiB of shared memory.
-MAX_CUDA_TOKENS = (48 * 1024 - 256) // 12 * 32  # 130368
+# The CUDA kernel's shared-memory limit on N, as the C++ side computes it (0: no CUDA build).
+MAX_CUDA_TOKENS = getattr(_C, "max_cuda_tokens", 0)
 
 
 def extension_available() -> bool:

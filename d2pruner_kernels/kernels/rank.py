@@ -24,7 +24,7 @@ import triton.language as tl
 import torch
 
 from ..reference import rank_order as reference_rank_order
-from . import cdiv, interpreting, next_pow2
+from . import cdiv, interpreting, launch_device, next_pow2
 
 MAX_N = 8192  # O(N^2) compares: about where they stop beating a sort (NOTES.md)
 BLOCK_I = 32
@@ -105,9 +105,10 @@ def rank_and_norms(scores: torch.Tensor | None, tokens: torch.Tensor | None):
     def stride(t, dim):
         return 0 if t is None else t.stride(dim)
 
-    _rank_norms_kernel[(rank_programs + norm_programs, b)](
-        arg(scores), arg(order), arg(tokens), arg(norms), n, d, rank_programs,
-        stride(scores, 0), stride(order, 0), stride(tokens, 0), stride(tokens, 1),
-        stride(norms, 0), BLOCK_I=block_i, BLOCK_J=BLOCK_J, NORM_ROWS=norm_rows,
-        BLOCK_D=min(2048, next_pow2(d)), num_warps=4)
+    with launch_device(dev):
+        _rank_norms_kernel[(rank_programs + norm_programs, b)](
+            arg(scores), arg(order), arg(tokens), arg(norms), n, d, rank_programs,
+            stride(scores, 0), stride(order, 0), stride(tokens, 0), stride(tokens, 1),
+            stride(norms, 0), BLOCK_I=block_i, BLOCK_J=BLOCK_J, NORM_ROWS=norm_rows,
+            BLOCK_D=min(2048, next_pow2(d)), num_warps=4)
     return order, norms

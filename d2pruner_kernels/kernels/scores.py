@@ -14,7 +14,7 @@ import triton.language as tl
 
 import torch
 
-from . import cdiv, next_pow2
+from . import cdiv, launch_device, next_pow2
 
 BLOCK_N = 256
 HEADS_UNROLLED = 8  # loads in flight per thread: the sum stays in head order
@@ -58,7 +58,8 @@ def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None,
         spb, spn = (0, prior.stride(0)) if prior.dim() == 1 else prior.stride()
         spb = 0 if prior.dim() == 2 and prior.shape[0] == 1 else spb  # [1, N] broadcasts
     grid = (cdiv(n, BLOCK_N), b)
-    _debiased_scores_kernel[grid](a, p, out, n, h, *a.stride(), spb, spn, eps,
-                                  HAS_PRIOR=prior is not None, BLOCK=BLOCK_N,
-                                  UNROLL=min(HEADS_UNROLLED, next_pow2(h)))
+    with launch_device(attn.device):
+        _debiased_scores_kernel[grid](a, p, out, n, h, *a.stride(), spb, spn, eps,
+                                      HAS_PRIOR=prior is not None, BLOCK=BLOCK_N,
+                                      UNROLL=min(HEADS_UNROLLED, next_pow2(h)))
     return out

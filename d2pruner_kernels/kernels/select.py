@@ -9,15 +9,16 @@ member, and with a small budget that is a short prefix of the rank order. So:
   3. graph rows [P, C), for the images not done;
   4. MIS over the whole graph, for the images not done.
 
-All launches are issued every time (no host sync, capturable in a CUDA graph); 3 and 4
-return at once for finished images. The result is exactly the full-graph selection.
-P = min(C, max(PREFIX_MIN, PREFIX_PER_MEMBER * m)), rounded up to the graph tile.
+Which launches run depends on the shapes only (when P covers C, 1 and 2 are all), never on
+values: no host sync, capturable in a CUDA graph; 3 and 4 return at once for finished
+images. The result is exactly the full-graph selection.
+P = max(PREFIX_MIN, PREFIX_PER_MEMBER * m) rounded up to the graph tile, at most C.
 """
 from __future__ import annotations
 
 import torch
 
-from . import mis, rank
+from . import cdiv, mis, rank
 from .graph import GraphRows
 
 PREFIX_MIN = 1024
@@ -26,7 +27,7 @@ PREFIX_PER_MEMBER = 8
 
 def prefix_rows(c: int, m: int, block: int) -> int:
     p = max(PREFIX_MIN, PREFIX_PER_MEMBER * m)
-    return min(c, -(-p // block) * block)
+    return min(c, cdiv(p, block) * block)
 
 
 def select(tokens, scores, n_pivots, k, grid, sim_threshold, spatial_weight, radius,
@@ -39,7 +40,7 @@ def select(tokens, scores, n_pivots, k, grid, sim_threshold, spatial_weight, rad
         return torch.sort(order[:, :k], dim=1).values
     g = GraphRows(tokens, order, n_pivots, grid, sim_threshold, spatial_weight, radius,
                   temporal_radius, norms=norms)
-    method = "auto" if tokens.is_cuda else "rounds"  # CPU (interpreter): the kernel's twin
+    method = "rounds"  # Luby rounds: the CUDA kernel on a GPU, its CPU twin under the interpreter
     p = prefix_rows(g.c, k - n_pivots, g.block)
     g.rows(0, p)
     if p >= g.c:
