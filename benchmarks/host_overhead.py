@@ -1,6 +1,7 @@
 """Host time of prune()'s own Python glue on the kernels path (validation, dispatch,
-allocations, launch arguments), with the launches themselves stubbed out, so that it runs
-on any CPU. In eager mode on a GPU this adds to Triton's launch cost per kernel; inside a
+allocations, launch arguments, the MIS binding's checks), with the launches themselves
+stubbed out and the graph split 4 ways as at LLaVA-1.5 size on a GPU, so that it runs on
+any CPU. In eager mode on a GPU this adds to Triton's launch cost per kernel; inside a
 CUDA graph or torch.compile it disappears.
 
     python -m benchmarks.host_overhead [--calls 2000]
@@ -27,14 +28,13 @@ def glue_us(calls: int) -> float:
     x = torch.randn(1, 576, 4096).bfloat16()
     attn = torch.rand(1, 32, 576).bfloat16()
     prior = torch.rand(576) + 0.5
-    kept = torch.empty(1, 64, dtype=torch.int64)
     with mock.patch.object(graph, "_similarity_graph_kernel", _NoLaunch()), \
             mock.patch.object(rank, "_rank_norms_kernel", _NoLaunch()), \
             mock.patch.object(scores, "_debiased_scores_kernel", _NoLaunch()), \
-            mock.patch.object(mis, "greedy_mis", lambda *args, **kwargs: kept), \
+            mock.patch.object(mis._C, "mis_rounds_cpu", lambda *args: None), \
             mock.patch.object(stages, "use_triton", lambda backend, device: True), \
             mock.patch.object(stages, "use_compiled_mis", lambda *args: True), \
-            mock.patch.object(graph, "sm_count", lambda device: 132):
+            mock.patch.object(graph, "split_count", lambda *args: 4):  # as on a GPU
         f = lambda: d2p.prune(x, attn, (24, 24), 64, prior=prior)  # noqa: E731
         for _ in range(calls // 10):
             f()

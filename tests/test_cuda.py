@@ -49,7 +49,7 @@ def test_lazy_prune_equals_the_full_graph_selection(n, grid, k):
     assert torch.equal(got, reference.greedy_mis(adj, order, n_p, k))
 
 
-@pytest.mark.parametrize("b,d", [(8, 1024), (1, 4096)])  # one graph launch / split-K
+@pytest.mark.parametrize("b,d", [(8, 512), (1, 4096)])  # one graph launch / split-K
 def test_identical_over_100_runs(b, d):
     x, a = llava_like(b, 576, d, seed=1)
     first = prune(x, a, (24, 24), 64)
@@ -85,13 +85,14 @@ def test_an_image_selects_the_same_alone_or_in_a_batch():
 
 
 @pytest.mark.parametrize("n", [576, 8192, 16384])
-def test_rank_kernel_equals_stable_sort_at_size(n):
+def test_rank_kernel_equals_stable_sort_at_size(monkeypatch, n):
+    from d2pruner_kernels.kernels import rank
+    monkeypatch.setattr(rank, "MAX_N", n)  # the kernel itself, past its usual cut-over too
     g = torch.Generator().manual_seed(n)
     s = (torch.randint(0, 50, (4, n), generator=g).float() / 7).cuda()  # many ties
     s[0, ::97] = float("nan")
     s[1, ::89] = -float("nan")  # CUDA's torch.sort puts -NaN last; we (and reference) first
-    want = reference.rank_order(s)
-    assert torch.equal(d2p.rank_order(s, backend="kernels"), want)
+    assert torch.equal(rank.rank_and_norms(s, None)[0], reference.rank_order(s))
 
 
 def test_no_host_sync_inside_prune():

@@ -75,11 +75,12 @@ def test_rows_past_the_graph_are_clamped():
     from d2pruner_kernels.kernels import graph
     x, order = inputs(2, 150, 40, torch.float32, seed=8)
     cfg = dict(graph.default_config(x.dtype, 40), BLOCK_K=16, SPLITS=2)
-    want = graph.similarity_graph(x, order, 20, (1, 10, 15), config=cfg)
+    want = d2p.similarity_graph(x, order, 20, (10, 15), backend="reference")
     rows = graph.GraphRows(x, order, 20, (1, 10, 15), config=cfg)
     rows.rows(0, rows.c + 100)
     c = rows.c
-    assert torch.equal(layout.unpack_lower(rows.adj, c), layout.unpack_lower(want, c))
+    differ = layout.unpack_lower(rows.adj, c) != layout.unpack_lower(want, c)
+    assert not (differ & ~in_band(x, order, 20, (1, 10, 15), 0.8, 0.0)).any()
 
 
 def test_split_count_fills_the_gpu_and_keeps_slices_long(monkeypatch):

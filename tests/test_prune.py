@@ -10,11 +10,11 @@ from conftest import DEVICE
 from inputs import band_margin, clustered_tokens, distinct_attention
 
 
-def case(b=2, n=48, d=16, h=3, seed=0, dtype=torch.float32, grid=(6, 8)):
+def case(b=2, n=48, d=16, h=3, seed=0, dtype=torch.float32, grid=(6, 8), device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     x = clustered_tokens(b, n, d, dtype=dtype, generator=g)
     a = distinct_attention(b, h, n, generator=g)
-    return x, a, grid
+    return x.to(device), a.to(device), grid
 
 
 # ---- end to end parity ----------------------------------------------------------------
@@ -27,7 +27,7 @@ def band_free_case(b, n, d, h, grid, k, rho, beta, radius, dtype, seed):
         n_p = math.floor(rho * k + 1e-6)
         grid3 = grid if len(grid) == 3 else (1, *grid)
         if band_margin(x, order, n_p, grid3, 0.8, beta, radius) > 1e-5:
-            return x.to(DEVICE), a.to(DEVICE)
+            return x, a
     raise AssertionError("no band-free input found")
 
 
@@ -37,6 +37,7 @@ def band_free_case(b, n, d, h, grid, k, rho, beta, radius, dtype, seed):
     (77, (7, 11), 0.25, 0.5, 0.5, 1),
     (90, (2, 5, 9), 30, 0.0, 0.5, 2),
     (60, (6, 10), 60, 0.7, 0.0, 2),
+    (48, (6, 8), 12, 1.0, 0.0, 2),  # all pivots: the plain top-k branch
     (33, (3, 11), 1, 0.7, 0.0, 2),
 ])
 def test_kernels_equal_reference(dtype, n, grid, k, rho, beta, radius):
@@ -61,7 +62,7 @@ def test_unbatched_shapes_and_ratio_k():
 
 def test_batched_equals_per_item():
     x, a, grid = case(b=4, seed=3)
-    prior = torch.rand(4, 48) + 0.5
+    prior = (torch.rand(4, 48) + 0.5).to(DEVICE)
     out = prune(x, a, grid, 10, prior=prior, spatial_weight=0.5)
     for b in range(4):
         assert torch.equal(out[b], prune(x[b], a[b], grid, 10, prior=prior[b], spatial_weight=0.5))
@@ -69,7 +70,7 @@ def test_batched_equals_per_item():
 
 def test_inputs_are_never_modified():
     x, a, grid = case()
-    prior = torch.rand(48) + 0.5
+    prior = (torch.rand(48) + 0.5).to(DEVICE)
     saved = [t.clone() for t in (x, a, prior)]
     prune(x, a, grid, 10, prior=prior)
     assert all(torch.equal(s, t) for s, t in zip(saved, (x, a, prior)))
@@ -77,14 +78,15 @@ def test_inputs_are_never_modified():
 
 def test_prior_changes_the_selection_as_the_formula_says():
     x, a, grid = case(b=1, seed=4)
-    prior = torch.rand(48, generator=torch.Generator().manual_seed(9)) + 0.1
-    top = prune(x, a, grid, 6, prior=prior, pivot_ratio=1.0)[0]
-    assert torch.equal(top, (a[0].mean(0) / (prior + 1e-7)).topk(6).indices.sort().values)
+    prior = (torch.rand(48, generator=torch.Generator().manual_seed(9)) + 0.1).to(DEVICE)
+    for eps in (1e-7, 0.5):
+        top = prune(x, a, grid, 6, prior=prior, pivot_ratio=1.0, eps=eps)[0]
+        assert torch.equal(top, (a[0].mean(0) / (prior + eps)).topk(6).indices.sort().values)
 
 
 # ---- the error contract -----------------------------------------------------------------
 
-X, A, GRID = case()
+X, A, GRID = case(device="cpu")  # metadata checks: the same on every device
 
 BAD = [
     (dict(tokens=X[0, 0]), ValueError, "tokens must be 2-D or 3-D"),
@@ -176,15 +178,21 @@ def test_prior_broadcasts_from_one_row():
     assert torch.equal(prune(X, A, GRID, 10, prior=prior), prune(X, A, GRID, 10, prior=prior[0]))
 
 
-def test_reference_does_not_touch_tf32_settings():
-    """The reference never flips torch's TF32 switches (which clash with the new API)."""
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="TF32 exists on CUDA only")
+def test_reference_float32_products_stay_ieee_under_tf32():
+    """With TF32 allowed globally, the reference's float32 products are still the IEEE ones
+    (float64 rounded once), and the global switch is left as the user set it."""
+    from d2pruner_kernels.reference.numerics import matmul_fp32
     matmul = torch.backends.cuda.matmul
     if not hasattr(matmul, "fp32_precision"):
         pytest.skip("this torch has no fp32_precision API")
     saved = matmul.fp32_precision
     matmul.fp32_precision = "tf32"
     try:
-        prune(X, A, GRID, 10, backend="reference")
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(64, 4096, generator=g).to(DEVICE) for _ in range(2))
+        assert torch.equal(matmul_fp32(a, b.T), (a.double() @ b.double().T).float())
+        assert not torch.equal(a @ b.T, matmul_fp32(a, b.T)), "TF32 did not take effect"
         assert matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision = saved
@@ -217,8 +225,9 @@ def test_stage_backends_reject_what_they_cannot_run():
 @pytest.mark.parametrize("k,rho,clusters", [(12, 0.5, 40), (40, 0.0, 4), (70, 0.3, 3)])
 def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, splits):
     """With a 64-row prefix, images settle inside it (many clusters, small m) or need the
-    rest of the graph (few clusters: the MIS is small and the walk runs out); mixed in one
-    batch, both must equal the reference, with or without split-K graph launches."""
+    rest of the graph (few clusters: the MIS is small and the walk runs out); either way
+    the answer is the reference's, with or without split-K graph launches. (The protocol
+    itself, settled and unsettled images in one batch, is tested in test_mis.py.)"""
     from d2pruner_kernels.kernels import graph, select
     monkeypatch.setattr(graph, "split_count", lambda *args: splits)
     monkeypatch.setattr(select, "PREFIX_MIN", 64)

@@ -76,6 +76,17 @@ def test_head_counts_around_the_unrolled_step(h):
                         reference.debiased_scores(attn))
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.5])
+def test_eps_reaches_the_division(eps):
+    g = torch.Generator().manual_seed(11)
+    attn = distinct_attention(2, 3, 70, generator=g).to(DEVICE)
+    prior = (torch.rand(70, generator=g) + 0.1).to(DEVICE)
+    want = attn.float().mean(1) / (prior + eps)
+    for backend in ("kernels", "reference"):
+        got = d2p.debiased_scores(attn, prior, eps, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
 def test_negative_zero_is_written_as_positive_zero():
     attn = torch.tensor([[0.0, -0.0, 1.0, -0.0]], device=DEVICE)
     got = d2p.debiased_scores(attn, backend="kernels")
