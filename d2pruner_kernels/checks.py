@@ -51,15 +51,25 @@ def check_float(name: str, v, lo: float, hi: float) -> float:
     return v
 
 
+def grid_dims(name: str, grid) -> tuple[int, ...]:
+    """(H, W) or (T, H, W) of positive ints, as given."""
+    if not isinstance(grid, (tuple, list, torch.Size)) or len(grid) not in (2, 3):
+        raise TypeError(f"{name} must be a tuple (H, W) or (T, H, W), got {grid!r}")
+    return tuple(check_int(f"{name} entries", g, lo=1) for g in grid)
+
+
 def check_grid(grid_hw, n: int) -> tuple[int, int, int]:
     """Returns the grid as (T, H, W); a 2-D grid has T = 1."""
-    if not isinstance(grid_hw, (tuple, list, torch.Size)) or len(grid_hw) not in (2, 3):
-        raise TypeError(f"grid_hw must be a tuple (H, W) or (T, H, W), got {grid_hw!r}")
-    dims = tuple(check_int("grid_hw entries", g, lo=1) for g in grid_hw)
+    dims = grid_dims("grid_hw", grid_hw)
     cells = math.prod(dims)
     if cells != n:
         raise ValueError(f"grid {dims} has {cells} cells but tokens has N={n}")
-    return dims if len(dims) == 3 else (1, *dims)
+    return as_3d(dims)
+
+
+def as_3d(grid) -> tuple[int, int, int]:
+    """(H, W) -> (1, H, W); (T, H, W) unchanged."""
+    return tuple(grid) if len(grid) == 3 else (1, *grid)
 
 
 def resolve_k(k, n: int) -> int:

@@ -25,17 +25,10 @@ import os
 
 import torch
 
+from .checks import grid_dims
+
 FORMAT = "d2pruner-positional-prior"
 VERSION = "1"
-
-
-def _check_grid(name: str, grid) -> tuple[int, ...]:
-    if not isinstance(grid, (tuple, list, torch.Size)) or len(grid) not in (2, 3):
-        raise TypeError(f"{name} must be a tuple (H, W) or (T, H, W), got {grid!r}")
-    for g in grid:
-        if isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1:
-            raise ValueError(f"{name} entries must be positive ints, got {tuple(grid)!r}")
-    return tuple(int(g) for g in grid)
 
 
 def _grid_str(grid: tuple[int, ...]) -> str:
@@ -50,7 +43,7 @@ class PositionalPrior:
     """
 
     def __init__(self, grid, *, model: str = "", layer: int | None = None, query: str = ""):
-        self.grid = _check_grid("grid", grid)
+        self.grid = grid_dims("grid", grid)
         self.model = str(model)
         if layer is not None and (isinstance(layer, bool)
                                   or not isinstance(layer, numbers.Integral)):
@@ -160,7 +153,7 @@ class PositionalPrior:
         `expected_grid` when given. Never executes code from the file."""
         from safetensors import safe_open
         path = os.fspath(path)
-        want = None if expected_grid is None else _check_grid("expected_grid", expected_grid)
+        want = None if expected_grid is None else grid_dims("expected_grid", expected_grid)
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
@@ -212,7 +205,7 @@ class PositionalPrior:
         and a positive prior stays positive. A (T, H, W) prior takes a (T, H', W') grid with
         the same T; frames are resampled independently. The count is kept.
         """
-        new = _check_grid("grid", grid)
+        new = grid_dims("grid", grid)
         if len(new) != len(self.grid) or (len(new) == 3 and new[0] != self.grid[0]):
             want = f"(T, H', W') with T={self.grid[0]}" if len(self.grid) == 3 else "(H', W')"
             raise ValueError(f"resized() keeps the number of frames: a prior on grid "

@@ -2,8 +2,9 @@
 
 On CUDA the whole call is free of host synchronisation: scores, then rank + norms, the
 lazy graph and the MIS of `kernels/select.py`, all on the current stream, output shape
-fixed by `k`. It is also a `torch.library` custom op (`torch.ops.d2pruner.prune`) with a fake implementation, so
-`torch.compile(fullgraph=True)` traces through it and CUDA graphs capture it.
+fixed by `k`. It is also a `torch.library` custom op (`torch.ops.d2pruner.prune`) with a
+fake implementation, so `torch.compile(fullgraph=True)` traces through it and CUDA graphs
+capture it.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import List, Optional
 import torch
 
 from . import stages
-from .checks import (check_backend, check_float, check_int, check_prune_inputs, pivot_count,
+from .checks import (as_3d, check_backend, check_float, check_int, check_prune_inputs, pivot_count,
                      resolve_k)
 
 
@@ -46,8 +47,7 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
     batched, _, n, _, grid = check_prune_inputs(tokens, attn, grid_hw,
                                                 None if prior_obj else prior, check_finite)
     if prior_obj is not None:  # calibrated for this grid; one device copy, cached
-        own = tuple(prior_obj.grid) if len(prior_obj.grid) == 3 else (1, *prior_obj.grid)
-        if own != grid:
+        if as_3d(prior_obj.grid) != grid:
             raise ValueError(f"prior is calibrated for grid {tuple(prior_obj.grid)}, "
                              f"got grid_hw {tuple(grid_hw)}")
         prior = prior_obj.as_tensor(device=tokens.device)

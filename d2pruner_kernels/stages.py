@@ -15,7 +15,7 @@ import importlib.util
 import torch
 
 from . import reference
-from .checks import check_backend
+from .checks import as_3d, check_backend
 from .kernels import interpreting
 from .kernels import mis as mis_kernel
 
@@ -109,8 +109,8 @@ def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
                      spatial_weight: float = 0.0, radius: int = 2, temporal_radius: int = 1,
                      backend: str = "auto") -> torch.Tensor:
     """SPEC step 4: packed int32 [B, C, words] adjacency of the candidates (see `layout`)."""
-    grid3 = tuple(grid) if len(grid) == 3 else (1, *grid)
-    args = (tokens, order, n_pivots, grid3, sim_threshold, spatial_weight, radius, temporal_radius)
+    args = (tokens, order, n_pivots, as_3d(grid), sim_threshold, spatial_weight, radius,
+            temporal_radius)
     if use_triton(backend, tokens.device):
         return _triton_module("graph").similarity_graph(*args)
     return reference.similarity_graph(*args)

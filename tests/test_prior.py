@@ -71,7 +71,7 @@ def test_refuses_empty_non_positive_non_finite(tmp_path):
     huge = PositionalPrior((3, 3)).update(torch.full((2, 9), 1e308, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"NaN or Inf"):
         huge.as_tensor(device="cpu")
-    with pytest.raises(ValueError, match=r"grid entries must be positive ints"):
+    with pytest.raises(ValueError, match=r"grid entries must be >= 1, got 0"):
         PositionalPrior((3, 0))
     with pytest.raises(TypeError, match=r"grid must be a tuple"):
         PositionalPrior(9)

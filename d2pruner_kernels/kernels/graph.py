@@ -72,7 +72,8 @@ def _similarity_graph_kernel(
     if PHASE == 2:
         acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         for s in range(SPLITS):
-            acc += tl.load(ws_ptr + ((b * SPLITS + s) * n_tiles + tile) * (BLOCK * BLOCK) + in_tile)
+            slot = (b * SPLITS + s) * n_tiles + tile
+            acc += tl.load(ws_ptr + slot * (BLOCK * BLOCK) + in_tile)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         xi = x_ptr + b * stride_xb + ti[:, None] * stride_xn + offs_k[None, :]
@@ -96,7 +97,8 @@ def _similarity_graph_kernel(
             else:
                 acc = tl.dot(a, tl.trans(c), acc)
         if PHASE == 1:
-            tl.store(ws_ptr + ((b * SPLITS + split) * n_tiles + tile) * (BLOCK * BLOCK) + in_tile, acc)
+            slot = (b * SPLITS + split) * n_tiles + tile
+            tl.store(ws_ptr + slot * (BLOCK * BLOCK) + in_tile, acc)
             return
 
     # Epilogue: cosine, spatial term, threshold, then 32 columns -> one int32 word.
@@ -161,7 +163,8 @@ class GraphRows:
         self.block = self.cfg.pop("BLOCK")
         self.block_k = self.cfg.pop("BLOCK_K")
         self.c = n - n_pivots
-        self.adj = torch.empty(b, self.c, num_words(self.c), dtype=torch.int32, device=tokens.device)
+        self.adj = torch.empty(b, self.c, num_words(self.c), dtype=torch.int32,
+                               device=tokens.device)
         upcast = interpreting() and self.x.dtype == torch.bfloat16
         self.args = (n_pivots, grid, radius, temporal_radius, 1.0 - spatial_weight,
                      spatial_weight, sim_threshold)
