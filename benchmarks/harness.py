@@ -29,7 +29,6 @@ from .shapes import Inputs, Shape
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
-COPIES = 4  # input copies rotated among
 
 
 def device_name(device: torch.device = DEVICE) -> str:
