@@ -26,7 +26,7 @@ echo "tests rc=$?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 
 step stages
-timeout "${STAGES_TIMEOUT:-120}" python3 -m benchmarks.stages --out "$OUT/stages.md" >"$OUT/stages.log" 2>&1
+timeout "${STAGES_TIMEOUT:-150}" python3 -m benchmarks.stages --out "$OUT/stages.md" >"$OUT/stages.log" 2>&1
 echo "stages rc=$?"; tail -4 "$OUT/stages.log"
 
 step compute-sanitizer

@@ -1,7 +1,8 @@
 """Per-stage GPU timings at the shapes the kernel issues name (bf16, D = 4096):
 scores, rank (+ norms), graph, MIS (with Luby round counts) and prune() end to end, each
-next to the reference on the same device, then graph-kernel configurations (split-K,
-stages, tiles) side by side. Medians from triton.testing: `eager` = back-to-back calls
+next to the reference on the same device, then side by side: the rank kernel against
+torch.sort, the lazy graph's prefix sizes, and graph-kernel configurations (split-K,
+stages, tiles). Medians from triton.testing: `eager` = back-to-back calls
 timed with CUDA events (do_bench), `graph` = replays of a captured CUDA graph
 (do_bench_cudagraph), i.e. GPU time without host launch overhead.
 
@@ -21,16 +22,20 @@ from d2pruner_kernels.checks import pivot_count
 from d2pruner_kernels.kernels import graph as graph_kernel
 from d2pruner_kernels.kernels import mis as mis_kernel
 from d2pruner_kernels.kernels import rank as rank_kernel
+from d2pruner_kernels.kernels import select
 
 from .harness import device_name
+from .walk_depth import depths
 
 
-def inputs(b, n, d, heads=32, seed=0):
+def inputs(b, n, d, heads=32, seed=0, clusters=64, noise=0.7):
+    """Clustered bf16 features: cosine ~1 / (1 + noise^2) inside a cluster (0.67 at the
+    default 0.7: few edges at the 0.8 threshold), random attention, a positive prior."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    centres = torch.randn(b, 64, d, device="cuda", generator=g)
-    assign = torch.randint(0, 64, (b, n), device="cuda", generator=g)
+    centres = torch.randn(b, clusters, d, device="cuda", generator=g)
+    assign = torch.randint(0, clusters, (b, n), device="cuda", generator=g)
     x = torch.gather(centres, 1, assign[..., None].expand(-1, -1, d))
-    x = (x + 0.7 * torch.randn(b, n, d, device="cuda", generator=g)).bfloat16()
+    x = (x + noise * torch.randn(b, n, d, device="cuda", generator=g)).bfloat16()
     attn = torch.rand(b, heads, n, device="cuda", generator=g).bfloat16()
     prior = torch.rand(n, device="cuda", generator=g) + 0.5
     return x, attn, prior
@@ -55,6 +60,31 @@ def us(fn, graph=False, slow=False):
 
 def row(cells):
     return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def prefix_rows_ab(lines: list[str]) -> None:
+    """prune() with the lazy graph's prefix P = max(PREFIX_MIN, PREFIX_PER_MEMBER * m) at its
+    default and smaller (two more launches, far fewer rows), with how deep these inputs'
+    walks go (`walk_depth`). The last case is 8 near-cliques (cosine ~0.92): fewer than m
+    independent tokens, so the walk reads the whole graph (a small prefix's worst case)."""
+    defaults = select.PREFIX_MIN, select.PREFIX_PER_MEMBER
+    few = dict(clusters=8, noise=0.3)
+    for b, n, grid, k, kind in ((1, 576, (24, 24), 64, {}), (32, 576, (24, 24), 128, {}),
+                                (1, 2880, (48, 60), 320, {}), (1, 576, (24, 24), 64, few)):
+        x, attn, prior = inputs(b, n, 4096, **kind)
+        n_p = pivot_count(0.7, k)
+        ds = depths(x, attn, prior, grid, k)
+        for select.PREFIX_MIN, select.PREFIX_PER_MEMBER in (defaults, (256, 2), (128, 2),
+                                                             (64, 2)):
+            p = select.prefix_rows(n - n_p, k - n_p, 64)
+            f = lambda: d2p.prune(x, attn, grid, k, prior=prior)  # noqa: E731
+            note = (f"P={p} (min {select.PREFIX_MIN}, {select.PREFIX_PER_MEMBER}m); "
+                    f"{sum(d <= p for d in ds)}/{b} walks settle in P (deepest {max(ds)})")
+            lines.append(row(["prune, prefix", f"B={b} N={n} D=4096 k={k}" + (" near-cliques" if kind else ""),
+                              f"{us(f):.1f}",
+                              f"{us(f, graph=True):.1f}", "", "", note]))
+            print(lines[-1], flush=True)
+    select.PREFIX_MIN, select.PREFIX_PER_MEMBER = defaults
 
 
 def main(argv=None):
@@ -122,6 +152,7 @@ def main(argv=None):
         add("rank (forced)", f"B=1 N={n}", lambda: rank_kernel.rank_and_norms(s, None),
             lambda: reference.rank_order(s), note=f"kernel used up to N={limit}")
     rank_kernel.MAX_N = limit
+    prefix_rows_ab(lines)
     # graph configurations: split-K at N=576 (45 tiles), tiles at N=2880 (the heaviest stage)
     base = dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3)
     for n, grid, n_p, cfgs in (

@@ -92,16 +92,6 @@ def test_large_graphs_across_windows(c, kind):
         assert int(rounds[0]) >= c // 2
 
 
-def members(edges):
-    """Rank positions of the whole greedy MIS, in rank order."""
-    blocked, taken = torch.zeros(edges.shape[0], dtype=torch.bool), []
-    for v in range(edges.shape[0]):
-        if not blocked[v]:
-            taken.append(v)
-            blocked |= edges[v]
-    return taken
-
-
 @settings(max_examples=300, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["random", "cliques", "chain"]),
        c=st.integers(1, 1200), n_p=st.integers(0, 4), frac_r=st.floats(0.0, 1.0),
@@ -124,7 +114,7 @@ def test_lazy_protocol_reads_only_the_rows_ready(seed, kind, c, n_p, frac_r, fra
     adj[:, r:] = -1  # rows not ready: garbage that would change any answer reading it
     want = torch.stack([reference_kept(e, o, n_p, k) for e, o in zip(edges, orders)])
     done_want = [m == 0 or r == c or (len(ms) >= m and ms[m - 1] < r)
-                 for ms in map(members, edges)]
+                 for ms in (reference.greedy_members(e, c) for e in edges)]
     devices = ["cpu", "cuda"] if ON_GPU else ["cpu"]
     for device in devices:
         kept = torch.full((batch, k), -7, dtype=torch.int64, device=device)

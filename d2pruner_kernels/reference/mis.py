@@ -7,11 +7,12 @@ import torch
 from ..layout import unpack_symmetric
 
 
-def greedy_walk(edges: torch.Tensor, m: int) -> list[int]:
-    """Candidates (rank positions) of one image kept by steps 5-6, in the order taken.
+def greedy_members(edges: torch.Tensor, m: int) -> list[int]:
+    """Steps 5-6 of one image: candidates (rank positions) the greedy walk takes, in order.
 
     edges: bool [C, C] symmetric. Walk in rank order, take a candidate that no taken
-    candidate touches, stop at m; then fill with untaken candidates in rank order.
+    candidate touches, stop at m (fewer when the MIS runs out). Deciding candidate v reads
+    row v, so the walk reads rows [0, taken[m - 1]] when it reaches m members.
     """
     adj = edges.cpu().numpy()
     blocked = np.zeros(adj.shape[0], dtype=bool)
@@ -22,8 +23,14 @@ def greedy_walk(edges: torch.Tensor, m: int) -> list[int]:
         if not blocked[v]:
             taken.append(v)
             blocked |= adj[v]
+    return taken
+
+
+def greedy_walk(edges: torch.Tensor, m: int) -> list[int]:
+    """Steps 5-6, then the fill: the members, then untaken candidates in rank order, m in all."""
+    taken = greedy_members(edges, m)
     chosen = set(taken)
-    fill = [v for v in range(adj.shape[0]) if v not in chosen][: m - len(taken)]
+    fill = [v for v in range(edges.shape[0]) if v not in chosen][: m - len(taken)]
     return taken + fill
 
 

@@ -1,0 +1,77 @@
+"""Where the greedy walk settles: how many rows of the candidate graph the MIS reads before
+its m-th member, on the benchmark inputs and on the demo scene (reference stages, any
+device, no timing).
+
+The lazy graph (`kernels/select.py`) computes a prefix of P rows first and the rest only for
+images whose walk has not settled within P. So the depth says how much of the graph work
+(C^2 * D, a prefix costs P^2 * D) an input really needs, and whether P is well chosen. It is
+a property of the data: the benchmark inputs and a real model's features need not agree.
+
+    python -m benchmarks.walk_depth [--quick] [--copies 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from d2pruner_kernels import demo, reference
+from d2pruner_kernels.checks import as_3d, pivot_count
+from d2pruner_kernels.kernels.select import prefix_rows
+
+from .shapes import CPU_SHAPES, GPU_SHAPES, PIVOT_RATIO, make_inputs
+
+BLOCK = 64  # the graph kernel's row tile for bf16 / fp16 (kernels/graph.py), P's granule
+
+
+def depths(tokens, attn, prior, grid, k) -> list[int]:
+    """Rows read by each image's walk: up to its m-th member, or all C if it has fewer."""
+    n_p = pivot_count(PIVOT_RATIO, k)
+    c, m = tokens.shape[1] - n_p, k - n_p
+    order = reference.rank_order(reference.debiased_scores(attn, prior))
+    out = []
+    for b in range(tokens.shape[0]):
+        edges = reference.similarity_edges(tokens[b:b + 1], order[b:b + 1], n_p, as_3d(grid))[0]
+        taken = reference.greedy_members(edges, m)
+        out.append(taken[-1] + 1 if m and len(taken) == m else (0 if m == 0 else c))
+    return out
+
+
+def row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def report(name, c, m, ds) -> str:
+    p = prefix_rows(c, m, BLOCK)
+    settled = sum(x <= p for x in ds)
+    return row([name, c, m, f"{min(ds)} / {statistics.median(ds):g} / {max(ds)}",
+                f"{statistics.median(ds) / max(m, 1):.1f}", p,
+                f"{settled}/{len(ds)}", f"{p * p / (c * c):.0%}"])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="the small CPU shapes and the demo")
+    ap.add_argument("--copies", type=int, default=2, help="input seeds per shape")
+    args = ap.parse_args(argv)
+    print(row(["input", "C", "m", "depth min / median / max", "median / m", "prefix P",
+               "settled in P", "prefix work P² / C²"]))
+    print(row(["---"] * 8))
+    for shape in CPU_SHAPES if args.quick else GPU_SHAPES:
+        ds = []
+        for seed in range(args.copies):
+            x = make_inputs(shape, "cpu", seed)
+            ds += depths(x.tokens, x.attn, x.prior, shape.grid, shape.k_int)
+        print(report(shape.name, shape.candidates, shape.k_int - shape.n_pivots, ds),
+              flush=True)
+    _, _, tokens, attn, prior = demo.build_example(0)
+    for reduction in demo.REDUCTIONS:
+        k = demo.kept_count(reduction)
+        n_p = pivot_count(PIVOT_RATIO, k)
+        ds = depths(tokens[None], attn[None], prior, demo.GRID, k)
+        print(report(f"demo scene, {reduction:.0%} pruned", demo.N - n_p, k - n_p, ds))
+
+
+if __name__ == "__main__":
+    main()
