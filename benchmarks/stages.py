@@ -63,28 +63,32 @@ def row(cells):
 
 
 def prefix_rows_ab(lines: list[str]) -> None:
-    """prune() with the lazy graph's prefix P = max(PREFIX_MIN, PREFIX_PER_MEMBER * m) at its
-    default and smaller (two more launches, far fewer rows), with how deep these inputs'
-    walks go (`walk_depth`). The last case is 8 near-cliques (cosine ~0.92): fewer than m
+    """prune() with the lazy graph's row ranges (kernels/select.py) at their default and
+    smaller first ranges (more launches, far fewer rows), with how deep these inputs' walks
+    go (`walk_depth`). The last case is 8 near-cliques (cosine ~0.92): fewer than m
     independent tokens, so the walk reads the whole graph (a small prefix's worst case)."""
-    defaults = select.PREFIX_MIN, select.PREFIX_PER_MEMBER
+    knobs = ("PREFIX_MIN", "PREFIX_PER_MEMBER", "PREFIX_GROWTH")
+    defaults = tuple(getattr(select, name) for name in knobs)
     few = dict(clusters=8, noise=0.3)
     for b, n, grid, k, kind in ((1, 576, (24, 24), 64, {}), (32, 576, (24, 24), 128, {}),
                                 (1, 2880, (48, 60), 320, {}), (1, 576, (24, 24), 64, few)):
         x, attn, prior = inputs(b, n, 4096, **kind)
         n_p = pivot_count(0.7, k)
         ds = depths(x, attn, prior, grid, k)
-        for select.PREFIX_MIN, select.PREFIX_PER_MEMBER in (defaults, (256, 2), (128, 2),
-                                                             (64, 2)):
-            p = select.prefix_rows(n - n_p, k - n_p, 64)
+        shape = f"B={b} N={n} D=4096 k={k}" + (" near-cliques" if kind else "")
+        for setting in (defaults, (256, 2, 0), (128, 2, 0), (64, 2, 0), (128, 2, 4)):
+            for name, value in zip(knobs, setting):
+                setattr(select, name, value)
+            ends = select.row_ranges(n - n_p, k - n_p, 64)
             f = lambda: d2p.prune(x, attn, grid, k, prior=prior)  # noqa: E731
-            note = (f"P={p} (min {select.PREFIX_MIN}, {select.PREFIX_PER_MEMBER}m); "
-                    f"{sum(d <= p for d in ds)}/{b} walks settle in P (deepest {max(ds)})")
-            lines.append(row(["prune, prefix", f"B={b} N={n} D=4096 k={k}" + (" near-cliques" if kind else ""),
-                              f"{us(f):.1f}",
-                              f"{us(f, graph=True):.1f}", "", "", note]))
+            note = (f"ranges end at {ends} (min, per member, growth = {setting}); "
+                    f"{sum(d <= ends[0] for d in ds)}/{b} walks settle in the first "
+                    f"(deepest {max(ds)})")
+            lines.append(row(["prune, prefix", shape, f"{us(f):.1f}", f"{us(f, graph=True):.1f}",
+                              "", "", note]))
             print(lines[-1], flush=True)
-    select.PREFIX_MIN, select.PREFIX_PER_MEMBER = defaults
+    for name, value in zip(knobs, defaults):
+        setattr(select, name, value)
 
 
 def main(argv=None):

@@ -17,7 +17,7 @@ struct MisArgs {
   // An image whose m members settle inside those rows is written and marked done[b] = 1;
   // otherwise done[b] = 0 and nothing is written. Images with skip[b] != 0 are untouched.
   int rows_ready;
-  const int32_t* skip;  // [B] or nullptr
+  const int32_t* skip;  // [B] or nullptr; may alias done: read before done is written
   int32_t* done;        // [B] or nullptr
   D2P_HD int candidates() const { return n_tokens - n_pivots; }
   D2P_HD int words_c() const { return (candidates() + 31) / 32; }

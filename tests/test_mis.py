@@ -95,39 +95,42 @@ def test_large_graphs_across_windows(c, kind):
 @settings(max_examples=300, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["random", "cliques", "chain"]),
        c=st.integers(1, 1200), n_p=st.integers(0, 4), frac_r=st.floats(0.0, 1.0),
-       frac_m=st.floats(0.0, 1.0))
-def test_lazy_protocol_reads_only_the_rows_ready(seed, kind, c, n_p, frac_r, frac_m):
-    """rows_ready / done / skip / kept (kernels/select.py): with rows >= R poisoned, an image
-    is done exactly when its m-th greedy member lies before R (or R = C, or m = 0), done
-    images get the full-graph answer, the others are left untouched; a second call over
-    the whole graph with skip = done completes them. Across the 1024-candidate window."""
+       frac_r2=st.floats(0.0, 1.0), frac_m=st.floats(0.0, 1.0))
+def test_lazy_protocol_reads_only_the_rows_ready(seed, kind, c, n_p, frac_r, frac_r2, frac_m):
+    """rows_ready / done / skip / kept, as kernels/select.py chains them over row ranges
+    ending at R1 <= R2 <= C: with rows >= R poisoned, an image is done exactly when its
+    m-th greedy member lies before R (or R = C, or m = 0); done images get the full-graph
+    answer, the others are left untouched; later calls pass skip = done = the same tensor
+    (read before it is rewritten) and finish the rest. Across the 1024-candidate window."""
     g = torch.Generator().manual_seed(seed)
     batch, n = 3, c + n_p
-    r = round(frac_r * c)
+    r1 = round(frac_r * c)
+    r2 = r1 + round(frac_r2 * (c - r1))
     m = round(frac_m * min(c, 40))
     k = n_p + m
     if k == 0:
         return
     edges = [graph(kind, c, g, p=min(0.5, 6.0 / c)) for _ in range(batch)]
     orders = torch.stack([torch.randperm(n, generator=g) for _ in range(batch)])
-    adj = layout.pack_lower(torch.stack(edges))
-    adj[:, r:] = -1  # rows not ready: garbage that would change any answer reading it
     want = torch.stack([reference_kept(e, o, n_p, k) for e, o in zip(edges, orders)])
-    done_want = [m == 0 or r == c or (len(ms) >= m and ms[m - 1] < r)
-                 for ms in (reference.greedy_members(e, c) for e in edges)]
+    depth = [ms[m - 1] + 1 if m and len(ms) >= m else (0 if m == 0 else c + 1)
+             for ms in (reference.greedy_members(e, c) for e in edges)]
     devices = ["cpu", "cuda"] if ON_GPU else ["cpu"]
     for device in devices:
         kept = torch.full((batch, k), -7, dtype=torch.int64, device=device)
         done = torch.full((batch,), -1, dtype=torch.int32, device=device)
-        a, o = adj.to(device), orders.to(device)
-        mis.greedy_mis(a, o, n_p, k, method="rounds", rows_ready=r, done=done, kept=kept)
-        assert done.tolist() == [int(d) for d in done_want], device
-        for b in range(batch):
-            want_b = want[b] if done_want[b] else torch.full((k,), -7, dtype=torch.int64)
-            assert torch.equal(kept[b].cpu(), want_b), (device, b)
-        full = layout.pack_lower(torch.stack(edges)).to(device)
-        mis.greedy_mis(full, o, n_p, k, method="rounds", skip=done, kept=kept)
-        assert torch.equal(kept.cpu(), want), device
+        o = orders.to(device)
+        for i, r in enumerate((r1, r2, c)):
+            adj = layout.pack_lower(torch.stack(edges))
+            adj[:, r:] = -1  # rows not ready: garbage that would change any answer reading it
+            skip = None if i == 0 else done
+            mis.greedy_mis(adj.to(device), o, n_p, k, method="rounds", rows_ready=r,
+                           skip=skip, done=done, kept=kept)
+            done_want = [int(r == c or d <= r) for d in depth]
+            assert done.tolist() == done_want, (device, r)
+            for b in range(batch):
+                want_b = want[b] if done_want[b] else torch.full((k,), -7, dtype=torch.int64)
+                assert torch.equal(kept[b].cpu(), want_b), (device, r, b)
 
 
 def test_more_members_wanted_than_the_mis_has_fills_in_rank_order():

@@ -221,17 +221,20 @@ def test_stage_backends_reject_what_they_cannot_run():
 
 # ---- the lazy graph of the kernels backend ----------------------------------------------
 
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits,growth", [(1, 0), (3, 0), (1, 2)])
 @pytest.mark.parametrize("k,rho,clusters", [(12, 0.5, 40), (40, 0.0, 4), (70, 0.3, 3)])
-def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, splits):
+def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, splits, growth):
     """With a 64-row prefix, images settle inside it (many clusters, small m) or need the
     rest of the graph (few clusters: the MIS is small and the walk runs out); either way
-    the answer is the reference's, with or without split-K graph launches. (The protocol
-    itself, settled and unsettled images in one batch, is tested in test_mis.py.)"""
+    the answer is the reference's, with or without split-K graph launches, in two row
+    ranges or three (64, 128, C). (The protocol itself, settled and unsettled images in
+    one batch, is tested in test_mis.py.)"""
     from d2pruner_kernels.kernels import graph, select
     monkeypatch.setattr(graph, "split_count", lambda *args: splits)
     monkeypatch.setattr(select, "PREFIX_MIN", 64)
     monkeypatch.setattr(select, "PREFIX_PER_MEMBER", 1)
+    monkeypatch.setattr(select, "PREFIX_GROWTH", growth)
+    assert len(select.row_ranges(150 - math.floor(rho * k + 1e-6), 1, 64)) == 3 - (growth == 0)
     g = torch.Generator().manual_seed(k)
     n, grid = 150, (10, 15)
     for seed in range(50):

@@ -58,7 +58,8 @@ def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
     Lazy graphs (method "rounds" or a GPU): only rows [0, rows_ready) of adj exist yet. An
     image whose m members settle within them is written to `kept` and marked done[b] = 1,
     else done[b] = 0 and its row of `kept` is left alone; images with skip[b] != 0 are not
-    touched at all. skip / done: int32 [B] on the same device.
+    touched at all. skip / done: int32 [B] on the same device, possibly one tensor (an
+    image's skip is read before its done is written).
     """
     if _C is None:
         raise RuntimeError("d2pruner_kernels._C is not built; use backend='reference'")

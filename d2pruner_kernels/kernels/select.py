@@ -2,17 +2,16 @@
 launch (`rank.py`), then the graph, lazily: rows the walk never reaches are never computed.
 
 The greedy walk stopped at m members reads only the rows of the candidates up to its m-th
-member, and with a small budget that is a short prefix of the rank order. So:
+member, and with a small budget that is a short prefix of the rank order. So the graph is
+built in growing row ranges [0, P_1), [P_1, P_2), ..., [P_(L-1), C), and after each range
+the MIS settles the images whose m-th member lies inside it: they are written and marked
+done, and later ranges (graph and MIS launches alike) skip them at once.
 
-  1. graph rows [0, P);
-  2. MIS over them: images whose m members settle there are written and marked done;
-  3. graph rows [P, C), for the images not done;
-  4. MIS over the whole graph, for the images not done.
-
-Which launches run depends on the shapes only (when P covers C, 1 and 2 are all), never on
-values: no host sync, capturable in a CUDA graph; 3 and 4 return at once for finished
-images. The result is exactly the full-graph selection.
-P = max(PREFIX_MIN, PREFIX_PER_MEMBER * m) rounded up to the graph tile, at most C.
+Which launches run depends on the shapes only (one range when P_1 covers C), never on
+values: no host sync, capturable in a CUDA graph. The result is exactly the full-graph
+selection, whatever the ranges.
+P_1 = max(PREFIX_MIN, PREFIX_PER_MEMBER * m); then P_(i+1) = PREFIX_GROWTH * P_i, or C at
+once when PREFIX_GROWTH is 0; each rounded up to the graph tile, at most C.
 """
 from __future__ import annotations
 
@@ -23,11 +22,22 @@ from .graph import GraphRows
 
 PREFIX_MIN = 1024
 PREFIX_PER_MEMBER = 8
+PREFIX_GROWTH = 0
 
 
 def prefix_rows(c: int, m: int, block: int) -> int:
+    """P_1: the rows of the first range."""
     p = max(PREFIX_MIN, PREFIX_PER_MEMBER * m)
     return min(c, cdiv(p, block) * block)
+
+
+def row_ranges(c: int, m: int, block: int) -> list[int]:
+    """The ends P_1 < P_2 < ... < C of the row ranges."""
+    ends = [prefix_rows(c, m, block)]
+    while ends[-1] < c:
+        p = ends[-1] * PREFIX_GROWTH if PREFIX_GROWTH >= 2 else c
+        ends.append(min(c, cdiv(p, block) * block))
+    return ends
 
 
 def select(tokens, scores, n_pivots, k, grid, sim_threshold, spatial_weight, radius,
@@ -41,12 +51,15 @@ def select(tokens, scores, n_pivots, k, grid, sim_threshold, spatial_weight, rad
     g = GraphRows(tokens, order, n_pivots, grid, sim_threshold, spatial_weight, radius,
                   temporal_radius, norms=norms)
     method = "rounds"  # Luby rounds: the CUDA kernel on a GPU, its CPU twin under the interpreter
-    p = prefix_rows(g.c, k - n_pivots, g.block)
-    g.rows(0, p)
-    if p >= g.c:
+    ends = row_ranges(g.c, k - n_pivots, g.block)
+    g.rows(0, ends[0])
+    if len(ends) == 1:
         return mis.greedy_mis(g.adj, g.order, n_pivots, k, method=method)
     done = torch.empty(order.shape[0], dtype=torch.int32, device=order.device)
-    kept = mis.greedy_mis(g.adj, g.order, n_pivots, k, method=method, rows_ready=p, done=done)
-    g.rows(p, g.c, skip=done)
-    mis.greedy_mis(g.adj, g.order, n_pivots, k, method=method, skip=done, kept=kept)
+    kept = mis.greedy_mis(g.adj, g.order, n_pivots, k, method=method, rows_ready=ends[0],
+                          done=done)
+    for start, end in zip(ends, ends[1:]):  # done is read (skip) before it is rewritten
+        g.rows(start, end, skip=done)
+        mis.greedy_mis(g.adj, g.order, n_pivots, k, method=method, rows_ready=end,
+                       skip=done, done=done, kept=kept)
     return kept
