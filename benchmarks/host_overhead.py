@@ -1,14 +1,15 @@
 """Host time of prune()'s own Python glue on the kernels path (validation, dispatch,
 allocations, launch arguments, the MIS binding's checks), with the launches themselves
-stubbed out and the graph split 4 ways as at LLaVA-1.5 size on a GPU, so that it runs on
-any CPU. In eager mode on a GPU this adds to Triton's launch cost per kernel; inside a
-CUDA graph or torch.compile it disappears.
+stubbed out and the graph built whole and split 4 ways as at LLaVA-1.5 size on a GPU, so
+that it runs on any CPU. In eager mode on a GPU this adds to Triton's launch cost per
+kernel; inside a CUDA graph or torch.compile it disappears.
 
     python -m benchmarks.host_overhead [--calls 2000]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from unittest import mock
 
@@ -16,7 +17,7 @@ import torch
 
 import d2pruner_kernels as d2p
 from d2pruner_kernels import stages
-from d2pruner_kernels.kernels import graph, mis, rank, scores
+from d2pruner_kernels.kernels import graph, mis, rank, scores, select
 
 
 class _NoLaunch:
@@ -34,7 +35,8 @@ def glue_us(calls: int) -> float:
             mock.patch.object(mis._C, "mis_rounds_cpu", lambda *args: None), \
             mock.patch.object(stages, "use_triton", lambda backend, device: True), \
             mock.patch.object(stages, "use_compiled_mis", lambda *args: True), \
-            mock.patch.object(graph, "split_count", lambda *args: 4):  # as on a GPU
+            mock.patch.object(graph, "split_count", lambda *args: 4), \
+            mock.patch.object(select, "LAZY_MIN_WAVES", math.inf):  # as on a GPU: one range
         f = lambda: d2p.prune(x, attn, (24, 24), 64, prior=prior)  # noqa: E731
         for _ in range(calls // 10):
             f()

@@ -67,8 +67,10 @@ def prefix_rows_ab(lines: list[str]) -> None:
     smaller first ranges (more launches, far fewer rows), with how deep these inputs' walks
     go (`walk_depth`). The last case is 8 near-cliques (cosine ~0.92): fewer than m
     independent tokens, so the walk reads the whole graph (a small prefix's worst case)."""
-    knobs = ("PREFIX_MIN", "PREFIX_PER_MEMBER", "PREFIX_GROWTH")
+    knobs = ("PREFIX_MIN", "PREFIX_PER_MEMBER", "PREFIX_GROWTH", "LAZY_MIN_WAVES")
     defaults = tuple(getattr(select, name) for name in knobs)
+    settings = (defaults, (1024, 8, 0, 0.0), (128, 8, 0, 0.0), (128, 2, 0, 0.0), (64, 2, 0, 0.0),
+                (128, 2, 4, 0.0))
     few = dict(clusters=8, noise=0.3)
     for b, n, grid, k, kind in ((1, 576, (24, 24), 64, {}), (32, 576, (24, 24), 128, {}),
                                 (1, 2880, (48, 60), 320, {}), (1, 576, (24, 24), 64, few)):
@@ -76,12 +78,15 @@ def prefix_rows_ab(lines: list[str]) -> None:
         n_p = pivot_count(0.7, k)
         ds = depths(x, attn, prior, grid, k)
         shape = f"B={b} N={n} D=4096 k={k}" + (" near-cliques" if kind else "")
-        for setting in (defaults, (256, 2, 0), (128, 2, 0), (64, 2, 0), (128, 2, 4)):
+        order = d2p.rank_order(d2p.debiased_scores(attn, prior))
+        waves = graph_kernel.GraphRows(x, order, n_p, (1, *grid)).waves
+        for setting in settings:
             for name, value in zip(knobs, setting):
                 setattr(select, name, value)
-            ends = select.row_ranges(n - n_p, k - n_p, 64)
+            ends = select.row_ranges(n - n_p, k - n_p, 64, waves)
             f = lambda: d2p.prune(x, attn, grid, k, prior=prior)  # noqa: E731
-            note = (f"ranges end at {ends} (min, per member, growth = {setting}); "
+            note = (f"ranges end at {ends} (min, per member, growth, min waves = {setting}; "
+                    f"whole graph {waves:.1f} waves); "
                     f"{sum(d <= ends[0] for d in ds)}/{b} walks settle in the first "
                     f"(deepest {max(ds)})")
             lines.append(row(["prune, prefix", shape, f"{us(f):.1f}", f"{us(f, graph=True):.1f}",

@@ -234,6 +234,7 @@ def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, 
     monkeypatch.setattr(select, "PREFIX_MIN", 64)
     monkeypatch.setattr(select, "PREFIX_PER_MEMBER", 1)
     monkeypatch.setattr(select, "PREFIX_GROWTH", growth)
+    monkeypatch.setattr(select, "LAZY_MIN_WAVES", 0.0)  # lazy on a GPU too, at this small size
     assert len(select.row_ranges(150 - math.floor(rho * k + 1e-6), 1, 64)) == 3 - (growth == 0)
     g = torch.Generator().manual_seed(k)
     n, grid = 150, (10, 15)
@@ -248,6 +249,21 @@ def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, 
         raise AssertionError("no band-free input found")
     got = prune(x, a, grid, k, pivot_ratio=rho, backend="kernels")
     assert torch.equal(got, prune(x, a, grid, k, pivot_ratio=rho, backend="reference"))
+
+
+def test_row_ranges():
+    from d2pruner_kernels.kernels import select
+    m, block = 20, 64
+    p1 = select.prefix_rows(5000, m, block)
+    assert p1 % block == 0 and p1 >= max(select.PREFIX_MIN, select.PREFIX_PER_MEMBER * m)
+    assert select.row_ranges(5000, m, block) == [p1, 5000]
+    assert select.row_ranges(p1 - 1, m, block) == [p1 - 1]  # the prefix covers the graph
+    assert select.row_ranges(5000, m, block, waves=select.LAZY_MIN_WAVES) == [5000]  # built whole
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(select, "PREFIX_GROWTH", 3)
+        ends = select.row_ranges(5000, m, block, waves=100.0)
+    assert ends[0] == p1 and ends[-1] == 5000 and len(ends) > 2
+    assert all(e % block == 0 and 3 * a <= e <= 3 * a + block for a, e in zip(ends, ends[1:-1]))
 
 
 def test_lazy_prefix_really_splits(monkeypatch):

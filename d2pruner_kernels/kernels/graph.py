@@ -16,6 +16,8 @@ unwritten. Graphs with fewer tiles than SMs split K over programs (`split_count`
 """
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
 
@@ -179,6 +181,9 @@ class GraphRows:
         self.splits = self.cfg.pop("SPLITS", None) or split_count(self.n_tiles, k_steps,
                                                                   tokens.device)
         self.k_chunk = cdiv(k_steps, self.splits) * self.block_k
+        # the whole graph's programs per SM (the interpreter has no SMs to fill: inf)
+        self.waves = (b * self.n_tiles * self.splits / sm_count(tokens.device)
+                      if tokens.device.type == "cuda" else math.inf)
         self.ws = self.adj if self.splits == 1 else torch.empty(
             b * self.splits * self.n_tiles * self.block ** 2, dtype=torch.float32,
             device=tokens.device)

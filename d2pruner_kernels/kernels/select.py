@@ -11,18 +11,27 @@ Which launches run depends on the shapes only (one range when P_1 covers C), nev
 values: no host sync, capturable in a CUDA graph. The result is exactly the full-graph
 selection, whatever the ranges.
 P_1 = max(PREFIX_MIN, PREFIX_PER_MEMBER * m); then P_(i+1) = PREFIX_GROWTH * P_i, or C at
-once when PREFIX_GROWTH is 0; each rounded up to the graph tile, at most C.
+once when PREFIX_GROWTH is 0; each rounded up to the graph tile, at most C. A graph whose
+every program fits in LAZY_MIN_WAVES waves over the SMs is built whole (one range): a
+prefix would save it little time and cost it three more launches.
+
+Choosing P: the walk reaches its m-th member after ~1.1-1.3 m candidates on the benchmark
+inputs and ~9 m (or never: too few independent tokens) on the demo scene, whose patches
+have many look-alikes (`python -m benchmarks.walk_depth`); 8 m covers both.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from . import cdiv, mis, rank
 from .graph import GraphRows
 
-PREFIX_MIN = 1024
+PREFIX_MIN = 128
 PREFIX_PER_MEMBER = 8
 PREFIX_GROWTH = 0
+LAZY_MIN_WAVES = 2.0
 
 
 def prefix_rows(c: int, m: int, block: int) -> int:
@@ -31,9 +40,10 @@ def prefix_rows(c: int, m: int, block: int) -> int:
     return min(c, cdiv(p, block) * block)
 
 
-def row_ranges(c: int, m: int, block: int) -> list[int]:
-    """The ends P_1 < P_2 < ... < C of the row ranges."""
-    ends = [prefix_rows(c, m, block)]
+def row_ranges(c: int, m: int, block: int, waves: float = math.inf) -> list[int]:
+    """The ends P_1 < P_2 < ... < C of the row ranges; `waves`: the whole graph's programs
+    over the SMs (GraphRows.waves)."""
+    ends = [c if waves <= LAZY_MIN_WAVES else prefix_rows(c, m, block)]
     while ends[-1] < c:
         p = ends[-1] * PREFIX_GROWTH if PREFIX_GROWTH >= 2 else c
         ends.append(min(c, cdiv(p, block) * block))
@@ -51,7 +61,7 @@ def select(tokens, scores, n_pivots, k, grid, sim_threshold, spatial_weight, rad
     g = GraphRows(tokens, order, n_pivots, grid, sim_threshold, spatial_weight, radius,
                   temporal_radius, norms=norms)
     method = "rounds"  # Luby rounds: the CUDA kernel on a GPU, its CPU twin under the interpreter
-    ends = row_ranges(g.c, k - n_pivots, g.block)
+    ends = row_ranges(g.c, k - n_pivots, g.block, g.waves)
     g.rows(0, ends[0])
     if len(ends) == 1:
         return mis.greedy_mis(g.adj, g.order, n_pivots, k, method=method)
