@@ -90,8 +90,9 @@ def launches():
     order = torch.sort(s, descending=True, stable=True).indices
     norms = torch.linalg.vector_norm(x32, dim=-1)
 
-    def graph_rows(tokens, splits, beta=0.0):
-        cfg = dict(graph.default_config(tokens.dtype, tokens.shape[-1]), SPLITS=splits)
+    def graph_rows(tokens, splits, beta=0.0, split_launch=True):
+        cfg = dict(graph.default_config(tokens.dtype, tokens.shape[-1]), SPLITS=splits,
+                   SPLIT_LAUNCH=split_launch)
         rows = graph.GraphRows(tokens, order, 44, (1, 24, 24), spatial_weight=beta,
                                config=cfg, norms=norms)
         return lambda: rows.rows(0, rows.c)
@@ -104,6 +105,8 @@ def launches():
         ("rank + norms", rank, "_rank_norms_kernel", lambda: rank.rank_and_norms(s, x)),
         ("graph bf16", graph, "_similarity_graph_kernel", graph_rows(x, 1)),
         ("graph bf16 split-K", graph, "_similarity_graph_kernel", graph_rows(x, 4)),
+        ("graph bf16 4 slices", graph, "_similarity_graph_kernel",
+         graph_rows(x, 4, split_launch=False)),  # a batch: one program adds its slices
         ("graph bf16 spatial", graph, "_similarity_graph_kernel", graph_rows(x, 1, beta=0.3)),
         ("graph fp32", graph, "_similarity_graph_kernel", graph_rows(x32, 1)),
         ("attention rows", attention, "_lse_partials_kernel|_span_probs_kernel",

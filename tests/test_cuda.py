@@ -58,26 +58,31 @@ def test_identical_over_100_runs(b, d):
 
 
 def test_split_k_graph_at_llava_size():
-    """B = 1, N = 576, D = 4096: 45 tiles cannot fill the GPU, so K is split; the edges
-    must still be the reference's (outside the band) and the same as an unsplit launch."""
+    """B = 1, N = 576, D = 4096: 45 tiles cannot fill the GPU, so K is split over programs;
+    the edges must still be the reference's (outside the band), those of an unsplit launch,
+    and bit for bit those of one program adding the same slices (what a batch runs)."""
     from d2pruner_kernels.kernels import graph
     x, a = llava_like(1, 576, 4096, seed=3)
     order = d2p.rank_order(d2p.debiased_scores(a))
     rows = graph.GraphRows(x, order, 44, (1, 24, 24))
-    assert rows.splits > 1
+    assert rows.splits > 1 and graph.launch_slices(rows.n_tiles, rows.splits, x.device)
     rows.rows(0, rows.c)
-    one = graph.similarity_graph(x, order, 44, (1, 24, 24),
-                                 config=dict(graph.default_config(x.dtype, 4096), SPLITS=1))
+    cfg = graph.default_config(x.dtype, 4096)
+    one = graph.similarity_graph(x, order, 44, (1, 24, 24), config=dict(cfg, SPLITS=1))
+    sliced = graph.similarity_graph(x, order, 44, (1, 24, 24),
+                                    config=dict(cfg, SPLITS=rows.splits, SPLIT_LAUNCH=False))
     want = d2p.similarity_graph(x, order, 44, (24, 24), backend="reference")
     band = in_band(x, order, 44, (1, 24, 24), 0.8, 0.0)
     for got in (rows.adj, one):
         differ = layout.unpack_lower(got, rows.c) != layout.unpack_lower(want, rows.c)
         assert not (differ & ~band).any()
+    assert torch.equal(layout.unpack_lower(sliced, rows.c), layout.unpack_lower(rows.adj, rows.c))
 
 
 def test_an_image_selects_the_same_alone_or_in_a_batch():
-    """Alone, one LLaVA-1.5 image's graph is split-K; in a batch its split is the same
-    (chosen per image shape), so the selection cannot depend on the batch."""
+    """Alone, one LLaVA-1.5 image's graph is split-K; in a batch of 3 (135 tiles: the GPU
+    is full) each program adds the same K slices itself (chosen per image shape), so the
+    selection cannot depend on the batch."""
     x, a = llava_like(3, 576, 4096, seed=4)
     batched = prune(x, a, (24, 24), 64)
     for i in range(3):

@@ -28,7 +28,7 @@ def compare(tokens, order, n_p, grid, theta=0.8, beta=0.0, radius=2, temporal_ra
     band = in_band(tokens, order, n_p, grid3, theta, beta, radius, temporal_radius)
     differ = (e_got != e_want) & ~band
     assert not differ.any(), f"{int(differ.sum())} edges differ outside the band"
-    return e_want
+    return e_got
 
 
 def inputs(b, n, d, dtype, seed, clusters=6):
@@ -62,12 +62,50 @@ def test_spatial_term(beta, radius, grid, temporal_radius):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits,n,d", [(2, 130, 96), (3, 77, 17), (4, 200, 300)])
 def test_split_k_matches_reference(dtype, splits, n, d):
-    """K sliced over programs, partials summed by a second launch: still the same edges.
-    (3, d=17) leaves two slices empty; d=300 ends on a ragged slice."""
+    """K in slices, summed by split-K launches (a program per slice, a second launch adds
+    them) or slice by slice in one program: the reference's edges, and each other's bit
+    for bit. (3, d=17) leaves two slices empty; d=300 ends on a ragged slice."""
     from d2pruner_kernels.kernels import graph
     x, order = inputs(2, n, d, dtype, seed=splits * n)
     cfg = dict(graph.default_config(dtype, d), BLOCK_K=32, SPLITS=splits)
-    compare(x, order, n // 7, (1, n), beta=0.3, radius=1, config=cfg)
+    split_k, one_program = (compare(x, order, n // 7, (1, n), beta=0.3, radius=1,
+                                    config=dict(cfg, SPLIT_LAUNCH=launch))
+                            for launch in (True, False))
+    assert torch.equal(split_k, one_program)
+
+
+@pytest.mark.parametrize("splits,d", [(2, 64), (3, 96)])
+def test_slices_add_alike_in_one_program_and_in_split_k(splits, d):
+    """The two slice paths run the same float operations, even where the order of the sum
+    decides an edge. Tokens 0 and 1 have K-step products 1e8, 3 | -1e8, 3 (| 0, 0), 16-wide
+    steps, two per slice: summed in K order the 3s survive (dot 3, cosine 1.5e-8: an edge at
+    theta = 1e-8), slice by slice each slice rounds its 3 away (dot 0: no edge)."""
+    from d2pruner_kernels.kernels import graph
+    x = torch.randn(1, 20, d, generator=torch.Generator().manual_seed(d))
+    x[0, :2] = 0.0
+    x[0, 0, [0, 16, 32, 48]] = torch.tensor([1e4, 3.0, 1e4, 3.0])
+    x[0, 1, [0, 16, 32, 48]] = torch.tensor([1e4, 1.0, -1e4, 1.0])
+    x, order = x.to(DEVICE), torch.arange(20, device=DEVICE)[None]
+
+    def edges(**cfg):
+        cfg = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=1, **cfg)
+        adj = graph.similarity_graph(x, order, 0, (1, 1, 20), sim_threshold=1e-8, config=cfg)
+        return layout.unpack_lower(adj, 20)
+
+    in_k_order = edges(SPLITS=1)
+    one_program = edges(SPLITS=splits, SPLIT_LAUNCH=False)
+    split_k = edges(SPLITS=splits, SPLIT_LAUNCH=True)
+    assert in_k_order[0, 1, 0] and not one_program[0, 1, 0]  # the order decides this edge
+    assert torch.equal(one_program, split_k)
+
+
+def test_launch_slices_only_while_the_tiles_leave_sms_idle(monkeypatch):
+    from d2pruner_kernels.kernels import graph
+    monkeypatch.setattr(graph, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    assert graph.launch_slices(45, 4, cuda)               # one LLaVA-1.5 image
+    assert not graph.launch_slices(32 * 45, 4, cuda)      # 32 of them fill the GPU
+    assert not graph.launch_slices(45, 1, cuda)           # no slices
 
 
 def test_rows_past_the_graph_are_clamped():

@@ -12,7 +12,8 @@ accumulator; float32 inputs use true-fp32 "ieee" dots, never tf32), the norms co
 float32 pass before (`rank.py`), and the epilogue fuses the normalisation, the spatial
 term, the threshold and the bit packing. Only the packed bits reach memory (layout:
 ../layout.py); tiles above the diagonal are never launched work, their words stay
-unwritten. Graphs with fewer tiles than SMs split K over programs (`split_count`).
+unwritten. Batches with fewer tiles than SMs split K over programs (`split_count`,
+`launch_slices`).
 """
 from __future__ import annotations
 
@@ -42,10 +43,12 @@ def _similarity_graph_kernel(
         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
         UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_SKIP: tl.constexpr,
         SPATIAL: tl.constexpr, SPLITS: tl.constexpr, PHASE: tl.constexpr):
-    # PHASE 0: whole dot + epilogue. Split-K (SPLITS > 1) for small graphs, where the
-    # tiles alone cannot fill the GPU: PHASE 1 programs each reduce one K slice into a
-    # float32 workspace tile, PHASE 2 sums the slices in slice order (deterministic) and
-    # runs the epilogue.
+    # K is cut into SPLITS slices of k_chunk (a choice of the image's shape), each summed
+    # from zero, then added in slice order. PHASE 0: a program does every slice in turn,
+    # then the epilogue. Split-K, for graphs whose tiles alone cannot fill the GPU: PHASE 1
+    # programs each reduce one slice into a float32 workspace tile, PHASE 2 adds them in
+    # slice order and runs the epilogue. Both paths run the same float operations, so an
+    # image's edges do not depend on which one built them (nor on the batch around it).
     if PHASE == 1:  # grid axis 0: column block x K slice
         col_block = tl.program_id(0) // SPLITS
         split = tl.program_id(0) % SPLITS
@@ -80,24 +83,30 @@ def _similarity_graph_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         xi = x_ptr + b * stride_xb + ti[:, None] * stride_xn + offs_k[None, :]
         xj = x_ptr + b * stride_xb + tj[:, None] * stride_xn + offs_k[None, :]
-        k_lo = split * k_chunk  # k_chunk: a multiple of BLOCK_K (all of D when PHASE 0)
-        k_hi = tl.minimum(D, k_lo + k_chunk)
         acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(xi + k0, mask=row_ok[:, None], other=0.0)
-                c = tl.load(xj + k0, mask=col_ok[:, None], other=0.0)
+        for s in range(split, split + 1 if PHASE == 1 else SPLITS):
+            k_lo = s * k_chunk  # k_chunk: a multiple of BLOCK_K
+            k_hi = tl.minimum(D, k_lo + k_chunk)
+            part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(xi + k0, mask=row_ok[:, None], other=0.0)
+                    c = tl.load(xj + k0, mask=col_ok[:, None], other=0.0)
+                else:
+                    k_ok = (k0 + offs_k) < k_hi
+                    a = tl.load(xi + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    c = tl.load(xj + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                if UPCAST:  # the interpreter's bf16 dot is wrong (triton#11584): via fp32
+                    a = a.to(tl.float32)
+                    c = c.to(tl.float32)
+                if IEEE:
+                    part = tl.dot(a, tl.trans(c), part, input_precision="ieee")
+                else:
+                    part = tl.dot(a, tl.trans(c), part)
+            if SPLITS == 1:
+                acc = part
             else:
-                k_ok = (k0 + offs_k) < k_hi
-                a = tl.load(xi + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                c = tl.load(xj + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:  # the interpreter's bf16 dot is wrong (triton#11584): go through fp32
-                a = a.to(tl.float32)
-                c = c.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(a, tl.trans(c), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, tl.trans(c), acc)
+                acc += part
         if PHASE == 1:
             slot = (b * SPLITS + split) * n_tiles + tile
             tl.store(ws_ptr + slot * (BLOCK * BLOCK) + in_tile, acc)
@@ -142,6 +151,16 @@ def split_count(tiles: int, k_steps: int, device: torch.device) -> int:
     return s
 
 
+def launch_slices(batch_tiles: int, splits: int, device: torch.device) -> bool:
+    """Whether the K slices get programs of their own (split-K): on a GPU only while the
+    batch's tiles leave SMs idle; else a program adds its tile's slices in turn, which
+    saves the workspace's bytes and the summing launch. (On CPU, slices exist only when a
+    test asks for them: they are launched.)"""
+    if splits == 1:
+        return False
+    return device.type != "cuda" or batch_tiles < sm_count(device)
+
+
 def default_config(dtype: torch.dtype, d: int) -> dict:
     if interpreting():  # few, large programs: each interpreted loop step costs ~ms
         return dict(BLOCK=64, BLOCK_K=min(256, next_pow2(d)), num_warps=4, num_stages=1)
@@ -173,45 +192,55 @@ class GraphRows:
         self.flags = dict(BLOCK=self.block, BLOCK_K=self.block_k, EVEN_K=d % self.block_k == 0,
                           UPCAST=upcast, IEEE=upcast or self.x.dtype == torch.float32,
                           SPATIAL=spatial_weight != 0)
-        # split-K: fixed per image shape (its full triangle), with a float32 workspace of
-        # SPLITS x tiles x BLOCK^2 per image (< 2 x SMs tiles: about one image's features)
+        # K slices: fixed per image shape (its full triangle), so its edges are too. Each
+        # launch decides whether they get programs of their own (split-K, with a float32
+        # workspace of SPLITS x tiles x BLOCK^2 per image): the sums are the same.
         row_blocks = cdiv(self.c, self.block)
         self.n_tiles = row_blocks * (row_blocks + 1) // 2
         k_steps = cdiv(d, self.block_k)
         self.splits = self.cfg.pop("SPLITS", None) or split_count(self.n_tiles, k_steps,
                                                                   tokens.device)
         self.k_chunk = cdiv(k_steps, self.splits) * self.block_k
-        # the whole graph's programs per SM (the interpreter has no SMs to fill: inf)
-        self.waves = (b * self.n_tiles * self.splits / sm_count(tokens.device)
-                      if tokens.device.type == "cuda" else math.inf)
-        self.ws = self.adj if self.splits == 1 else torch.empty(
-            b * self.splits * self.n_tiles * self.block ** 2, dtype=torch.float32,
-            device=tokens.device)
+        self.split_launch = self.cfg.pop("SPLIT_LAUNCH", None)  # None: `launch_slices`
+        self.ws = None  # allocated by the first split-K launch
+        # the whole graph's programs per SM, in one launch (the interpreter has no SMs: inf)
+        programs = b * self.n_tiles * (self.splits if self._split(b * self.n_tiles) else 1)
+        self.waves = (programs / sm_count(tokens.device) if tokens.device.type == "cuda"
+                      else math.inf)
+
+    def _split(self, tiles: int) -> bool:
+        if self.split_launch is not None:
+            return self.split_launch and self.splits > 1
+        return launch_slices(tiles, self.splits, self.x.device)
 
     def rows(self, start: int, end: int, skip: torch.Tensor | None = None) -> None:
         """Computes rows [start, end) of adj (start a multiple of BLOCK); images with
         skip[b] != 0 are left alone."""
         assert start % self.block == 0
         end = min(end, self.c)  # no row block past the graph (nor its workspace tiles)
-        row_blocks = cdiv(end, self.block) - start // self.block
-        if row_blocks <= 0:
+        first, last = start // self.block, cdiv(end, self.block)  # row blocks [first, last)
+        if last <= first:
             return
         n_pivots, grid, radius, temporal_radius, w_cos, w_sp, theta = self.args
         x, adj, b = self.x, self.adj, self.x.shape[0]
-        args = (x, self.norms, self.order, adj, adj if skip is None else skip, self.ws,
-                self.c, end, x.shape[2], n_pivots, start // self.block,
+        split = self._split(b * (last * (last + 1) - first * (first + 1)) // 2)  # its tiles
+        if split and self.ws is None:
+            self.ws = torch.empty(b * self.splits * self.n_tiles * self.block ** 2,
+                                  dtype=torch.float32, device=x.device)
+        args = (x, self.norms, self.order, adj, adj if skip is None else skip,
+                self.ws if split else adj,
+                self.c, end, x.shape[2], n_pivots, first,
                 self.k_chunk, self.n_tiles,
                 x.stride(0), x.stride(1), self.norms.stride(0), self.order.stride(0),
                 adj.shape[2], grid[1], grid[2], radius, temporal_radius, w_cos, w_sp, theta)
         flags = dict(HAS_SKIP=skip is not None, SPLITS=self.splits, **self.flags, **self.cfg)
-        col_blocks = cdiv(end, self.block)
-        with launch_device(x.device):
-            if self.splits == 1:
-                _similarity_graph_kernel[(col_blocks, row_blocks, b)](*args, PHASE=0, **flags)
+        with launch_device(x.device):  # grid: column blocks [0, last) x row blocks x images
+            if not split:
+                _similarity_graph_kernel[(last, last - first, b)](*args, PHASE=0, **flags)
             else:
-                _similarity_graph_kernel[(col_blocks * self.splits, row_blocks, b)](
+                _similarity_graph_kernel[(last * self.splits, last - first, b)](
                     *args, PHASE=1, **flags)
-                _similarity_graph_kernel[(col_blocks, row_blocks, b)](*args, PHASE=2, **flags)
+                _similarity_graph_kernel[(last, last - first, b)](*args, PHASE=2, **flags)
 
 
 def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
