@@ -69,8 +69,7 @@ def prefix_rows_ab(lines: list[str]) -> None:
     independent tokens, so the walk reads the whole graph (a small prefix's worst case)."""
     knobs = ("PREFIX_MIN", "PREFIX_PER_MEMBER", "PREFIX_GROWTH", "LAZY_MIN_WAVES")
     defaults = tuple(getattr(select, name) for name in knobs)
-    settings = (defaults, (1024, 8, 0, 0.0), (128, 8, 0, 0.0), (128, 2, 0, 0.0), (64, 2, 0, 0.0),
-                (128, 2, 4, 0.0))
+    settings = (defaults, (1024, 8, 0, 0.0), (128, 8, 0, 0.0), (128, 2, 4, 0.0))
     few = dict(clusters=8, noise=0.3)
     for b, n, grid, k, kind in ((1, 576, (24, 24), 64, {}), (32, 576, (24, 24), 128, {}),
                                 (1, 2880, (48, 60), 320, {}), (1, 576, (24, 24), 64, few)):
@@ -162,19 +161,22 @@ def main(argv=None):
             lambda: reference.rank_order(s), note=f"kernel used up to N={limit}")
     rank_kernel.MAX_N = limit
     prefix_rows_ab(lines)
-    # graph configurations: split-K at N=576 (45 tiles), tiles at N=2880 (the heaviest stage)
+    # graph configurations: split-K at N=576 (45 tiles; the slices launched or added in one
+    # program, alone and in a batch of 32), tiles at N=2880 (the heaviest stage)
     base = dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3)
-    for n, grid, n_p, cfgs in (
-            (576, (24, 24), 44, [dict(base, SPLITS=s) for s in (1, 2, 4, 8)]
+    sliced = [dict(base, SPLITS=4, SPLIT_LAUNCH=launch) for launch in (True, False)]
+    for b, n, grid, n_p, cfgs in (
+            (1, 576, (24, 24), 44, [dict(base, SPLITS=s) for s in (1, 2, 4, 8)] + sliced[1:]
              + [dict(base, SPLITS=4, num_stages=4), dict(base, BLOCK_K=128, SPLITS=4)]),
-            (2880, (48, 60), 224, [base, dict(base, BLOCK=128, num_warps=8),
-                                   dict(base, BLOCK=128), dict(base, num_stages=4)])):
-        x, attn, prior = inputs(1, n, 4096)
+            (32, 576, (24, 24), 89, [dict(base, SPLITS=1)] + sliced),
+            (1, 2880, (48, 60), 224, [base, dict(base, BLOCK=128, num_warps=8),
+                                      dict(base, BLOCK=128), dict(base, num_stages=4)])):
+        x, attn, prior = inputs(b, n, 4096)
         order = d2p.rank_order(d2p.debiased_scores(attn, prior))
         for cfg in cfgs:
             f = lambda: graph_kernel.similarity_graph(x, order, n_p, (1, *grid), config=cfg)  # noqa: E731
             lines.append(row(["graph config", str(cfg), f"{us(f):.1f}",
-                              f"{us(f, graph=True):.1f}", "", "", f"B=1 N={n} n_p={n_p}"]))
+                              f"{us(f, graph=True):.1f}", "", "", f"B={b} N={n} n_p={n_p}"]))
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.out:

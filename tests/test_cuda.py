@@ -49,7 +49,7 @@ def test_lazy_prune_equals_the_full_graph_selection(n, grid, k):
     assert torch.equal(got, reference.greedy_mis(adj, order, n_p, k))
 
 
-@pytest.mark.parametrize("b,d", [(8, 512), (1, 4096)])  # one graph launch / split-K
+@pytest.mark.parametrize("b,d", [(8, 512), (1, 4096)])  # lazy ranges / split-K
 def test_identical_over_100_runs(b, d):
     x, a = llava_like(b, 576, d, seed=1)
     first = prune(x, a, (24, 24), 64)
@@ -100,8 +100,14 @@ def test_rank_kernel_equals_stable_sort_at_size(monkeypatch, n):
     assert torch.equal(rank.rank_and_norms(s, None)[0], reference.rank_order(s))
 
 
-def test_no_host_sync_inside_prune():
-    x, a = llava_like(4, 576, 1024, seed=2)
+# (1, 4096): the graph whole, K split over programs; (4, 4096): lazy ranges, the prefix
+# split-K, the rest with the slices added in each program (the workspace made mid-call)
+PATHS = [(1, 4096), (4, 4096)]
+
+
+@pytest.mark.parametrize("b,d", PATHS)
+def test_no_host_sync_inside_prune(b, d):
+    x, a = llava_like(b, 576, d, seed=2)
     prior = torch.rand(576, device="cuda") + 0.5
     prune(x, a, (24, 24), 64, prior=prior)  # warm up (compilation may sync)
     torch.cuda.synchronize()
@@ -112,8 +118,9 @@ def test_no_host_sync_inside_prune():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_cuda_graph_capture_and_replay():
-    x, a = llava_like(4, 576, 1024, seed=3)
+@pytest.mark.parametrize("b,d", PATHS)
+def test_cuda_graph_capture_and_replay(b, d):
+    x, a = llava_like(b, 576, d, seed=3)
     want = prune(x, a, (24, 24), 64)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -126,7 +133,7 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)
-    x2, a2 = llava_like(4, 576, 1024, seed=4)  # new data through the same graph
+    x2, a2 = llava_like(b, 576, d, seed=4)  # new data through the same graph
     x.copy_(x2)
     a.copy_(a2)
     graph.replay()

@@ -101,7 +101,8 @@ def test_lazy_protocol_reads_only_the_rows_ready(seed, kind, c, n_p, frac_r, fra
     ending at R1 <= R2 <= C: with rows >= R poisoned, an image is done exactly when its
     m-th greedy member lies before R (or R = C, or m = 0); done images get the full-graph
     answer, the others are left untouched; later calls pass skip = done = the same tensor
-    (read before it is rewritten) and finish the rest. Across the 1024-candidate window."""
+    (read before it is rewritten) and finish the rest, never touching the images done
+    before (their rows are all poisoned then). Across the 1024-candidate window."""
     g = torch.Generator().manual_seed(seed)
     batch, n = 3, c + n_p
     r1 = round(frac_r * c)
@@ -124,6 +125,8 @@ def test_lazy_protocol_reads_only_the_rows_ready(seed, kind, c, n_p, frac_r, fra
             adj = layout.pack_lower(torch.stack(edges))
             adj[:, r:] = -1  # rows not ready: garbage that would change any answer reading it
             skip = None if i == 0 else done
+            if skip is not None:
+                adj[skip.cpu().bool()] = -1  # skipped images: nothing may be read
             mis.greedy_mis(adj.to(device), o, n_p, k, method="rounds", rows_ready=r,
                            skip=skip, done=done, kept=kept)
             done_want = [int(r == c or d <= r) for d in depth]

@@ -221,16 +221,21 @@ def test_stage_backends_reject_what_they_cannot_run():
 
 # ---- the lazy graph of the kernels backend ----------------------------------------------
 
-@pytest.mark.parametrize("splits,growth", [(1, 0), (3, 0), (1, 2)])
+@pytest.mark.parametrize("splits,growth,mixed", [(1, 0, False), (3, 0, False), (1, 2, False),
+                                                (3, 0, True), (3, 2, True)])
 @pytest.mark.parametrize("k,rho,clusters", [(12, 0.5, 40), (40, 0.0, 4), (70, 0.3, 3)])
-def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, splits, growth):
+def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, splits, growth,
+                                                 mixed):
     """With a 64-row prefix, images settle inside it (many clusters, small m) or need the
     rest of the graph (few clusters: the MIS is small and the walk runs out); either way
-    the answer is the reference's, with or without split-K graph launches, in two row
-    ranges or three (64, 128, C). (The protocol itself, settled and unsettled images in
-    one batch, is tested in test_mis.py.)"""
+    the answer is the reference's: with K slices or not, in two row ranges or three (64,
+    128, C), the slices split-K'd in every launch or (mixed) in the prefix's only (3 tiles,
+    later launches 6 and more: each program adds its slices). (The protocol itself,
+    settled and unsettled images in one batch, is tested in test_mis.py.)"""
     from d2pruner_kernels.kernels import graph, select
     monkeypatch.setattr(graph, "split_count", lambda *args: splits)
+    if mixed:
+        monkeypatch.setattr(graph, "launch_slices", lambda tiles, s, device: s > 1 and tiles < 5)
     monkeypatch.setattr(select, "PREFIX_MIN", 64)
     monkeypatch.setattr(select, "PREFIX_PER_MEMBER", 1)
     monkeypatch.setattr(select, "PREFIX_GROWTH", growth)

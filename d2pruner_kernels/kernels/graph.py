@@ -203,10 +203,10 @@ class GraphRows:
         self.k_chunk = cdiv(k_steps, self.splits) * self.block_k
         self.split_launch = self.cfg.pop("SPLIT_LAUNCH", None)  # None: `launch_slices`
         self.ws = None  # allocated by the first split-K launch
-        # the whole graph's programs per SM, in one launch (the interpreter has no SMs: inf)
-        programs = b * self.n_tiles * (self.splits if self._split(b * self.n_tiles) else 1)
-        self.waves = (programs / sm_count(tokens.device) if tokens.device.type == "cuda"
-                      else math.inf)
+        # the whole graph's tiles per SM (the interpreter has no SMs: inf); a split-K
+        # program does a slice of a tile, so tiles, not programs, measure the work
+        self.waves = (b * self.n_tiles / sm_count(tokens.device)
+                      if tokens.device.type == "cuda" else math.inf)
 
     def _split(self, tiles: int) -> bool:
         if self.split_launch is not None:

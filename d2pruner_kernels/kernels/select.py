@@ -10,14 +10,15 @@ done, and later ranges (graph and MIS launches alike) skip them at once.
 Which launches run depends on the shapes only (one range when P_1 covers C), never on
 values: no host sync, capturable in a CUDA graph. The result is exactly the full-graph
 selection, whatever the ranges.
-P_1 = max(PREFIX_MIN, PREFIX_PER_MEMBER * m); then P_(i+1) = PREFIX_GROWTH * P_i, or C at
-once when PREFIX_GROWTH is 0; each rounded up to the graph tile, at most C. A graph whose
-every program fits in LAZY_MIN_WAVES waves over the SMs is built whole (one range): a
+P_1 = max(PREFIX_MIN, PREFIX_PER_MEMBER * m); then P_(i+1) = PREFIX_GROWTH * P_i,
+or C at once when PREFIX_GROWTH < 2; each rounded up to the graph tile, at most C. A graph
+whose tiles all fit in LAZY_MIN_WAVES waves over the SMs is built whole (one range): a
 prefix would save it little time and cost it three more launches.
 
 Choosing P: the walk reaches its m-th member after ~1.1-1.3 m candidates on the benchmark
-inputs and ~9 m (or never: too few independent tokens) on the demo scene, whose patches
-have many look-alikes (`python -m benchmarks.walk_depth`); 8 m covers both.
+inputs (`python -m benchmarks.walk_depth`). The demo scene, whose patches have many
+look-alikes, needs 157 rows at m = 18 (90% pruned: 8 m rounded up to the tile, 192, holds
+them) and, at 75% pruned, runs out of independent tokens and reads every row.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from .graph import GraphRows
 PREFIX_MIN = 128
 PREFIX_PER_MEMBER = 8
 PREFIX_GROWTH = 0
-LAZY_MIN_WAVES = 2.0
+LAZY_MIN_WAVES = 1.0
 
 
 def prefix_rows(c: int, m: int, block: int) -> int:
@@ -41,11 +42,11 @@ def prefix_rows(c: int, m: int, block: int) -> int:
 
 
 def row_ranges(c: int, m: int, block: int, waves: float = math.inf) -> list[int]:
-    """The ends P_1 < P_2 < ... < C of the row ranges; `waves`: the whole graph's programs
+    """The ends P_1 < P_2 < ... < C of the row ranges; `waves`: the whole graph's tiles
     over the SMs (GraphRows.waves)."""
     ends = [c if waves <= LAZY_MIN_WAVES else prefix_rows(c, m, block)]
     while ends[-1] < c:
-        p = ends[-1] * PREFIX_GROWTH if PREFIX_GROWTH >= 2 else c
+        p = int(ends[-1] * PREFIX_GROWTH) if PREFIX_GROWTH >= 2 else c
         ends.append(min(c, cdiv(p, block) * block))
     return ends
 
