@@ -36,7 +36,7 @@ fi
 
 if has stages; then
 step stages
-timeout "${STAGES_TIMEOUT:-150}" python3 -m benchmarks.stages --out "$OUT/stages.md" >"$OUT/stages.log" 2>&1
+timeout "${STAGES_TIMEOUT:-200}" python3 -m benchmarks.stages --out "$OUT/stages.md" >"$OUT/stages.log" 2>&1
 echo "stages rc=$?"; tail -4 "$OUT/stages.log"
 fi
 
