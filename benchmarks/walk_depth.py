@@ -2,8 +2,8 @@
 its m-th member, on the benchmark inputs and on the demo scene (reference stages, any
 device, no timing).
 
-The lazy graph (`kernels/select.py`) computes a prefix of P rows first and the rest only for
-images whose walk has not settled within P. So the depth says how much of the graph work
+The lazy graph (`kernels/select.py`, on graphs with more tiles than SMs) computes a prefix
+of P rows first and the rest only for images whose walk has not settled within P. So the depth says how much of the graph work
 (C^2 * D, a prefix costs P^2 * D) an input really needs, and whether P is well chosen. It is
 a property of the data: the benchmark inputs and a real model's features need not agree.
 
@@ -55,8 +55,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="the small CPU shapes and the demo")
     ap.add_argument("--copies", type=int, default=2, help="input seeds per shape")
     args = ap.parse_args(argv)
-    print(row(["input", "C", "m", "depth min / median / max", "median / m", "prefix P",
-               "settled in P", "prefix work P² / C²"]))
+    print(row(["input", "C", "m", "depth min / median / max", "median / m",
+               "first range P (if lazy)", "settled in P", "prefix work P² / C²"]))
     print(row(["---"] * 8))
     for shape in CPU_SHAPES if args.quick else GPU_SHAPES:
         ds = []
