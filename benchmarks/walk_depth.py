@@ -3,9 +3,10 @@ its m-th member, on the benchmark inputs and on the demo scene (reference stages
 device, no timing).
 
 The lazy graph (`kernels/select.py`, on graphs with more tiles than SMs) computes a prefix
-of P rows first and the rest only for images whose walk has not settled within P. So the depth says how much of the graph work
-(C^2 * D, a prefix costs P^2 * D) an input really needs, and whether P is well chosen. It is
-a property of the data: the benchmark inputs and a real model's features need not agree.
+of P rows first and the rest only for images whose walk has not settled within P. So the
+depth says how much of the graph work (C^2 * D, a prefix costs P^2 * D) an input really
+needs, and whether P is well chosen. It is a property of the data: the benchmark inputs
+and a real model's features need not agree.
 
     python -m benchmarks.walk_depth [--quick] [--copies 2]
 """
