@@ -45,7 +45,7 @@ def _similarity_graph_kernel(
         SPATIAL: tl.constexpr, SPLITS: tl.constexpr, PHASE: tl.constexpr):
     # K is cut into SPLITS slices of k_chunk (a choice of the image's shape), each summed
     # from zero, then added in slice order. PHASE 0: a program does every slice in turn,
-    # then the epilogue. Split-K, for graphs whose tiles alone cannot fill the GPU: PHASE 1
+    # then the epilogue. Split-K, for launches whose tiles cannot fill the GPU: PHASE 1
     # programs each reduce one slice into a float32 workspace tile, PHASE 2 adds them in
     # slice order and runs the epilogue. Both paths run the same float operations, so an
     # image's edges do not depend on which one built them (nor on the batch around it).
