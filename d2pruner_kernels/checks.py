@@ -35,7 +35,7 @@ def check_tensor(name: str, t, ranks: tuple[int, ...]) -> None:
 
 
 def check_int(name: str, v, lo: int = 0) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+    if type(v) is not int and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
         raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
     if v < lo:
         raise ValueError(f"{name} must be >= {lo}, got {v}")
@@ -43,7 +43,8 @@ def check_int(name: str, v, lo: int = 0) -> int:
 
 
 def check_float(name: str, v, lo: float, hi: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    # plain floats skip the (slow) abstract-class checks
+    if type(v) is not float and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
         raise TypeError(f"{name} must be a float, got {type(v).__name__} {v!r}")
     v = float(v)
     if not (lo <= v <= hi):  # also rejects NaN

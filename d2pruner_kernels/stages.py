@@ -10,6 +10,7 @@ All stages take batched tensors; `prune()` also accepts unbatched ones.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -22,6 +23,7 @@ from .kernels import mis as mis_kernel
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+@functools.cache  # imported on first use (Triton only when a Triton stage runs)
 def _triton_module(name: str):
     return importlib.import_module(f"d2pruner_kernels.kernels.{name}")
 

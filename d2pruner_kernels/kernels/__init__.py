@@ -10,6 +10,7 @@ import os
 import torch
 
 
+@functools.cache  # asked on every launch; Triton itself reads it once, at import
 def interpreting() -> bool:
     """Triton kernels run on CPU tensors under the interpreter (TRITON_INTERPRET=1, which
     must be set before the kernel modules are imported)."""
