@@ -29,4 +29,4 @@ report: $(STAMP)
 	$(BIN)/python -m benchmarks.report
 
 clean:
-	rm -rf build demo_out .pytest_cache .benchmarks d2pruner_kernels/_C*.so
+	rm -rf build demo_out .pytest_cache .benchmarks d2pruner_kernels/_C*.so $(STAMP)

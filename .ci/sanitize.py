@@ -1,6 +1,6 @@
 """Runs the CUDA kernels on a few graphs, for `compute-sanitizer --tool memcheck|racecheck`:
 full and lazy MIS (prefix, then the rest), odd sizes across the 1024-candidate window,
-then a small prune() end to end. Exits non-zero on a wrong answer."""
+then small prune() calls end to end (whole graph, lazy graph). Exits non-zero on a wrong answer."""
 import sys
 
 import torch
@@ -24,8 +24,9 @@ for c, p, n_p, k in [(37, 0.2, 3, 20), (1100, 0.01, 5, 400), (1500, 0.003, 0, 15
     mis.greedy_mis(adj_d, order_d, n_p, k, skip=done, kept=kept)
     torch.cuda.synchronize()
     assert torch.equal(got.cpu(), want) and torch.equal(kept.cpu(), want), (c, p)
-x = clustered_tokens(2, 576, 256, dtype=torch.bfloat16, generator=g).cuda()
-a = distinct_attention(2, 4, 576, generator=g).cuda()
-prune(x, a, (24, 24), 64)
+for b, k in [(2, 64), (4, 128)]:  # the whole graph split-K; lazy ranges (more tiles than SMs)
+    x = clustered_tokens(b, 576, 256, dtype=torch.bfloat16, generator=g).cuda()
+    a = distinct_attention(b, 4, 576, generator=g).cuda()
+    prune(x, a, (24, 24), k)
 torch.cuda.synchronize()
 print("sanitize.py: all answers right")

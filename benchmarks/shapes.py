@@ -89,15 +89,17 @@ class Inputs:
     prior: torch.Tensor    # [N], positive
 
 
-def clustered_tokens(b, n, d, *, dtype, device, generator, clusters=None):
+def clustered_tokens(b, n, d, *, dtype, device, generator, clusters=None, noise=None):
     """Cluster centre + per-token noise of std in [0.2, 0.9]: cosines inside a cluster spread
-    over ~[0.55, 0.96], so the 0.8 threshold cuts clusters into partial cliques."""
+    over ~[0.55, 0.96], so the 0.8 threshold cuts clusters into partial cliques. A fixed
+    `noise` std instead puts every cosine inside a cluster near 1 / (1 + noise^2)."""
     clusters = clusters or max(8, n // 16)
     g = generator
     centres = torch.randn(b, clusters, d, generator=g, device=device)
     assign = torch.randint(0, clusters, (b, n), generator=g, device=device)
     x = torch.gather(centres, 1, assign.unsqueeze(-1).expand(-1, -1, d))
-    sigma = 0.2 + 0.7 * torch.rand(b, n, 1, generator=g, device=device)
+    sigma = (0.2 + 0.7 * torch.rand(b, n, 1, generator=g, device=device) if noise is None
+             else torch.full((b, n, 1), noise, device=device))
     return (x + sigma * torch.randn(b, n, d, generator=g, device=device)).to(dtype)
 
 

@@ -25,20 +25,29 @@ from d2pruner_kernels.kernels import rank as rank_kernel
 from d2pruner_kernels.kernels import select
 
 from .harness import device_name
-from .walk_depth import depths
+from . import shapes
+from .shapes import PIVOT_RATIO
+from .walk_depth import depths, row
+
+DEVICE = "cuda"  # a GPU script; a CPU dry run (TRITON_INTERPRET=1) may set "cpu"
 
 
-def inputs(b, n, d, heads=32, seed=0, clusters=64, noise=0.7):
-    """Clustered bf16 features: cosine ~1 / (1 + noise^2) inside a cluster (0.67 at the
-    default 0.7: few edges at the 0.8 threshold), random attention, a positive prior."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    centres = torch.randn(b, clusters, d, device="cuda", generator=g)
-    assign = torch.randint(0, clusters, (b, n), device="cuda", generator=g)
-    x = torch.gather(centres, 1, assign[..., None].expand(-1, -1, d))
-    x = (x + noise * torch.randn(b, n, d, device="cuda", generator=g)).bfloat16()
-    attn = torch.rand(b, heads, n, device="cuda", generator=g).bfloat16()
-    prior = torch.rand(n, device="cuda", generator=g) + 0.5
-    return x, attn, prior
+def inputs(b, grid, d, heads=32, seed=0, clusters=64, noise=0.7):
+    """bf16 features in clusters with a fixed noise: cosine ~1 / (1 + noise^2) inside one
+    (0.67 at the default 0.7: few edges at the 0.8 threshold); the benchmarks' attention
+    and positional prior (shapes.py)."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    kw = dict(dtype=torch.bfloat16, device=DEVICE, generator=g)
+    n = math.prod(grid)
+    x = shapes.clustered_tokens(b, n, d, clusters=clusters, noise=noise, **kw)
+    return x, shapes.attention(b, heads, n, **kw), shapes.positional_prior(grid, device=DEVICE)
+
+
+def graph_stage(x, order, n_p, grid, config=None):
+    """The graph launch(es) alone: the norms (the rank launch's job in prune()) made once."""
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+    return lambda: graph_kernel.GraphRows(x, order, n_p, (1, *grid), config=config,
+                                          norms=norms).rows(0, x.shape[1])
 
 
 def us(fn, graph=False, slow=False):
@@ -58,10 +67,6 @@ def us(fn, graph=False, slow=False):
     return 1e3 * tt.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def row(cells):
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
 def prefix_rows_ab(lines: list[str]) -> None:
     """prune() with the lazy graph's row ranges (kernels/select.py) at their default and
     smaller first ranges (more launches, far fewer rows), with how deep these inputs' walks
@@ -73,8 +78,8 @@ def prefix_rows_ab(lines: list[str]) -> None:
     few = dict(clusters=8, noise=0.3)
     for b, n, grid, k, kind in ((1, 576, (24, 24), 64, {}), (32, 576, (24, 24), 128, {}),
                                 (1, 2880, (48, 60), 320, {}), (1, 576, (24, 24), 64, few)):
-        x, attn, prior = inputs(b, n, 4096, **kind)
-        n_p = pivot_count(0.7, k)
+        x, attn, prior = inputs(b, grid, 4096, **kind)
+        n_p = pivot_count(PIVOT_RATIO, k)
         ds = depths(x, attn, prior, grid, k)
         shape = f"B={b} N={n} D=4096 k={k}" + (" near-cliques" if kind else "")
         order = d2p.rank_order(d2p.debiased_scores(attn, prior))
@@ -110,7 +115,7 @@ def main(argv=None):
         print(lines[-1], flush=True)
 
     for n, grid in ((576, (24, 24)), (2880, (48, 60))):
-        x, attn, prior = inputs(1, n, 4096)
+        x, attn, prior = inputs(1, grid, 4096)
         shape = f"B=1 N={n} D=4096 H=32"
         add("scores", shape, lambda: d2p.debiased_scores(attn, prior, backend="kernels"),
             lambda: reference.debiased_scores(attn, prior))
@@ -124,11 +129,10 @@ def main(argv=None):
         order = d2p.rank_order(s)
         for frac in (0.10, 0.25):
             k = max(1, math.floor(frac * n + 0.5))
-            n_p = pivot_count(0.7, k)
+            n_p = pivot_count(PIVOT_RATIO, k)
             kshape = f"{shape} k={k}"
             adj = d2p.similarity_graph(x, order, n_p, grid, backend="kernels")
-            add("graph (full)", kshape,
-                lambda: d2p.similarity_graph(x, order, n_p, grid, backend="kernels"),
+            add("graph (full)", kshape, graph_stage(x, order, n_p, grid),
                 lambda: reference.similarity_graph(x, order, n_p, (1, *grid)),
                 note=f"C={n - n_p}, {2 * (n - n_p) ** 2 / 2 * 4096 / 1e9:.1f} GFLOP")
             _, rounds = mis_kernel.greedy_mis(adj, order, n_p, k, return_rounds=True)
@@ -140,10 +144,10 @@ def main(argv=None):
                 lambda: d2p.prune(x, attn, grid, k, prior=prior, backend="reference"),
                 ref_slow=True)
     # a batch of 64 LLaVA-1.5 images
-    x, attn, prior = inputs(64, 576, 4096)
+    x, attn, prior = inputs(64, (24, 24), 4096)
     order = d2p.rank_order(d2p.debiased_scores(attn, prior))
     for k in (58, 144):
-        n_p = pivot_count(0.7, k)
+        n_p = pivot_count(PIVOT_RATIO, k)
         adj = d2p.similarity_graph(x, order, n_p, (24, 24), backend="kernels")
         _, rounds = mis_kernel.greedy_mis(adj, order, n_p, k, return_rounds=True)
         add("MIS", f"B=64 N=576 k={k}", lambda: mis_kernel.greedy_mis(adj, order, n_p, k),
@@ -156,7 +160,7 @@ def main(argv=None):
     # rank by counting (O(N^2)) against torch.sort around the cut-over rank.MAX_N
     limit, rank_kernel.MAX_N = rank_kernel.MAX_N, 1 << 20
     for n in (4096, 8192, 16384):
-        s = torch.rand(1, n, device="cuda")
+        s = torch.rand(1, n, device=DEVICE)
         add("rank (forced)", f"B=1 N={n}", lambda: rank_kernel.rank_and_norms(s, None),
             lambda: reference.rank_order(s), note=f"kernel used up to N={limit}")
     rank_kernel.MAX_N = limit
@@ -171,10 +175,10 @@ def main(argv=None):
             (32, 576, (24, 24), 89, [dict(base, SPLITS=1)] + sliced),
             (1, 2880, (48, 60), 224, [base, dict(base, BLOCK=128, num_warps=8),
                                       dict(base, BLOCK=128), dict(base, num_stages=4)])):
-        x, attn, prior = inputs(b, n, 4096)
+        x, attn, prior = inputs(b, grid, 4096)
         order = d2p.rank_order(d2p.debiased_scores(attn, prior))
         for cfg in cfgs:
-            f = lambda: graph_kernel.similarity_graph(x, order, n_p, (1, *grid), config=cfg)  # noqa: E731
+            f = graph_stage(x, order, n_p, grid, cfg)
             lines.append(row(["graph config", str(cfg), f"{us(f):.1f}",
                               f"{us(f, graph=True):.1f}", "", "", f"B={b} N={n} n_p={n_p}"]))
             print(lines[-1], flush=True)

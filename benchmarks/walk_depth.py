@@ -19,11 +19,10 @@ import torch
 
 from d2pruner_kernels import demo, reference
 from d2pruner_kernels.checks import as_3d, pivot_count
+from d2pruner_kernels.kernels.graph import default_config
 from d2pruner_kernels.kernels.select import prefix_rows
 
 from .shapes import CPU_SHAPES, GPU_SHAPES, PIVOT_RATIO, make_inputs
-
-BLOCK = 64  # the graph kernel's row tile for bf16 / fp16 (kernels/graph.py), P's granule
 
 
 def depths(tokens, attn, prior, grid, k) -> list[int]:
@@ -43,8 +42,9 @@ def row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def report(name, c, m, ds) -> str:
-    p = prefix_rows(c, m, BLOCK)
+def report(name, c, m, ds, tokens) -> str:
+    block = default_config(tokens.dtype, tokens.shape[-1])["BLOCK"]  # P's granule
+    p = prefix_rows(c, m, block)
     settled = sum(x <= p for x in ds)
     return row([name, c, m, f"{min(ds)} / {statistics.median(ds):g} / {max(ds)}",
                 f"{statistics.median(ds) / max(m, 1):.1f}", p,
@@ -64,14 +64,14 @@ def main(argv=None):
         for seed in range(args.copies):
             x = make_inputs(shape, "cpu", seed)
             ds += depths(x.tokens, x.attn, x.prior, shape.grid, shape.k_int)
-        print(report(shape.name, shape.candidates, shape.k_int - shape.n_pivots, ds),
+        print(report(shape.name, shape.candidates, shape.k_int - shape.n_pivots, ds, x.tokens),
               flush=True)
     _, _, tokens, attn, prior = demo.build_example(0)
     for reduction in demo.REDUCTIONS:
         k = demo.kept_count(reduction)
         n_p = pivot_count(PIVOT_RATIO, k)
         ds = depths(tokens[None], attn[None], prior, demo.GRID, k)
-        print(report(f"demo scene, {reduction:.0%} pruned", demo.N - n_p, k - n_p, ds))
+        print(report(f"demo scene, {reduction:.0%} pruned", demo.N - n_p, k - n_p, ds, tokens))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ prefix would save it little time and cost it three more launches.
 
 Choosing P: the walk reaches its m-th member after ~1.1-1.3 m candidates on the benchmark
 inputs (`python -m benchmarks.walk_depth`). The demo scene, whose patches have many
-look-alikes, needs 157 rows at m = 18 (90% pruned: 8 m rounded up to the tile, 192, holds
-them) and, at 75% pruned, runs out of independent tokens and reads every row.
+look-alikes, needs 157 rows at m = 18 (90% pruned: 8 m = 144 rounded up to the tile, 160
+for its float32 features, holds them) and, at 75% pruned, runs out of independent tokens
+and reads every row.
 """
 from __future__ import annotations
 
