@@ -13,7 +13,6 @@ Timing method (METHOD):
 from __future__ import annotations
 
 import itertools
-import os
 import platform
 import statistics
 import time

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import torch
 
 from d2pruner_kernels import demo, reference
 from d2pruner_kernels.checks import as_3d, pivot_count
@@ -25,9 +24,9 @@ from d2pruner_kernels.kernels.select import prefix_rows
 from .shapes import CPU_SHAPES, GPU_SHAPES, PIVOT_RATIO, make_inputs
 
 
-def depths(tokens, attn, prior, grid, k) -> list[int]:
+def depths(tokens, attn, prior, grid, k, pivot_ratio=PIVOT_RATIO) -> list[int]:
     """Rows read by each image's walk: up to its m-th member, or all C if it has fewer."""
-    n_p = pivot_count(PIVOT_RATIO, k)
+    n_p = pivot_count(pivot_ratio, k)
     c, m = tokens.shape[1] - n_p, k - n_p
     order = reference.rank_order(reference.debiased_scores(attn, prior))
     out = []

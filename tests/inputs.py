@@ -22,14 +22,12 @@ def clustered_tokens(b: int, n: int, d: int, *, clusters: int = 6, noise: float 
 def distinct_attention(b: int, h: int, n: int, *, dtype=torch.float32, device="cpu",
                        generator=None) -> torch.Tensor:
     """[B, H, N] attention whose head-mean has no near-ties (a random permutation of a grid
-    of well separated values, plus small per-head noise that averages out exactly)."""
+    of well separated values, plus small noise on every head that sums to zero over the
+    heads: the mean is unchanged up to rounding, and every head differs from the others)."""
     base = torch.stack([torch.randperm(n, generator=generator) for _ in range(b)]).float()
     base = (base + 1.0) / n  # distinct, gap 1/N
-    heads = base.unsqueeze(1).expand(b, h, n).clone()
-    if h > 1:  # +delta on one head, -delta on another: the mean is unchanged up to rounding
-        delta = 0.25 / n * torch.rand(b, n, generator=generator)
-        heads[:, 0] += delta
-        heads[:, 1] -= delta
+    noise = 0.25 / n * torch.rand(b, h, n, generator=generator)
+    heads = base.unsqueeze(1) + noise - noise.mean(1, keepdim=True)
     return heads.to(dtype=dtype, device=device)
 
 

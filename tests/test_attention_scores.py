@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from d2pruner_kernels.attention_scores import attention_scores
-from d2pruner_kernels.reference import attention as ref
 from conftest import DEVICE, ON_GPU
 
 RTOL = 1e-5
@@ -120,11 +119,12 @@ def test_lse_path(dtype, backend):
     assert_rel_close(out, exact(q, k, (5, 200), positions=pos))
 
 
-def test_lse_is_used_not_recomputed():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_is_used_not_recomputed(backend):
     # A wrong lse by +log 2 halves every probability: proof the normalising pass is skipped.
     q, k = _qk(1, 4, 1, 2, 100, 64, torch.float32, seed=5)
     lse = exact_lse(q, k).float().to(DEVICE) + math.log(2.0)
-    out = attention_scores(q, k, key_span=(10, 90), lse=lse, backend="kernels")
+    out = attention_scores(q, k, key_span=(10, 90), lse=lse, backend=backend)
     assert_rel_close(out, exact(q, k, (10, 90)) / 2)
 
 

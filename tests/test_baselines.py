@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from d2pruner_kernels import prune, reference
+from d2pruner_kernels.checks import as_3d, pivot_count
 from inputs import band_margin, clustered_tokens, distinct_attention
 
 from benchmarks import baselines
@@ -13,12 +14,12 @@ from benchmarks import baselines
 THETA = 0.8
 
 
-def draw(seed, grid, d, k, beta, temporal_radius, heads=3):
+def draw(seed, grid, d, k, beta, temporal_radius, heads=3, pivot_ratio=0.7):
     """Clustered tokens, distinct attention and a positive prior with no candidate pair
     inside the band |f - theta| <= 1e-5 where two correct backends may disagree."""
     n = math.prod(grid)
-    grid3 = grid if len(grid) == 3 else (1, *grid)
-    n_pivots = min(k, math.floor(0.7 * k + 1e-6))
+    grid3 = as_3d(grid)
+    n_pivots = pivot_count(pivot_ratio, k)
     for attempt in range(50):
         g = torch.Generator().manual_seed(1000 * seed + attempt)
         tokens = clustered_tokens(1, n, d, generator=g)[0]
@@ -55,7 +56,7 @@ def test_naive_d2pruner_matches_reference(grid, d, k, temporal_radius, beta):
 
 @pytest.mark.parametrize("pivot_ratio", [0.0, 1.0])
 def test_naive_d2pruner_pivot_extremes(pivot_ratio):
-    tokens, attn, prior = draw(7, (8, 8), 32, 20, 0.0, 1)
+    tokens, attn, prior = draw(7, (8, 8), 32, 20, 0.0, 1, pivot_ratio=pivot_ratio)
     ours = prune(tokens, attn, (8, 8), 20, prior=prior, pivot_ratio=pivot_ratio,
                  backend="reference")
     naive = baselines.naive_d2pruner(tokens, attn, (8, 8), 20, prior=prior,

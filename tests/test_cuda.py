@@ -4,8 +4,11 @@ import torch
 
 import d2pruner_kernels as d2p
 from d2pruner_kernels import layout, prune, reference
+from d2pruner_kernels.checks import as_3d, pivot_count
 from d2pruner_kernels.kernels import mis
 from inputs import clustered_tokens, distinct_attention, in_band
+
+from benchmarks.walk_depth import depths
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -22,11 +25,11 @@ def llava_like(b, n, d, dtype=torch.bfloat16, seed=0):
 def test_large_shapes_match_reference_stage_by_stage(n, grid, d):
     x, a = llava_like(2, n, d)
     k = n // 8
-    n_p = int(0.7 * k + 1e-6)
+    n_p = pivot_count(0.7, k)
     s = d2p.debiased_scores(a, backend="kernels")
     torch.testing.assert_close(s, reference.debiased_scores(a), rtol=1e-6, atol=0)
     order = d2p.rank_order(s)
-    grid3 = grid if len(grid) == 3 else (1, *grid)
+    grid3 = as_3d(grid)
     got = d2p.similarity_graph(x, order, n_p, grid, backend="kernels")
     want = d2p.similarity_graph(x, order, n_p, grid, backend="reference")
     c = n - n_p
@@ -38,13 +41,18 @@ def test_large_shapes_match_reference_stage_by_stage(n, grid, d):
 
 @pytest.mark.parametrize("n,grid,k", [(2880, (48, 60), 320), (8192, (32, 16, 16), 819)])
 def test_lazy_prune_equals_the_full_graph_selection(n, grid, k):
-    """At these sizes prune() builds a prefix of the graph first (kernels/select.py): its
+    """At these sizes prune() builds a prefix of the graph first (kernels/select.py): image 0
+    settles there, image 1 (near-duplicates: the walk runs out) needs the whole graph; the
     answer must be the reference walk's on the whole graph, image by image."""
+    from d2pruner_kernels.kernels import select
     x, a = llava_like(2, n, 512, seed=5)
-    x[1] = x[1, :1] + 0.01 * x[1]  # image 1: near-duplicates, the walk runs out: full graph
+    x[1] = x[1, :1] + 0.01 * x[1]
+    n_p = pivot_count(0.7, k)
+    first = select.prefix_rows(n - n_p, k - n_p, 64)
+    depth = depths(x, a, None, grid, k)
+    assert depth[0] <= first < depth[1], (first, depth)
     got = prune(x, a, grid, k)
     order = d2p.rank_order(d2p.debiased_scores(a))
-    n_p = int(0.7 * k + 1e-6)
     adj = d2p.similarity_graph(x, order, n_p, grid, backend="kernels")
     assert torch.equal(got, reference.greedy_mis(adj, order, n_p, k))
 

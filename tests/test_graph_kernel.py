@@ -4,6 +4,7 @@ import torch
 
 import d2pruner_kernels as d2p
 from d2pruner_kernels import layout
+from d2pruner_kernels.checks import as_3d
 from conftest import DEVICE
 from inputs import clustered_tokens, in_band
 
@@ -18,13 +19,13 @@ def compare(tokens, order, n_p, grid, theta=0.8, beta=0.0, radius=2, temporal_ra
         got = d2p.similarity_graph(tokens, order, n_p, grid, backend="kernels", **kw)
     else:
         from d2pruner_kernels.kernels import graph
-        grid3 = tuple(grid) if len(grid) == 3 else (1, *grid)
+        grid3 = as_3d(grid)
         got = graph.similarity_graph(tokens, order, n_p, grid3, config=config, **kw)
     want = d2p.similarity_graph(tokens, order, n_p, grid, backend="reference", **kw)
     c = order.shape[1] - n_p
     assert got.shape == want.shape == (tokens.shape[0], c, layout.num_words(c))
     e_got, e_want = layout.unpack_lower(got, c), layout.unpack_lower(want, c)
-    grid3 = grid if len(grid) == 3 else (1, *grid)
+    grid3 = as_3d(grid)
     band = in_band(tokens, order, n_p, grid3, theta, beta, radius, temporal_radius)
     differ = (e_got != e_want) & ~band
     assert not differ.any(), f"{int(differ.sum())} edges differ outside the band"

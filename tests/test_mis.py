@@ -154,8 +154,11 @@ def test_rounds_stop_early_with_a_small_budget():
     assert rounds.tolist() == [2]  # the external pass + one Luby round
 
 
-@pytest.mark.parametrize("bad", ["dtype", "shape", "order_dtype", "sizes", "noncontig"])
-def test_bad_arguments_raise_before_the_launch(bad):
+@pytest.mark.parametrize("bad,error,match", [
+    ("dtype", TypeError, "adjacency must be int32"), ("shape", ValueError, "adjacency must be"),
+    ("order_dtype", TypeError, "order int64"), ("sizes", ValueError, "n_pivots <= k"),
+    ("noncontig", ValueError, "contiguous")])
+def test_bad_arguments_raise_before_the_launch(bad, error, match):
     e = graph("random", 40, torch.Generator().manual_seed(0))
     adj, order = layout.pack_lower(e[None]), torch.arange(45)[None]
     n_p, k = 5, 12
@@ -166,8 +169,8 @@ def test_bad_arguments_raise_before_the_launch(bad):
     elif bad == "order_dtype":
         order = order.to(torch.int32)
     elif bad == "sizes":
-        n_p, k = 13, 12
+        k = 4  # fewer kept than pivots (the adjacency shape stays right)
     elif bad == "noncontig":
         order = torch.arange(90).view(45, 2).T[:1]
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises(error, match=match):
         mis.greedy_mis(adj, order, n_p, k)

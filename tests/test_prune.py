@@ -1,13 +1,15 @@
 """prune(): the API contract, the error contract, and kernels == reference end to end."""
-import math
 
 import pytest
 import torch
 
 import d2pruner_kernels as d2p
 from d2pruner_kernels import prune
+from d2pruner_kernels.checks import as_3d, pivot_count, resolve_k
 from conftest import DEVICE
 from inputs import band_margin, clustered_tokens, distinct_attention
+
+from benchmarks.walk_depth import depths
 
 
 def case(b=2, n=48, d=16, h=3, seed=0, dtype=torch.float32, grid=(6, 8), device=DEVICE):
@@ -24,9 +26,7 @@ def band_free_case(b, n, d, h, grid, k, rho, beta, radius, dtype, seed):
     for s in range(seed, seed + 50):
         x, a, _ = case(b, n, d, h, s, dtype, grid)
         order = torch.sort(a.mean(1), dim=1, descending=True, stable=True).indices
-        n_p = math.floor(rho * k + 1e-6)
-        grid3 = grid if len(grid) == 3 else (1, *grid)
-        if band_margin(x, order, n_p, grid3, 0.8, beta, radius) > 1e-5:
+        if band_margin(x, order, pivot_count(rho, k), as_3d(grid), 0.8, beta, radius) > 1e-5:
             return x, a
     raise AssertionError("no band-free input found")
 
@@ -41,7 +41,7 @@ def band_free_case(b, n, d, h, grid, k, rho, beta, radius, dtype, seed):
     (33, (3, 11), 1, 0.7, 0.0, 2),
 ])
 def test_kernels_equal_reference(dtype, n, grid, k, rho, beta, radius):
-    x, a = band_free_case(3, n, 24, 4, grid, k if isinstance(k, int) else round(k * n), rho,
+    x, a = band_free_case(3, n, 24, 4, grid, resolve_k(k, n), rho,
                           beta, radius, dtype, seed=n)
     kw = dict(pivot_ratio=rho, spatial_weight=beta, radius=radius)
     got = prune(x, a, grid, k, backend="kernels", **kw)
@@ -60,19 +60,22 @@ def test_unbatched_shapes_and_ratio_k():
     assert prune(x[0], a[0], grid, 1.0).shape == (48,)
 
 
-def test_batched_equals_per_item():
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_batched_equals_per_item(backend):
     x, a, grid = case(b=4, seed=3)
     prior = (torch.rand(4, 48) + 0.5).to(DEVICE)
-    out = prune(x, a, grid, 10, prior=prior, spatial_weight=0.5)
+    kw = dict(spatial_weight=0.5, backend=backend)
+    out = prune(x, a, grid, 10, prior=prior, **kw)
     for b in range(4):
-        assert torch.equal(out[b], prune(x[b], a[b], grid, 10, prior=prior[b], spatial_weight=0.5))
+        assert torch.equal(out[b], prune(x[b], a[b], grid, 10, prior=prior[b], **kw))
 
 
-def test_inputs_are_never_modified():
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_inputs_are_never_modified(backend):
     x, a, grid = case()
     prior = (torch.rand(48) + 0.5).to(DEVICE)
     saved = [t.clone() for t in (x, a, prior)]
-    prune(x, a, grid, 10, prior=prior)
+    prune(x, a, grid, 10, prior=prior, backend=backend)
     assert all(torch.equal(s, t) for s, t in zip(saved, (x, a, prior)))
 
 
@@ -173,9 +176,11 @@ def test_check_finite_is_refused_under_compile():
         fn(X, A)
 
 
-def test_prior_broadcasts_from_one_row():
-    prior = torch.rand(1, 48) + 0.5
-    assert torch.equal(prune(X, A, GRID, 10, prior=prior), prune(X, A, GRID, 10, prior=prior[0]))
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_prior_broadcasts_from_one_row(backend):
+    x, a, prior = X.to(DEVICE), A.to(DEVICE), (torch.rand(1, 48) + 0.5).to(DEVICE)
+    assert torch.equal(prune(x, a, GRID, 10, prior=prior, backend=backend),
+                       prune(x, a, GRID, 10, prior=prior[0], backend=backend))
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="TF32 exists on CUDA only")
@@ -223,11 +228,12 @@ def test_stage_backends_reject_what_they_cannot_run():
 
 @pytest.mark.parametrize("splits,growth,mixed", [(1, 0, False), (3, 0, False), (1, 2, False),
                                                 (3, 0, True), (3, 2, True)])
-@pytest.mark.parametrize("k,rho,clusters", [(12, 0.5, 40), (40, 0.0, 4), (70, 0.3, 3)])
-def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, splits, growth,
-                                                 mixed):
-    """With a 64-row prefix, images settle inside it (many clusters, small m) or need the
-    rest of the graph (few clusters: the MIS is small and the walk runs out); either way
+@pytest.mark.parametrize("k,rho,clusters,settle", [(12, 0.5, 40, "110"), (40, 0.0, 4, "000"),
+                                                  (70, 0.3, 3, "000")])
+def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, settle, splits,
+                                                 growth, mixed):
+    """With a 64-row prefix, images settle inside it (many clusters, small m: `settle`, by
+    the reference walk) or need the rest of the graph (few clusters or a larger m); either way
     the answer is the reference's: with K slices or not, in two row ranges or three (64,
     128, C), the slices split-K'd in every launch or (mixed) in the prefix's only (3 tiles,
     later launches 6 and more: each program adds its slices). (The protocol itself,
@@ -240,7 +246,8 @@ def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, 
     monkeypatch.setattr(select, "PREFIX_PER_MEMBER", 1)
     monkeypatch.setattr(select, "PREFIX_GROWTH", growth)
     monkeypatch.setattr(select, "LAZY_MIN_WAVES", 0.0)  # lazy on a GPU too, at this small size
-    assert len(select.row_ranges(150 - math.floor(rho * k + 1e-6), 1, 64)) == 3 - (growth == 0)
+    n_p = pivot_count(rho, k)
+    assert len(select.row_ranges(150 - n_p, k - n_p, 64)) == 3 - (growth == 0)
     g = torch.Generator().manual_seed(k)
     n, grid = 150, (10, 15)
     for seed in range(50):
@@ -248,10 +255,12 @@ def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, 
                        for c in (clusters, 40, 3)]).to(DEVICE)
         a = distinct_attention(3, 2, n, generator=g).to(DEVICE)
         order = torch.sort(a.mean(1), dim=1, descending=True, stable=True).indices
-        if band_margin(x, order, math.floor(rho * k + 1e-6), (1, *grid), 0.8, 0.0) > 1e-5:
+        if band_margin(x, order, n_p, (1, *grid), 0.8, 0.0) > 1e-5:
             break
     else:
         raise AssertionError("no band-free input found")
+    depth = depths(x.cpu(), a.cpu(), None, grid, k, pivot_ratio=rho)
+    assert "".join(str(int(d <= 64)) for d in depth) == settle
     got = prune(x, a, grid, k, pivot_ratio=rho, backend="kernels")
     assert torch.equal(got, prune(x, a, grid, k, pivot_ratio=rho, backend="reference"))
 

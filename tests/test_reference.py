@@ -2,7 +2,6 @@
 invariants of the selection on many random clustered inputs."""
 import math
 
-import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -86,6 +85,7 @@ def test_rho_zero_is_the_greedy_mis_from_the_best_token():
     x, a = clustered_tokens(1, 40, 16, generator=g), distinct_attention(1, 1, 40, generator=g)
     out = prune(x[0], a[0, 0], (5, 8), 5, pivot_ratio=0.0, backend="reference")
     assert int(a[0, 0].argmax()) in out.tolist()  # the best token is the first pick
+    check_selection(out, x[0], a[0], (1, 5, 8), 5, rho=0.0, theta=0.8, beta=0.0, radius=2)
 
 
 def test_all_nan_attention_ranks_by_index():
