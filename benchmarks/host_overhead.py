@@ -1,8 +1,9 @@
 """Host time of prune()'s own Python glue on the kernels path (validation, dispatch,
 allocations, launch arguments, the MIS binding's checks), with the launches themselves
-stubbed out and the graph built whole and split 4 ways as at LLaVA-1.5 size on a GPU, so
-that it runs on any CPU. In eager mode on a GPU this adds to Triton's launch cost per
-kernel; inside a CUDA graph or torch.compile it disappears.
+stubbed out, the backend choice stubbed to the GPU's (it asks the driver) and the graph
+built whole and split 4 ways as at LLaVA-1.5 size on a GPU, so that it runs on any CPU.
+In eager mode on a GPU this adds to Triton's launch cost per kernel; inside a CUDA graph
+or torch.compile it disappears.
 
     python -m benchmarks.host_overhead [--calls 2000]
 """
@@ -28,7 +29,9 @@ class _NoLaunch:
 def glue_us(calls: int) -> float:
     x = torch.randn(1, 576, 4096).bfloat16()
     attn = torch.rand(1, 32, 576).bfloat16()
-    prior = torch.rand(576) + 0.5
+    # a PositionalPrior: checked once when made, so no per-call value check (which a CPU
+    # tensor prior gets and a GPU one does not) is timed
+    prior = d2p.PositionalPrior((24, 24)).update(torch.rand(576) + 0.5)
     with mock.patch.object(graph, "_similarity_graph_kernel", _NoLaunch()), \
             mock.patch.object(rank, "_rank_norms_kernel", _NoLaunch()), \
             mock.patch.object(scores, "_debiased_scores_kernel", _NoLaunch()), \

@@ -195,13 +195,6 @@ def sync_check() -> str:
     return result
 
 
-def backend_summary() -> str:
-    triton = stages.use_triton("auto", DEVICE)
-    mis = stages.use_compiled_mis("auto", DEVICE)
-    return (f"scores and graph: {'Triton' if triton else 'torch reference'}, MIS: "
-            f"{('CUDA kernel' if ON_GPU else 'compiled C++ walk') if mis else 'torch reference'}")
-
-
 def header(command: str, hw: dict, sync: str) -> str:
     import triton
     cuda = torch.version.cuda or "none"
@@ -213,7 +206,8 @@ def header(command: str, hw: dict, sync: str) -> str:
         f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {cuda}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- command: `{command}`",
-        f"- ours = `prune(backend=\"auto\")` here: {backend_summary()}",
+        f"- ours = `prune(backend=\"auto\")` here: "
+        f"{stages.describe(DEVICE, max(s.n for s in GPU_SHAPES))}",
         f"- timing: median of {REPS_FAST} calls (ours) / {REPS_SLOW} calls (reference and "
         f"baselines) after warm-up, {timing}, inputs rotated among 4 random copies",
         f"- measured: copy bandwidth {hw['bandwidth'] / 1e9:.0f} GB/s, {hw['peak_dtype']} "

@@ -94,7 +94,7 @@ def pivot_count(pivot_ratio: float, k: int) -> int:
 
 
 def check_prune_inputs(tokens, attn, grid_hw, prior, check_finite: bool):
-    """Validates the tensors of prune(); returns (batched, B, N, D, (T, H, W))."""
+    """Validates the tensors of prune(); returns (batched, N, (T, H, W))."""
     check_tensor("tokens", tokens, (2, 3))
     batched = tokens.dim() == 3
     if batched:
@@ -132,4 +132,4 @@ def check_prune_inputs(tokens, attn, grid_hw, prior, check_finite: bool):
         for name, t in (("tokens", tokens), ("attn", attn), ("prior", prior)):
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} holds NaN or Inf values (check_finite=True)")
-    return batched, b, n, d, grid
+    return batched, n, grid

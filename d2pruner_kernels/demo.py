@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import reference, stages
-from .checks import pivot_count
+from .checks import pivot_count, resolve_k
 from .prune import prune
 
 PATCH = 14                    # pixels per patch side (CLIP ViT-L/14 at 336 px)
@@ -53,8 +53,8 @@ PICK_COLOUR = (255, 140, 0)
 
 
 def kept_count(reduction: float, n: int = N) -> int:
-    """Tokens kept at a given reduction: round((1 - reduction) * N) (75% -> 144, 90% -> 58)."""
-    return max(1, math.floor((1.0 - reduction) * n + 0.5))
+    """Tokens kept at a given reduction, as prune() reads a ratio k (75% -> 144, 90% -> 58)."""
+    return resolve_k(1.0 - reduction, n)
 
 
 def figure_size(rows: int = len(REDUCTIONS), cols: int = 3) -> tuple[int, int]:
@@ -240,13 +240,6 @@ def calibration_prior(saliency: np.ndarray) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- pruning
 
-def backend_description(device: torch.device) -> str:
-    tri = stages.use_triton("auto", device)
-    mis = stages.use_compiled_mis("auto", device)
-    return (f"scores + graph: {'Triton kernels' if tri else 'torch reference'}, "
-            f"MIS: {('CUDA kernel' if device.type == 'cuda' else 'compiled C++ walk') if mis else 'torch reference'}")
-
-
 def timed(fn, repeats: int, device: torch.device):
     """Result of fn() and the median wall time in ms over `repeats` runs (after a warm-up)."""
     out = fn()
@@ -400,7 +393,7 @@ def _demo(args) -> dict:
           f"(N={N}), features D={D}, attention H={HEADS} heads with a bottom-row bias")
     print(f"similarity graph over all {N} tokens at sim_threshold=0.8: {n_edges} edges "
           f"(mean degree {2 * n_edges / N:.1f})")
-    print(f"prune(backend='auto') on {dev.type}: {backend_description(dev)}; times are the "
+    print(f"prune(backend='auto') on {dev.type}: {stages.describe(dev, N)}; times are the "
           f"median wall time of {args.repeats} prune() calls on the {where}")
 
     results, picks = {}, {}

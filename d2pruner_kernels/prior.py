@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from .checks import grid_dims
+from .checks import check_int, grid_dims
 
 FORMAT = "d2pruner-positional-prior"
 VERSION = "1"
@@ -222,19 +222,17 @@ class PositionalPrior:
         Grid (n_tiles + thumbnail, H, W). InternVL adds the thumbnail only when there is more
         than one tile: pass thumbnail=False for a single tile."""
         h, w = self._frame_grid("tiled()")
-        if isinstance(n_tiles, bool) or not isinstance(n_tiles, numbers.Integral) or n_tiles < 1:
-            raise ValueError(f"n_tiles must be a positive int, got {n_tiles!r}")
+        n_tiles = check_int("n_tiles", n_tiles, lo=1)
         if not isinstance(thumbnail, bool):
             raise TypeError(f"thumbnail must be a bool, got {type(thumbnail).__name__}")
         self.check()
-        t = int(n_tiles) + int(thumbnail)
+        t = n_tiles + int(thumbnail)
         note = f"tiled {n_tiles}" + ("+thumbnail" if thumbnail else "")
         return self._derived((t, h, w), self._mean.repeat(t), note)
 
     def per_frame(self, t: int) -> "PositionalPrior":
         """The same map for each of `t` video frames: grid (t, H, W)."""
         h, w = self._frame_grid("per_frame()")
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1:
-            raise ValueError(f"t must be a positive int, got {t!r}")
+        t = check_int("t", t, lo=1)
         self.check()
-        return self._derived((int(t), h, w), self._mean.repeat(int(t)), f"per_frame {t}")
+        return self._derived((t, h, w), self._mean.repeat(t), f"per_frame {t}")

@@ -13,6 +13,7 @@ from typing import List, Optional
 import torch
 
 from . import stages
+from .prior import PositionalPrior
 from .checks import (as_3d, check_backend, check_float, check_int, check_prune_inputs, pivot_count,
                      resolve_k)
 
@@ -37,15 +38,15 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
     if check_finite and torch.compiler.is_compiling():
         raise ValueError("check_finite=True reads values (a device sync): not supported under "
                          "torch.compile; check the inputs outside the compiled region")
-    prior_obj = prior if hasattr(prior, "as_tensor") else None  # a PositionalPrior
+    prior_obj = prior if isinstance(prior, PositionalPrior) else None
     pivot_ratio = check_float("pivot_ratio", pivot_ratio, 0.0, 1.0)
     sim_threshold = check_float("sim_threshold", sim_threshold, -1.0, 1.0)
     spatial_weight = check_float("spatial_weight", spatial_weight, 0.0, 1.0)
     eps = check_float("eps", eps, 0.0, float("inf"))
     radius = check_int("radius", radius)
     temporal_radius = check_int("temporal_radius", temporal_radius)
-    batched, _, n, _, grid = check_prune_inputs(tokens, attn, grid_hw,
-                                                None if prior_obj else prior, check_finite)
+    batched, n, grid = check_prune_inputs(tokens, attn, grid_hw,
+                                          None if prior_obj is not None else prior, check_finite)
     if prior_obj is not None:  # calibrated for this grid; one device copy, cached
         if as_3d(prior_obj.grid) != grid:
             raise ValueError(f"prior is calibrated for grid {tuple(prior_obj.grid)}, "
@@ -66,13 +67,13 @@ def _stages(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weigh
     fused = (stages.use_triton(backend, tokens.device)
              and stages.use_compiled_mis(backend, tokens.device, tokens.shape[1]))
     scores = stages.debiased_scores(attn, prior, eps, backend=backend)
+    if n_pivots == k:  # no supplements: plain top-k, no graph needed
+        return torch.sort(stages.rank_order(scores, backend=backend)[:, :k], dim=1).values
     if fused:  # steps 2-7: rank + norms in one launch, then the lazy graph + MIS
         from .kernels import select  # imports Triton: only when the kernels run
         return select.select(tokens, scores, n_pivots, k, tuple(grid), sim_threshold,
                              spatial_weight, radius, temporal_radius)
     order = stages.rank_order(scores, backend=backend)
-    if n_pivots == k:  # no supplements: plain top-k, no graph needed
-        return torch.sort(order[:, :k], dim=1).values
     adj = stages.similarity_graph(tokens, order, n_pivots, grid, sim_threshold=sim_threshold,
                                   spatial_weight=spatial_weight, radius=radius,
                                   temporal_radius=temporal_radius, backend=backend)

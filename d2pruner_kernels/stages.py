@@ -46,24 +46,32 @@ def use_triton(backend: str, device: torch.device) -> bool:
     return device.type == "cuda" and _triton_usable(device)
 
 
-def use_compiled_mis(backend: str, device: torch.device, n_tokens: int = 0) -> bool:
+def use_compiled_mis(backend: str, device: torch.device, n_tokens: int) -> bool:
     """Whether the compiled MIS runs: the CUDA kernel on a GPU (N <= MAX_CUDA_TOKENS), the
     C++ walk on CPU. 'kernels' raises where it cannot; 'auto' falls back to the reference."""
     check_backend(backend)
     if backend == "reference":
         return False
-    ext = mis_kernel.extension_available()
+    ext, limit = mis_kernel.extension_available(), mis_kernel.MAX_CUDA_TOKENS
     if device.type == "cuda":
-        ok = ext and mis_kernel.cuda_available() and n_tokens <= mis_kernel.MAX_CUDA_TOKENS
-        why = (f"N={n_tokens} tokens: the CUDA MIS kernel supports N <= {mis_kernel.MAX_CUDA_TOKENS}"
-               if n_tokens > mis_kernel.MAX_CUDA_TOKENS else
-               "d2pruner_kernels._C built with CUDA (nvcc at install time)")
+        ok = ext and mis_kernel.cuda_available() and n_tokens <= limit
     else:
         ok = ext and device.type == "cpu"
-        why = f"d2pruner_kernels._C and CPU tensors, got {device}"
     if backend == "kernels" and not ok:
+        why = (f"d2pruner_kernels._C and CPU tensors, got {device}" if device.type != "cuda"
+               else f"N={n_tokens} tokens: the CUDA MIS kernel supports N <= {limit}"
+               if n_tokens > limit else "d2pruner_kernels._C built with CUDA (nvcc at install time)")
         raise RuntimeError(f"backend='kernels' needs {why}")
     return ok
+
+
+def describe(device: torch.device, n_tokens: int) -> str:
+    """Which implementation each stage of prune(backend='auto') runs, in words."""
+    tri = use_triton("auto", device)
+    mis = use_compiled_mis("auto", device, n_tokens)
+    compiled = "CUDA kernel" if device.type == "cuda" else "compiled C++ walk"
+    return (f"scores and graph: {'Triton kernels' if tri else 'torch reference'}, "
+            f"MIS: {compiled if mis else 'torch reference'}")
 
 
 def _attn_view(attn: torch.Tensor, query_row: int | None, key_span) -> torch.Tensor:

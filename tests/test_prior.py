@@ -183,9 +183,11 @@ def test_tiles_and_frames():
         frames.tiled(2)
     with pytest.raises(ValueError, match=r"per_frame\(\) needs a 2-D"):
         tiles.per_frame(2)
-    with pytest.raises(ValueError, match=r"n_tiles must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"n_tiles must be >= 1, got 0"):
         base.tiled(0)
-    with pytest.raises(ValueError, match=r"t must be a positive int"):
+    with pytest.raises(TypeError, match=r"n_tiles must be an int, got float 2.5"):
+        base.tiled(2.5)
+    with pytest.raises(ValueError, match=r"t must be >= 1, got -1"):
         base.per_frame(-1)
     with pytest.raises(ValueError, match=r"has no data"):
         PositionalPrior((3, 4)).tiled(2)

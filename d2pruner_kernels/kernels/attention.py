@@ -18,8 +18,8 @@ Two passes (timed on an H200, see the README):
      and their partial sums added by one torch sum: no atomics, the same bits every run.
 The span keys are read twice, the others once.
 
-The dot products run in the input dtype with float32 accumulation (bf16/fp16 products are
-exact in float32); float32 inputs use true-fp32 "ieee" dots, never tf32. Head dims that are
+The dot products run in the input dtype with float32 accumulation (`dot.exact_dot`: exact
+products, never tf32). Head dims that are
 not powers of two (80, 96) are padded to the next one with masked loads.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ import triton.language as tl
 import torch
 
 from . import cdiv, interpreting, launch_device, next_pow2, sm_count
+from .dot import exact_dot, upcast
 
 LOG2E = 1.4426950408889634
 
@@ -51,15 +52,8 @@ def _load_tile(ptr, idx, idx_ok, stride_idx, offs_d, D, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _logits2(q, kt, qk_scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    if UPCAST:  # the interpreter's bf16 dot is wrong (triton#11584): go through fp32
-        q = q.to(tl.float32)
-        kt = kt.to(tl.float32)
-    if IEEE:
-        s = tl.dot(q, kt, input_precision="ieee")
-    else:
-        s = tl.dot(q, kt)
-    return s * qk_scale2
+def _logits2(q, kt, qk_scale2, UPCAST: tl.constexpr):
+    return exact_dot(q, kt, None, UPCAST) * qk_scale2
 
 
 @triton.jit
@@ -68,8 +62,7 @@ def _lse_partials_kernel(
         L, D, NQ, G, R, HQ, HK, chunk, n_chunks, qk_scale2,
         sq_b, sq_h, sq_r, sk_b, sk_h, sk_l, sp_b, sp_r,
         HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-        IEEE: tl.constexpr):
+        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
     c = tl.program_id(0)
     b = tl.program_id(1) // HK
     hk = tl.program_id(1) % HK
@@ -94,7 +87,7 @@ def _lse_partials_kernel(
         keys = n0 + tl.arange(0, BLOCK_N)
         key_ok = keys < hi
         kt = tl.trans(_load_tile(k_head, keys, key_ok, sk_l, offs_d, D, EVEN_D))
-        s = _logits2(q, kt, qk_scale2, UPCAST, IEEE)
+        s = _logits2(q, kt, qk_scale2, UPCAST)
         seen = key_ok[None, :]
         if HAS_POS:
             seen = seen & (keys[None, :] <= pos[:, None])
@@ -116,7 +109,7 @@ def _span_probs_kernel(
         sq_b, sq_h, sq_r, sk_b, sk_h, sk_l, sp_b, sp_r,
         HAS_POS: tl.constexpr, HAS_LSE: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
     # Program (span block, b, head group): key heads hk_lo .. hk_lo + heads_per_prog - 1.
     b = tl.program_id(1)
     group = tl.program_id(2)
@@ -151,7 +144,7 @@ def _span_probs_kernel(
             big = tl.where(big == float("-inf"), 0.0, big)
             tot = tl.sum(lc * tl.exp2(mc - big[:, None]), axis=1)
             lse2 = big + tl.log2(tl.where(tot > 0, tot, 1.0))  # tot = 0: row sees nothing
-        s = _logits2(q, kt, qk_scale2, UPCAST, IEEE)
+        s = _logits2(q, kt, qk_scale2, UPCAST)
         seen = row_ok[:, None] & col_ok[None, :]
         if HAS_POS:
             pos = tl.load(pos_ptr + b * sp_b + r * sp_r, mask=row_ok, other=-1)
@@ -197,16 +190,15 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
     programs, chunk = cfg.pop("programs"), cfg.pop("chunk", None)
     span_programs = cfg.pop("span_programs")
     block_d = max(16, next_pow2(d))
-    upcast = interpreting() and q.dtype == torch.bfloat16
-    flags = dict(BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=block_d == d, UPCAST=upcast,
-                 IEEE=upcast or q.dtype == torch.float32, HAS_POS=q_positions is not None)
+    flags = dict(BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=block_d == d,
+                 UPCAST=upcast(q.dtype), HAS_POS=q_positions is not None)
     qk_scale2 = float(scale) * LOG2E
 
     if q_positions is None:
         pos, sp_b, sp_r = q, 0, 0  # never read
     else:
         pos = q_positions
-        sp_b, sp_r = (0, pos.stride(0)) if pos.dim() == 1 else pos.stride()
+        sp_b, sp_r = pos.expand(b, nq).stride()  # [Nq] broadcasts: batch stride 0
     strides = (*q.stride()[:3], *k.stride()[:3], sp_b, sp_r)
     m_blocks = cdiv(rows, block_m)
 

@@ -7,8 +7,8 @@ For candidates i, j (rank positions among the non-pivots, token ids t_i = order[
     f_ij   = (1 - beta) * cos_ij + beta * sp_ij;   edge iff f_ij >= theta and j < i
 
 One program per BLOCK x BLOCK tile of the strict lower triangle: the raw dot products run
-on the tensor cores in the input dtype (bf16/fp16 products are exact in the float32
-accumulator; float32 inputs use true-fp32 "ieee" dots, never tf32), the norms come from one
+on the tensor cores in the input dtype (`dot.exact_dot`: exact products, float32 sums,
+never tf32), the norms come from one
 float32 pass before (`rank.py`), and the epilogue fuses the normalisation, the spatial
 term, the threshold and the bit packing. Only the packed bits reach memory (layout:
 ../layout.py); tiles above the diagonal are never launched work, their words stay
@@ -26,6 +26,7 @@ import torch
 
 from ..layout import num_words
 from . import cdiv, interpreting, launch_device, next_pow2, sm_count
+from .dot import exact_dot, upcast
 from .rank import rank_and_norms
 
 
@@ -41,7 +42,7 @@ def _similarity_graph_kernel(
         stride_xb, stride_xn, stride_nb, stride_ob, n_words, grid_h, grid_w, radius,
         temporal_radius, cos_weight, spatial_weight, threshold,
         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-        UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_SKIP: tl.constexpr,
+        UPCAST: tl.constexpr, HAS_SKIP: tl.constexpr,
         SPATIAL: tl.constexpr, SPLITS: tl.constexpr, PHASE: tl.constexpr):
     # K is cut into SPLITS slices of k_chunk (a choice of the image's shape), each summed
     # from zero, then added in slice order. PHASE 0: a program does every slice in turn,
@@ -96,13 +97,7 @@ def _similarity_graph_kernel(
                     k_ok = (k0 + offs_k) < k_hi
                     a = tl.load(xi + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                     c = tl.load(xj + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                if UPCAST:  # the interpreter's bf16 dot is wrong (triton#11584): via fp32
-                    a = a.to(tl.float32)
-                    c = c.to(tl.float32)
-                if IEEE:
-                    part = tl.dot(a, tl.trans(c), part, input_precision="ieee")
-                else:
-                    part = tl.dot(a, tl.trans(c), part)
+                part = exact_dot(a, tl.trans(c), part, UPCAST)
             if SPLITS == 1:
                 acc = part
             else:
@@ -186,11 +181,10 @@ class GraphRows:
         self.c = n - n_pivots
         self.adj = torch.empty(b, self.c, num_words(self.c), dtype=torch.int32,
                                device=tokens.device)
-        upcast = interpreting() and self.x.dtype == torch.bfloat16
         self.args = (n_pivots, grid, radius, temporal_radius, 1.0 - spatial_weight,
                      spatial_weight, sim_threshold)
         self.flags = dict(BLOCK=self.block, BLOCK_K=self.block_k, EVEN_K=d % self.block_k == 0,
-                          UPCAST=upcast, IEEE=upcast or self.x.dtype == torch.float32,
+                          UPCAST=upcast(self.x.dtype),
                           SPATIAL=spatial_weight != 0)
         # K slices: fixed per image shape (its full triangle), so its edges are too. Each
         # launch decides whether they get programs of their own (split-K, with a float32

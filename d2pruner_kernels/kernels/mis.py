@@ -74,8 +74,9 @@ def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
             raise ValueError(f"{name} must be int32 [{b}] on {order.device}")
     if kept is None:
         kept = torch.empty(b, k, dtype=torch.int64, device=order.device)
-    elif kept.shape != (b, k) or kept.dtype != torch.int64 or not kept.is_contiguous():
-        raise ValueError(f"kept must be a contiguous int64 [{b}, {k}] tensor")
+    elif (kept.shape != (b, k) or kept.dtype != torch.int64 or not kept.is_contiguous()
+          or kept.device != order.device):
+        raise ValueError(f"kept must be a contiguous int64 [{b}, {k}] tensor on {order.device}")
     rounds = torch.empty(b, dtype=torch.int32, device=order.device) if return_rounds else None
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     ptrs = (adj.data_ptr(), order.data_ptr(), kept.data_ptr(), ptr(rounds), b, n, n_pivots, k,

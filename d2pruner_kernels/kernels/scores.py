@@ -5,7 +5,7 @@
 
 Attention is read through its strides, so every layout a user holds is a view, never a
 copy: [B, N] (H = 1), [B, H, N], or a query row of a full attention map [B, H, L, L]
-sliced over the visual key span. The prior is [N] (batch stride 0) or [B, N].
+sliced over the visual key span. The prior is [N], [1, N] (batch stride 0) or [B, N].
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def _debiased_scores_kernel(attn_ptr, prior_ptr, out_ptr, N, H,
 
 def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None,
                     eps: float = 1e-7) -> torch.Tensor:
-    """attn [B, N] or [B, H, N] (any strides), prior [N] / [B, N] / None -> float32 [B, N]."""
+    """attn [B, N] or [B, H, N] (any strides), prior [N] / [1, N] / [B, N] / None
+    -> float32 [B, N]."""
     a = attn.unsqueeze(1) if attn.dim() == 2 else attn
     b, h, n = a.shape
     out = torch.empty(b, n, dtype=torch.float32, device=attn.device)
@@ -55,8 +56,7 @@ def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None,
         p, spb, spn = out, 0, 0  # never read
     else:
         p = prior
-        spb, spn = (0, prior.stride(0)) if prior.dim() == 1 else prior.stride()
-        spb = 0 if prior.dim() == 2 and prior.shape[0] == 1 else spb  # [1, N] broadcasts
+        spb, spn = prior.expand(b, n).stride()  # [N] and [1, N] broadcast: batch stride 0
     grid = (cdiv(n, BLOCK_N), b)
     with launch_device(attn.device):
         _debiased_scores_kernel[grid](a, p, out, n, h, *a.stride(), spb, spn, eps,

@@ -54,12 +54,10 @@ def row_ranges(c: int, m: int, block: int, waves: float = math.inf) -> list[int]
 
 def select(tokens, scores, n_pivots, k, grid, sim_threshold, spatial_weight, radius,
            temporal_radius) -> torch.Tensor:
-    """Kept token ids int64 [B, k], ascending, from the features and the debiased scores."""
-    need_graph = n_pivots < k
+    """Kept token ids int64 [B, k], ascending, from the features and the debiased scores
+    (n_pivots < k: prune() takes the plain top-k itself)."""
     tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()  # one copy at most
-    order, norms = rank.rank_and_norms(scores, tokens if need_graph else None)
-    if not need_graph:  # no supplements: plain top-k
-        return torch.sort(order[:, :k], dim=1).values
+    order, norms = rank.rank_and_norms(scores, tokens)
     g = GraphRows(tokens, order, n_pivots, grid, sim_threshold, spatial_weight, radius,
                   temporal_radius, norms=norms)
     method = "rounds"  # Luby rounds: the CUDA kernel on a GPU, its CPU twin under the interpreter
