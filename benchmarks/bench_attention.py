@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from d2pruner_kernels.attention_scores import attention_scores
+from d2pruner_kernels.kernels import interpreting
 
-from .harness import DEVICE, ON_GPU, interpreting, run_benchmark
+from .harness import DEVICE, ON_GPU, run_benchmark
 
 COPIES = 3  # input sets rotated among, so GPU timings do not run from L2
 
@@ -171,5 +172,4 @@ def _sweep() -> None:
 
 
 if __name__ == "__main__":
-    import triton
     _sweep()

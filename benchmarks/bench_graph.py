@@ -2,8 +2,9 @@
 import pytest
 
 from d2pruner_kernels import debiased_scores, rank_order, similarity_graph
+from d2pruner_kernels.kernels import interpreting
 
-from .harness import DEVICE, interpreting, run_benchmark, skip_reason
+from .harness import DEVICE, run_benchmark, skip_reason
 from .shapes import ALL_SHAPES, input_copies
 
 

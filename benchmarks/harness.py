@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from d2pruner_kernels import kernels, prune
+from d2pruner_kernels import prune
 
 from . import baselines
 from .shapes import Inputs, Shape
@@ -43,11 +43,6 @@ def skip_reason(shape: Shape) -> str | None:
     if not shape.gpu and ON_GPU:
         return f"{shape.name} is a small CPU smoke shape: GPU runs use the real shapes"
     return None
-
-
-def interpreting() -> bool:
-    """Triton kernels run under the interpreter (CPU smoke runs): timings mean nothing."""
-    return kernels.interpreting()
 
 
 def synchronize() -> None:
@@ -118,13 +113,13 @@ def capture_graphs(call, copies: list[Inputs]) -> list[Callable[[], object]]:
     return replays
 
 
-def rotating(calls: list[Callable[[], object]], sync: bool = ON_GPU) -> Callable[[], object]:
+def rotating(calls: list[Callable[[], object]]) -> Callable[[], object]:
     """A no-argument function for pytest-benchmark: the next copy each call, then a sync."""
     cycle = itertools.cycle(calls)
 
     def timed():
         out = next(cycle)()
-        if sync:
+        if ON_GPU:
             synchronize()
         return out
     return timed

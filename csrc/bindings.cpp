@@ -43,7 +43,6 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     d2p::mis_rounds_cpu(a);
   }, "CPU twin of the CUDA kernel (same windows, rounds and rules).");
-  m.attr("window") = d2p::kWindow;
 #ifdef D2P_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("mis_rounds_cuda", [](MIS_PARAMS, int device, uintptr_t stream) {

@@ -11,7 +11,6 @@ from conftest import ON_GPU
 
 pytestmark = pytest.mark.skipif(not mis.extension_available(), reason="_C not built")
 
-WINDOW = 1024  # the kernel's window (csrc/mis_rules.h kWindow)
 
 
 def graph(kind: str, c: int, g: torch.Generator, p: float = 0.1) -> torch.Tensor:
