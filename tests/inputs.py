@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from d2pruner_kernels import reference
+from d2pruner_kernels import layout, reference
+from d2pruner_kernels.checks import as_3d
 
 
 def clustered_tokens(b: int, n: int, d: int, *, clusters: int = 6, noise: float = 0.35,
@@ -49,6 +50,29 @@ def in_band(tokens, order, n_pivots, grid, theta, beta, radius=2, temporal_radiu
     backends may disagree on the edge (SPEC: numerics and parity)."""
     f = fused_similarity64(tokens, order, n_pivots, grid, beta, radius, temporal_radius)
     return (f - theta).abs() <= band
+
+
+def band_free(draw, n_pivots, grid, beta=0.0, radius=2, temporal_radius=1, theta=0.8,
+              tries=50):
+    """The first draw(i) -> (tokens [B, N, D], attn, prior or None) of `tries` whose
+    candidates (in the reference's rank order) have no pair within 1e-5 of theta: the
+    inputs every backend must agree on exactly (SPEC: numerics and parity)."""
+    for i in range(tries):
+        tokens, attn, prior = draw(i)
+        order = reference.rank_order(reference.debiased_scores(attn, prior))
+        if band_margin(tokens, order, n_pivots, as_3d(grid), theta, beta, radius,
+                       temporal_radius) > 1e-5:
+            return tokens, attn, prior
+    raise AssertionError(f"no input outside the parity band in {tries} draws")
+
+
+def assert_edges_match(got, want, c, band):
+    """Two packed graphs of C candidates hold the same edges outside the parity band;
+    returns got's edges, bool [B, C, C]."""
+    e_got = layout.unpack_lower(got, c)
+    differ = (e_got != layout.unpack_lower(want, c)) & ~band
+    assert not differ.any(), f"{int(differ.sum())} edges differ outside the band"
+    return e_got
 
 
 def band_margin(tokens, order, n_pivots, grid, theta, beta, radius=2, temporal_radius=1):

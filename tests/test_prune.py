@@ -5,9 +5,9 @@ import torch
 
 import d2pruner_kernels as d2p
 from d2pruner_kernels import prune
-from d2pruner_kernels.checks import as_3d, pivot_count, resolve_k
+from d2pruner_kernels.checks import pivot_count, resolve_k
 from conftest import DEVICE
-from inputs import band_margin, clustered_tokens, distinct_attention
+from inputs import band_free, clustered_tokens, distinct_attention
 
 from benchmarks.walk_depth import depths
 
@@ -22,13 +22,9 @@ def case(b=2, n=48, d=16, h=3, seed=0, dtype=torch.float32, grid=(6, 8), device=
 # ---- end to end parity ----------------------------------------------------------------
 
 def band_free_case(b, n, d, h, grid, k, rho, beta, radius, dtype, seed):
-    """Draw until no candidate pair lies within 1e-5 of the threshold (SPEC parity rule)."""
-    for s in range(seed, seed + 50):
-        x, a, _ = case(b, n, d, h, s, dtype, grid)
-        order = torch.sort(a.mean(1), dim=1, descending=True, stable=True).indices
-        if band_margin(x, order, pivot_count(rho, k), as_3d(grid), 0.8, beta, radius) > 1e-5:
-            return x, a
-    raise AssertionError("no band-free input found")
+    x, a, _ = band_free(lambda i: (*case(b, n, d, h, seed + i, dtype, grid)[:2], None),
+                        pivot_count(rho, k), grid, beta, radius)
+    return x, a
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -250,15 +246,10 @@ def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, 
     assert len(select.row_ranges(150 - n_p, k - n_p, 64)) == 3 - (growth == 0)
     g = torch.Generator().manual_seed(k)
     n, grid = 150, (10, 15)
-    for seed in range(50):
-        x = torch.cat([clustered_tokens(1, n, 16, clusters=c, generator=g)
-                       for c in (clusters, 40, 3)]).to(DEVICE)
-        a = distinct_attention(3, 2, n, generator=g).to(DEVICE)
-        order = torch.sort(a.mean(1), dim=1, descending=True, stable=True).indices
-        if band_margin(x, order, n_p, (1, *grid), 0.8, 0.0) > 1e-5:
-            break
-    else:
-        raise AssertionError("no band-free input found")
+    x, a, _ = band_free(lambda i: (torch.cat([clustered_tokens(1, n, 16, clusters=c, generator=g)
+                                              for c in (clusters, 40, 3)]).to(DEVICE),
+                                   distinct_attention(3, 2, n, generator=g).to(DEVICE), None),
+                        n_p, grid)
     depth = depths(x.cpu(), a.cpu(), None, grid, k, pivot_ratio=rho)
     assert "".join(str(int(d <= 64)) for d in depth) == settle
     got = prune(x, a, grid, k, pivot_ratio=rho, backend="kernels")
