@@ -2,7 +2,8 @@
 
 On CUDA the whole call is free of host synchronisation: scores, then rank + norms, the
 lazy graph and the MIS of `kernels/select.py`, all on the current stream, output shape
-fixed by `k`. It is also a `torch.library` custom op (`torch.ops.d2pruner.prune`) with a
+fixed by `k` (unless the compiled MIS cannot run: an extension built without CUDA, or
+N > its limit; then the reference MIS reads the graph on the host). It is also a `torch.library` custom op (`torch.ops.d2pruner.prune`) with a
 fake implementation, so `torch.compile(fullgraph=True)` traces through it and CUDA graphs
 capture it.
 """
