@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: demo test bench report clean
 
@@ -10,13 +11,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# torch first, pinned (a bare torch would pull a multi-GB CUDA build), then the package.
+# torch first, pinned (a bare torch would pull a multi-GB CUDA build), then the package with
+# the extra the target needs: `demo` (Pillow) for make demo, `test` for everything else.
 $(STAMP): $(BIN)/python pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(DEMO_STAMP)
+
+$(DEMO_STAMP): $(BIN)/python pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[demo]'
 	touch $@
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m d2pruner_kernels.demo --out demo_out
 
 test: $(STAMP)
@@ -29,4 +36,4 @@ report: $(STAMP)
 	$(BIN)/python -m benchmarks.report
 
 clean:
-	rm -rf build demo_out .pytest_cache .benchmarks d2pruner_kernels/_C*.so $(STAMP)
+	rm -rf build demo_out .pytest_cache .benchmarks d2pruner_kernels/_C*.so $(STAMP) $(DEMO_STAMP)

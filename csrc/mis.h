@@ -1,4 +1,4 @@
-// Entry points of the MIS stage (SPEC steps 5-7): packed rank-ordered adjacency + rank order
+// Entry points of the MIS stage (docs/spec.md, steps 5-7): packed rank-ordered adjacency + rank order
 // in, kept token indices (pivots, MIS picks, fill) out, ascending, int64 [B, k].
 #pragma once
 #include <cstdint>

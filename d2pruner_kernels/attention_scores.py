@@ -22,9 +22,8 @@ import numbers
 
 import torch
 
-from .checks import FLOAT_DTYPES, _shape
-from .reference import attention as reference_attention
-from .stages import _triton_module, use_triton
+from . import dispatch
+from .checks import FLOAT_DTYPES, check_backend, shape_str
 
 INT_DTYPES = (torch.int32, torch.int64)
 
@@ -36,7 +35,7 @@ def _check_inputs(q, k, key_span, scale, lse, q_positions):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             want = "[B, Hq, Nq, d]" if name == "q" else "[B, Hk, L, d]"
-            raise ValueError(f"{name} must be 4-D {want}, got shape {_shape(t)}")
+            raise ValueError(f"{name} must be 4-D {want}, got shape {shape_str(t)}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
     if k.dtype != q.dtype:
@@ -45,7 +44,7 @@ def _check_inputs(q, k, key_span, scale, lse, q_positions):
         raise ValueError(f"k is on {k.device} but q is on {q.device}")
     b, hq, nq, d = q.shape
     if b == 0 or hq == 0 or nq == 0 or d == 0:
-        raise ValueError(f"q must have B, Hq, Nq, d >= 1, got shape {_shape(q)}")
+        raise ValueError(f"q must have B, Hq, Nq, d >= 1, got shape {shape_str(q)}")
     if k.shape[0] != b:
         raise ValueError(f"k has batch {k.shape[0]} but q has B={b}")
     if k.shape[3] != d:
@@ -55,7 +54,7 @@ def _check_inputs(q, k, key_span, scale, lse, q_positions):
         raise ValueError(f"q heads Hq={hq} must be a multiple of k heads Hk={hk} "
                          f"(grouped-query attention)")
     if n_keys == 0:
-        raise ValueError(f"k must have L >= 1 keys, got shape {_shape(k)}")
+        raise ValueError(f"k must have L >= 1 keys, got shape {shape_str(k)}")
 
     if (not isinstance(key_span, (tuple, list)) or len(key_span) != 2
             or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in key_span)):
@@ -77,7 +76,7 @@ def _check_inputs(q, k, key_span, scale, lse, q_positions):
             raise TypeError(f"lse must be a torch.Tensor or None, got {type(lse).__name__}")
         if tuple(lse.shape) != (b, hq, nq):
             raise ValueError(f"lse must have shape [B, Hq, Nq] = [{b}, {hq}, {nq}], "
-                             f"got {_shape(lse)}")
+                             f"got {shape_str(lse)}")
         if lse.dtype != torch.float32:
             raise TypeError(f"lse must be float32 (FlashAttention's log-sum-exp), got {lse.dtype}")
         if lse.device != q.device:
@@ -91,7 +90,7 @@ def _check_inputs(q, k, key_span, scale, lse, q_positions):
             raise TypeError(f"q_positions must be int32 or int64, got {q_positions.dtype}")
         if tuple(q_positions.shape) not in ((nq,), (b, nq)):
             raise ValueError(f"q_positions must have shape [Nq] = [{nq}] or [B, Nq] = "
-                             f"[{b}, {nq}], got {_shape(q_positions)}")
+                             f"[{b}, {nq}], got {shape_str(q_positions)}")
         if q_positions.device != q.device:
             raise ValueError(f"q_positions is on {q_positions.device} but q is on {q.device}")
     return start, end, float(scale)
@@ -119,8 +118,6 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, *, key_span: tuple[int, i
 
     Validation reads metadata only: the call never synchronises with the device.
     """
+    check_backend(backend)
     start, end, scale = _check_inputs(q, k, key_span, scale, lse, q_positions)
-    if use_triton(backend, q.device):
-        return _triton_module("attention").attention_scores(
-            q, k, (start, end), scale, lse=lse, q_positions=q_positions)
-    return reference_attention.attention_scores(q, k, (start, end), scale, lse, q_positions)
+    return dispatch.attention(q, k, (start, end), scale, lse, q_positions, backend)

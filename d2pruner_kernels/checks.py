@@ -15,7 +15,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BACKENDS = ("auto", "reference", "kernels")
 
 
-def _shape(t: torch.Tensor) -> str:
+def shape_str(t: torch.Tensor) -> str:
+    """'[2, 576, 1024]': a tensor's shape as error messages print it."""
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
@@ -29,7 +30,7 @@ def check_tensor(name: str, t, ranks: tuple[int, ...]) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() not in ranks:
         want = " or ".join(f"{r}-D" for r in ranks)
-        raise ValueError(f"{name} must be {want}, got shape {_shape(t)}")
+        raise ValueError(f"{name} must be {want}, got shape {shape_str(t)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
 
@@ -89,7 +90,7 @@ def resolve_k(k, n: int) -> int:
 
 
 def pivot_count(pivot_ratio: float, k: int) -> int:
-    """n_p = floor(rho*k + 1e-6), clipped to [0, k] (SPEC step 3)."""
+    """n_p = floor(rho*k + 1e-6), clipped to [0, k] (docs/spec.md, step 3)."""
     return min(k, max(0, math.floor(pivot_ratio * k + 1e-6)))
 
 
@@ -108,11 +109,11 @@ def check_prune_inputs(tokens, attn, grid_hw, prior, check_finite: bool):
         b, (n, d) = 1, tokens.shape
         check_tensor("attn", attn, (1, 2))
     if n == 0 or d == 0:
-        raise ValueError(f"tokens must have N >= 1 tokens of D >= 1 features, got shape {_shape(tokens)}")
+        raise ValueError(f"tokens must have N >= 1 tokens of D >= 1 features, got shape {shape_str(tokens)}")
     if attn.shape[-1] != n:
         raise ValueError(f"attn has N={attn.shape[-1]} but tokens has N={n}")
     if attn.dim() == (3 if batched else 2) and attn.shape[-2] == 0:
-        raise ValueError(f"attn has no heads (shape {_shape(attn)})")
+        raise ValueError(f"attn has no heads (shape {shape_str(attn)})")
     if attn.device != tokens.device:
         raise ValueError(f"attn is on {attn.device} but tokens is on {tokens.device}")
     grid = check_grid(grid_hw, n)

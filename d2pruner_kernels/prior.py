@@ -1,5 +1,5 @@
 """The positional prior of D2Pruner: a model's mean importance map over a calibration set,
-which `prune(prior=...)` divides the raw scores by (SPEC step 1).
+which `prune(prior=...)` divides the raw scores by (docs/spec.md, step 1).
 
     prior = PositionalPrior((24, 24), model="llava-1.5-7b", layer=1, query="last")
     for maps in loader:            # [N], [B, N] or [B, H, W] score maps

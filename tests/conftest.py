@@ -1,12 +1,10 @@
 """Test setup: without a GPU, the Triton kernels run under the interpreter, which must be
 switched on before any @triton.jit function is defined (the kernel modules are imported
-lazily, so setting it here, before the tests import them, is enough)."""
+lazily, so setting it here, before the tests import them, is enough). Shared helpers live
+in helpers.py."""
 import os
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ON_GPU = DEVICE.type == "cuda"

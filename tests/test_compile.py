@@ -2,8 +2,7 @@
 import torch
 
 from d2pruner_kernels import prune
-from conftest import DEVICE, ON_GPU
-from inputs import clustered_tokens, distinct_attention
+from helpers import DEVICE, ON_GPU, clustered_tokens, distinct_attention
 
 
 def test_compile_fullgraph_traces_through_prune():

@@ -6,10 +6,9 @@ import torch
 import d2pruner_kernels as d2p
 from d2pruner_kernels import prune
 from d2pruner_kernels.checks import pivot_count, resolve_k
-from conftest import DEVICE
-from inputs import band_free, clustered_tokens, distinct_attention
+from helpers import DEVICE, band_free, clustered_tokens, distinct_attention
 
-from benchmarks.walk_depth import depths
+from d2pruner_kernels.reference import walk_depths as depths
 
 
 def case(b=2, n=48, d=16, h=3, seed=0, dtype=torch.float32, grid=(6, 8), device=DEVICE):
@@ -200,11 +199,11 @@ def test_reference_float32_products_stay_ieee_under_tf32():
 
 
 def test_dispatch_never_hands_other_devices_to_the_cpu_walk():
-    from d2pruner_kernels import stages
+    from d2pruner_kernels import dispatch
     meta = torch.device("meta")
-    assert not stages.use_compiled_mis("auto", meta, 48)
+    assert not dispatch.use_compiled_mis("auto", meta, 48)
     with pytest.raises(RuntimeError, match="CPU tensors, got meta"):
-        stages.use_compiled_mis("kernels", meta, 48)
+        dispatch.use_compiled_mis("kernels", meta, 48)
 
 
 def test_mixed_devices_are_rejected():
@@ -233,17 +232,17 @@ def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, 
     the answer is the reference's: with K slices or not, in two row ranges or three (64,
     128, C), the slices split-K'd in every launch or (mixed) in the prefix's only (3 tiles,
     later launches 6 and more: each program adds its slices). (The protocol itself,
-    settled and unsettled images in one batch, is tested in test_mis.py.)"""
-    from d2pruner_kernels.kernels import graph, select
+    settled and unsettled images in one batch, is tested in test_mis_kernel.py.)"""
+    from d2pruner_kernels.kernels import graph, lazy_graph
     monkeypatch.setattr(graph, "split_count", lambda *args: splits)
     if mixed:
         monkeypatch.setattr(graph, "launch_slices", lambda tiles, s, device: s > 1 and tiles < 5)
-    monkeypatch.setattr(select, "PREFIX_MIN", 64)
-    monkeypatch.setattr(select, "PREFIX_PER_MEMBER", 1)
-    monkeypatch.setattr(select, "PREFIX_GROWTH", growth)
-    monkeypatch.setattr(select, "LAZY_MIN_WAVES", 0.0)  # lazy on a GPU too, at this small size
+    monkeypatch.setattr(lazy_graph, "PREFIX_MIN", 64)
+    monkeypatch.setattr(lazy_graph, "PREFIX_PER_MEMBER", 1)
+    monkeypatch.setattr(lazy_graph, "PREFIX_GROWTH", growth)
+    monkeypatch.setattr(lazy_graph, "LAZY_MIN_WAVES", 0.0)  # lazy on a GPU too, at this small size
     n_p = pivot_count(rho, k)
-    assert len(select.row_ranges(150 - n_p, k - n_p, 64)) == 3 - (growth == 0)
+    assert len(lazy_graph.row_ranges(150 - n_p, k - n_p, 64)) == 3 - (growth == 0)
     g = torch.Generator().manual_seed(k)
     n, grid = 150, (10, 15)
     x, a, _ = band_free(lambda i: (torch.cat([clustered_tokens(1, n, 16, clusters=c, generator=g)
@@ -257,25 +256,25 @@ def test_lazy_prefix_gives_the_full_graph_answer(monkeypatch, k, rho, clusters, 
 
 
 def test_row_ranges():
-    from d2pruner_kernels.kernels import select
+    from d2pruner_kernels.kernels import lazy_graph
     m, block = 20, 64
-    p1 = select.prefix_rows(5000, m, block)
-    assert p1 % block == 0 and p1 >= max(select.PREFIX_MIN, select.PREFIX_PER_MEMBER * m)
-    assert select.row_ranges(5000, m, block) == [p1, 5000]
-    assert select.row_ranges(p1 - 1, m, block) == [p1 - 1]  # the prefix covers the graph
-    assert select.row_ranges(5000, m, block, waves=select.LAZY_MIN_WAVES) == [5000]  # built whole
+    p1 = lazy_graph.prefix_rows(5000, m, block)
+    assert p1 % block == 0 and p1 >= max(lazy_graph.PREFIX_MIN, lazy_graph.PREFIX_PER_MEMBER * m)
+    assert lazy_graph.row_ranges(5000, m, block) == [p1, 5000]
+    assert lazy_graph.row_ranges(p1 - 1, m, block) == [p1 - 1]  # the prefix covers the graph
+    assert lazy_graph.row_ranges(5000, m, block, waves=lazy_graph.LAZY_MIN_WAVES) == [5000]  # built whole
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(select, "PREFIX_GROWTH", 3)
-        ends = select.row_ranges(5000, m, block, waves=100.0)
+        mp.setattr(lazy_graph, "PREFIX_GROWTH", 3)
+        ends = lazy_graph.row_ranges(5000, m, block, waves=100.0)
     assert ends[0] == p1 and ends[-1] == 5000 and len(ends) > 2
     assert all(e % block == 0 and 3 * a <= e <= 3 * a + block for a, e in zip(ends, ends[1:-1]))
 
 
 def test_lazy_prefix_really_splits(monkeypatch):
     """The protocol under test: one image settles in the prefix, one does not."""
-    from d2pruner_kernels.kernels import graph, mis, select
-    monkeypatch.setattr(select, "PREFIX_MIN", 64)
-    monkeypatch.setattr(select, "PREFIX_PER_MEMBER", 1)
+    from d2pruner_kernels.kernels import graph, lazy_graph, mis
+    monkeypatch.setattr(lazy_graph, "PREFIX_MIN", 64)
+    monkeypatch.setattr(lazy_graph, "PREFIX_PER_MEMBER", 1)
     g = torch.Generator().manual_seed(0)
     x = torch.cat([clustered_tokens(1, 150, 16, clusters=40, generator=g),
                    clustered_tokens(1, 150, 16, clusters=2, generator=g)]).to(DEVICE)

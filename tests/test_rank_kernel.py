@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 import d2pruner_kernels as d2p
 from d2pruner_kernels import reference
-from conftest import DEVICE
+from helpers import DEVICE
 
 SORT = dict(dim=-1, descending=True, stable=True)
 
@@ -63,9 +63,14 @@ def test_rank_order_stage_backends_agree_and_big_n_falls_back(monkeypatch):
     monkeypatch.setattr(rank_module(), "MAX_N", 100)  # past the limit: torch.sort ranks
     assert torch.equal(d2p.rank_order(s, backend="kernels"), want)
     x = torch.randn(2, 300, 9, generator=g).to(DEVICE)
-    order, norms = rank_module().rank_and_norms(s, x)  # the norms still from the kernel
-    assert torch.equal(order, want)
+    with pytest.raises(ValueError, match=r"the rank kernel takes N <= 100 tokens, got N=300"):
+        rank_module().rank_and_norms(s, x)  # the kernel refuses; the dispatcher sorts instead
+    _, norms = rank_module().rank_and_norms(None, x)  # the norms still from the kernel
     torch.testing.assert_close(norms, torch.linalg.vector_norm(x, dim=-1), rtol=2e-6, atol=0)
+    # prune()'s fused path past the limit: torch.sort ranks, the kernels do the rest
+    a = torch.rand(2, 300, generator=g).to(DEVICE)
+    assert torch.equal(d2p.prune(x, a, (15, 20), 40, backend="kernels"),
+                       d2p.prune(x, a, (15, 20), 40, backend="reference"))
 
 
 def test_rank_order_of_other_dtypes_and_shapes_is_torch_sort():

@@ -4,8 +4,7 @@ import torch
 
 import d2pruner_kernels as d2p
 from d2pruner_kernels import reference
-from conftest import DEVICE
-from inputs import distinct_attention
+from helpers import DEVICE, distinct_attention
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -47,7 +46,7 @@ def test_scores_match_reference(layout, dtype, prior_kind, n):
     got = d2p.debiased_scores(attn, prior, backend="kernels", **kw)
     want = d2p.debiased_scores(attn, prior, backend="reference", **kw)
     assert_scores_equal(got, want)
-    # and the reference itself is the formula of SPEC step 1
+    # and the reference itself is the formula of docs/spec.md, step 1
     a = attn[:, :, kw["query_row"], slice(*kw["key_span"])] if kw else attn
     a = a.float() if a.dim() == 2 else a.float().mean(1)
     if prior is not None:

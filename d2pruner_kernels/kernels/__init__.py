@@ -1,8 +1,10 @@
-"""Kernel backends of the stages: Triton (scores, rank + norms, graph, attention rows;
-select.py chains them for prune()) and the compiled MIS (_C).
+"""The kernels, one module per stage beside its twin in `reference/`: Triton (scores.py,
+rank.py with the norms, graph.py, attention.py; lazy_graph.py chains graph and MIS over
+row ranges) and the compiled MIS (mis.py, the Python side of csrc/).
 
-The Triton modules are imported only when a Triton stage runs, so the package works
-without Triton or without the compiled extension (the reference then runs instead)."""
+`dispatch.py` decides which of them runs; the Triton modules are imported only when a
+Triton stage runs, so the package works without Triton or without the compiled extension
+(the reference then runs instead). Kernel modules never import the reference."""
 import contextlib
 import functools
 import os

@@ -32,7 +32,7 @@ import torch
 from . import cdiv, interpreting, launch_device, next_pow2, sm_count
 from .dot import exact_dot, upcast
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): base-2 logits (kernels and host)
 
 
 @triton.jit
@@ -133,7 +133,7 @@ def _span_probs_kernel(
                     mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         row = (b * HQ + h) * NQ + r
         if HAS_LSE:
-            lse2 = tl.load(lse_ptr + row, mask=row_ok, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(lse_ptr + row, mask=row_ok, other=0.0) * LOG2E
         else:
             # Merge the chunks: lse2 = M + log2(sum_c l_c 2^(m_c - M)), M = max_c m_c.
             part = row[:, None] * n_chunks + offs_c[None, :]
@@ -192,7 +192,7 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
     block_d = max(16, next_pow2(d))
     flags = dict(BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=block_d == d,
                  UPCAST=upcast(q.dtype), HAS_POS=q_positions is not None)
-    qk_scale2 = float(scale) * LOG2E
+    qk_scale2 = float(scale) * LOG2E.value
 
     if q_positions is None:
         pos, sp_b, sp_r = q, 0, 0  # never read

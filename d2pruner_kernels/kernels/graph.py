@@ -1,4 +1,4 @@
-"""Triton kernel of SPEC step 4: the hybrid graph over the candidates, as packed bits.
+"""Triton kernel of step 4 (docs/spec.md): the hybrid graph over the candidates, as packed bits.
 
 For candidates i, j (rank positions among the non-pivots, token ids t_i = order[n_p + i]):
 
@@ -25,6 +25,7 @@ import triton.language as tl
 import torch
 
 from ..layout import num_words
+from ..params import DEFAULTS, GraphParams
 from . import cdiv, interpreting, launch_device, next_pow2, sm_count
 from .dot import exact_dot, upcast
 from .rank import rank_and_norms
@@ -40,7 +41,7 @@ def _similarity_graph_kernel(
         x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, ws_ptr,
         C, row_end, D, n_pivots, row_block_start, k_chunk, n_tiles,
         stride_xb, stride_xn, stride_nb, stride_ob, n_words, grid_h, grid_w, radius,
-        temporal_radius, cos_weight, spatial_weight, threshold,
+        temporal_radius, cos_weight, spatial_weight, sim_threshold,
         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
         UPCAST: tl.constexpr, HAS_SKIP: tl.constexpr,
         SPATIAL: tl.constexpr, SPLITS: tl.constexpr, PHASE: tl.constexpr):
@@ -122,7 +123,7 @@ def _similarity_graph_kernel(
         f = cos_weight * cos + spatial_weight * near.to(tl.float32)
     else:  # beta = 0: f = 1 * cos + 0 * sp is cos itself (NaN stays NaN), no grid work
         f = cos
-    edge = (f >= threshold) & (cols[None, :] < rows[:, None]) & col_ok[None, :]
+    edge = (f >= sim_threshold) & (cols[None, :] < rows[:, None]) & col_ok[None, :]
     shifts = tl.arange(0, 32)
     bits = tl.reshape(edge.to(tl.int32), [BLOCK, BLOCK // 32, 32]) << shifts[None, None, :]
     words = tl.reduce(bits, 2, _bit_or)
@@ -168,8 +169,8 @@ class GraphRows:
     """Launches the graph kernel over ranges of rows of one (tokens, order) pair, sharing
     the norms: the whole graph at once, or a prefix first and the rest later (lazy)."""
 
-    def __init__(self, tokens, order, n_pivots, grid, sim_threshold=0.8, spatial_weight=0.0,
-                 radius=2, temporal_radius=1, config=None, norms=None):
+    def __init__(self, tokens, order, n_pivots: int, grid, params: GraphParams = DEFAULTS,
+                 config=None, norms=None):
         b, n, d = tokens.shape
         self.x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
         self.order = order if order.stride(-1) == 1 else order.contiguous()
@@ -181,11 +182,9 @@ class GraphRows:
         self.c = n - n_pivots
         self.adj = torch.empty(b, self.c, num_words(self.c), dtype=torch.int32,
                                device=tokens.device)
-        self.args = (n_pivots, grid, radius, temporal_radius, 1.0 - spatial_weight,
-                     spatial_weight, sim_threshold)
+        self.n_pivots, self.grid, self.params = n_pivots, grid, params
         self.flags = dict(BLOCK=self.block, BLOCK_K=self.block_k, EVEN_K=d % self.block_k == 0,
-                          UPCAST=upcast(self.x.dtype),
-                          SPATIAL=spatial_weight != 0)
+                          UPCAST=upcast(self.x.dtype), SPATIAL=params.spatial_weight != 0)
         # K slices: fixed per image shape (its full triangle), so its edges are too. Each
         # launch decides whether they get programs of their own (split-K, with a float32
         # workspace of SPLITS x tiles x BLOCK^2 per image): the sums are the same.
@@ -210,12 +209,13 @@ class GraphRows:
     def rows(self, start: int, end: int, skip: torch.Tensor | None = None) -> None:
         """Computes rows [start, end) of adj (start a multiple of BLOCK); images with
         skip[b] != 0 are left alone."""
-        assert start % self.block == 0
+        if start % self.block:
+            raise ValueError(f"start must be a multiple of the graph tile {self.block}, got {start}")
         end = min(end, self.c)  # no row block past the graph (nor its workspace tiles)
         first, last = start // self.block, cdiv(end, self.block)  # row blocks [first, last)
         if last <= first:
             return
-        n_pivots, grid, radius, temporal_radius, w_cos, w_sp, theta = self.args
+        grid, p = self.grid, self.params
         x, adj, b = self.x, self.adj, self.x.shape[0]
         split = self._split(b * (last * (last + 1) - first * (first + 1)) // 2)  # its tiles
         if split and self.ws is None:
@@ -223,10 +223,10 @@ class GraphRows:
                                   dtype=torch.float32, device=x.device)
         args = (x, self.norms, self.order, adj, adj if skip is None else skip,
                 self.ws if split else adj,
-                self.c, end, x.shape[2], n_pivots, first,
-                self.k_chunk, self.n_tiles,
+                self.c, end, x.shape[2], self.n_pivots, first, self.k_chunk, self.n_tiles,
                 x.stride(0), x.stride(1), self.norms.stride(0), self.order.stride(0),
-                adj.shape[2], grid[1], grid[2], radius, temporal_radius, w_cos, w_sp, theta)
+                adj.shape[2], grid[1], grid[2], p.radius, p.temporal_radius, p.cos_weight,
+                p.spatial_weight, p.sim_threshold)
         flags = dict(HAS_SKIP=skip is not None, SPLITS=self.splits, **self.flags, **self.cfg)
         with launch_device(x.device):  # grid: column blocks [0, last) x row blocks x images
             if not split:
@@ -238,11 +238,9 @@ class GraphRows:
 
 
 def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
-                     grid: tuple[int, int, int], sim_threshold: float = 0.8,
-                     spatial_weight: float = 0.0, radius: int = 2, temporal_radius: int = 1,
+                     grid: tuple[int, int, int], params: GraphParams = DEFAULTS,
                      config: dict | None = None) -> torch.Tensor:
     """tokens [B, N, D] (fp16/bf16/fp32), order int64 [B, N] -> packed int32 [B, C, words]."""
-    g = GraphRows(tokens, order, n_pivots, grid, sim_threshold, spatial_weight, radius,
-                  temporal_radius, config)
+    g = GraphRows(tokens, order, n_pivots, grid, params, config)
     g.rows(0, g.c)
     return g.adj

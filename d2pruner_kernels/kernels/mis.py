@@ -1,4 +1,5 @@
-"""The compiled MIS stage (SPEC steps 5-7) from csrc/: CUDA kernel, CPU walk, CPU twin.
+"""The MIS stage (docs/spec.md, steps 5-7) on the compiled extension: the Python side of
+csrc/ (the CUDA kernel, the CPU walk and the CPU twin of the CUDA kernel).
 
 Python checks device, dtype, contiguity and shapes here, before the raw pointers cross into
 C++ (which checks its scalar arguments again).

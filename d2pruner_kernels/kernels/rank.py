@@ -1,4 +1,4 @@
-"""Triton kernel of SPEC step 2 (the rank order), with the feature norms the graph of
+"""Triton kernel of step 2 (docs/spec.md) (the rank order), with the feature norms the graph of
 step 4 needs in the same launch.
 
 Rank by counting, exact and deterministic, no sort network:
@@ -11,7 +11,7 @@ taken as +0.0, every NaN of either sign above +inf, as torch.sort orders on CPU)
 in the low half, so ties go to the smaller index and one compare decides each pair.
 `order` equals `reference.rank_order` (a stable descending torch.sort) exactly. The count
 is O(N^2) compares spread over (N / BLOCK_I) x B programs: 3.3e5 at LLaVA size, one
-launch, where torch's sort spends several; above MAX_N torch.sort takes over.
+launch, where torch's sort spends several; above MAX_N the dispatcher ranks with torch.sort.
 
 The norms |x_n| (float32, used by the graph kernel) ride along as extra programs of the
 same grid (a horizontal fusion: one launch less, no dependency between the two jobs).
@@ -23,7 +23,6 @@ import triton.language as tl
 
 import torch
 
-from ..reference import rank_order as reference_rank_order
 from . import cdiv, interpreting, launch_device, next_pow2
 
 MAX_N = 8192  # O(N^2) compares: about where they stop beating a sort (NOTES.md)
@@ -81,10 +80,9 @@ def _rank_norms_kernel(s_ptr, order_ptr, x_ptr, norm_ptr, N, D, rank_programs,
 def rank_and_norms(scores: torch.Tensor | None, tokens: torch.Tensor | None):
     """scores float32 [B, N] -> order int64 [B, N] (best first, ties to the smaller index);
     tokens [B, N, D] -> float32 norms [B, N]. Either may be None; one launch for both.
-    Above MAX_N tokens the order comes from torch.sort (the reference) instead."""
+    Scores of at most MAX_N tokens (the dispatcher sorts longer rows with torch.sort)."""
     if scores is not None and scores.shape[1] > MAX_N:
-        norms = None if tokens is None else rank_and_norms(None, tokens)[1]
-        return reference_rank_order(scores), norms
+        raise ValueError(f"the rank kernel takes N <= {MAX_N} tokens, got N={scores.shape[1]}")
     # the interpreter pays per program: few, large ones there
     block_i, norm_rows = (256, 64) if interpreting() else (BLOCK_I, NORM_ROWS)
     ref = scores if scores is not None else tokens

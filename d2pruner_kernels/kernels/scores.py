@@ -1,4 +1,4 @@
-"""Triton kernel of SPEC step 1: debiased importance scores, one fused pass.
+"""Triton kernel of step 1 (docs/spec.md): debiased importance scores, one fused pass.
 
     s[b, n] = (sum_h attn[b, h, n] / H) / (prior[b, n] + eps)      in float32
     s = -inf where s is NaN (NaN ranks last); -0.0 is written as +0.0

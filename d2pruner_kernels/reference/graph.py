@@ -1,9 +1,10 @@
-"""SPEC step 4: the hybrid (semantic + spatial) graph over the candidates, in rank order."""
+"""Step 4 (docs/spec.md): the hybrid (semantic + spatial) graph over the candidates, in rank order."""
 from __future__ import annotations
 
 import torch
 
 from ..layout import pack_lower
+from ..params import DEFAULTS, GraphParams
 from .numerics import matmul_fp32
 
 
@@ -15,9 +16,7 @@ def grid_coords(n: int, grid: tuple[int, int, int], device=None):
 
 
 def similarity_edges(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
-                     grid: tuple[int, int, int], sim_threshold: float = 0.8,
-                     spatial_weight: float = 0.0, radius: int = 2,
-                     temporal_radius: int = 1) -> torch.Tensor:
+                     grid: tuple[int, int, int], params: GraphParams = DEFAULTS) -> torch.Tensor:
     """Dense bool [B, C, C] edges among the C = N - n_pivots candidates, rank order.
 
     f_ij = (1 - beta) * cos_ij + beta * sp_ij; edge iff f_ij >= theta and i != j.
@@ -30,15 +29,13 @@ def similarity_edges(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
     cos = matmul_fp32(xc, xc.transpose(1, 2))                  # [B, C, C]
     t, y, xx = (c[cand] for c in grid_coords(n, grid, tokens.device))
     near = lambda a, r: (a.unsqueeze(2) - a.unsqueeze(1)).abs() <= r  # noqa: E731
-    sp = near(y, radius) & near(xx, radius) & near(t, temporal_radius)
-    f = (1.0 - spatial_weight) * cos + spatial_weight * sp.float()
+    sp = near(y, params.radius) & near(xx, params.radius) & near(t, params.temporal_radius)
+    f = params.cos_weight * cos + params.spatial_weight * sp.float()
     eye = torch.eye(cand.shape[1], dtype=torch.bool, device=tokens.device)
-    return (f >= sim_threshold) & ~eye
+    return (f >= params.sim_threshold) & ~eye
 
 
-def similarity_graph(tokens, order, n_pivots, grid, sim_threshold=0.8, spatial_weight=0.0,
-                     radius=2, temporal_radius=1) -> torch.Tensor:
+def similarity_graph(tokens, order, n_pivots, grid, params: GraphParams = DEFAULTS) -> torch.Tensor:
     """The same graph in the packed layout of `d2pruner_kernels.layout`."""
-    return pack_lower(similarity_edges(tokens, order, n_pivots, grid, sim_threshold,
-                                       spatial_weight, radius, temporal_radius))
+    return pack_lower(similarity_edges(tokens, order, n_pivots, grid, params))
 

@@ -1,10 +1,15 @@
-"""SPEC steps 5-7: greedy MIS in rank order stopped at m, fill, ascending output."""
+"""Steps 5-7 (docs/spec.md): greedy MIS in rank order stopped at m, fill, ascending output;
+and `walk_depths`, how far into the graph the walk reads."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from ..checks import as_3d, pivot_count
 from ..layout import unpack_symmetric
+from .graph import similarity_edges
+from .rank import rank_order
+from .scores import debiased_scores
 
 
 def greedy_members(edges: torch.Tensor, m: int) -> list[int]:
@@ -47,3 +52,18 @@ def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int) ->
         positions = list(range(n_pivots)) + [n_pivots + p for p in picks]
         out.append(torch.sort(order[b, positions]).values)
     return torch.stack(out)
+
+
+def walk_depths(tokens, attn, prior, grid, k: int, pivot_ratio: float = 0.7) -> list[int]:
+    """Rows of the candidate graph each image's walk reads: up to its m-th member, or all C
+    if it finds fewer (0 when m = 0). What the lazy graph's first range must cover for the
+    image to settle there (`kernels/lazy_graph.py`)."""
+    n_p = pivot_count(pivot_ratio, k)
+    c, m = tokens.shape[1] - n_p, k - n_p
+    order = rank_order(debiased_scores(attn, prior))
+    out = []
+    for b in range(tokens.shape[0]):
+        edges = similarity_edges(tokens[b:b + 1], order[b:b + 1], n_p, as_3d(grid))[0]
+        taken = greedy_members(edges, m)
+        out.append(taken[-1] + 1 if m and len(taken) == m else (0 if m == 0 else c))
+    return out

@@ -1,4 +1,4 @@
-"""SPEC steps 1-2: debiased importance scores and the rank order."""
+"""Step 1 (docs/spec.md): the debiased importance scores."""
 from __future__ import annotations
 
 import torch
@@ -17,11 +17,3 @@ def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None,
     if prior is not None:
         a = a / (prior.float() + eps)
     return torch.where(torch.isnan(a), float("-inf"), a) + 0.0
-
-
-def rank_order(scores: torch.Tensor) -> torch.Tensor:
-    """Token indices sorted by score, best first; ties to the smaller index; NaN of either
-    sign first (CUDA's radix sort would order -NaN by its bits, last). int64 [B, N]."""
-    if scores.is_floating_point():
-        scores = torch.where(torch.isnan(scores), float("nan"), scores)  # one NaN: +NaN
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices

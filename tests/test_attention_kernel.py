@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from d2pruner_kernels.attention_scores import attention_scores
-from conftest import DEVICE, ON_GPU
+from helpers import DEVICE, ON_GPU
 
 RTOL = 1e-5
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

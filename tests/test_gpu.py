@@ -6,9 +6,9 @@ import d2pruner_kernels as d2p
 from d2pruner_kernels import layout, prune, reference
 from d2pruner_kernels.checks import as_3d, pivot_count
 from d2pruner_kernels.kernels import mis
-from inputs import assert_edges_match, clustered_tokens, distinct_attention, in_band
+from helpers import assert_edges_match, clustered_tokens, distinct_attention, in_band
 
-from benchmarks.walk_depth import depths
+from d2pruner_kernels.reference import walk_depths as depths
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -40,14 +40,14 @@ def test_large_shapes_match_reference_stage_by_stage(n, grid, d):
 
 @pytest.mark.parametrize("n,grid,k", [(2880, (48, 60), 320), (8192, (32, 16, 16), 819)])
 def test_lazy_prune_equals_the_full_graph_selection(n, grid, k):
-    """At these sizes prune() builds a prefix of the graph first (kernels/select.py): image 0
+    """At these sizes prune() builds a prefix of the graph first (kernels/lazy_graph.py): image 0
     settles there, image 1 (near-duplicates: the walk runs out) needs the whole graph; the
     answer must be the reference walk's on the whole graph, image by image."""
-    from d2pruner_kernels.kernels import select
+    from d2pruner_kernels.kernels import lazy_graph
     x, a = llava_like(2, n, 512, seed=5)
     x[1] = x[1, :1] + 0.01 * x[1]
     n_p = pivot_count(0.7, k)
-    first = select.prefix_rows(n - n_p, k - n_p, 64)
+    first = lazy_graph.prefix_rows(n - n_p, k - n_p, 64)
     depth = depths(x, a, None, grid, k)
     assert depth[0] <= first < depth[1], (first, depth)
     got = prune(x, a, grid, k)

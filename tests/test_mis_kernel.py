@@ -7,7 +7,7 @@ from hypothesis import assume, given, settings, strategies as st
 from d2pruner_kernels import layout, reference
 from d2pruner_kernels.kernels import mis
 
-from conftest import ON_GPU
+from helpers import ON_GPU
 
 pytestmark = pytest.mark.skipif(not mis.extension_available(), reason="_C not built")
 
@@ -94,7 +94,7 @@ def test_large_graphs_across_windows(c, kind):
        c=st.integers(1, 1200), n_p=st.integers(0, 4), frac_r=st.floats(0.0, 1.0),
        frac_r2=st.floats(0.0, 1.0), frac_m=st.floats(0.0, 1.0))
 def test_lazy_protocol_reads_only_the_rows_ready(seed, kind, c, n_p, frac_r, frac_r2, frac_m):
-    """rows_ready / done / skip / kept, as kernels/select.py chains them over row ranges
+    """rows_ready / done / skip / kept, as kernels/lazy_graph.py chains them over row ranges
     ending at R1 <= R2 <= C: with rows >= R poisoned, an image is done exactly when its
     m-th greedy member lies before R (or R = C, or m = 0); done images get the full-graph
     answer, the others are left untouched; later calls pass skip = done = the same tensor

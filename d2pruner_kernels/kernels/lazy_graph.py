@@ -1,5 +1,6 @@
-"""SPEC steps 2-7 on the kernels backend: the rank order and the feature norms in one
-launch (`rank.py`), then the graph, lazily: rows the walk never reaches are never computed.
+"""Steps 4-7 on the kernels backend (docs/spec.md), given the rank order and the feature
+norms (`rank.py` makes both in one launch): the graph, built lazily, and the MIS. Rows the
+walk never reaches are never computed.
 
 The greedy walk stopped at m members reads only the rows of the candidates up to its m-th
 member, and with a small budget that is a short prefix of the rank order. So the graph is
@@ -27,7 +28,8 @@ import math
 
 import torch
 
-from . import cdiv, mis, rank
+from ..params import GraphParams
+from . import cdiv, mis
 from .graph import GraphRows
 
 PREFIX_MIN = 128
@@ -52,14 +54,11 @@ def row_ranges(c: int, m: int, block: int, waves: float = math.inf) -> list[int]
     return ends
 
 
-def select(tokens, scores, n_pivots, k, grid, sim_threshold, spatial_weight, radius,
-           temporal_radius) -> torch.Tensor:
-    """Kept token ids int64 [B, k], ascending, from the features and the debiased scores
-    (n_pivots < k: prune() takes the plain top-k itself)."""
-    tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()  # one copy at most
-    order, norms = rank.rank_and_norms(scores, tokens)
-    g = GraphRows(tokens, order, n_pivots, grid, sim_threshold, spatial_weight, radius,
-                  temporal_radius, norms=norms)
+def select(tokens, order, norms, n_pivots: int, k: int, grid, params: GraphParams) -> torch.Tensor:
+    """Kept token ids int64 [B, k], ascending, from the features [B, N, D] (unit last
+    stride), the rank order int64 [B, N] and the float32 norms [B, N] (n_pivots < k: the
+    dispatcher takes the plain top-k itself)."""
+    g = GraphRows(tokens, order, n_pivots, grid, params, norms=norms)
     method = "rounds"  # Luby rounds: the CUDA kernel on a GPU, its CPU twin under the interpreter
     ends = row_ranges(g.c, k - n_pivots, g.block, g.waves)
     g.rows(0, ends[0])

@@ -7,7 +7,7 @@ import torch
 
 from d2pruner_kernels import prune
 from d2pruner_kernels.checks import pivot_count
-from inputs import band_free, clustered_tokens, distinct_attention
+from d2pruner_kernels.testing import band_free, clustered_tokens, distinct_attention
 
 from benchmarks import baselines
 
