@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # What we run on a lent GPU machine (H100/H200): build against the machine's own torch, the
 # GPU-relevant tests natively, per-stage timings and A/B rows, compute-sanitizer on the
-# CUDA kernel, the benchmark report. Logs go to $OUT. One call must fit in 600 s, so the
-# steps are chosen by STEPS (default: build tests stages sanitize, ~6 min; then a second
+# CUDA kernel, the benchmark report. Logs and tables go to $OUT, the measurements to
+# $OUT/history.jsonl (append it to benchmarks/results/history.jsonl, then
+# `python -m benchmarks.tables` remakes the tables there). One call must fit in 600 s, so
+# the steps are chosen by STEPS (default: build tests stages sanitize, ~6 min; then a second
 # call on the warm machine: STEPS="report"). FULL=1 runs the whole test suite.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
@@ -25,7 +27,7 @@ python3 -c "from d2pruner_kernels.kernels import mis; print('CUDA MIS available:
 
 if has tests; then
 step tests
-TESTS="tests/test_cuda.py tests/test_mis.py tests/test_prune.py tests/test_compile.py tests/test_scores_kernel.py tests/test_rank_kernel.py tests/test_graph_kernel.py tests/test_attention_scores.py"
+TESTS="tests/test_gpu.py tests/test_mis_kernel.py tests/test_prune.py tests/test_compile.py tests/test_scores_kernel.py tests/test_rank_kernel.py tests/test_graph_kernel.py tests/test_attention_kernel.py"
 [ "${FULL:-0}" = 1 ] && TESTS=tests
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 16")  # parallel Triton compiles
 timeout "${TEST_TIMEOUT:-80}" python3 -m pytest $TESTS -q -p no:cacheprovider $XDIST -rs \
@@ -36,7 +38,8 @@ fi
 
 if has stages; then
 step stages
-timeout "${STAGES_TIMEOUT:-200}" python3 -m benchmarks.stages --out "$OUT/stages.md" >"$OUT/stages.log" 2>&1
+timeout "${STAGES_TIMEOUT:-200}" python3 -m benchmarks.stage_times --out "$OUT/stages.md" \
+  --record "$OUT/history.jsonl" >"$OUT/stages.log" 2>&1
 echo "stages rc=$?"; tail -4 "$OUT/stages.log"
 fi
 
@@ -51,7 +54,8 @@ fi
 
 if has report; then
 step report
-timeout 240 python3 -m benchmarks.report --out "$OUT/report.md" >"$OUT/report.log" 2>&1
+timeout 240 python3 -m benchmarks.report --out "$OUT/report.md" --record "$OUT/history.jsonl" \
+  >"$OUT/report.log" 2>&1
 echo "report rc=$?"; tail -3 "$OUT/report.log"
 fi
 step end

@@ -1,14 +1,11 @@
 """Runs the CUDA kernels on a few graphs, for `compute-sanitizer --tool memcheck|racecheck`:
 full and lazy MIS (prefix, then the rest), odd sizes across the 1024-candidate window,
 then small prune() calls end to end (whole graph, lazy graph). Exits non-zero on a wrong answer."""
-import sys
-
 import torch
 
-sys.path.insert(0, "tests")
-from d2pruner_kernels import layout, prune, reference  # noqa: E402
-from d2pruner_kernels.kernels import mis  # noqa: E402
-from inputs import clustered_tokens, distinct_attention  # noqa: E402
+from d2pruner_kernels import layout, prune, reference
+from d2pruner_kernels.kernels import mis
+from d2pruner_kernels.testing import clustered_tokens, distinct_attention
 
 g = torch.Generator().manual_seed(0)
 for c, p, n_p, k in [(37, 0.2, 3, 20), (1100, 0.01, 5, 400), (1500, 0.003, 0, 1500), (600, 0.5, 2, 12)]:

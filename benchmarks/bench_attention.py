@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from d2pruner_kernels import timing
 from d2pruner_kernels.attention_scores import attention_scores
 from d2pruner_kernels.kernels import interpreting
 
@@ -100,37 +101,12 @@ def test_attention_scores(benchmark, shape, variant):
 
 # -- `python -m benchmarks.bench_attention` (GPU): the two-pass split and block sizes -----
 
-def _graph_replay(fn):
-    """fn captured in a CUDA graph (compiled and warmed up first): times the GPU work alone,
-    without the Python launch overhead that dominates at these sizes."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def _host_us(fn, calls: int = 200) -> float:
-    """Back-to-back calls, one sync at the end: the per-call cost a model pays."""
-    import time
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
-
-
 def _sweep() -> None:
-    """Median GPU times (CUDA-graph replays timed by triton.testing.do_bench, L2 flushed)
-    and back-to-back host times of the eager row, the two passes, pass 2 alone (lse given)
+    """Median GPU times (replays of a CUDA graph, which leaves out Python's launch
+    overhead, each on an idle GPU with the L2 flushed) and back-to-back host times (the
+    per-call cost a model pays) of the eager row, the two passes, pass 2 alone (lse given)
     and a few block-size choices; prints a table."""
-    import triton.testing
+    import triton
 
     from d2pruner_kernels.kernels import attention as kern
 
@@ -165,9 +141,9 @@ def _sweep() -> None:
         for name, fn in rows:
             got = fn().float()
             err = ((got - want).abs() / want).max().item()
-            gpu = triton.testing.do_bench(_graph_replay(fn), warmup=25, rep=100,
-                                          return_mode="median")
-            print(f"{shape.name:<20}{nq:>5}  {name:<34}{gpu * 1e3:>8.1f}{_host_us(fn):>9.1f}"
+            gpu = timing.median_seconds(timing.graph_replay(fn), 100, device=DEVICE, flush=True)
+            host = timing.back_to_back_seconds(fn, 200, DEVICE)
+            print(f"{shape.name:<20}{nq:>5}  {name:<34}{gpu * 1e6:>8.1f}{host * 1e6:>9.1f}"
                   f"   max rel err {err:.1e}")
 
 

@@ -9,7 +9,7 @@ sm_90 by Triton's own toolchain, and the cubin is read with cuobjdump. No driver
     python -m benchmarks.codegen [--json]
 
 Registers decide occupancy and spills cost local-memory round trips; on a latency-bound
-kernel both show up directly in time. The GPU timings stay the judge (benchmarks.stages).
+kernel both show up directly in time. The GPU timings stay the judge (benchmarks.stage_times).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from d2pruner_kernels.kernels import attention, graph, rank, scores
+from d2pruner_kernels.params import GraphParams
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 SMS = 132
@@ -93,8 +94,8 @@ def launches():
     def graph_rows(tokens, splits, beta=0.0, split_launch=True):
         cfg = dict(graph.default_config(tokens.dtype, tokens.shape[-1]), SPLITS=splits,
                    SPLIT_LAUNCH=split_launch)
-        rows = graph.GraphRows(tokens, order, 44, (1, 24, 24), spatial_weight=beta,
-                               config=cfg, norms=norms)
+        rows = graph.GraphRows(tokens, order, 44, (1, 24, 24),
+                               GraphParams(spatial_weight=beta), config=cfg, norms=norms)
         return lambda: rows.rows(0, rows.c)
 
     q = torch.randn(1, 32, 1, 128, generator=g).bfloat16()

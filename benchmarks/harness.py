@@ -1,12 +1,13 @@
 """What the pytest benchmarks and the report share: the device, the timed variants of
-prune() and its peers, input rotation, CUDA-graph capture and the timers.
+prune() and its peers, input rotation and CUDA-graph capture. The timers are the
+package's own (`d2pruner_kernels.timing`).
 
 Timing method (METHOD):
 * every call gets the next of a few independent input copies (random, never zeros);
-* report.py: on GPU, CUDA events around each call; before each, the L2 cache is flushed (a
-  256 MiB write) and the host waits for the GPU, so every call starts on an idle GPU and an
-  eager call's host-side launch overhead is part of its time. Median after warm-up.
-  On CPU, time.perf_counter per call.
+* report.py: timing.median_seconds(flush=True): on GPU, CUDA events around each call;
+  before each, the L2 cache is flushed (a 256 MiB write) and the host waits for the GPU, so
+  every call starts on an idle GPU and an eager call's host-side launch overhead is part of
+  its time. Median after warm-up. On CPU, time.perf_counter per call.
 * pytest-benchmark times with its own host clock, so on GPU the timed function ends with
   torch.cuda.synchronize(): those numbers include one host round trip (~10 us) per call.
 """
@@ -14,14 +15,12 @@ from __future__ import annotations
 
 import itertools
 import platform
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from d2pruner_kernels import prune
+from d2pruner_kernels import prune, timing
 
 from . import baselines
 from .shapes import Inputs, Shape
@@ -43,11 +42,6 @@ def skip_reason(shape: Shape) -> str | None:
     if not shape.gpu and ON_GPU:
         return f"{shape.name} is a small CPU smoke shape: GPU runs use the real shapes"
     return None
-
-
-def synchronize() -> None:
-    if ON_GPU:
-        torch.cuda.synchronize()
 
 
 # --- the variants of the end-to-end comparison ----------------------------------------------
@@ -89,28 +83,10 @@ def prune_variants(shape: Shape) -> list[Variant]:
 # --- rotation, CUDA graphs ------------------------------------------------------------------
 
 def bound_calls(variant: Variant, copies: list[Inputs]) -> list[Callable[[], object]]:
-    """One no-argument callable per input copy (a CUDA-graph replay for graph variants)."""
-    if variant.cuda_graph:
-        return capture_graphs(variant.call, copies)
-    return [lambda i=i: variant.call(i) for i in copies]
-
-
-def capture_graphs(call, copies: list[Inputs]) -> list[Callable[[], object]]:
-    """Warm up on a side stream (Triton compiles there), then capture one graph per copy."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in copies:
-            call(i)
-    torch.cuda.current_stream().wait_stream(side)
-    replays = []
-    for i in copies:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = call(i)  # the static output, refreshed by each replay
-        replays.append(lambda g=graph, o=out: (g.replay(), o)[1])
-    synchronize()
-    return replays
+    """One no-argument callable per input copy (for graph variants: the replay of a CUDA
+    graph per copy, captured after a warm-up so that Triton compiles outside the capture)."""
+    calls = [lambda i=i: variant.call(i) for i in copies]
+    return [timing.graph_replay(c) for c in calls] if variant.cuda_graph else calls
 
 
 def rotating(calls: list[Callable[[], object]]) -> Callable[[], object]:
@@ -119,57 +95,9 @@ def rotating(calls: list[Callable[[], object]]) -> Callable[[], object]:
 
     def timed():
         out = next(cycle)()
-        if ON_GPU:
-            synchronize()
+        timing.synchronize(DEVICE)
         return out
     return timed
-
-
-# --- timers for the report ------------------------------------------------------------------
-
-_flush_buffer = None
-
-
-def _flush_l2() -> None:
-    global _flush_buffer
-    if _flush_buffer is None:
-        _flush_buffer = torch.empty(256 * 2**20, dtype=torch.int8, device=DEVICE)
-    _flush_buffer.zero_()
-
-
-def median_seconds(calls: list[Callable[[], object]], reps: int, warmup: int = 2) -> float:
-    """Median time of one call, rotating over `calls`. CUDA events (L2 flushed before each
-    call) on GPU, perf_counter on CPU."""
-    cycle = itertools.cycle(calls)
-    for _ in range(warmup):
-        next(cycle)()
-    synchronize()
-    if not ON_GPU:
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            next(cycle)()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    for start, end in events:
-        _flush_l2()
-        torch.cuda.synchronize()  # start from an idle GPU: eager launch overhead counts
-        start.record()
-        next(cycle)()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
-
-
-def wall_seconds(call: Callable[[], object]) -> float:
-    """Host wall time of one call, synchronised (for the too-slow guard)."""
-    synchronize()
-    start = time.perf_counter()
-    call()
-    synchronize()
-    return time.perf_counter() - start
 
 
 # --- pytest-benchmark -----------------------------------------------------------------------

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from unittest import mock
 
 import torch
 
 import d2pruner_kernels as d2p
-from d2pruner_kernels import stages
-from d2pruner_kernels.kernels import graph, mis, rank, scores, select
+from d2pruner_kernels import dispatch, timing
+from d2pruner_kernels.kernels import graph, lazy_graph, mis, rank, scores
 
 
 class _NoLaunch:
@@ -36,17 +35,14 @@ def glue_us(calls: int) -> float:
             mock.patch.object(rank, "_rank_norms_kernel", _NoLaunch()), \
             mock.patch.object(scores, "_debiased_scores_kernel", _NoLaunch()), \
             mock.patch.object(mis._C, "mis_rounds_cpu", lambda *args: None), \
-            mock.patch.object(stages, "use_triton", lambda backend, device: True), \
-            mock.patch.object(stages, "use_compiled_mis", lambda *args: True), \
+            mock.patch.object(dispatch, "use_triton", lambda backend, device: True), \
+            mock.patch.object(dispatch, "use_compiled_mis", lambda *args: True), \
             mock.patch.object(graph, "split_count", lambda *args: 4), \
-            mock.patch.object(select, "LAZY_MIN_WAVES", math.inf):  # as on a GPU: one range
+            mock.patch.object(lazy_graph, "LAZY_MIN_WAVES", math.inf):  # as on a GPU: one range
         f = lambda: d2p.prune(x, attn, (24, 24), 64, prior=prior)  # noqa: E731
-        for _ in range(calls // 10):
+        for _ in range(calls // 10):  # warm-up
             f()
-        start = time.perf_counter()
-        for _ in range(calls):
-            f()
-        return 1e6 * (time.perf_counter() - start) / calls
+        return 1e6 * timing.back_to_back_seconds(f, calls)
 
 
 def main(argv=None):

@@ -1,8 +1,10 @@
 """One markdown table: prune() against its peers and against the hardware floor.
 
-    python -m benchmarks.report [--out FILE] [--quick] [--sync-check]
+    python -m benchmarks.report [--out FILE] [--record [FILE]] [--quick] [--sync-check]
 
 --quick        the small CPU shapes only (CI smoke: seconds)
+--record       append the measurements to benchmarks/results/history.jsonl (or FILE), from
+               which `python -m benchmarks.tables` makes results/<device>_report.md
 --sync-check   only run prune() once under torch.cuda.set_sync_debug_mode("error") and
                report pass/fail (exit status 1 on fail); the full report includes it too.
 
@@ -15,19 +17,15 @@ Floor of a shape (README.md, "Speed"): the largest of
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import shlex
-import statistics
 import sys
 import time
 
 import torch
 
-from d2pruner_kernels import prune, stages
+from d2pruner_kernels import dispatch, prune, timing
 
-from .harness import (DEVICE, ON_GPU, bound_calls, device_name, median_seconds,
-                      prune_variants, synchronize, wall_seconds)
+from . import history, tables
+from .harness import DEVICE, ON_GPU, bound_calls, prune_variants
 from .shapes import CPU_SHAPES, GPU_SHAPES, Shape, input_copies, make_inputs
 
 LAUNCHES = 4  # scores, rank + norms, graph, MIS: the fewest (split-K and the lazy graph add)
@@ -38,36 +36,12 @@ REPS_SLOW = 5
 
 # --- the device -----------------------------------------------------------------------------
 
-def _events_seconds(fn, reps: int) -> float:
-    """Median seconds of fn() by CUDA events (after one warm-up call)."""
-    fn()
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-             for _ in range(reps)]
-    for start, end in pairs:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in pairs) / 1e3
-
-
-def _host_seconds(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure_compute(quick: bool) -> dict:
     """Matmul peak (bf16 on GPU, fp32 on CPU) and the cost of one tiny launch."""
-    timer = _events_seconds if ON_GPU else _host_seconds
     size, dtype = (8192, torch.bfloat16) if ON_GPU else (512 if quick else 2048, torch.float32)
     a = torch.randn(size, size, device=DEVICE, dtype=dtype)
     b = torch.randn(size, size, device=DEVICE, dtype=dtype)
-    peak = 2 * size**3 / timer(lambda: a @ b, 10)
+    peak = 2 * size**3 / timing.median_seconds(lambda: a @ b, 10, device=DEVICE)
     del a, b
     x = torch.ones(1, device=DEVICE)
     burst = 100  # back-to-back launches: the cost of one in a stream of launches
@@ -75,27 +49,27 @@ def measure_compute(quick: bool) -> dict:
     def tiny_launches():
         for _ in range(burst):
             x.add_(1)
-    launch = timer(tiny_launches, 20) / burst
+    launch = timing.median_seconds(tiny_launches, 20, device=DEVICE) / burst
     return dict(peak=peak, peak_dtype=str(dtype).replace("torch.", ""), launch=launch)
 
 
 def measure_bandwidth(quick: bool) -> float:
     """Bytes read + written per second by a large copy. Measured after the shapes: on small
     CPU VMs a large copy was seen to slow every later multi-threaded op by ~8 ms."""
-    timer = _events_seconds if ON_GPU else _host_seconds
     copy_bytes = (1024 if ON_GPU else 64 if quick else 256) * 2**20
     src = torch.rand(copy_bytes // 4, device=DEVICE)
     dst = torch.empty_like(src)
-    return 2 * copy_bytes / timer(lambda: dst.copy_(src), 10)
+    return 2 * copy_bytes / timing.median_seconds(lambda: dst.copy_(src), 10, device=DEVICE)
 
 
 def floor_terms(shape: Shape, hw: dict) -> dict:
+    """The report's floor columns, in seconds."""
     elt = torch.tensor([], dtype=shape.dtype).element_size()
     b, n = shape.batch, shape.n
     moved = b * n * shape.d * elt + b * shape.heads * n * elt + b * shape.k_int * 8
     flops = b * shape.candidates**2 * shape.d   # 2 * C * C / 2 * D per image
-    terms = dict(bytes=moved / hw["bandwidth"], flops=flops / hw["peak"],
-                 launch=LAUNCHES * hw["launch"])
+    terms = {"floor: bytes": moved / hw["bandwidth"], "floor: FLOPs": flops / hw["peak"],
+             "floor: launches": LAUNCHES * hw["launch"]}
     terms["floor"] = max(terms.values())
     return terms
 
@@ -122,11 +96,13 @@ def time_shape(shape: Shape, hw: dict) -> dict:
             cells[v.name] = "skipped (too slow)"
             continue
         calls = bound_calls(v, copies)
-        first = wall_seconds(calls[0])  # also the warm-up (compiles the Triton kernels)
+        # one call alone, synchronised: also the warm-up (compiles the Triton kernels)
+        first = timing.median_seconds(calls[0], 1, warmup=0, device=DEVICE)
         if v.slow and first > budget:
             cells[v.name] = f"skipped (too slow: one call {first:.1f} s)"
             continue
-        cells[v.name] = median_seconds(calls, reps, warmup=1 if v.slow else 3)
+        cells[v.name] = timing.median_seconds(calls, reps, warmup=1 if v.slow else 3,
+                                              device=DEVICE, flush=True)
         del calls
     del copies
     if ON_GPU:
@@ -134,45 +110,7 @@ def time_shape(shape: Shape, hw: dict) -> dict:
     return cells
 
 
-# --- the table ------------------------------------------------------------------------------
-
-def fmt_time(s: float) -> str:
-    if s < 1e-3:
-        return f"{s * 1e6:.1f} µs"
-    if s < 1:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s:.2f} s"
-
-
-def fmt_ratio(r: float) -> str:
-    return f"{r:.0f}×" if r >= 100 else f"{r:.1f}×" if r >= 10 else f"{r:.2f}×"
-
-
-def table(rows: list[tuple[Shape, dict, dict]]) -> str:
-    names = [v.name for v in prune_variants(rows[0][0])]
-    head = (["shape", "N / D / k / B"] + names +
-            ["floor: bytes", "floor: FLOPs", "floor: launches", "floor", "ours / floor"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for shape, cells, floor in rows:
-        ours = cells["ours"]
-        row = [shape.name, f"{shape.n} / {shape.d} / {shape.k_int} / {shape.batch}"]
-        for name in names:
-            t = cells[name]
-            if isinstance(t, str):
-                row.append(t)
-            elif name == "ours":
-                row.append(fmt_time(t))
-            else:  # baseline / ours: how many times slower than prune() eagerly
-                row.append(f"{fmt_time(t)} ({fmt_ratio(t / ours)})")
-        row += [fmt_time(floor[key]) for key in ("bytes", "flops", "launch", "floor")]
-        ratio = fmt_ratio(ours / floor["floor"])
-        graph = cells.get("ours (CUDA graph)")
-        if not isinstance(graph, str):
-            ratio += f" (graph {fmt_ratio(graph / floor['floor'])})"
-        row.append(ratio)
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
+# --- the run -------------------------------------------------------------------------------
 
 def sync_check() -> str:
     """prune() once (after a warm-up) with torch's sync debug mode set to raise."""
@@ -182,7 +120,7 @@ def sync_check() -> str:
     i = make_inputs(shape, DEVICE)
     run = lambda: prune(i.tokens, i.attn, shape.grid, shape.k_int, prior=i.prior)  # noqa: E731
     run()
-    synchronize()
+    timing.synchronize(DEVICE)
     torch.cuda.set_sync_debug_mode("error")
     try:
         run()
@@ -191,50 +129,40 @@ def sync_check() -> str:
         result = f"FAIL ({str(e).splitlines()[0]})"
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    synchronize()
+    timing.synchronize(DEVICE)
     return result
 
 
-def header(command: str, hw: dict, sync: str) -> str:
-    import triton
-    cuda = torch.version.cuda or "none"
-    timing = ("CUDA events, L2 flushed before each call" if ON_GPU else "time.perf_counter")
-    return "\n".join([
-        "# d2pruner_kernels: prune() against its peers and the hardware floor",
-        "",
-        f"- device: {device_name()}",
-        f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {cuda}",
-        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- command: `{command}`",
-        f"- ours = `prune(backend=\"auto\")` here: "
-        f"{stages.describe(DEVICE, max(s.n for s in GPU_SHAPES))}",
-        f"- timing: median of {REPS_FAST} calls (ours) / {REPS_SLOW} calls (reference and "
-        f"baselines) after warm-up, {timing}, inputs rotated among 4 random copies",
-        f"- measured: copy bandwidth {hw['bandwidth'] / 1e9:.0f} GB/s, {hw['peak_dtype']} "
-        f"matmul {hw['peak'] / 1e12:.3g} TFLOP/s, one launch {hw['launch'] * 1e6:.2f} µs "
-        f"(x {LAUNCHES} launches)",
-        f"- sync check (`set_sync_debug_mode('error')`): {sync}",
-        "- cells: median time (baseline time / ours); a baseline is skipped where it would "
-        f"take more than {TOO_SLOW_S:.0f} s at that shape",
-        "", "",
-    ])
+def record_facts(rec: history.Recorder, hw: dict, sync: str) -> None:
+    """The header of the table: what ran, how it was timed, the measured device."""
+    timer = "CUDA events, L2 flushed before each call" if ON_GPU else "time.perf_counter"
+    rec.fact('ours = `prune(backend="auto")` here',
+             dispatch.describe(DEVICE, max(s.n for s in GPU_SHAPES)))
+    rec.fact("timing", f"median of {REPS_FAST} calls (ours) / {REPS_SLOW} calls (reference and "
+             f"baselines) after warm-up, {timer}, inputs rotated among 4 random copies")
+    rec.fact("copy bandwidth", hw["bandwidth"], "B/s")
+    rec.fact("matmul peak", hw["peak"], "FLOP/s", note=hw["peak_dtype"])
+    rec.fact("one launch", hw["launch"], "s", note=f"x {LAUNCHES} launches")
+    rec.fact("sync check (`set_sync_debug_mode('error')`)", sync)
+    rec.fact("cells", "median time (baseline time / ours); a baseline is skipped where it "
+             f"would take more than {TOO_SLOW_S:.0f} s at that shape")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="write the markdown here (default: stdout)")
+    tables.add_output_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="small CPU shapes only (CI smoke)")
     parser.add_argument("--sync-check", action="store_true",
                         help="only check that prune() never synchronises (GPU)")
     args = parser.parse_args(argv)
-    command = "python -m benchmarks.report " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     sync = sync_check()
     if args.sync_check:
         print(f"sync check: {sync}")
         return 1 if sync.startswith("FAIL") else 0
 
+    rec = history.Recorder("report", history.command("benchmarks.report", argv))
     hw = measure_compute(args.quick)
     timed = []
     for shape in CPU_SHAPES if args.quick else GPU_SHAPES:
@@ -242,15 +170,12 @@ def main(argv=None) -> int:
         timed.append((shape, time_shape(shape, hw)))
         print(f"{shape.name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
     hw["bandwidth"] = measure_bandwidth(args.quick)
-    rows = [(shape, cells, floor_terms(shape, hw)) for shape, cells in timed]
-    text = header(command.strip(), hw, sync) + table(rows) + "\n"
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        print(text)
+    record_facts(rec, hw, sync)
+    for shape, cells in timed:
+        sizes = f"{shape.n} / {shape.d} / {shape.k_int} / {shape.batch}"
+        for column, value in {**cells, **floor_terms(shape, hw)}.items():
+            rec.add(shape.name, sizes, column, value)
+    tables.finish(rec, args)
     return 0
 
 
