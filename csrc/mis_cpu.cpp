@@ -1,6 +1,8 @@
 // CPU implementations of the MIS stage: the sequential greedy walk and the round-by-round
 // twin of the CUDA kernel. Both end in the same assembly (fill, pivots, ascending output).
 #include <algorithm>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "mis.h"
@@ -11,18 +13,47 @@ namespace {
 
 // Steps 6-7 for one image: the first m candidates of `in` (rank order), then the fill
 // (candidates not in `in`, rank order) up to m, plus the pivots; written ascending.
+// `order` was checked to be a permutation (check_orders) before any image ran; the bound
+// checks below keep even an unchecked order inside the buffers: an id outside [0, N) is
+// skipped, duplicates collapse, and kept entries left over are written as -1 (as the
+// CUDA kernel does).
 void assemble(const MisArgs& a, const int64_t* order, const std::vector<uint32_t>& in,
               int64_t* kept) {
   const int C = a.candidates(), m = a.k - a.n_pivots;
   std::vector<char> keep(a.n_tokens, 0);
-  for (int i = 0; i < a.n_pivots; ++i) keep[order[i]] = 1;
+  auto keep_token = [&](int64_t t) { if (t >= 0 && t < a.n_tokens) keep[t] = 1; };
+  for (int i = 0; i < a.n_pivots; ++i) keep_token(order[i]);
   int taken = 0;
   for (int v = 0; v < C && taken < m; ++v)
-    if (in[v / 32] >> (v % 32) & 1u) keep[order[a.n_pivots + v]] = 1, ++taken;
+    if (in[v / 32] >> (v % 32) & 1u) keep_token(order[a.n_pivots + v]), ++taken;
   for (int v = 0; v < C && taken < m; ++v)
-    if (!(in[v / 32] >> (v % 32) & 1u)) keep[order[a.n_pivots + v]] = 1, ++taken;
-  for (int t = 0, j = 0; t < a.n_tokens; ++t)
+    if (!(in[v / 32] >> (v % 32) & 1u)) keep_token(order[a.n_pivots + v]), ++taken;
+  int j = 0;
+  for (int t = 0; t < a.n_tokens && j < a.k; ++t)
     if (keep[t]) kept[j++] = t;
+  for (; j < a.k; ++j) kept[j] = -1;
+}
+
+// Every image's order (of the images not skipped) must be a permutation of 0..N-1: checked
+// for all of them before any work, so a bad order raises (std::invalid_argument, a Python
+// ValueError) with nothing written. O(B N), small next to the walk.
+void check_orders(const MisArgs& a) {
+  std::vector<uint8_t> seen(a.n_tokens);
+  for (int b = 0; b < a.batch; ++b) {
+    if (a.skip && a.skip[b]) continue;
+    const int64_t* order = a.order + static_cast<size_t>(b) * a.n_tokens;
+    std::fill(seen.begin(), seen.end(), 0);
+    for (int i = 0; i < a.n_tokens; ++i) {
+      const int64_t t = order[i];
+      const char* why = t < 0 || t >= a.n_tokens ? "holds" : seen[t] ? "repeats" : nullptr;
+      if (why)
+        throw std::invalid_argument(
+            "d2pruner MIS: order must be a permutation of 0..N-1 (N=" +
+            std::to_string(a.n_tokens) + ") in every image; image " + std::to_string(b) +
+            " " + why + " " + std::to_string(t) + " at position " + std::to_string(i));
+      seen[t] = 1;
+    }
+  }
 }
 
 // Sequential greedy walk: take v unless a taken candidate is a better-ranked neighbour.
@@ -81,6 +112,7 @@ bool rounds_one(const MisArgs& a, const uint32_t* adj, std::vector<uint32_t>& in
 // Per image: skip, select, then write the kept tokens unless the rows ready did not suffice.
 template <typename Select>
 void run_cpu(const MisArgs& a, Select select) {
+  check_orders(a);
   const size_t adj_stride = static_cast<size_t>(a.candidates()) * a.words_c();
   for (int b = 0; b < a.batch; ++b) {
     if (a.skip && a.skip[b]) continue;

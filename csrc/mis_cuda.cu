@@ -130,7 +130,13 @@ __global__ void __launch_bounds__(kThreads) mis_rounds_kernel(MisArgs a) {
   if (!complete) return;
 
   // Steps 6-7: the m best-ranked members, the fill, the pivots, written ascending.
-  auto keep_token = [&](int64_t t) { atomicOr(&keep[t / 32], 1u << (t % 32)); };
+  // `order` is not checked on the GPU (that would cost a sync): a token id outside
+  // [0, N) is skipped, so no access leaves the bitsets, and duplicates collapse; kept
+  // entries the bitset cannot fill are written as -1 (a defined output). A permutation,
+  // what prune() always passes, fills all k.
+  auto keep_token = [&](int64_t t) {
+    if (t >= 0 && t < a.n_tokens) atomicOr(&keep[t / 32], 1u << (t % 32));
+  };
   auto keep_candidate = [&](int v, int) { keep_token(order[a.n_pivots + v]); };
   const int taken = visit_first_bits(words_c, m, [&](int w) { return in[w]; }, keep_candidate, s);
   if (taken < m)  // the walk ran out of members: fill with non-members in rank order
@@ -139,8 +145,9 @@ __global__ void __launch_bounds__(kThreads) mis_rounds_kernel(MisArgs a) {
   for (int i = tid; i < a.n_pivots; i += kThreads) keep_token(order[i]);
   __syncthreads();
   int64_t* kept = a.kept + static_cast<size_t>(blockIdx.x) * a.k;
-  visit_first_bits(words_n, a.k, [&](int w) { return keep[w]; },
-                   [&](int t, int j) { kept[j] = t; }, s);
+  const int written = visit_first_bits(words_n, a.k, [&](int w) { return keep[w]; },
+                                       [&](int t, int j) { kept[j] = t; }, s);
+  for (int j = written + tid; j < a.k; j += kThreads) kept[j] = -1;  // only if order was bad
 }
 
 }  // namespace

@@ -23,7 +23,7 @@ import numbers
 import torch
 
 from . import dispatch
-from .checks import FLOAT_DTYPES, check_backend, shape_str
+from .checks import FLOAT_DTYPES, check_backend, check_dense, shape_str
 
 INT_DTYPES = (torch.int32, torch.int64)
 
@@ -33,6 +33,7 @@ def _check_inputs(q, k, key_span, scale, lse, q_positions):
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_dense(name, t)
         if t.dim() != 4:
             want = "[B, Hq, Nq, d]" if name == "q" else "[B, Hk, L, d]"
             raise ValueError(f"{name} must be 4-D {want}, got shape {shape_str(t)}")
@@ -74,6 +75,7 @@ def _check_inputs(q, k, key_span, scale, lse, q_positions):
     if lse is not None:
         if not isinstance(lse, torch.Tensor):
             raise TypeError(f"lse must be a torch.Tensor or None, got {type(lse).__name__}")
+        check_dense("lse", lse)
         if tuple(lse.shape) != (b, hq, nq):
             raise ValueError(f"lse must have shape [B, Hq, Nq] = [{b}, {hq}, {nq}], "
                              f"got {shape_str(lse)}")
@@ -86,6 +88,7 @@ def _check_inputs(q, k, key_span, scale, lse, q_positions):
         if not isinstance(q_positions, torch.Tensor):
             raise TypeError(f"q_positions must be a torch.Tensor or None, "
                             f"got {type(q_positions).__name__}")
+        check_dense("q_positions", q_positions)
         if q_positions.dtype not in INT_DTYPES:
             raise TypeError(f"q_positions must be int32 or int64, got {q_positions.dtype}")
         if tuple(q_positions.shape) not in ((nq,), (b, nq)):
@@ -112,7 +115,8 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, *, key_span: tuple[int, i
            (FlashAttention's `softmax_lse` for these rows): skips the normalising pass.
     q_positions: optional int [Nq] or [B, Nq]: row r sees the keys j <= q_positions[r]
            (a causal limit); a row that sees no key contributes zeros. Not read on the
-           host, so values are not checked.
+           host, so values are not checked; any value is safe: >= L - 1 (INT32_MAX,
+           INT64_MAX) means every key, < 0 none.
     backend: 'auto' (Triton on CUDA), 'kernels' (Triton, or the interpreter on CPU with
            TRITON_INTERPRET=1) or 'reference' (plain torch).
 

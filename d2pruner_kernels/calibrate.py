@@ -10,27 +10,58 @@ only tensor of the file or under the name `scores`. `.pt` files are read with
 `torch.load(weights_only=True)`: plain tensors and containers only, no code.
 Prints the count, min and max of the prior; writes the prior and, with --png, a grayscale
 picture of the map (black = min, white = max; frames side by side).
+
+Every user error (a bad argument, an unreadable or foreign input file, an output that
+cannot be written) prints one line on stderr and exits with status 2, and nothing is
+written: both outputs are made in memory, written to temporary files beside their targets,
+and only then moved into place (os.replace). The --out and --png files are never read as
+inputs when they lie in DIR (a note says so), and any other prior file there is refused.
 """
 from __future__ import annotations
 
 import argparse
+import io
+import os
+import pickle
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from .prior import PositionalPrior
+from .prior import FORMAT, PositionalPrior, write_temp
 
 SUFFIXES = (".pt", ".safetensors")
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def read_scores(path: Path) -> torch.Tensor:
-    """The score-map tensor of one file: the file's only tensor, or the one named `scores`."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        content = load_file(str(path), device="cpu")
-    else:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+    """The score-map tensor of one file: the file's only tensor, or the one named `scores`.
+    Raises ValueError (one line) for a file that cannot be read as such."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                if (f.metadata() or {}).get("format") == FORMAT:
+                    raise _Refused(f"{path} is a positional prior (a calibration output), not "
+                                   f"score maps: move it out of the input folder")
+                content = {name: f.get_tensor(name) for name in f.keys()}
+        else:
+            with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise before an error
+                warnings.simplefilter("ignore")
+                content = torch.load(path, map_location="cpu", weights_only=True)
+    except _Refused as e:
+        raise ValueError(str(e)) from None
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds pickled objects other than tensors and containers: "
+                         f"refused (torch.load(weights_only=True) never runs code)") from e
+    except Exception as e:  # a truncated or foreign file: safetensors, zip, pickle errors
+        raise ValueError(f"{path} cannot be read as a {path.suffix} tensor file: "
+                         f"{_first_line(e)}") from e
     if isinstance(content, torch.Tensor):
         return content
     if isinstance(content, dict):
@@ -42,6 +73,10 @@ def read_scores(path: Path) -> torch.Tensor:
         raise ValueError(f"{path} holds {len(tensors)} tensors ({sorted(map(str, content))}) "
                          f"and none is named 'scores'")
     raise ValueError(f"{path} holds a {type(content).__name__}, not a tensor of score maps")
+
+
+class _Refused(Exception):
+    pass
 
 
 def map_picture(prior: PositionalPrior, min_width: int = 256):
@@ -56,6 +91,31 @@ def map_picture(prior: PositionalPrior, min_width: int = 256):
     cell = max(1, -(-min_width // pixels.shape[1]))                 # ceil
     pixels = pixels.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
     return Image.fromarray(pixels.numpy())  # uint8 [h, w]: mode "L"
+
+
+def _picture_format(path: Path) -> str:
+    """The Pillow format that writes `path` (by its extension), checked before any work."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ValueError("--png needs Pillow (pip install pillow)") from e
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        what = repr(path.suffix) if path.suffix else "a name without an extension"
+        raise ValueError(f"--png {path}: Pillow cannot write {what} (use .png)")
+    return fmt
+
+
+def _check_target(flag: str, path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: folder {path.parent} does not exist")
+
+
+def _same_file(a: Path, b: Path | None) -> bool:
+    return b is not None and a.resolve() == b.resolve()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,29 +135,69 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if len(args.grid) not in (2, 3):
-            raise ValueError(f"--grid takes 2 (H W) or 3 (T H W) sizes, got {args.grid}")
-        if not args.directory.is_dir():
-            raise ValueError(f"{args.directory} is not a directory")
-        files = sorted(f for f in args.directory.iterdir()
-                       if f.is_file() and f.suffix in SUFFIXES)
-        if not files:
-            raise ValueError(f"no .pt or .safetensors files in {args.directory}")
-        prior = PositionalPrior(tuple(args.grid), model=args.model, layer=args.layer,
-                                query=args.query)
-        from tqdm import tqdm
-        for f in tqdm(files, desc="calibrating", unit="file", disable=args.quiet):
+def _calibrate(args) -> tuple:
+    """Everything but the printing: checks, reads, averages, writes. Raises on user errors."""
+    if len(args.grid) not in (2, 3):
+        raise ValueError(f"--grid takes 2 (H W) or 3 (T H W) sizes, got {args.grid}")
+    _check_target("--out", args.out)
+    fmt = None
+    if args.png is not None:  # before any work: a bad extension must not cost a run
+        fmt = _picture_format(args.png)
+        _check_target("--png", args.png)
+        if _same_file(args.png, args.out):
+            raise ValueError(f"--png and --out name the same file {args.out}")
+    if not args.directory.is_dir():
+        raise ValueError(f"{args.directory} is not a directory")
+    files = []
+    for f in sorted(args.directory.iterdir()):
+        if not (f.is_file() and f.suffix in SUFFIXES):
+            continue
+        if _same_file(f, args.out) or _same_file(f, args.png):
+            print(f"d2pruner-calibrate: note: skipping {f}: it is this run's output, not an "
+                  f"input", file=sys.stderr)
+            continue
+        files.append(f)
+    if not files:
+        raise ValueError(f"no .pt or .safetensors files in {args.directory}")
+    prior = PositionalPrior(tuple(args.grid), model=args.model, layer=args.layer,
+                            query=args.query)
+    from tqdm import tqdm
+    with tqdm(files, desc="calibrating", unit="file", disable=args.quiet) as bar:
+        for f in bar:
             try:
                 prior.update(read_scores(f))
             except (ValueError, TypeError, RuntimeError) as e:
-                raise ValueError(f"{f.name}: {e}") from e
-        mean = prior.mean  # checks: finite and positive
-        prior.save(args.out)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"d2pruner-calibrate: error: {e}", file=sys.stderr)
+                msg = str(e)
+                raise ValueError(msg if str(f) in msg else f"{f.name}: {msg}") from e
+    mean = prior.mean  # checks: finite and positive
+    outputs = [(args.out, prior.to_bytes())]
+    if args.png is not None:
+        buf = io.BytesIO()
+        map_picture(prior).save(buf, format=fmt)
+        outputs.append((args.png, buf.getvalue()))
+    temps = []
+    try:  # every output to a temporary file first, then all moved into place
+        for path, data in outputs:
+            try:
+                temps.append(write_temp(path, data))
+            except OSError as e:
+                raise OSError(f"cannot write {path}: {e.strerror or e}") from e
+        for (path, _), tmp in zip(outputs, temps):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return prior, mean, files
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        prior, mean, files = _calibrate(args)
+    except (ValueError, TypeError, OSError, RuntimeError, MemoryError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line
+        print(f"d2pruner-calibrate: error: {msg}", file=sys.stderr)
         return 2
 
     lo, hi = int(mean.argmin()), int(mean.argmax())
@@ -108,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
           f"max/min {mean[hi].item() / mean[lo].item():.3g}")
     print(f"wrote {args.out}")
     if args.png is not None:
-        map_picture(prior).save(args.png)
         print(f"wrote {args.png}")
     return 0
 

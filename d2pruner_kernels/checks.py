@@ -2,14 +2,17 @@
 
 Every check reads metadata only (shapes, dtypes, devices, Python values), so it never
 synchronises with the device. The only value checks are opt-in (`check_finite=True`) or
-on CPU tensors, where reading a value costs no sync.
+on CPU tensors, where reading a value costs no sync (`check_permutation`).
 """
 from __future__ import annotations
 
 import math
 import numbers
 
+import numpy as np
 import torch
+
+from .layout import num_words
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BACKENDS = ("auto", "reference", "kernels")
@@ -25,9 +28,17 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def check_dense(name: str, t: torch.Tensor) -> None:
+    """Sparse (COO, CSR, ...) and other non-strided layouts are refused at the check, not
+    deep inside a kernel."""
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
 def check_tensor(name: str, t, ranks: tuple[int, ...]) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense(name, t)
     if t.dim() not in ranks:
         want = " or ".join(f"{r}-D" for r in ranks)
         raise ValueError(f"{name} must be {want}, got shape {shape_str(t)}")
@@ -41,6 +52,18 @@ def check_int(name: str, v, lo: int = 0) -> int:
     if v < lo:
         raise ValueError(f"{name} must be >= {lo}, got {v}")
     return int(v)
+
+
+def check_bool(name: str, v) -> bool:
+    """A Python bool, or a NumPy bool (np.bool_), as a Python bool."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    kind = type(v)
+    if kind.__module__ == "builtins":
+        what = f"{kind.__name__} {v!r}"
+    else:  # e.g. numpy.int64 1 (the bare __name__ of numpy.bool_ is 'bool')
+        what = f"{kind.__module__}.{kind.__qualname__} {v}"
+    raise TypeError(f"{name} must be a bool, got {what}")
 
 
 def check_float(name: str, v, lo: float, hi: float) -> float:
@@ -117,8 +140,8 @@ def check_prune_inputs(tokens, attn, grid_hw, prior, check_finite: bool):
     if attn.device != tokens.device:
         raise ValueError(f"attn is on {attn.device} but tokens is on {tokens.device}")
     grid = check_grid(grid_hw, n)
-    if prior is not None:
-        check_tensor("prior", prior, (1, 2) if batched else (1,))
+    if prior is not None:  # [N], [1, N] or [B, N]; unbatched: B = 1
+        check_tensor("prior", prior, (1, 2))
         if prior.shape[-1] != n:
             raise ValueError(f"prior has N={prior.shape[-1]} but tokens has N={n}")
         if prior.dim() == 2 and prior.shape[0] not in (1, b):
@@ -134,3 +157,77 @@ def check_prune_inputs(tokens, attn, grid_hw, prior, check_finite: bool):
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} holds NaN or Inf values (check_finite=True)")
     return batched, n, grid
+
+
+# -- the public stages (stages.similarity_graph, stages.greedy_mis) --------------------------
+
+def check_order(order, b: int, n: int, device: torch.device, beside: str = "tokens") -> None:
+    """A rank order's metadata: int64 [B, N] dense tensor on `device`."""
+    if not isinstance(order, torch.Tensor):
+        raise TypeError(f"order must be a torch.Tensor, got {type(order).__name__}")
+    check_dense("order", order)
+    if order.dtype != torch.int64:
+        raise TypeError(f"order must be int64 (as rank_order returns), got {order.dtype}")
+    if tuple(order.shape) != (b, n):
+        raise ValueError(f"order must be [B, N] = [{b}, {n}], got {shape_str(order)}")
+    if order.device != device:
+        raise ValueError(f"order is on {order.device} but {beside} is on {device}")
+
+
+def check_permutation(order: torch.Tensor) -> None:
+    """Values: each row of `order` [B, N] must be a permutation of 0..N-1. Reads values:
+    the stages call it for CPU tensors only (and where the reference reads the host anyway)."""
+    b, n = order.shape
+    if order.numel() == 0:
+        return
+    bad = (order < 0) | (order >= n)
+    if bool(bad.any()):
+        i, j = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"order must be a permutation of 0..N-1 (N={n}) in every image; "
+                         f"image {i} holds {int(order[i, j])} at position {j}")
+    seen = torch.zeros(b, n, dtype=torch.bool, device=order.device)
+    seen.scatter_(1, order, True)
+    missing = ~seen.all(dim=1)
+    if bool(missing.any()):
+        i = int(missing.nonzero()[0, 0])
+        s = order[i].sort().values
+        dup = int(s[1:][s[1:] == s[:-1]][0])
+        raise ValueError(f"order must be a permutation of 0..N-1 (N={n}) in every image; "
+                         f"image {i} repeats token {dup}")
+
+
+def check_graph_inputs(tokens, order, n_pivots, grid) -> tuple[int, int, int]:
+    """similarity_graph's tokens [B, N, D], order int64 [B, N], n_pivots in [0, N] and
+    grid (product N): metadata only. Returns the grid as (T, H, W)."""
+    check_tensor("tokens", tokens, (3,))
+    b, n, _ = tokens.shape
+    check_order(order, b, n, tokens.device)
+    n_pivots = check_int("n_pivots", n_pivots)
+    if n_pivots > n:
+        raise ValueError(f"n_pivots must be in [0, N={n}], got {n_pivots}")
+    dims = grid_dims("grid", grid)
+    if math.prod(dims) != n:
+        raise ValueError(f"grid {dims} has {math.prod(dims)} cells but tokens has N={n}")
+    return as_3d(dims)
+
+
+def check_mis_inputs(adjacency, order, n_pivots, k) -> None:
+    """greedy_mis's packed adjacency int32 [B, C, words] and order int64 [B, N], with
+    ints 0 <= n_pivots <= k <= N: metadata only, for every backend."""
+    if not isinstance(adjacency, torch.Tensor):
+        raise TypeError(f"adjacency must be a torch.Tensor, got {type(adjacency).__name__}")
+    check_dense("adjacency", adjacency)
+    if adjacency.dtype != torch.int32:
+        raise TypeError(f"adjacency must be int32 (packed, see layout), got {adjacency.dtype}")
+    if not isinstance(order, torch.Tensor) or order.dim() != 2:
+        raise ValueError(f"order must be an int64 [B, N] tensor, got "
+                         f"{shape_str(order) if isinstance(order, torch.Tensor) else type(order).__name__}")
+    b, n = order.shape
+    check_order(order, b, n, adjacency.device, "adjacency")
+    n_pivots, k = check_int("n_pivots", n_pivots), check_int("k", k)
+    if not n_pivots <= k <= n:
+        raise ValueError(f"need 0 <= n_pivots <= k <= N, got n_pivots={n_pivots}, k={k}, N={n}")
+    c = n - n_pivots
+    if tuple(adjacency.shape) != (b, c, num_words(c)):
+        raise ValueError(f"adjacency must be [B, C, words] = [{b}, {c}, {num_words(c)}], "
+                         f"got {shape_str(adjacency)}")

@@ -22,10 +22,12 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
+import tempfile
 
 import torch
 
-from .checks import check_int, grid_dims
+from .checks import as_3d, check_int, grid_dims
 
 FORMAT = "d2pruner-positional-prior"
 VERSION = "1"
@@ -33,6 +35,60 @@ VERSION = "1"
 
 def _grid_str(grid: tuple[int, ...]) -> str:
     return ",".join(str(g) for g in grid)
+
+
+def write_temp(path, data: bytes) -> str:
+    """Writes `data` to a new temporary file in the folder of `path` (same file system, so
+    os.replace onto `path` is atomic) and returns its name; removed again on failure."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                               prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)  # mkstemp makes 0600; give the file the usual mode
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+_POSITIVE = re.compile(r"[1-9][0-9]{0,17}")  # decimal, no sign or spaces, < 10^18
+_INT = re.compile(r"-?(0|[1-9][0-9]{0,17})")
+
+
+def _check_header(path: str, meta: dict, names: list, dtype, shape) -> tuple:
+    """(grid, count, layer) from a prior file's metadata, checked against the header of its
+    tensor `mean` (dtype string, shape list) before anything is allocated."""
+    def bad(field: str, what: str, got) -> ValueError:
+        return ValueError(f"{path}: {field} {what}, got {got!r}")
+    if names != ["mean"]:
+        raise bad("tensors", "must be exactly one, 'mean' (a prior file holds nothing else)",
+                  names)
+    if "version" in meta and meta["version"] != VERSION:
+        raise bad("metadata version", f"must be {VERSION!r} (this version reads no other)",
+                  meta["version"])
+    raw = meta.get("grid")
+    parts = raw.split(",") if isinstance(raw, str) else []
+    if len(parts) not in (2, 3) or not all(_POSITIVE.fullmatch(p) for p in parts):
+        raise bad("metadata grid", "must be 2 or 3 positive ints 'H,W' or 'T,H,W'", raw)
+    grid = tuple(int(p) for p in parts)
+    if dtype != "F64" or len(shape) != 1:
+        raise bad("tensor mean", "must be float64 [N]", f"{dtype} {shape}")
+    if math.prod(grid) != shape[0]:
+        raise bad("metadata grid", f"must have as many cells as tensor mean has entries "
+                  f"({shape[0]})", raw)
+    raw = meta.get("count")
+    if not (isinstance(raw, str) and _POSITIVE.fullmatch(raw)):
+        raise bad("metadata count", "must be a positive int (the maps averaged; a saved "
+                  "prior has data)", raw)
+    count = int(raw)
+    raw = meta.get("layer", "")
+    if raw and not _INT.fullmatch(raw):
+        raise bad("metadata layer", "must be empty or an int", raw)
+    return grid, count, int(raw) if raw else None
 
 
 class PositionalPrior:
@@ -54,6 +110,7 @@ class PositionalPrior:
         self.count = 0
         self._mean = torch.zeros(self.n, dtype=torch.float64)
         self._device_copies: dict = {}  # as_tensor() results, dropped by update()
+        self._grid_copies: dict = {}  # for_grid() results, dropped by update()
 
     @property
     def n(self) -> int:
@@ -99,6 +156,7 @@ class PositionalPrior:
         total = self.count + nb
         self._mean += (maps.sum(dim=0) - nb * self._mean) / total
         self._device_copies.clear()
+        self._grid_copies.clear()
         self.count = total
         return self
 
@@ -127,9 +185,15 @@ class PositionalPrior:
         return self.mean.reshape(self.grid)
 
     def as_tensor(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The prior as prune() takes it: [N] on `device` in `dtype`, after `check()`."""
+        """The prior as prune() takes it: [N] on `device` in `dtype`, after `check()`. A new
+        tensor each call (yours to edit); prune() itself uses a cached device copy."""
+        return self._device_tensor(device, dtype).clone()
+
+    def _device_tensor(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The cached copy on `device` (one host-to-device copy per device and dtype, dropped
+        by update()), for prune(): never handed out, so nothing can edit it in place."""
         key = (str(torch.device(device)) if device is not None else "cpu", dtype)
-        if key not in self._device_copies:  # one host-to-device copy per device, not per call
+        if key not in self._device_copies:
             self._device_copies[key] = self.mean.to(device=device, dtype=dtype)
         return self._device_copies[key]
 
@@ -141,44 +205,59 @@ class PositionalPrior:
                 "layer": "" if self.layer is None else str(self.layer), "query": self.query,
                 "transforms": self.transforms}
 
-    def save(self, path) -> None:
-        """Writes a safetensors file (tensor `mean`, float64 [N], and string metadata)."""
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        """The safetensors file `save` writes, as bytes (after `check()`)."""
+        from safetensors.torch import save
         self.check()
-        save_file({"mean": self._mean.contiguous()}, os.fspath(path), metadata=self.metadata())
+        return save({"mean": self._mean.contiguous()}, metadata=self.metadata())
+
+    def save(self, path) -> None:
+        """Writes a safetensors file (tensor `mean`, float64 [N], and string metadata),
+        atomically: a temporary file beside `path`, then os.replace (no partial file)."""
+        data = self.to_bytes()
+        os.replace(write_temp(path, data), os.fspath(path))
 
     @classmethod
     def load(cls, path, expected_grid=None) -> "PositionalPrior":
         """Reads a file written by `save`; refuses anything else, and a grid other than
-        `expected_grid` when given. Never executes code from the file."""
+        `expected_grid` when given. Never executes code from the file.
+
+        The metadata is checked against the stored tensor's header before anything is
+        allocated: grid 2 or 3 positive ints whose product is the length of `mean`
+        (float64, 1-D, the file's only tensor), count a positive int, layer empty or an
+        int. Every malformed file raises ValueError naming the path and the field."""
         from safetensors import safe_open
         path = os.fspath(path)
         want = None if expected_grid is None else grid_dims("expected_grid", expected_grid)
-        try:
+        try:  # the header only: names, metadata, the tensor's dtype and shape
             with safe_open(path, framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
-                names = set(f.keys())
-                mean = f.get_tensor("mean") if "mean" in names else None
+                names = sorted(f.keys())
+                head = f.get_slice("mean") if "mean" in names else None
+                dtype, shape = (head.get_dtype(), list(head.get_shape())) if head else (None, None)
         except Exception as e:  # a pickle, a truncated file, anything that is not safetensors
             raise ValueError(f"{path} is not a safetensors positional prior: {e}") from e
-        if meta.get("format") != FORMAT or mean is None:
+        if meta.get("format") != FORMAT or head is None:
             raise ValueError(f"{path} is a safetensors file but not a positional prior "
-                             f"(metadata format={meta.get('format')!r}, tensors {sorted(names)})")
-        try:
-            grid = tuple(int(g) for g in meta["grid"].split(","))
-            count = int(meta["count"])
-            layer = int(meta["layer"]) if meta.get("layer") else None
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{path} has malformed prior metadata {meta!r}") from e
+                             f"(metadata format={meta.get('format')!r}, tensors {names})")
+        grid, count, layer = _check_header(path, meta, names, dtype, shape)
         if want is not None and grid != want:
             raise ValueError(f"{path} holds a prior for grid {grid}, expected grid {want}")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                mean = f.get_tensor("mean")
+        except Exception as e:
+            raise ValueError(f"{path}: tensor mean cannot be read: {e}") from e
+        if mean.dtype != torch.float64 or tuple(mean.shape) != (math.prod(grid),):
+            raise ValueError(f"{path}: tensor mean must be float64 [{math.prod(grid)}] for grid "
+                             f"{grid}, got {mean.dtype} {list(mean.shape)}")
         prior = cls(grid, model=meta.get("model", ""), layer=layer, query=meta.get("query", ""))
-        if tuple(mean.shape) != (prior.n,) or mean.dtype != torch.float64:
-            raise ValueError(f"{path}: tensor mean must be float64 [{prior.n}] for grid {grid}, "
-                             f"got {mean.dtype} {list(mean.shape)}")
         prior._mean, prior.count = mean.clone(), count
         prior.transforms = meta.get("transforms", "")
-        prior.check()
+        try:
+            prior.check()
+        except ValueError as e:
+            raise ValueError(f"{path}: tensor mean: {e}") from e
         return prior
 
     # -- transforms (our extension; the paper calibrates on the model's own grid) ---------
@@ -215,6 +294,22 @@ class PositionalPrior:
         out = torch.nn.functional.interpolate(frames, size=new[-2:], mode="bilinear",
                                               align_corners=False)
         return self._derived(new, out, f"resized {_grid_str(self.grid)}->{_grid_str(new)}")
+
+    def for_grid(self, grid) -> "PositionalPrior":
+        """The prior for an image on `grid` (what prune_varlen uses): this prior if it was
+        calibrated for that grid; else `resized` to it (a 2-D prior for a (T, H, W) grid:
+        resized to (H, W), then `per_frame(T)`), cached until the next update(). Our
+        extension: prefer a prior calibrated on the grid you prune (docs/spec.md)."""
+        grid = grid_dims("grid", grid)
+        if as_3d(grid) == as_3d(self.grid):
+            return self
+        if grid not in self._grid_copies:
+            if len(self.grid) == 2 and len(grid) == 3:
+                frame = self if grid[1:] == self.grid else self.resized(grid[1:])
+                self._grid_copies[grid] = frame.per_frame(grid[0])
+            else:
+                self._grid_copies[grid] = self.resized(grid)
+        return self._grid_copies[grid]
 
     def tiled(self, n_tiles: int, thumbnail: bool = True) -> "PositionalPrior":
         """InternVL-style dynamic tiling: the same per-tile map for each of `n_tiles` tiles,

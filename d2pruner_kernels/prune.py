@@ -15,7 +15,8 @@ from typing import List, Optional
 import torch
 
 from . import dispatch
-from .checks import as_3d, check_backend, check_float, check_prune_inputs, pivot_count, resolve_k
+from .checks import (as_3d, check_backend, check_bool, check_float, check_prune_inputs,
+                     pivot_count, resolve_k)
 from .params import DEFAULTS, GraphParams
 from .prior import PositionalPrior
 
@@ -36,8 +37,7 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
     Returns [B, k] (or [k]) on the input's device.
     """
     check_backend(backend)
-    if not isinstance(check_finite, bool):
-        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    check_finite = check_bool("check_finite", check_finite)
     if check_finite and torch.compiler.is_compiling():
         raise ValueError("check_finite=True reads values (a device sync): not supported under "
                          "torch.compile; check the inputs outside the compiled region")
@@ -51,7 +51,7 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
         if as_3d(prior_obj.grid) != grid:
             raise ValueError(f"prior is calibrated for grid {tuple(prior_obj.grid)}, "
                              f"got grid_hw {tuple(grid_hw)}")
-        prior = prior_obj.as_tensor(device=tokens.device)
+        prior = prior_obj._device_tensor(device=tokens.device)  # cached, never handed out
     k = resolve_k(k, n)
     if not batched:
         tokens, attn = tokens.unsqueeze(0), attn.unsqueeze(0)

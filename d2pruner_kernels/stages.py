@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .checks import as_3d, check_backend
+from .checks import (check_backend, check_graph_inputs, check_mis_inputs, check_permutation)
 from .params import DEFAULTS, GraphParams
 
 
@@ -61,15 +61,37 @@ def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
                      spatial_weight: float = DEFAULTS.spatial_weight,
                      radius: int = DEFAULTS.radius, temporal_radius: int = DEFAULTS.temporal_radius,
                      backend: str = "auto") -> torch.Tensor:
-    """Step 4: packed int32 [B, C, words] adjacency of the candidates (see `layout`)."""
+    """Step 4: packed int32 [B, C, words] adjacency of the candidates (see `layout`).
+
+    tokens [B, N, D] float16/bfloat16/float32; order int64 [B, N], a permutation of the
+    tokens per image (as rank_order returns); 0 <= n_pivots <= N; grid of N cells.
+    A CPU order that is not a permutation raises ValueError (naming `order`) before any
+    work. A CUDA order is not read on the host (that would sync): the Triton kernel clamps
+    each token id into [0, N) (no access outside the buffers; the edges are then those of
+    the clamped ids), the reference's gather raises a device-side error."""
     check_backend(backend)
     params = GraphParams(sim_threshold, spatial_weight, radius, temporal_radius)
-    return dispatch.graph(tokens, order, n_pivots, as_3d(grid), params, backend)
+    grid3 = check_graph_inputs(tokens, order, n_pivots, grid)
+    if order.device.type == "cpu":
+        check_permutation(order)
+    return dispatch.graph(tokens, order, n_pivots, grid3, params, backend)
 
 
 def greedy_mis(adjacency: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
                backend: str = "auto") -> torch.Tensor:
     """Steps 5-7: pivots + greedy MIS picks + fill, ascending int64 [B, k].
-    `order` must be a permutation of the tokens per image (as rank_order returns)."""
+
+    adjacency: packed int32 [B, C, words], C = N - n_pivots; order int64 [B, N], a
+    permutation of the tokens per image (as rank_order returns); ints 0 <= n_pivots <= k
+    <= N (every backend raises ValueError otherwise). An order that is not a permutation
+    raises ValueError (naming `order`) before any work wherever its values can be read
+    without a device sync: CPU tensors, and the reference backend (which reads the graph on
+    the host anyway). On a GPU the CUDA kernel does not read it on the host: a token id
+    outside [0, N) is skipped, duplicates collapse, and the entries of kept[b] left over are
+    -1 (no access outside the buffers)."""
     check_backend(backend)
+    check_mis_inputs(adjacency, order, n_pivots, k)
+    if order.device.type == "cpu" or not dispatch.use_compiled_mis(backend, order.device,
+                                                                   order.shape[1]):
+        check_permutation(order)
     return dispatch.mis(adjacency, order, n_pivots, k, backend)

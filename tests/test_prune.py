@@ -156,10 +156,13 @@ def test_a_positional_prior_object_is_used_once_per_device():
     prior = PositionalPrior(GRID).update(torch.rand(3, 48, generator=torch.Generator().manual_seed(7)) + 0.2)
     out = prune(X, A, GRID, 10, prior=prior)
     assert torch.equal(out, prune(X, A, GRID, 10, prior=prior.as_tensor()))
-    assert prior.as_tensor() is prior.as_tensor()  # cached: no copy per call
-    cached = prior.as_tensor()
+    # prune() uses one cached copy per device (no copy per call); as_tensor() hands out a
+    # fresh tensor, so editing it cannot change the cached one (tests/test_memory_safety.py)
+    assert prior._device_tensor() is prior._device_tensor()
+    assert prior.as_tensor() is not prior._device_tensor()
+    cached = prior._device_tensor()
     prior.update(torch.rand(48) + 0.2)
-    assert prior.as_tensor() is not cached  # new data, new copy
+    assert prior._device_tensor() is not cached  # new data, new copy
     with pytest.raises(ValueError, match=r"prior is calibrated for grid \(6, 8\), got grid_hw \(8, 6\)"):
         prune(X, A, (8, 6), 10, prior=prior)
 

@@ -18,6 +18,13 @@ Two passes (timed on an H200, see the README):
      and their partial sums added by one torch sum: no atomics, the same bits every run.
 The span keys are read twice, the others once.
 
+Memory-safe for any values: row offsets are 64-bit (key row index x row stride may pass
+2^31 elements in a strided view), q_positions are clamped to [-1, L - 1] (INT32_MAX /
+INT64_MAX mean "all keys", no overflow in `max(pos) + 1`), and each probability's base-2
+exponent is capped at 0 (a probability is <= 1; a huge scale amplifies rounding past the
+float32 range otherwise). With a given lse the exponent is formed in natural units
+(scale * <q, k> - lse), then converted.
+
 The dot products run in the input dtype with float32 accumulation (`dot.exact_dot`: exact
 products, never tf32). Head dims that are
 not powers of two (80, 96) are padded to the next one with masked loads.
@@ -44,11 +51,22 @@ def _group_rows(m0, R, NQ, G, hk, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _load_tile(ptr, idx, idx_ok, stride_idx, offs_d, D, EVEN_D: tl.constexpr):
-    """[len(idx), BLOCK_D] rows of a head, zero-padded past D."""
-    ptrs = ptr + idx[:, None] * stride_idx + offs_d[None, :]
+    """[len(idx), BLOCK_D] rows of a head, zero-padded past D. Row offsets in 64 bits: a
+    strided view (a fused QKV buffer) can put idx * stride_idx past 2^31 elements."""
+    ptrs = ptr + idx.to(tl.int64)[:, None] * stride_idx + offs_d[None, :]
     if EVEN_D:
         return tl.load(ptrs, mask=idx_ok[:, None], other=0.0)
     return tl.load(ptrs, mask=idx_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _positions(pos_ptr, b, r, row_ok, sp_b, sp_r, L):
+    """q_positions of rows r of image b, clamped to [-1, L - 1] (any int32 / int64 value,
+    INT32_MAX or INT64_MAX included, means the same clamped: all keys up to it), so `+ 1`
+    never overflows; offsets in 64 bits. Rows past R read -1: they see nothing."""
+    pos = tl.load(pos_ptr + b.to(tl.int64) * sp_b + r.to(tl.int64) * sp_r, mask=row_ok,
+                  other=-1)
+    return tl.minimum(tl.maximum(pos, -1), L - 1)
 
 
 @triton.jit
@@ -77,8 +95,8 @@ def _lse_partials_kernel(
     lo = c * chunk
     hi = tl.minimum(lo + chunk, L)
     if HAS_POS:  # padding rows get -1: they see nothing and do not stretch the loop
-        pos = tl.load(pos_ptr + b * sp_b + r * sp_r, mask=row_ok, other=-1)
-        hi = tl.minimum(hi, tl.max(pos) + 1)
+        pos = _positions(pos_ptr, b, r, row_ok, sp_b, sp_r, L)
+        hi = tl.minimum(hi, tl.max(pos) + 1)  # pos <= L - 1: no overflow
 
     # Online log-sum-exp in base 2: mx is the running max, acc the sum of 2^(s - mx).
     mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -97,7 +115,7 @@ def _lse_partials_kernel(
         acc = acc * tl.exp2(mx - base) + tl.sum(tl.exp2(s - base[:, None]), axis=1)
         mx = mx_new
 
-    out = ((b * HQ + h) * NQ + r) * n_chunks + c
+    out = ((b.to(tl.int64) * HQ + h) * NQ + r) * n_chunks + c
     tl.store(m_ptr + out, mx, mask=row_ok)
     tl.store(l_ptr + out, acc, mask=row_ok)
 
@@ -105,7 +123,8 @@ def _lse_partials_kernel(
 @triton.jit
 def _span_probs_kernel(
         q_ptr, k_ptr, pos_ptr, lse_ptr, m_ptr, l_ptr, out_ptr,
-        span_start, n_span, D, NQ, G, R, HQ, HK, heads_per_prog, n_chunks, qk_scale2, inv_rows,
+        span_start, n_span, D, NQ, G, R, HQ, HK, heads_per_prog, n_chunks, scale, qk_scale2,
+        inv_rows,
         sq_b, sq_h, sq_r, sk_b, sk_h, sk_l, sp_b, sp_r,
         HAS_POS: tl.constexpr, HAS_LSE: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -131,9 +150,9 @@ def _span_probs_kernel(
         q_rows = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + r.to(tl.int64) * sq_r
         q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
                     mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        row = (b * HQ + h) * NQ + r
-        if HAS_LSE:
-            lse2 = tl.load(lse_ptr + row, mask=row_ok, other=0.0) * LOG2E
+        row = (b.to(tl.int64) * HQ + h) * NQ + r
+        if HAS_LSE:  # natural log, as given
+            lse_n = tl.load(lse_ptr + row, mask=row_ok, other=0.0)
         else:
             # Merge the chunks: lse2 = M + log2(sum_c l_c 2^(m_c - M)), M = max_c m_c.
             part = row[:, None] * n_chunks + offs_c[None, :]
@@ -144,12 +163,18 @@ def _span_probs_kernel(
             big = tl.where(big == float("-inf"), 0.0, big)
             tot = tl.sum(lc * tl.exp2(mc - big[:, None]), axis=1)
             lse2 = big + tl.log2(tl.where(tot > 0, tot, 1.0))  # tot = 0: row sees nothing
-        s = _logits2(q, kt, qk_scale2, UPCAST)
         seen = row_ok[:, None] & col_ok[None, :]
         if HAS_POS:
-            pos = tl.load(pos_ptr + b * sp_b + r * sp_r, mask=row_ok, other=-1)
+            pos = _positions(pos_ptr, b, r, row_ok, sp_b, sp_r, span_start + n_span)
             seen = seen & (keys[None, :] <= pos[:, None])
-        p = tl.where(seen, tl.exp2(s - lse2[:, None]), 0.0)
+        if HAS_LSE:  # the difference in natural units, then base 2: FlashAttention's lse
+            # comes from scale * dot, so a large scale does not amplify rounding here
+            e2 = (exact_dot(q, kt, None, UPCAST) * scale - lse_n[:, None]) * LOG2E
+        else:
+            e2 = _logits2(q, kt, qk_scale2, UPCAST) - lse2[:, None]
+        # A probability is <= 1: e2 <= 0 up to rounding, which a huge scale (1e8) can
+        # amplify past 128 (2^128 = inf in float32); the exponent is capped at 0.
+        p = tl.where(seen, tl.exp2(tl.minimum(e2, 0.0)), 0.0)
         total += tl.sum(p, axis=0)
     # out is [B, n_groups, n_span]; with one group it is the result itself.
     out = out_ptr + (b * tl.num_programs(2) + group).to(tl.int64) * n_span + cols
@@ -231,6 +256,6 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
     with launch_device(q.device):
         _span_probs_kernel[(span_blocks, b, groups)](
             q, k, pos, lse_arg, part_m, part_l, out, start, n_span, d, nq, g, rows, hq, hk,
-            heads_per_prog, n_chunks, qk_scale2, 1.0 / (hq * nq), *strides,
+            heads_per_prog, n_chunks, float(scale), qk_scale2, 1.0 / (hq * nq), *strides,
             HAS_LSE=lse is not None, BLOCK_C=block_c, BLOCK_N=block_ns, **flags, **cfg)
     return out[:, 0] if groups == 1 else out.sum(dim=1)  # a fixed order: deterministic

@@ -39,7 +39,7 @@ def _bit_or(a, b):
 @triton.jit
 def _similarity_graph_kernel(
         x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, ws_ptr,
-        C, row_end, D, n_pivots, row_block_start, k_chunk, n_tiles,
+        N, C, row_end, D, n_pivots, row_block_start, k_chunk, n_tiles,
         stride_xb, stride_xn, stride_nb, stride_ob, n_words, grid_h, grid_w, radius,
         temporal_radius, cos_weight, spatial_weight, sim_threshold,
         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -68,9 +68,13 @@ def _similarity_graph_kernel(
     cols = col_block * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < row_end  # row_end <= C: the rows asked for
     col_ok = cols < C
-    # Token ids of the candidates in rank order; their feature rows are gathered.
+    # Token ids of the candidates in rank order; their feature rows are gathered. The ids
+    # are clamped into [0, N): whatever `order` holds (it is not checked on a GPU), every
+    # gather stays inside tokens and norms.
     ti = tl.load(order_ptr + b * stride_ob + n_pivots + rows, mask=row_ok, other=0)
     tj = tl.load(order_ptr + b * stride_ob + n_pivots + cols, mask=col_ok, other=0)
+    ti = tl.minimum(tl.maximum(ti, 0), N - 1).to(tl.int32)  # now < N: 32 bits suffice
+    tj = tl.minimum(tl.maximum(tj, 0), N - 1).to(tl.int32)
     # This tile's float32 partials in the workspace [B, SPLITS, n_tiles, BLOCK, BLOCK]
     # (offsets in 64 bits: b is int64).
     tile = row_block * (row_block + 1) // 2 + col_block
@@ -83,8 +87,8 @@ def _similarity_graph_kernel(
             acc += tl.load(ws_ptr + slot * (BLOCK * BLOCK) + in_tile)
     else:
         offs_k = tl.arange(0, BLOCK_K)
-        xi = x_ptr + b * stride_xb + ti[:, None] * stride_xn + offs_k[None, :]
-        xj = x_ptr + b * stride_xb + tj[:, None] * stride_xn + offs_k[None, :]
+        xi = x_ptr + b * stride_xb + ti.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
+        xj = x_ptr + b * stride_xb + tj.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
         acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         for s in range(split, split + 1 if PHASE == 1 else SPLITS):
             k_lo = s * k_chunk  # k_chunk: a multiple of BLOCK_K
@@ -114,8 +118,8 @@ def _similarity_graph_kernel(
     cos = acc / ni[:, None] / nj[None, :]
     if SPATIAL:
         hw = grid_h * grid_w
-        ti32 = ti.to(tl.int32)  # token ids < N: the grid arithmetic in 32 bits
-        tj32 = tj.to(tl.int32)
+        ti32 = ti  # token ids in [0, N), int32: the grid arithmetic in 32 bits
+        tj32 = tj
         dy = tl.abs((ti32 // grid_w % grid_h)[:, None] - (tj32 // grid_w % grid_h)[None, :])
         dx = tl.abs((ti32 % grid_w)[:, None] - (tj32 % grid_w)[None, :])
         dt = tl.abs((ti32 // hw)[:, None] - (tj32 // hw)[None, :])
@@ -172,6 +176,9 @@ class GraphRows:
     def __init__(self, tokens, order, n_pivots: int, grid, params: GraphParams = DEFAULTS,
                  config=None, norms=None):
         b, n, d = tokens.shape
+        if tuple(order.shape) != (b, n) or not 0 <= n_pivots <= n:  # the kernel's bounds
+            raise ValueError(f"order must be [B, N] = [{b}, {n}] and 0 <= n_pivots <= N, got "
+                             f"order {list(order.shape)}, n_pivots={n_pivots}")
         self.x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
         self.order = order if order.stride(-1) == 1 else order.contiguous()
         # float32 |x_n|, from the rank launch when prune() made it, else one pass here
@@ -223,7 +230,7 @@ class GraphRows:
                                   dtype=torch.float32, device=x.device)
         args = (x, self.norms, self.order, adj, adj if skip is None else skip,
                 self.ws if split else adj,
-                self.c, end, x.shape[2], self.n_pivots, first, self.k_chunk, self.n_tiles,
+                x.shape[1], self.c, end, x.shape[2], self.n_pivots, first, self.k_chunk, self.n_tiles,
                 x.stride(0), x.stride(1), self.norms.stride(0), self.order.stride(0),
                 adj.shape[2], grid[1], grid[2], p.radius, p.temporal_radius, p.cos_weight,
                 p.spatial_weight, p.sim_threshold)
@@ -240,7 +247,11 @@ class GraphRows:
 def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
                      grid: tuple[int, int, int], params: GraphParams = DEFAULTS,
                      config: dict | None = None) -> torch.Tensor:
-    """tokens [B, N, D] (fp16/bf16/fp32), order int64 [B, N] -> packed int32 [B, C, words]."""
+    """tokens [B, N, D] (fp16/bf16/fp32), order int64 [B, N] -> packed int32 [B, C, words].
+
+    Memory-safe for any values of `order`: token ids are clamped into [0, N) in the kernel
+    (an id out of range then reads the clamped token's row). The public stage
+    (`stages.similarity_graph`) refuses a CPU order that is not a permutation."""
     g = GraphRows(tokens, order, n_pivots, grid, params, config)
     g.rows(0, g.c)
     return g.adj

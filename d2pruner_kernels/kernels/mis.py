@@ -2,7 +2,7 @@
 csrc/ (the CUDA kernel, the CPU walk and the CPU twin of the CUDA kernel).
 
 Python checks device, dtype, contiguity and shapes here, before the raw pointers cross into
-C++ (which checks its scalar arguments again).
+C++ (which checks its scalar arguments again, and the values of a CPU `order`).
 """
 from __future__ import annotations
 
@@ -61,6 +61,12 @@ def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
     else done[b] = 0 and its row of `kept` is left alone; images with skip[b] != 0 are not
     touched at all. skip / done: int32 [B] on the same device, possibly one tensor (an
     image's skip is read before its done is written).
+
+    `order` must be a permutation of 0..N-1 per image. CPU tensors: the C++ side checks
+    every image not skipped before any work (O(B N), small next to the walk) and raises
+    ValueError naming `order`. CUDA tensors are not read on the host (no sync): the kernel
+    skips token ids outside [0, N) (duplicates collapse) and writes -1 in the entries of
+    kept[b] it cannot fill, so no access leaves a buffer and the output is defined.
     """
     if _C is None:
         raise RuntimeError("d2pruner_kernels._C is not built; use backend='reference'")

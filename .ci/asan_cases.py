@@ -1,0 +1,79 @@
+"""Run by .ci/asan.sh against an AddressSanitizer build of d2pruner_kernels._C (CPU sources
+only): the reproducers of the "memory-safe on any input" issue for the compiled MIS (orders
+that are not permutations: zeros, ids >= N, negative ids, 10**12), each of which must raise
+a ValueError naming `order`, then valid graphs through every CPU entry point (the walk, the
+twin of the CUDA rounds with lazy row ranges, skip and done, the graph-free window walk), so
+ASAN also watches the paths that do work. ASAN aborts the process on the first bad access;
+a wrong answer or a missing error exits 1."""
+import sys
+
+import torch
+
+from d2pruner_kernels import _C, layout, reference
+from d2pruner_kernels.kernels import cpu_walk, mis
+from d2pruner_kernels.params import GraphParams
+
+failures = []
+
+
+def expect_order_error(adj, order, n_p, k, method, **kw):
+    try:
+        mis.greedy_mis(adj, order, n_p, k, method=method, **kw)
+    except ValueError as e:
+        if "order" not in str(e):
+            failures.append(f"{method} {order.tolist()}: ValueError without 'order': {e}")
+        return
+    failures.append(f"{method} {order.tolist()}: no error for an order that is not a permutation")
+
+
+# Item 1's reproducers: adj [1, 6, 1] (N = 8 tokens, 2 pivots), k = 5.
+adj = torch.zeros(1, 6, 1, dtype=torch.int32)
+bad_orders = [torch.zeros(1, 8, dtype=torch.int64),
+              torch.tensor([[8, 9, 10, 11, 12, 13, 14, 15]]),
+              torch.tensor([[-1, -100000, 2, 3, 4, 5, 6, 7]]),
+              torch.tensor([[10**12, 1, 2, 3, 4, 5, 6, 7]]),
+              torch.tensor([[0, 1, 2, 3, 4, 5, 6, 2**62]]),
+              torch.tensor([[0, 1, 2, 3, 4, 5, 7, 7]])]
+for order in bad_orders:
+    for method in ("walk", "rounds"):
+        expect_order_error(adj, order, 2, 5, method)
+    done = torch.zeros(1, dtype=torch.int32)
+    expect_order_error(adj, order, 2, 5, "rounds", rows_ready=3, done=done)
+# A bad order in an image that is skipped is never read; a bad one beside a good one raises.
+good = torch.arange(8)[None]
+two = torch.cat([good, bad_orders[2]])
+expect_order_error(torch.zeros(2, 6, 1, dtype=torch.int32), two, 2, 5, "walk")
+skip = torch.tensor([0, 1], dtype=torch.int32)
+mis.greedy_mis(torch.zeros(2, 6, 1, dtype=torch.int32), two, 2, 5, method="rounds", skip=skip)
+
+# Valid inputs through every CPU entry point, odd sizes across the 1024-candidate window.
+g = torch.Generator().manual_seed(0)
+for c, p, n_p, k in [(37, 0.2, 3, 20), (1100, 0.01, 5, 400), (70, 0.5, 0, 70), (33, 0.0, 1, 1)]:
+    e = torch.rand(2, c, c, generator=g) < p
+    e = (e | e.transpose(1, 2)) & ~torch.eye(c, dtype=torch.bool)
+    order = torch.stack([torch.randperm(c + n_p, generator=g) for _ in range(2)])
+    a = layout.pack_lower(e)
+    want = reference.greedy_mis(a, order, n_p, k)
+    for method in ("walk", "rounds"):
+        if not torch.equal(mis.greedy_mis(a, order, n_p, k, method=method), want):
+            failures.append(f"{method} C={c}: wrong answer")
+    done = torch.empty(2, dtype=torch.int32)
+    kept = mis.greedy_mis(a, order, n_p, k, method="rounds", rows_ready=c // 2, done=done)
+    mis.greedy_mis(a, order, n_p, k, method="rounds", skip=done, done=done, kept=kept)
+    if not torch.equal(kept, want):
+        failures.append(f"lazy rounds C={c}: wrong answer")
+
+if cpu_walk.available():  # the graph-free walk's C++ window resolver
+    x = torch.randn(2, 96, 16, generator=g)
+    order = torch.stack([torch.randperm(96, generator=g) for _ in range(2)])
+    params = GraphParams(sim_threshold=0.3, spatial_weight=0.5, radius=2**70)
+    got = cpu_walk.select(x, order, 10, 40, (1, 8, 12), params)
+    graph = reference.similarity_graph(x, order, 10, (1, 8, 12), params)
+    if not torch.equal(got, reference.greedy_mis(graph, order, 10, 40)):
+        failures.append("cpu_walk.select: wrong answer")
+
+print(f"asan_cases.py: _C from {_C.__file__}")
+if failures:
+    print("\n".join(failures))
+    sys.exit(1)
+print("asan_cases.py: every case raised or answered right, no ASAN report")
