@@ -142,6 +142,29 @@ def select(tokens, attn, prior, grid, k: int, n_pivots: int, params: GraphParams
     return mis(graph(tokens, order, n_pivots, grid, params, backend), order, n_pivots, k, backend)
 
 
+def select_varlen(tokens, attn, images, grids, ks, n_pivots, priors, params: GraphParams,
+                  eps: float, backend: str) -> torch.Tensor:
+    """Steps 1-7 for each image of a packed batch (prune_varlen): int64 [sum k_b], positions
+    into the packed tokens. images: (start, end) per image; grids (T, H, W); ks, n_pivots,
+    priors ([N_b] or None) per image. Equal images run as one [B, N, D] batch."""
+    b = len(images)
+    uniform = len(set(grids)) == 1 and len(set(ks)) == 1
+    if uniform and b > 1:
+        n = images[0][1] - images[0][0]
+        x = tokens.reshape(b, n, tokens.shape[-1])              # a view: segments are back to back
+        a = attn.reshape(b, n) if attn.dim() == 1 else attn.reshape(-1, b, n).transpose(0, 1)
+        p = None if priors[0] is None else torch.stack(priors)  # [B, N]: B small vectors
+        kept = select(x, a, p, grids[0], ks[0], n_pivots[0], params, eps, backend)
+        starts = torch.arange(0, b * n, n, device=kept.device)
+        return (kept + starts[:, None]).flatten()
+    out = []
+    for (s, e), grid, k_b, np_b, p in zip(images, grids, ks, n_pivots, priors):
+        a = attn[..., s:e].unsqueeze(0)
+        out.append(select(tokens[s:e].unsqueeze(0), a, None if p is None else p.unsqueeze(0),
+                          grid, k_b, np_b, params, eps, backend)[0] + s)
+    return torch.cat(out)
+
+
 def attention(q, k, key_span, scale: float, lse, q_positions, backend: str) -> torch.Tensor:
     """attention_scores: float32 [B, end - start]."""
     if use_triton(backend, q.device):

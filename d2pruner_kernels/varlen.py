@@ -1,0 +1,168 @@
+"""prune_varlen(): images of different sizes and budgets in one call, packed the way
+serving engines and Qwen-VL's vision tower hold them (flash-attention's `cu_seqlens`).
+
+    keep, cu_keep = prune_varlen(tokens, attn, cu_seqlens, grids, k, prior=None, **options)
+    tokens[keep]          the pruned packed batch
+    cu_keep               its cu_seqlens
+
+Contract (docs/spec.md, section "Ragged batches"): for every image b, with
+s, e = cu_seqlens[b], cu_seqlens[b + 1],
+
+    keep[cu_keep[b]:cu_keep[b + 1]] == prune(tokens[s:e], attn[..., s:e], grids[b], k_b,
+                                             prior=prior_b, **options) + s
+
+exactly, on every backend. Every misuse raises before any work, naming the image.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import dispatch
+from .checks import (as_3d, check_backend, check_bool, check_float, check_prune_inputs, check_tensor,
+                     grid_dims, pivot_count, resolve_k, shape_str)
+from .params import DEFAULTS, GraphParams
+from .prior import PositionalPrior
+
+INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _grid_list(grids) -> list[tuple[int, ...]]:
+    """A list of B grids (H, W) / (T, H, W), or an int tensor [B, 2] / [B, 3]."""
+    if isinstance(grids, torch.Tensor):
+        if grids.dtype not in INT_DTYPES or grids.dim() != 2 or grids.shape[1] not in (2, 3):
+            raise ValueError(f"grids as a tensor must be int32/int64 [B, 2] or [B, 3], got "
+                             f"{grids.dtype} {shape_str(grids)}")
+        grids = grids.tolist()  # a small host copy (a sync if it lives on a GPU)
+    if not isinstance(grids, (list, tuple)) or len(grids) == 0:
+        raise TypeError(f"grids must be a non-empty list of (H, W) / (T, H, W) grids or an int "
+                        f"tensor [B, 2] / [B, 3], got {grids!r}")
+    return [grid_dims(f"grids[{i}]", g) for i, g in enumerate(grids)]
+
+
+def _budgets(k, lengths: list[int]) -> list[int]:
+    """k: one int / ratio for every image, or a list / int tensor of B budgets."""
+    b = len(lengths)
+    if isinstance(k, torch.Tensor):
+        if k.dtype not in INT_DTYPES or tuple(k.shape) != (b,):
+            raise ValueError(f"k as a tensor must be int32/int64 [B] = [{b}], got "
+                             f"{k.dtype} {shape_str(k)}")
+        k = k.tolist()
+    if isinstance(k, (list, tuple)):
+        if len(k) != b:
+            raise ValueError(f"k must have one budget per image ({b}), got {len(k)}")
+        return [_one_budget(f"k[{i}]", kb, n, i) for i, (kb, n) in enumerate(zip(k, lengths))]
+    return [_one_budget("k", k, n, i) for i, n in enumerate(lengths)]
+
+
+def _one_budget(name: str, k, n: int, image: int) -> int:
+    try:
+        return resolve_k(k, n)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"image {image}: {name}: {e}") from None
+
+
+def _check_offsets(cu_seqlens, total: int, grids, lengths: list[int],
+                   check_values: bool) -> list[int]:
+    """cu_seqlens int32/int64 [B + 1] against the grids. Returns the offsets (host ints).
+    A CUDA tensor is not read (that would sync): the grids define the segments, and
+    cu_seqlens must agree with them (checked with check_finite=True)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got "
+                        f"{type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in INT_DTYPES:
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    b = len(lengths)
+    if tuple(cu_seqlens.shape) != (b + 1,):
+        raise ValueError(f"cu_seqlens must be [B + 1] = [{b + 1}] for {b} grids, got shape "
+                         f"{shape_str(cu_seqlens)}")
+    want = [0]
+    for n in lengths:
+        want.append(want[-1] + n)
+    if cu_seqlens.device.type == "cpu" or check_values:
+        _compare_offsets(cu_seqlens.tolist(), want, grids)
+    if want[-1] != total:
+        raise ValueError(f"the grids hold {want[-1]} tokens in all but tokens has {total}")
+    return want
+
+
+def _compare_offsets(cu: list[int], want: list[int], grids) -> None:
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens[0] must be 0, got {cu[0]}")
+    for i in range(len(grids)):
+        seg = cu[i + 1] - cu[i]
+        if seg < 0:
+            raise ValueError(f"cu_seqlens must be non-decreasing: cu_seqlens[{i + 1}]="
+                             f"{cu[i + 1]} < cu_seqlens[{i}]={cu[i]}")
+        if seg == 0:
+            raise ValueError(f"image {i} is empty: cu_seqlens[{i}] = cu_seqlens[{i + 1}] = {cu[i]}")
+        if seg != want[i + 1] - want[i]:
+            raise ValueError(f"image {i}: grid {grids[i]} has {want[i + 1] - want[i]} cells but "
+                             f"its segment cu_seqlens[{i}:{i + 2}] = ({cu[i]}, {cu[i + 1]}) "
+                             f"holds {seg} tokens")
+
+
+def _priors(prior, grids, offsets, total: int, device) -> list:
+    """The prior of each image: None, a slice of a packed [total] tensor, or a
+    PositionalPrior resized to the image's grid (PositionalPrior.for_grid caches it)."""
+    if prior is None:
+        return [None] * len(grids)
+    if isinstance(prior, PositionalPrior):
+        return [prior.for_grid(g)._device_tensor(device=device) for g in grids]  # cached
+    check_tensor("prior", prior, (1,))
+    if prior.shape[0] != total:
+        raise ValueError(f"prior must be packed like tokens: [total] = [{total}], got "
+                         f"{shape_str(prior)}")
+    return [prior[s:e] for s, e in zip(offsets, offsets[1:])]
+
+
+def prune_varlen(tokens: torch.Tensor, attn: torch.Tensor, cu_seqlens: torch.Tensor, grids, k,
+                 *, prior=None, pivot_ratio: float = 0.7,
+                 sim_threshold: float = DEFAULTS.sim_threshold,
+                 spatial_weight: float = DEFAULTS.spatial_weight, radius: int = DEFAULTS.radius,
+                 temporal_radius: int = DEFAULTS.temporal_radius, eps: float = 1e-7,
+                 check_finite: bool = False, backend: str = "auto"):
+    """D2Pruner on a packed ragged batch. Returns (keep, cu_keep).
+
+    tokens: [total, D] packed features (fp16 / bf16 / fp32).
+    attn:   [total] or [H, total], packed the same way.
+    cu_seqlens: int32 / int64 [B + 1], 0, non-decreasing, last = total (host or device).
+    grids:  a list of B grids (H, W) / (T, H, W), each with the product of its segment's
+            length, or an int tensor [B, 2] / [B, 3].
+    k:      an int or a ratio for every image, or a list / int tensor of B budgets.
+    prior:  None, a packed [total] tensor, or a PositionalPrior (resized to each grid).
+    Returns keep int64 [sum k_b], positions into the packed tokens, ascending within each
+    image, images in order; cu_keep [B + 1], the dtype and device of cu_seqlens.
+    """
+    check_backend(backend)
+    check_finite = check_bool("check_finite", check_finite)
+    check_tensor("tokens", tokens, (2,))
+    check_tensor("attn", attn, (1, 2))
+    total = tokens.shape[0]
+    if attn.shape[-1] != total:
+        raise ValueError(f"attn has {attn.shape[-1]} packed tokens but tokens has {total}")
+    grids = _grid_list(grids)
+    lengths = [math.prod(g) for g in grids]
+    offsets = _check_offsets(cu_seqlens, total, grids, lengths, check_finite)
+    ks = _budgets(k, lengths)
+    pivot_ratio = check_float("pivot_ratio", pivot_ratio, 0.0, 1.0)
+    params = GraphParams(sim_threshold, spatial_weight, radius, temporal_radius)
+    eps = check_float("eps", eps, 0.0, float("inf"))
+    priors = _priors(prior, grids, offsets, total, tokens.device)
+    images = []
+    for i, (s, e) in enumerate(zip(offsets, offsets[1:])):
+        try:  # each image as prune() would see it: metadata checks (values under check_finite)
+            check_prune_inputs(tokens[s:e], attn[..., s:e], grids[i], priors[i], check_finite)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"image {i}: {err}") from None
+        images.append((s, e))
+
+    # all checks done: the work (dispatch.select_varlen decides how it runs)
+    n_pivots = [pivot_count(pivot_ratio, kb) for kb in ks]
+    keep = dispatch.select_varlen(tokens, attn, images, [as_3d(g) for g in grids], ks, n_pivots,
+                                  priors, params, eps, backend)
+    cu_keep = [0]
+    for kb in ks:
+        cu_keep.append(cu_keep[-1] + kb)
+    return keep, torch.tensor(cu_keep, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
