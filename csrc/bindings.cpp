@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "mis.h"
+#include "walk_cpu.h"
 
 namespace py = pybind11;
 
@@ -43,6 +44,24 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     d2p::mis_rounds_cpu(a);
   }, "CPU twin of the CUDA kernel (same windows, rounds and rules).");
+  m.def("walk_window_cpu", [](uintptr_t cos, uintptr_t rows, uintptr_t pos, uintptr_t order,
+                              uintptr_t image, uintptr_t members, uintptr_t coords,
+                              uintptr_t count, uintptr_t taken, int batch, int active,
+                              int survivors, int dim, int n_tokens, int n_pivots, int m,
+                              int grid_t, int grid_h, int grid_w, int radius,
+                              int temporal_radius, float cos_weight, float spatial_weight,
+                              float threshold) {
+    const d2p::WalkWindowArgs a{
+        reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(rows),
+        reinterpret_cast<const int64_t*>(pos), reinterpret_cast<const int64_t*>(order),
+        reinterpret_cast<const int64_t*>(image), reinterpret_cast<float*>(members),
+        reinterpret_cast<int64_t*>(coords), reinterpret_cast<int64_t*>(count),
+        reinterpret_cast<uint8_t*>(taken), batch, active, survivors, dim, n_tokens, n_pivots,
+        m, grid_t, grid_h, grid_w, radius, temporal_radius, cos_weight, spatial_weight,
+        threshold};
+    py::gil_scoped_release nogil;
+    d2p::walk_window_cpu(a);  // validates the sizes and every index it reads
+  }, "One window of the graph-free CPU walk (kernels/cpu_walk.py).");
 #ifdef D2P_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("mis_rounds_cuda", [](MIS_PARAMS, int device, uintptr_t stream) {

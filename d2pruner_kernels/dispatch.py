@@ -7,7 +7,8 @@ then calls a function here; the kernel modules never import the reference.
     "kernels"    CPU*     Triton*          Triton*, lazy row ranges  C++ twin of the CUDA kernel
     "auto"       CUDA     as "kernels" (a stage falls back to the reference where its
                           kernel cannot run: no Triton, no CUDA build, N > MAX_CUDA_TOKENS)
-    "auto"       CPU      torch            dense torch               C++ sequential walk
+    "auto"       CPU      torch            never built: the windowed members-only walk
+                                           (kernels/cpu_walk.py + C++ resolver), steps 4-7
 
     * under the Triton interpreter (TRITON_INTERPRET=1 set before import): how CI runs the
       GPU path without a GPU. "kernels" raises where its kernels cannot run.
@@ -25,7 +26,7 @@ import torch
 
 from . import reference
 from .checks import check_backend
-from .kernels import interpreting
+from .kernels import cpu_walk, interpreting
 from .kernels import mis as mis_kernel
 from .params import GraphParams
 from .reference import attention as reference_attention
@@ -75,8 +76,17 @@ def use_compiled_mis(backend: str, device: torch.device, n_tokens: int) -> bool:
     return ok
 
 
+def use_cpu_walk(backend: str, device: torch.device) -> bool:
+    """Whether steps 4-7 run as the windowed members-only walk: 'auto' on a CPU with the
+    compiled extension (no candidate graph is built)."""
+    return backend == "auto" and device.type == "cpu" and cpu_walk.available()
+
+
 def describe(device: torch.device, n_tokens: int) -> str:
     """Which implementation each stage of prune(backend='auto') runs, in words."""
+    if use_cpu_walk("auto", device):
+        return ("scores and rank: torch reference, graph + MIS: the windowed members-only "
+                "walk (no graph built; C++ resolver)")
     tri = use_triton("auto", device)
     mis = use_compiled_mis("auto", device, n_tokens)
     compiled = "CUDA kernel" if device.type == "cuda" else "compiled C++ walk"
@@ -139,6 +149,8 @@ def select(tokens, attn, prior, grid, k: int, n_pivots: int, params: GraphParams
             order, norms = reference.rank_order(s), _triton("rank").rank_and_norms(None, tokens)[1]
         return _triton("lazy_graph").select(tokens, order, norms, n_pivots, k, grid, params)
     order = rank(s, backend)
+    if use_cpu_walk(backend, device):  # steps 4-7 without the graph
+        return cpu_walk.select(tokens, order, n_pivots, k, grid, params)
     return mis(graph(tokens, order, n_pivots, grid, params, backend), order, n_pivots, k, backend)
 
 

@@ -1,0 +1,306 @@
+"""The graph-free CPU walk (kernels/cpu_walk.py + csrc/walk_cpu.cpp) against the reference
+graph + greedy MIS, exactly, on inputs with no candidate pair inside the parity band."""
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from d2pruner_kernels import reference
+from d2pruner_kernels.checks import pivot_count
+from d2pruner_kernels.kernels import cpu_walk
+from d2pruner_kernels.params import GraphParams
+
+from helpers import clustered_tokens, distinct_attention, in_band
+
+pytestmark = pytest.mark.skipif(not cpu_walk.available(), reason="_C not built")
+
+
+def rank(b, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return reference.rank_order(reference.debiased_scores(distinct_attention(b, 3, n, generator=g)))
+
+
+def outside_band(tokens, order, n_p, grid, p):
+    return not in_band(tokens, order, n_p, grid, p.sim_threshold, p.spatial_weight, p.radius,
+                       p.temporal_radius).any()
+
+
+def want(tokens, order, n_p, k, grid, p):
+    return reference.greedy_mis(reference.similarity_graph(tokens, order, n_p, grid, p),
+                                order, n_p, k)
+
+
+def check(tokens, order, n_p, k, grid, p, stats=None):
+    """select == reference exactly (the input must be outside the parity band)."""
+    assert outside_band(tokens, order, n_p, grid, p), "test input inside the parity band"
+    got = cpu_walk.select(tokens, order, n_p, k, grid, p, stats=stats)
+    assert got.dtype == torch.int64 and got.shape == (tokens.shape[0], k)
+    assert torch.equal(got, want(tokens, order, n_p, k, grid, p))
+    return got
+
+
+def draw(b, grid, d, seed, dtype=torch.float32, clusters=6, noise=0.35):
+    """Band-free clustered tokens and a rank order, for the default graph parameters."""
+    n = math.prod(grid)
+    for i in range(50):
+        g = torch.Generator().manual_seed(1000 * seed + i)
+        x = clustered_tokens(b, n, d, clusters=clusters, noise=noise, dtype=dtype, generator=g)
+        yield x, rank(b, n, 1000 * seed + i)
+
+
+def band_free(b, grid, d, seed, p, n_p, dtype=torch.float32, **kw):
+    for x, order in draw(b, grid, d, seed, dtype, **kw):
+        if outside_band(x, order, n_p, grid, p):
+            return x, order
+    raise AssertionError("no band-free draw")
+
+
+SHAPES = [(1, (1, 8, 8), 16), (3, (1, 7, 9), 24), (1, (1, 24, 24), 64), (3, (1, 1, 37), 5),
+          (2, (1, 13, 11), 130)]
+
+
+@pytest.mark.parametrize("b,grid,d", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_matches_reference(b, grid, d, dtype, beta):
+    n = math.prod(grid)
+    p = GraphParams(spatial_weight=beta)
+    for k in sorted({1, max(1, n // 4), n // 2 + 1, n}):
+        for rho in (0.0, 0.7, 1.0):
+            n_p = pivot_count(rho, k)
+            x, order = band_free(b, grid, d, k, p, n_p, dtype)
+            check(x, order, n_p, k, grid, p)
+
+
+@pytest.mark.parametrize("grid", [(3, 5, 7), (4, 6, 6), (2, 1, 9)])
+@pytest.mark.parametrize("temporal_radius", [0, 1])
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_video_grids(grid, temporal_radius, beta):
+    p = GraphParams(spatial_weight=beta, temporal_radius=temporal_radius, radius=1)
+    n = math.prod(grid)
+    for k in (max(1, n // 5), n // 2):
+        n_p = pivot_count(0.5, k)
+        x, order = band_free(2, grid, 12, k, p, n_p)
+        check(x, order, n_p, k, grid, p)
+
+
+def test_many_windows_and_survivor_cap(monkeypatch):
+    """Tiny caps: every window holds one candidate / ends at its first survivor, and images
+    leave the batch at different windows."""
+    p = GraphParams(spatial_weight=0.5)
+    x, order = band_free(3, (1, 12, 12), 16, 7, p, 0)
+    expected = want(x, order, 0, 40, (1, 12, 12), p)
+    for caps in [dict(_WINDOW_FLOATS=1, _MIN_WINDOW=1), dict(_SURVIVOR_FLOATS=1, _MIN_SURVIVORS=1),
+                 dict(_WINDOW_FLOATS=1, _MIN_WINDOW=5, _SURVIVOR_FLOATS=1, _MIN_SURVIVORS=3)]:
+        with monkeypatch.context() as mp:
+            for name, v in caps.items():
+                mp.setattr(cpu_walk, name, v)
+            stats = {}
+            got = cpu_walk.select(x, order, 0, 40, (1, 12, 12), p, stats=stats)
+        assert torch.equal(got, expected), caps
+        assert stats["windows"] > 10
+
+
+def test_clique_then_distinct_truncates_window():
+    """A near-clique prefix of the rank order (one member, all else blocked: the next window
+    is huge), then distinct tokens (more survivors than the cap 2m + 64)."""
+    g = torch.Generator().manual_seed(3)
+    n, d, m = 600, 64, 40
+    order = rank(1, n, 3)
+    x = torch.randn(1, n, d, generator=g)
+    head = order[0, :150]
+    x[0, head] = torch.randn(d, generator=g) + 0.01 * torch.randn(150, d, generator=g)
+    p = GraphParams()
+    stats = {}
+    check(x, order, 0, m, (1, 20, 30), p, stats)
+    assert stats["members"] == [m] and stats["visited"] < n  # without the cap: all n
+
+
+def test_nan_zero_and_duplicate_rows():
+    p = GraphParams(spatial_weight=0.5, sim_threshold=0.7)
+    for seed in range(4):
+        x, order = next(draw(2, (1, 10, 10), 8, seed))
+        x[0, order[0, 3]] = float("nan")          # NaN: no edges, always taken when reached
+        x[0, order[0, 50], 2] = float("nan")
+        x[1, order[1, 5]] = 0.0                    # zero: cosine 0 with everything
+        x[1, order[1, 7]] = 0.0
+        x[0, order[0, 10:20]] = x[0, order[0, 9]].clone()  # exact duplicates (ties): edges
+        x[1, order[1, 30:40]] = 3.0 * x[1, order[1, 29]].clone()
+        if not outside_band(x, order, 5, (1, 10, 10), p):
+            continue
+        for k in (20, 60):
+            check(x, order, 5, k, (1, 10, 10), p)
+
+
+def test_all_nan_and_all_zero_rows():  # side cases, not the main inputs
+    order = rank(2, 30, 0)
+    for fill, p in [(float("nan"), GraphParams()), (0.0, GraphParams()),
+                    (0.0, GraphParams(sim_threshold=-0.5))]:
+        x = torch.full((2, 30, 4), fill)
+        for k in (2, 10, 30):
+            got = cpu_walk.select(x, order, 2, k, (1, 5, 6), p)
+            assert torch.equal(got, want(x, order, 2, k, (1, 5, 6), p))
+
+
+def test_near_clique_fills():
+    """All features nearly equal: the walk visits every candidate, takes one, fills the rest."""
+    g = torch.Generator().manual_seed(0)
+    b, n, d = 3, 400, 32
+    x = torch.randn(b, 1, d, generator=g) + 0.01 * torch.randn(b, n, d, generator=g)
+    order = rank(b, n, 0)
+    stats = {}
+    check(x, order, 14, 20, (1, 20, 20), GraphParams(), stats)
+    assert stats["members"] == [1] * b and stats["depth"] == [n - 14] * b
+    assert stats["windows"] <= 3  # windows grow at once when almost everything is blocked
+
+
+def test_stops_early():
+    """Distinct tokens: the walk stops at the m-th member, far before the last candidate."""
+    x, order = band_free(1, (1, 40, 40), 64, 0, GraphParams(), 50, clusters=400)
+    stats = {}
+    check(x, order, 50, 90, (1, 40, 40), GraphParams(), stats)
+    assert stats["members"] == [40] and stats["depth"][0] < 200 and stats["visited"] < 400
+
+
+def test_batch_equals_each_image():
+    """Images that finish at different windows (a near-clique, clustered, distinct)."""
+    g = torch.Generator().manual_seed(1)
+    n, d = 300, 16
+    x = torch.stack([torch.randn(1, d, generator=g) + 0.02 * torch.randn(n, d, generator=g),
+                     clustered_tokens(1, n, d, generator=g)[0],
+                     torch.randn(n, d, generator=g)])
+    order = rank(3, n, 1)
+    p = GraphParams()
+    assert outside_band(x, order, 10, (1, 15, 20), p)
+    got = check(x, order, 10, 60, (1, 15, 20), p)
+    for i in range(3):
+        one = cpu_walk.select(x[i:i + 1], order[i:i + 1], 10, 60, (1, 15, 20), p)
+        assert torch.equal(one, got[i:i + 1])
+
+
+def test_strided_inputs_unchanged():
+    p = GraphParams(spatial_weight=0.5)
+    x, order = band_free(2, (1, 9, 9), 20, 5, p, 4)
+    base = x.transpose(1, 2).contiguous().transpose(1, 2)   # [B, N, D] with D-stride N
+    strided_order = order.T.contiguous().T
+    before = (base.clone(), strided_order.clone())
+    got = cpu_walk.select(base, strided_order, 4, 30, (1, 9, 9), p)
+    assert torch.equal(got, want(x, order, 4, 30, (1, 9, 9), p))
+    assert torch.equal(base, before[0]) and torch.equal(strided_order, before[1])
+    assert not base.is_contiguous() and not strided_order.is_contiguous()
+
+
+def test_deterministic():
+    x, order = band_free(2, (1, 16, 16), 32, 2, GraphParams(), 20)
+    runs = [cpu_walk.select(x, order, 20, 60, (1, 16, 16), GraphParams()) for _ in range(3)]
+    assert all(torch.equal(r, runs[0]) for r in runs)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 3), t=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9),
+       d=st.sampled_from([1, 2, 7, 32]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       rho=st.sampled_from([0.0, 0.3, 0.7, 1.0]), k_frac=st.floats(0.0, 1.0),
+       beta=st.sampled_from([0.0, 0.3, 0.5, 1.0]), theta=st.sampled_from([0.8, 0.5, 0.95, -0.2]),
+       radius=st.integers(0, 3), tr=st.integers(0, 2), clusters=st.integers(1, 8),
+       seed=st.integers(0, 2**16))
+def test_random(b, t, h, w, d, dtype, rho, k_frac, beta, theta, radius, tr, clusters, seed):
+    grid = (t, h, w)
+    n = t * h * w
+    k = max(1, min(n, round(k_frac * n)))
+    n_p = pivot_count(rho, k)
+    p = GraphParams(sim_threshold=theta, spatial_weight=beta, radius=radius, temporal_radius=tr)
+    g = torch.Generator().manual_seed(seed)
+    x = clustered_tokens(b, n, d, clusters=clusters, dtype=dtype, generator=g)
+    order = rank(b, n, seed)
+    assume(outside_band(x, order, n_p, grid, p))
+    check(x, order, n_p, k, grid, p)
+
+
+def test_bad_arguments():
+    x, order = torch.randn(1, 12, 4), rank(1, 12, 0)
+    p = GraphParams()
+    with pytest.raises(ValueError, match="n_pivots"):
+        cpu_walk.select(x, order, 5, 4, (1, 3, 4), p)
+    with pytest.raises(ValueError, match="cells"):
+        cpu_walk.select(x, order, 1, 4, (1, 3, 5), p)
+    with pytest.raises(ValueError, match="order"):
+        cpu_walk.select(x, order.int(), 1, 4, (1, 3, 4), p)
+    with pytest.raises(ValueError, match="tokens"):
+        cpu_walk.select(x.double(), order, 1, 4, (1, 3, 4), p)
+    with pytest.raises(TypeError, match="GraphParams"):
+        cpu_walk.select(x, order, 1, 4, (1, 3, 4), None)
+    bad = order.clone()
+    bad[0, 7] = 12  # out of range: torch indexing or the C++ bounds check refuses it
+    with pytest.raises((IndexError, ValueError)):
+        cpu_walk.select(x, bad, 1, 4, (1, 3, 4), p)
+
+
+def test_cpp_bounds_checks():
+    """The C++ side refuses out-of-range indices and sizes itself (nothing written)."""
+    from d2pruner_kernels import _C
+    b, n, d, m, s = 1, 6, 2, 2, 2
+    cos, rows = torch.zeros(1, s, s), torch.ones(1, s, d)
+    order = torch.arange(n).unsqueeze(0)
+    image, count = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    members, coords = torch.zeros(1, m, d), torch.zeros(1, m, 3, dtype=torch.int64)
+    taken = torch.zeros(b, n, dtype=torch.uint8)
+
+    def call(pos, order=order, image=image, count=count, sizes=(b, 1, s, d, n, 0, m, 1, 2, 3)):
+        _C.walk_window_cpu(cos.data_ptr(), rows.data_ptr(), pos.data_ptr(), order.data_ptr(),
+                           image.data_ptr(), members.data_ptr(), coords.data_ptr(),
+                           count.data_ptr(), taken.data_ptr(), *sizes, 2, 1, 1.0, 0.0, 0.8)
+
+    ok = torch.tensor([[0, 1]])
+    for bad_pos in ([[0, 6]], [[-2, 0]]):
+        with pytest.raises(ValueError, match="position"):
+            call(torch.tensor(bad_pos))
+    with pytest.raises(ValueError, match="token id"):
+        call(ok, order=torch.tensor([[0, 99, 2, 3, 4, 5]]))
+    with pytest.raises(ValueError, match="image"):
+        call(ok, image=torch.tensor([1]))
+    with pytest.raises(ValueError, match="count"):
+        call(ok, count=torch.tensor([3]))
+    with pytest.raises(ValueError, match="sizes"):
+        call(ok, sizes=(b, 2, s, d, n, 0, m, 1, 2, 3))   # more active slots than images
+    with pytest.raises(ValueError, match="sizes"):
+        call(ok, sizes=(b, 1, s, d, n, 0, m, 1, 2, 4))   # grid of 8 cells for N = 6
+    assert not taken.any() and not count.any()
+    call(ok)  # both taken (cosine 0 < 0.8)
+    assert count.tolist() == [2] and taken[0, :2].tolist() == [1, 1]
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    from d2pruner_kernels.kernels import cpu_walk
+    from d2pruner_kernels.params import GraphParams
+    torch.manual_seed(0)
+    n, d, k = 16384, 1024, 2048
+    order = torch.randperm(n).unsqueeze(0)
+    distinct = torch.randn(1, n, d)
+    clique = torch.randn(1, n, d).mul_(0.01).add_(torch.randn(1, 1, d))  # no temporaries
+    grid = (1, 128, 128)
+    n_p = int(0.7 * k + 1e-6)
+    for x in (distinct, clique):  # warm up allocator and MKL buffers on a small input
+        cpu_walk.select(x[:, :1024], torch.arange(1024).unsqueeze(0), 70, 100, (1, 32, 32), GraphParams())
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for x in (distinct, clique):
+        stats = {}
+        cpu_walk.select(x, order, n_p, k, grid, GraphParams(), stats=stats)
+        print(stats["windows"], stats["members"][0], file=sys.stderr)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+""")
+
+
+def test_memory_never_quadratic():
+    """N = 16384, D = 1024: peak RSS growth stays far below the 1 GiB of a dense C x C
+    float32 matrix, on distinct tokens (one window) and on a near-clique (the walk reads all
+    candidates)."""
+    r = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    growth = int(r.stdout.split()[-1])
+    assert growth < 256 * 2**20, f"peak RSS grew by {growth / 2**20:.0f} MiB"
