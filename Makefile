@@ -12,15 +12,16 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # torch first, pinned (a bare torch would pull a multi-GB CUDA build), then the package with
-# the extra the target needs: `demo` (Pillow) for make demo, `test` for everything else.
-$(STAMP): $(BIN)/python pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+# the extras the target needs, torch held by constraints.txt: `demo` (Pillow) for make demo;
+# `test` and `hf` (transformers, for the integration's tests) for make test.
+$(STAMP): $(BIN)/python pyproject.toml setup.py CMakeLists.txt constraints.txt $(wildcard csrc/*)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,hf]' -c constraints.txt
 	touch $@ $(DEMO_STAMP)
 
-$(DEMO_STAMP): $(BIN)/python pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+$(DEMO_STAMP): $(BIN)/python pyproject.toml setup.py CMakeLists.txt constraints.txt $(wildcard csrc/*)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[demo]'
+	$(BIN)/python -m pip install -q -e '.[demo]' -c constraints.txt
 	touch $@
 
 demo: $(DEMO_STAMP)

@@ -1,0 +1,32 @@
+"""D2Pruner in a Hugging Face transformers 5.x model, in two lines.
+
+    from d2pruner_kernels import hf
+    pruner = hf.apply(model, k=64)                  # where="llm", layer=2
+    out = model.generate(**inputs, max_new_tokens=64)
+    pruner.remove()                                 # or: with hf.apply(model, 64) as pruner:
+
+Supported: LlavaForConditionalGeneration (LLaVA-1.5 style: one (H, W) patch grid per image),
+Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration (one (t, h, w) grid
+per image, any size). `where="llm"` prunes inside the language model at decoder layer
+`layer` (the paper's setting); `where="vision"` (LLaVA) prunes the projected image features
+so that the LLM gets a shorter prompt. `calibrate_prior` computes a model's positional
+prior from the same importance rows; `draw_kept` draws what was kept.
+
+Uses transformers' extension points only (AttentionInterface / AttentionMaskInterface and
+forward hooks with kwargs): no model code is copied or patched. Requires the `hf` extra:
+    pip install 'd2pruner_kernels[hf]'   (transformers >= 5.16.1, < 6)
+"""
+try:
+    import transformers as _transformers
+except ImportError as e:
+    raise ImportError("d2pruner_kernels.hf needs transformers 5.x: "
+                      "pip install 'd2pruner_kernels[hf]' (install torch first)") from e
+if int(_transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"d2pruner_kernels.hf needs transformers >= 5.16.1, < 6 (tested with "
+                      f"5.16.1, 5.19 and 5.24), found {_transformers.__version__}: "
+                      f"pip install 'd2pruner_kernels[hf]'")
+
+from ._pruner import Pruner, apply, calibrate_prior
+from .draw import draw_kept
+
+__all__ = ["apply", "calibrate_prior", "Pruner", "draw_kept"]

@@ -1,0 +1,107 @@
+"""Pieces the in-LLM and vision-side machinery share: the family adapter's interface, the
+cache keyword, runs of image tokens, gathers along the sequence, left-padded layouts."""
+from __future__ import annotations
+
+import torch
+
+
+class Stop(Exception):
+    """Raised by a hook to end a calibration forward early (caught by calibrate_prior)."""
+
+
+class Adapter:
+    """What the machinery needs to know about one model family (one small file per family).
+
+    outer:           the module whose forward takes input_ids / inputs_embeds (the images'
+                     placeholder tokens are visible there)
+    language_model:  the decoder, with .layers (each with .self_attn) and .config
+    image_token_id:  the placeholder token of an image
+    tokens_per_image: the LLM tokens of one image where that is static (LLaVA), else None
+    """
+
+    family = ""
+    outer = None
+    language_model = None
+    image_token_id = None
+    tokens_per_image = None
+
+    def __init__(self, model):
+        self.model = model
+
+    def check(self, where: str) -> None:
+        """Raises if the model's configuration cannot be pruned `where`."""
+
+    def images(self, sample: int, runs: list, lm_kwargs: dict, outer: dict) -> list:
+        """The images of one sample: [(start, end, grid)] in token order, from the runs of
+        image tokens [(start, end)] of that sample and the language model's kwargs."""
+        raise NotImplementedError
+
+    def check_images(self, spans: list, outer: dict) -> None:
+        """Cross-checks the images of the whole batch against what the forward was given."""
+
+    def image_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """bool [B, L]: the image placeholders (as transformers finds them)."""
+        if input_ids is not None:
+            return input_ids == self.image_token_id
+        embed = self.outer.get_input_embeddings()
+        token = embed(torch.tensor(self.image_token_id, device=inputs_embeds.device))
+        return (inputs_embeds == token.to(inputs_embeds.dtype)).all(-1)
+
+
+def get_cache(kwargs: dict):
+    """The cache a forward was given: `cache` (transformers >= 5.20) or `past_key_values`."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+def output_cache(output):
+    for name in ("cache", "past_key_values"):
+        try:
+            cache = getattr(output, name, None)
+        except Exception:  # a deprecated alias that raises
+            cache = None
+        if cache is not None:
+            return cache
+    return None
+
+
+def is_prefill(cache) -> bool:
+    """A forward with no cache, or an empty one, is a prefill."""
+    return cache is None or cache.get_seq_length() == 0
+
+
+def runs(mask_row: torch.Tensor) -> list[tuple[int, int]]:
+    """[(start, end)] of the runs of True in a 1-D bool tensor (one host copy)."""
+    m = torch.nn.functional.pad(mask_row.to(torch.int8), (1, 1))
+    edges = torch.nonzero(m[1:] != m[:-1]).flatten().tolist()
+    return list(zip(edges[0::2], edges[1::2]))
+
+
+def gather_seq(t: torch.Tensor | None, idx: torch.Tensor, seq_dim: int):
+    """t [..., B or 1, L, (d)] gathered along its sequence dim (-1 or -2) at idx [B, L'],
+    per batch row; a batch dim of 1 is broadcast first."""
+    if t is None:
+        return None
+    b, n = idx.shape
+    lead = t.dim() + seq_dim  # position of the sequence dim
+    batch_dim = lead - 1
+    shape = list(t.shape)
+    shape[batch_dim] = b
+    t = t.expand(shape)
+    view = [1] * t.dim()
+    view[batch_dim], view[lead] = b, n
+    index = idx.view(view)
+    target = list(t.shape)
+    target[lead] = n
+    return t.gather(lead, index.expand(target))
+
+
+def left_packed(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep bool [B, L] -> (idx int64 [B, L'], slot bool [B, L']) with L' = max kept per row:
+    each row's kept positions in order, right-aligned, after L' - n_b filler slots (slot =
+    False there; their idx points at a dropped position and must be masked)."""
+    counts = keep.sum(1)
+    width = int(counts.max())
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # dropped first, in order
+    idx = order[:, keep.shape[1] - width:]
+    return idx, keep.gather(1, idx)

@@ -1,0 +1,317 @@
+"""Pruning inside the language model (the paper's setting): importance from decoder layer
+K - 1, tokens dropped from layer K on.
+
+Every prefill (a forward with no cache or an empty one) with image tokens:
+
+1. the outer model's forward pre-hook notes where the image placeholders are;
+2. the language model's pre-hook finds each sample's images (the family adapter: runs of
+   placeholders, their grids), its last prompt token (the last position whose
+   attention_mask is 1) and which keys it sees (itself and before, padding excluded);
+3. layer K - 1's attention (a Tap) hands over its queries and keys: per sample,
+   `attention_scores` of the last prompt token's query over the keys it sees, the images'
+   columns (softmax over all of them, mean over query heads);
+4. layer K's pre-hook prunes every image (`prune_varlen`, features = the hidden states
+   entering layer K) and replaces, for layer K and every later layer, the hidden states,
+   the RoPE cos/sin, the position ids and the mask with those of the kept positions:
+   kept tokens keep their original positions; samples that keep fewer tokens than the
+   longest get masked filler slots on the left (none for a single sample);
+5. layers from K on therefore cache only the kept tokens. While decoding from that cache,
+   the layers from K on get a mask over [kept prompt | new tokens] instead of the full
+   one (positions, cos/sin and layers below K are untouched).
+
+Masks are built with transformers' own mask functions for the model's attention
+implementation (AttentionMaskInterface), from a 2-D validity mask of the kept positions.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+
+from ..attention_scores import attention_scores
+from . import _attention
+from ._common import Stop, get_cache, gather_seq, is_prefill, left_packed, runs
+
+
+class _Prefill:
+    def __init__(self, spans, valid, last, seen, batch, length):
+        self.spans = spans      # per sample [(start, end, grid)]
+        self.valid = valid      # bool [B, L]: not padding
+        self.last = last        # per sample: the last prompt token
+        self.seen = seen        # per sample: int64 positions of the keys it sees
+        self.rows = None        # per sample, per image: float32 importance (layer K - 1)
+        self.batch, self.length = batch, length
+        self.replace = None     # kwargs for the layers from K on
+        self.idx = None         # [B, L'] kept positions (with filler slots)
+        self.valid_c = None     # bool [B, L'] validity of the kept positions
+        self.kept = None
+        self.cache = None
+
+
+class _Record:
+    """What decoding from a pruned cache needs."""
+
+    def __init__(self, cache, length, length_c, valid_c):
+        self.cache = weakref.ref(cache)
+        self.length, self.length_c, self.valid_c = length, length_c, valid_c
+
+
+class _Decode:
+    def __init__(self, record, past, mask2d, q_len):
+        self.record, self.past, self.mask2d, self.q_len = record, past, mask2d, q_len
+        self.replace = None
+
+
+class InLLM:
+    """Installs and removes the hooks; `on_kept(kept, grids, importance)` after each prefill;
+    `collect(rows, grids)` instead of pruning (calibration: the forward stops at layer K)."""
+
+    def __init__(self, adapter, layer: int, selector, on_kept, collect=None):
+        self.adapter, self.layer, self.selector = adapter, layer, selector
+        self.on_kept, self.collect = on_kept, collect
+        lm = adapter.language_model
+        self.impl = _attention.base_implementation(lm.config, "the language model")
+        self.mask_fn = _attention.mask_function(self.impl)
+        self._outer = None
+        self._fwd = None
+        self._record = None
+        self._handles = []
+        self._tap = None
+
+    # -- install / remove ------------------------------------------------------------------
+
+    def install(self) -> None:
+        a, k = self.adapter, self.layer
+        layers = a.language_model.layers
+        self._tap = _attention.Tap(layers[k - 1].self_attn, f"decoder layer {k - 1}")
+        try:
+            self._tap.install()
+            h = self._handles
+            h.append(a.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
+            h.append(a.language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+            h.append(a.language_model.register_forward_hook(self._lm_post, with_kwargs=True,
+                                                            always_call=True))
+            for i in range(k, len(layers)):
+                h.append(layers[i].register_forward_pre_hook(
+                    functools.partial(self._layer_pre, i), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._tap is not None:
+            self._tap.remove()
+        self._outer = self._fwd = self._record = None
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def _outer_pre(self, module, args, kwargs):
+        self._outer = None
+        if not is_prefill(get_cache(kwargs)):
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        if ids is None and emb is None:
+            return None
+        self._outer = {"image": self.adapter.image_mask(ids, emb),
+                       "attention_mask": kwargs.get("attention_mask"),
+                       "image_grid_thw": kwargs.get("image_grid_thw")}
+        return None
+
+    def _lm_pre(self, module, args, kwargs):
+        self._fwd = None
+        self._tap.callback = None
+        cache = get_cache(kwargs)
+        emb = kwargs.get("inputs_embeds")
+        if emb is None:
+            return None
+        batch, length = emb.shape[:2]
+        if not is_prefill(cache):
+            rec = self._record
+            if rec is not None and rec.cache() is cache:
+                self._fwd = _Decode(rec, cache.get_seq_length(), kwargs.get("attention_mask"),
+                                    length)
+            return None
+        self._record = None
+        outer, self._outer = self._outer, None
+        if outer is None or tuple(outer["image"].shape) != (batch, length):
+            return None  # called without the outer model: no placeholders to find
+        image = outer["image"].to(emb.device)
+        if not bool(image.any()):
+            self.on_kept([[] for _ in range(batch)], [[] for _ in range(batch)],
+                         [[] for _ in range(batch)])
+            return None
+        if cache is not None:
+            _check_cache(cache)
+        given = [kwargs.get("attention_mask"), outer["attention_mask"]]  # the LM's, the model's
+        flat = [m for m in given if isinstance(m, torch.Tensor) and m.dim() == 2]
+        if flat:
+            valid = flat[0].to(device=emb.device, dtype=torch.bool)
+        elif all(m is None for m in given):
+            valid = torch.ones(batch, length, dtype=torch.bool, device=emb.device)
+        else:  # a prepared 4-D mask or a dict of them: padding cannot be read back
+            raise ValueError(f"d2pruner_kernels.hf needs a 2-D attention_mask [B, L] (or none) "
+                             f"in a prefill, got {type(given[0]).__name__} "
+                             f"{list(getattr(given[0], 'shape', []))}")
+        spans, last, seen = [], [], []
+        for b in range(batch):
+            sample_runs = runs(image[b])
+            spans.append(self.adapter.images(b, sample_runs, kwargs, outer))
+            pos = torch.nonzero(valid[b]).flatten()
+            if pos.numel() == 0:
+                if spans[b]:
+                    raise ValueError(f"sample {b} has images but its attention_mask is all 0")
+                last.append(length - 1)
+                seen.append(pos)
+                continue
+            last.append(int(pos[-1]))
+            seen.append(pos)
+            for i, (s, e, _) in enumerate(spans[b]):
+                if not bool(valid[b, s:e].all()):
+                    raise ValueError(f"sample {b}, image {i}: image tokens {s}..{e - 1} are "
+                                     f"masked out by attention_mask")
+        self.adapter.check_images(spans, outer)
+        self._fwd = _Prefill(spans, valid, last, seen, batch, length)
+        self._tap.callback = self._capture
+        return None
+
+    def _capture(self, query, key, kwargs):
+        f = self._fwd
+        if not isinstance(f, _Prefill) or f.rows is not None:
+            return
+        scale = kwargs.get("scaling")
+        q, k = query.detach(), key.detach()
+        rows = []
+        for b, spans in enumerate(f.spans):
+            if not spans:
+                rows.append([])
+                continue
+            seen = f.seen[b].to(k.device)
+            # each image's first key among the keys the token sees (images are unmasked)
+            firsts = [int(torch.searchsorted(seen, s)) for s, _, _ in spans]
+            end = firsts[-1] + spans[-1][1] - spans[-1][0]
+            row = attention_scores(q[b:b + 1, :, f.last[b]:f.last[b] + 1],
+                                   k[b:b + 1].index_select(2, seen),
+                                   key_span=(firsts[0], end), scale=scale)[0]
+            rows.append([row[fi - firsts[0]:fi - firsts[0] + e - s]
+                         for fi, (s, e, _) in zip(firsts, spans)])
+        f.rows = rows
+        self._tap.callback = None
+
+    def _layer_pre(self, index, module, args, kwargs):
+        f = self._fwd
+        if f is None:
+            return None
+        if index == self.layer:
+            if isinstance(f, _Prefill):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._select(f, hidden, kwargs)
+                if f.replace is None:
+                    return None
+                hidden = gather_seq(hidden, f.idx, -2)
+                if args:
+                    args = (hidden,) + tuple(args[1:])
+                else:
+                    kwargs = dict(kwargs, hidden_states=hidden)
+            else:
+                self._decode_mask(f, kwargs, args[0] if args else kwargs["hidden_states"])
+        if f.replace is None:
+            return None
+        return args, dict(kwargs, **f.replace)
+
+    def _lm_post(self, module, args, kwargs, output):
+        f, self._fwd = self._fwd, None
+        self._tap.callback = None
+        if isinstance(f, _Prefill) and f.kept is not None:
+            if f.replace is not None and f.cache is not None:
+                self._record = _Record(f.cache, f.length, f.idx.shape[1], f.valid_c)
+            self.on_kept(f.kept, [[g for _, _, g in spans] for spans in f.spans],
+                         [[row.cpu() for row in rows] for rows in f.rows])
+        return None
+
+    # -- the work --------------------------------------------------------------------------
+
+    def _select(self, f: _Prefill, hidden: torch.Tensor, kwargs: dict) -> None:
+        if f.rows is None:
+            raise RuntimeError(f"decoder layer {self.layer - 1} did not run its attention "
+                               f"through transformers' AttentionInterface: no importance")
+        images, labels = [], []
+        for b, spans in enumerate(f.spans):
+            for i, (s, e, grid) in enumerate(spans):
+                images.append((b, s, e, grid))
+                labels.append(f"sample {b}, image {i}")
+        feats = hidden.detach()
+        attn = [row for b in range(f.batch) for row in f.rows[b]]
+        grids = [g for *_, g in images]
+        if self.collect is not None:
+            self.collect(attn, grids)
+            raise Stop
+        tokens = torch.cat([feats[b, s:e] for b, s, e, _ in images])
+        local = self.selector.select_packed(tokens, torch.cat(attn), grids, labels)
+        keep = torch.ones(f.batch, f.length, dtype=torch.bool, device=hidden.device)
+        kept = [[] for _ in range(f.batch)]
+        for (b, s, e, _), loc in zip(images, local):
+            keep[b, s:e] = False
+            keep[b, s + loc] = True
+            kept[b].append(loc.cpu())
+        f.kept = kept
+        f.cache = get_cache(kwargs)
+        if bool(keep.all()):
+            return  # every token kept (k = N): the forward runs untouched
+        idx, slot = left_packed(keep)
+        f.idx = idx
+        f.valid_c = f.valid.gather(1, idx) & slot
+        cos, sin = kwargs["position_embeddings"]
+        replace = {"position_embeddings": (gather_seq(cos, idx, -2), gather_seq(sin, idx, -2)),
+                   "attention_mask": self._mask(f.valid_c, idx.shape[1], idx.shape[1], hidden)}
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, torch.Tensor) and self.impl.startswith("flash"):
+            # flash-attention reads gaps in position_ids as packed sequences: cos/sin carry
+            # the positions, the mask the padding
+            replace["position_ids"] = None
+        elif isinstance(pos, torch.Tensor):
+            replace["position_ids"] = gather_seq(pos, idx, -1)
+        f.replace = replace
+
+    def _decode_mask(self, f: _Decode, kwargs: dict, hidden: torch.Tensor) -> None:
+        rec = f.record
+        n_prev = f.past - rec.length
+        cache = get_cache(kwargs)
+        held = cache.get_seq_length(self.layer) if cache is not None else -1
+        if n_prev < 0 or held != rec.length_c + n_prev:
+            raise RuntimeError(f"the cache does not match the pruned prefill (layer "
+                               f"{self.layer} holds {held} tokens, expected "
+                               f"{rec.length_c} + {n_prev}); was it cropped or reused?")
+        batch = rec.valid_c.shape[0]
+        new = n_prev + f.q_len
+        m = f.mask2d
+        if isinstance(m, torch.Tensor) and m.dim() == 2:
+            if m.shape[1] != rec.length + new:
+                raise ValueError(f"attention_mask has {m.shape[1]} columns, expected "
+                                 f"{rec.length + new} (prompt {rec.length} + {new} new)")
+            tail = m[:, rec.length:].to(device=rec.valid_c.device, dtype=torch.bool)
+        elif m is None:
+            tail = torch.ones(batch, new, dtype=torch.bool, device=rec.valid_c.device)
+        else:
+            raise ValueError(f"d2pruner_kernels.hf needs a 2-D attention_mask [B, L] (or none) "
+                             f"while decoding, got {type(m).__name__}")
+        valid = torch.cat([rec.valid_c, tail], dim=1)
+        kv = rec.length_c + new
+        f.replace = {"attention_mask": self._mask(valid, f.q_len, kv, hidden)}
+
+    def _mask(self, valid: torch.Tensor, q_len: int, kv_len: int, hidden: torch.Tensor):
+        return self.mask_fn(batch_size=valid.shape[0], q_length=q_len, kv_length=kv_len,
+                            q_offset=kv_len - q_len, kv_offset=0,
+                            attention_mask=None if bool(valid.all()) else valid,
+                            dtype=hidden.dtype, device=hidden.device)
+
+
+def _check_cache(cache) -> None:
+    from transformers import DynamicCache
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(f"d2pruner_kernels.hf prunes the KV cache of a DynamicCache (layers "
+                         f"from K on hold fewer tokens), got {type(cache).__name__}")

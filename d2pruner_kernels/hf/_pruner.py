@@ -1,0 +1,240 @@
+"""apply(), the Pruner it returns, and calibrate_prior()."""
+from __future__ import annotations
+
+import numbers
+import weakref
+from collections.abc import Mapping
+
+import torch
+
+from ..prior import PositionalPrior
+from ._common import Stop
+from ._llm import InLLM
+from ._select import Selector
+from ._vision import OnVision
+from .llava import LlavaAdapter
+from .qwen2_vl import Qwen2VLAdapter
+
+ADAPTERS = (LlavaAdapter, Qwen2VLAdapter)
+WHERE = ("llm", "vision")
+_ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its Pruner
+
+
+def _adapter(model):
+    for cls in ADAPTERS:
+        if cls.matches(model):
+            return cls(model)
+    names = "LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, " \
+            "Qwen2_5_VLForConditionalGeneration"
+    raise TypeError(f"d2pruner_kernels.hf supports {names}; got {type(model).__name__}")
+
+
+def _check_layer(layer, n_layers: int) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise TypeError(f"layer must be an int, got {type(layer).__name__} {layer!r}")
+    if not 1 <= layer <= n_layers - 1:
+        raise ValueError(f"layer must be in [1, {n_layers - 1}] (the model has {n_layers} "
+                         f"decoder layers; importance comes from layer - 1), got {layer}")
+    return int(layer)
+
+
+def _setup(model, where, layer):
+    adapter = _adapter(model)
+    if where not in WHERE:
+        raise ValueError(f"where must be 'llm' or 'vision', got {where!r}")
+    adapter.check(where)
+    if where == "llm":
+        layer = _check_layer(layer, len(adapter.language_model.layers))
+    elif layer not in (2, None):
+        raise ValueError(f"where='vision' reads the CLIP layer of config.vision_feature_layer; "
+                         f"layer={layer!r} applies to where='llm' only")
+    return adapter, layer
+
+
+class Pruner:
+    """D2Pruner installed on a model by `apply()`; `remove()` (or leaving the `with` block)
+    restores the model exactly.
+
+    kept:  after each prefill with images, a list over samples of lists over that sample's
+           images of int64 CPU tensors, the kept indices within the image's visual tokens,
+           ascending (a sample without images: []); None before the first prefill.
+    grids: the same nesting, each image's grid in LLM tokens ((H, W), or (t, h, w) for Qwen).
+    importance: the same nesting, each image's raw importance row (float32 CPU [N]: the
+           attention the pruner read, before the prior), what `calibrate_prior` averages.
+    """
+
+    def __init__(self, model, adapter, k, where, layer, selector):
+        self.model, self.k, self.where, self.layer = model, k, where, layer
+        self.family = adapter.family
+        self.kept = None
+        self.grids = None
+        self.importance = None
+        self._selector = selector
+        if where == "llm":
+            self._impl = InLLM(adapter, layer, selector, self._on_kept)
+        else:
+            self._impl = OnVision(adapter, selector, self._on_kept)
+
+    @property
+    def prior(self):
+        return self._selector.prior
+
+    @property
+    def options(self) -> dict:
+        return dict(self._selector.options)
+
+    @property
+    def active(self) -> bool:
+        return self._impl is not None
+
+    def _on_kept(self, kept, grids, importance):
+        self.kept, self.grids, self.importance = kept, grids, importance
+
+    def _install(self):
+        if self.model in _ACTIVE:
+            raise RuntimeError(f"a Pruner is already applied to this "
+                               f"{type(self.model).__name__}: call its remove() first")
+        self._impl.install()
+        _ACTIVE[self.model] = self
+
+    def remove(self) -> None:
+        """Removes every hook and restores the attention configs; a second call does nothing."""
+        if self._impl is None:
+            return
+        self._impl.remove()
+        self._impl = None
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
+
+    def __enter__(self) -> "Pruner":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.remove()
+        return False
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        where = f"where='llm', layer={self.layer}" if self.where == "llm" else "where='vision'"
+        return (f"Pruner({type(self.model).__name__}, k={self.k!r}, {where}, "
+                f"prior={'yes' if self.prior is not None else None}, {state})")
+
+
+def apply(model, k, *, where: str = "llm", layer: int = 2, prior=None,
+          **prune_options) -> Pruner:
+    """Prunes the visual tokens of every image in every prefill of `model` with D2Pruner.
+
+    model: a transformers 5.x LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+           or Qwen2_5_VLForConditionalGeneration (attn_implementation sdpa, eager or
+           flash_attention_*).
+    k:     visual tokens kept per image (int), or a ratio in (0, 1] resolved per image by
+           prune()'s rule.
+    where: "llm" (the paper's setting): importance = the attention of each sample's last
+           prompt token at decoder layer `layer - 1` over the image's tokens (softmax over
+           every key it sees, mean over heads), features = the hidden states entering
+           `layer`; from `layer` on the pruned tokens are gone from the sequence, the mask
+           and the KV cache, and kept tokens keep their positions.
+           "vision" (LLaVA): importance = the CLS row of the CLIP layer that produces the
+           selected features, features = the projected image features; the LLM receives k
+           tokens per image in a shorter prompt with contiguous positions.
+    layer: the decoder layer K that sees the pruned sequence, in [1, num_layers - 1].
+    prior: a PositionalPrior (resized bilinearly to each image's grid where it was
+           calibrated on another one: our extension) or a positive tensor [N] for the grid.
+    prune_options: passed to prune() (pivot_ratio, sim_threshold, spatial_weight, radius,
+           temporal_radius, eps, check_finite, backend).
+
+    Returns a Pruner: `pruner.kept` after each prefill, `pruner.remove()` (or `with`).
+    Misuse raises here, before the model is touched.
+    """
+    adapter, layer = _setup(model, where, layer)
+    static_grid = adapter.grid if adapter.tokens_per_image is not None else None
+    device = next(model.parameters()).device
+    selector = Selector(k, prior, prune_options, grid=static_grid, device=device)
+    pruner = Pruner(model, adapter, k, where, layer, selector)
+    pruner._install()
+    return pruner
+
+
+def calibrate_prior(model, batches, *, where: str = "llm", layer: int = 2, grid=None,
+                    progress: bool = True) -> PositionalPrior:
+    """The positional prior of `model`: the mean of exactly the importance rows `apply`
+    would use (same `where` and `layer`), over the images of `batches`.
+
+    batches: an iterable of processed inputs (dicts of tensors, as the processor returns
+             them); each runs as one prefill, stopped as soon as its rows are known.
+    grid:    None: every image must have the first image's grid (else ValueError); a grid:
+             every image's row is resampled bilinearly to it first (align_corners=False,
+             like PositionalPrior.resized; our extension, for Qwen's images of many sizes).
+    progress: a tqdm progress bar over the batches.
+    """
+    adapter, layer = _setup(model, where, layer)
+    from ..checks import grid_dims
+    target = None if grid is None else grid_dims("grid", grid)
+    maps: list = []
+    state = {"grid": target, "prior": None, "images": 0}
+
+    def collect(rows, grids):
+        for row, g in zip(rows, grids):
+            state["images"] += 1
+            row = row.detach().to(torch.float64).cpu()
+            if state["grid"] is None:
+                state["grid"] = tuple(g)
+            want = state["grid"]
+            if target is None and tuple(g) != want:
+                raise ValueError(f"image {state['images'] - 1} has grid {tuple(g)} but the "
+                                 f"first image has {want}: pass grid=... to resample every "
+                                 f"image's row to one grid")
+            maps.append(_resample(row, tuple(g), want))
+
+    selector = Selector(1, None, {})
+    if where == "llm":
+        impl = InLLM(adapter, layer, selector, lambda *a: None, collect=collect)
+        src_layer, query = layer - 1, "last"
+    else:
+        impl = OnVision(adapter, selector, lambda *a: None, collect=collect)
+        src_layer, query = impl.vision_layer, "cls"
+    if model in _ACTIVE:
+        raise RuntimeError(f"a Pruner is applied to this {type(model).__name__}: call its "
+                           f"remove() before calibrating")
+    name = getattr(model.config, "name_or_path", "") or type(model).__name__
+    impl.install()
+    try:
+        from tqdm.auto import tqdm
+        device = next(model.parameters()).device
+        for batch in tqdm(batches, desc="calibrating prior", disable=not progress):
+            if not isinstance(batch, Mapping):
+                raise TypeError(f"each batch must be a mapping of model inputs (as a processor "
+                                f"returns), got {type(batch).__name__}")
+            inputs = {key: v.to(device) if isinstance(v, torch.Tensor) else v
+                      for key, v in batch.items()}
+            with torch.no_grad():
+                try:
+                    model(**inputs, use_cache=False)
+                except Stop:
+                    pass
+            if maps:
+                if state["prior"] is None:
+                    state["prior"] = PositionalPrior(state["grid"], model=name,
+                                                     layer=src_layer, query=query)
+                state["prior"].update(torch.stack(maps))
+                maps.clear()
+    finally:
+        impl.remove()
+    if state["prior"] is None:
+        raise ValueError("the batches held no image: nothing to calibrate")
+    return state["prior"]
+
+
+def _resample(row: torch.Tensor, grid: tuple, want: tuple) -> torch.Tensor:
+    """A score row on `grid`, as a map on `want` (bilinear per frame, align_corners=False)."""
+    from ..checks import as_3d
+    g3, w3 = as_3d(grid), as_3d(want)
+    if g3 == w3:
+        return row
+    if g3[0] != w3[0]:
+        raise ValueError(f"an image on grid {grid} cannot be resampled to {want}: the number "
+                         f"of frames differs")
+    frames = row.reshape(g3[0], 1, g3[1], g3[2])
+    out = torch.nn.functional.interpolate(frames, size=w3[1:], mode="bilinear",
+                                          align_corners=False)
+    return out.reshape(-1)

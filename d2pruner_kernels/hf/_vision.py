@@ -1,0 +1,216 @@
+"""Pruning on the vision side (LLaVA, where="vision"): the LLM receives k image tokens per
+image instead of N, in a shorter prompt with contiguous positions.
+
+1. The CLIP layer that produces the selected features (a Tap) hands over its queries and
+   keys: importance = the CLS query's attention over the patch keys (softmax over all keys,
+   CLS included; mean over heads).
+2. The projector's forward hook prunes each image (features = the projected image features)
+   and returns [n_images, k, D].
+3. The outer model's pre-hook shortens the prompt to match: in every image's block of N
+   placeholders the last N - k are dropped (placeholders are interchangeable: the kept
+   features fill the remaining k in order). Samples that lose fewer tokens than others get
+   padding on the left (pad token, attention_mask 0); position_ids, when given, become
+   those of the shorter prompt. While decoding from that cache, attention_mask and
+   position_ids are mapped the same way; generate() never notices.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..attention_scores import attention_scores
+from . import _attention
+from ._common import Stop, get_cache, is_prefill, left_packed, output_cache, runs
+
+
+class _Record:
+    def __init__(self, length, removed, prompt_mask, had_mask):
+        self.length = length            # the prompt's length as given
+        self.removed = removed          # int64 [B]: tokens dropped per sample
+        self.prompt_mask = prompt_mask  # [B, L'] the shortened prompt's mask (dtype as given)
+        self.had_mask = had_mask
+        self.cache = None
+
+
+class OnVision:
+    def __init__(self, adapter, selector, on_kept, collect=None):
+        self.adapter, self.selector = adapter, selector
+        self.on_kept, self.collect = on_kept, collect
+        self.attn_module, self.vision_layer = adapter.vision_attention()
+        self.n = adapter.tokens_per_image
+        self.k = selector.budget(self.n, "LLaVA image") if collect is None else self.n
+        self._rows = None
+        self._pending = None   # kept indices of the images the projector just pruned
+        self._fwd = None       # (record or None, image counts per sample) of this forward
+        self._record = None
+        self._handles = []
+        self._tap = None
+
+    def install(self) -> None:
+        a = self.adapter
+        self._tap = _attention.Tap(self.attn_module, f"vision layer {self.vision_layer}")
+        try:
+            self._tap.install()
+            self._tap.callback = self._capture
+            h = self._handles
+            if self.collect is not None:
+                h.append(a.projector.register_forward_pre_hook(self._collect_pre))
+            else:
+                h.append(a.projector.register_forward_hook(self._projector_post))
+                h.append(a.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
+                h.append(a.outer.register_forward_hook(self._outer_post, with_kwargs=True,
+                                                       always_call=True))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._tap is not None:
+            self._tap.remove()
+        self._rows = self._pending = self._fwd = self._record = None
+
+    # -- the vision tower ------------------------------------------------------------------
+
+    def _capture(self, query, key, kwargs):
+        # CLS is token 0; the softmax runs over every key (CLS and patches), like the layer's
+        self._rows = attention_scores(query.detach()[:, :, :1], key.detach(),
+                                      key_span=(1, key.shape[2]), scale=kwargs.get("scaling"))
+
+    def _features(self, feats):
+        rows, self._rows = self._rows, None
+        if rows is None or tuple(rows.shape) != tuple(feats.shape[:2]):
+            raise RuntimeError(f"the CLS row of vision layer {self.vision_layer} "
+                               f"({None if rows is None else list(rows.shape)}) does not match "
+                               f"the projector's input {list(feats.shape[:2])}")
+        return rows
+
+    def _collect_pre(self, module, args):
+        feats = args[0]
+        rows = self._features(feats)
+        self.collect(list(rows), [self.adapter.grid] * rows.shape[0])
+        raise Stop
+
+    def _projector_post(self, module, args, output):
+        rows = self._features(args[0])
+        keep = self.selector.select_batched(output.detach(), rows, self.adapter.grid,
+                                            "LLaVA image")
+        self._pending = list(zip(keep.cpu(), rows.cpu()))
+        return output.gather(1, keep.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
+
+    # -- the prompt ------------------------------------------------------------------------
+
+    def _outer_pre(self, module, args, kwargs):
+        self._fwd = None
+        cache = get_cache(kwargs)
+        if not is_prefill(cache):
+            rec = self._record
+            if rec is None or rec.cache is None or rec.cache() is not cache:
+                return None
+            return args, self._decode(rec, kwargs)
+        self._record = None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        if ids is None and emb is None:
+            return None
+        image = self.adapter.image_mask(ids, emb)
+        batch, length = image.shape
+        keep = torch.ones(batch, length, dtype=torch.bool, device=image.device)
+        counts = []
+        drop = self.n - self.k
+        for b in range(batch):
+            spans = self.adapter.images(b, runs(image[b]), kwargs, {})
+            counts.append(len(spans))
+            for s, _, _ in spans:
+                keep[b, s + self.k:s + self.n] = False
+        self._fwd = (None, counts)
+        if drop == 0 or bool(keep.all()):
+            return None
+        idx, slot = left_packed(keep)
+        filler = ~slot
+        new = dict(kwargs)
+        if ids is not None:
+            pad = self._pad_id()
+            new["input_ids"] = ids.gather(1, idx).masked_fill(filler, pad)
+            if "input_ids" not in kwargs:  # given positionally
+                args = (new.pop("input_ids"),) + tuple(args[1:])
+        if emb is not None:
+            token = self.adapter.outer.get_input_embeddings()(
+                torch.tensor(self._pad_id(), device=emb.device)).to(emb.dtype)
+            shorter = emb.gather(1, idx.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))
+            new["inputs_embeds"] = torch.where(filler.unsqueeze(-1), token, shorter)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            if mask.dim() != 2:
+                raise ValueError(f"where='vision' needs a 2-D attention_mask [B, L], got shape "
+                                 f"{list(mask.shape)}")
+            prompt_mask = mask.gather(1, idx).masked_fill(filler, 0)
+        else:
+            prompt_mask = slot.long()
+        new["attention_mask"] = (prompt_mask if isinstance(mask, torch.Tensor)
+                                 or bool(filler.any()) else None)
+        dropped = (~keep).long()
+        removed = dropped.sum(1)
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, torch.Tensor):
+            before = dropped.cumsum(1).gather(1, idx)  # dropped tokens before each kept one
+            new["position_ids"] = (pos.expand(batch, -1).gather(1, idx) - before).masked_fill(
+                filler, 0)
+        rec = _Record(length, removed, prompt_mask, isinstance(mask, torch.Tensor))
+        rec.cache = weakref.ref(cache) if cache is not None else None
+        self._fwd = (rec, counts)
+        return args, new
+
+    def _decode(self, rec: _Record, kwargs: dict) -> dict:
+        new = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            new["attention_mask"] = torch.cat(
+                [rec.prompt_mask.to(mask.dtype), mask[:, rec.length:]], dim=1)
+        elif not bool(rec.prompt_mask.bool().all()):
+            ids = kwargs.get("input_ids")
+            steps = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
+            past = get_cache(kwargs).get_seq_length() - rec.prompt_mask.shape[1]
+            tail = rec.prompt_mask.new_ones(rec.prompt_mask.shape[0], past + steps)
+            new["attention_mask"] = torch.cat([rec.prompt_mask, tail], dim=1)
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, torch.Tensor):
+            new["position_ids"] = pos - rec.removed.to(pos.device).view(-1, 1)
+        return new
+
+    def _outer_post(self, module, args, kwargs, output):
+        fwd, self._fwd = self._fwd, None
+        if fwd is None:
+            return None
+        rec, counts = fwd
+        pending, self._pending = self._pending, None
+        total = sum(counts)
+        if total == 0:
+            self.on_kept([[] for _ in counts], [[] for _ in counts], [[] for _ in counts])
+        elif pending is not None:
+            if len(pending) != total:
+                raise RuntimeError(f"the projector pruned {len(pending)} images but the prompt "
+                                   f"holds {total}")
+            kept, scores, it = [], [], iter(pending)
+            for c in counts:
+                pairs = [next(it) for _ in range(c)]
+                kept.append([kb for kb, _ in pairs])
+                scores.append([row for _, row in pairs])
+            self.on_kept(kept, [[self.adapter.grid] * c for c in counts], scores)
+        if rec is not None:
+            cache = output_cache(output)
+            if cache is not None:
+                rec.cache = weakref.ref(cache)
+                self._record = rec
+        return None
+
+    def _pad_id(self) -> int:
+        cfg = self.adapter.model.config
+        for pad in (getattr(cfg, "pad_token_id", None),
+                    getattr(getattr(cfg, "text_config", None), "pad_token_id", None), 0, 1):
+            if isinstance(pad, int) and pad != self.adapter.image_token_id:
+                return pad
+        return 0

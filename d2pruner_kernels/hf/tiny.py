@@ -1,0 +1,132 @@
+"""Tiny randomly initialised models and prompts, built from configs (nothing downloaded),
+for the tests and the examples: real transformers classes at toy widths, fp32, CPU.
+
+    model = tiny_llava()                       # CLIP 336/14 -> 576 patches, Llama 4 layers
+    inputs = llava_inputs(model, [[5, 6], [7]])    # one image per prompt, left-padded
+    model = tiny_qwen2_vl()                    # or tiny_qwen2_vl(v2_5=True)
+    inputs = qwen_inputs(model, [[(16, 16)], [(12, 20), (8, 8)]])   # images per sample, in patches
+"""
+from __future__ import annotations
+
+import torch
+
+# token ids of the tiny vocabularies (all below VOCAB)
+VOCAB = 160
+PAD = 3          # a padding token with a random (non-zero) embedding
+IMAGE = 150
+VISION_START, VISION_END, VIDEO = 151, 152, 153
+
+
+def _llama_text(layers: int, **extra) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=4096, pad_token_id=None, bos_token_id=1,
+                eos_token_id=None, **extra)
+
+
+def tiny_llava(layers: int = 4, seed: int = 0, attn_implementation: str = "sdpa"):
+    """LlavaForConditionalGeneration: CLIP 336/14 (576 patch tokens, 2 layers, width 32) and
+    Llama (`layers` decoder layers, width 64, 4 query heads on 2 key heads)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlavaForConditionalGeneration
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=32,
+                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    text = LlamaConfig(**_llama_text(layers))
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                      image_seq_length=576)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def tiny_qwen2_vl(layers: int = 4, seed: int = 0, attn_implementation: str = "sdpa",
+                  v2_5: bool = False):
+    """Qwen2VLForConditionalGeneration (or Qwen2_5_VLForConditionalGeneration): a one-block
+    vision tower (patch 14, 2x2 merge) and a Qwen2 decoder of `layers` layers (width 64)."""
+    import transformers
+    text = _llama_text(layers, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "mrope_section": [2, 3, 3]})
+    if v2_5:
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                      out_hidden_size=64, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+        cls, ccls = (transformers.Qwen2_5_VLForConditionalGeneration,
+                     transformers.Qwen2_5_VLConfig)
+    else:
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        cls, ccls = transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLConfig
+    cfg = ccls(text_config=text, vision_config=vision, image_token_id=IMAGE,
+               video_token_id=VIDEO, vision_start_token_id=VISION_START,
+               vision_end_token_id=VISION_END)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return cls(cfg).eval()
+
+
+def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, width - len(r):] = 1
+    return ids, mask
+
+
+def llava_inputs(model, texts: list, images_per_sample=None, seed: int = 0) -> dict:
+    """Left-padded LLaVA prompts: sample b is [1] + (images_per_sample[b] x 576 image
+    tokens, each followed by token 9) + texts[b]; random pixel_values, one per image."""
+    n = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    n = n * n
+    images_per_sample = images_per_sample or [1] * len(texts)
+    rows = []
+    for text, count in zip(texts, images_per_sample):
+        row = [1]
+        for _ in range(count):
+            row += [IMAGE] * n + [9]
+        rows.append(row + list(text))
+    ids, mask = _left_pad(rows)
+    g = torch.Generator().manual_seed(seed)
+    size = model.config.vision_config.image_size
+    total = sum(images_per_sample)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if total:
+        out["pixel_values"] = torch.randn(total, 3, size, size, generator=g)
+    return out
+
+
+def qwen_inputs(model, images: list, texts=None, seed: int = 0, videos=None) -> dict:
+    """Left-padded Qwen2-VL prompts: sample b holds images[b], a list of (h, w) patch grids
+    (even numbers: the 2x2 merge), each as vision_start + (h/2 * w/2) image tokens +
+    vision_end, then videos[b] (a list of (t, h, w) grids, t temporal patches) the same way
+    with video tokens, then texts[b]; random pixel_values / pixel_values_videos (flattened
+    patches, as the processor makes them), image_grid_thw / video_grid_thw and
+    mm_token_type_ids."""
+    vc = model.config.vision_config
+    merge, p, tp = vc.spatial_merge_size, vc.patch_size, vc.temporal_patch_size
+    texts = texts or [[5, 6, 7]] * len(images)
+    videos = videos or [[] for _ in images]
+    rows, grids, vgrids = [], [], []
+    for sample, clips, text in zip(images, videos, texts):
+        row = [1, 4]
+        for h, w in sample:
+            grids.append([1, h, w])
+            row += [VISION_START] + [IMAGE] * (h * w // merge ** 2) + [VISION_END]
+        for t, h, w in clips:
+            vgrids.append([t, h, w])
+            row += [VISION_START] + [VIDEO] * (t * h * w // merge ** 2) + [VISION_END]
+        rows.append(row + list(text))
+    ids, mask = _left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask,
+           "mm_token_type_ids": (ids == IMAGE).long() + 2 * (ids == VIDEO).long()}
+    g = torch.Generator().manual_seed(seed)
+    if grids:
+        patches = sum(h * w for _, h, w in grids)
+        out["pixel_values"] = torch.randn(patches, 3 * tp * p * p, generator=g)
+        out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+    if vgrids:
+        patches = sum(t * h * w for t, h, w in vgrids)
+        out["pixel_values_videos"] = torch.randn(patches, 3 * tp * p * p, generator=g)
+        out["video_grid_thw"] = torch.tensor(vgrids, dtype=torch.long)
+    return out

@@ -1,0 +1,285 @@
+"""d2pruner_kernels.hf: misuse (message by message), a failed apply() and an exception in the
+`with` block leave the model as it was, calibrate_prior, draw_kept, the example script, and
+the core package staying free of transformers."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers", reason="the hf extra is not installed: "
+                    "pip install 'transformers>=5.16.1,<6' -c <(echo torch==2.13.0)")
+
+import torch  # noqa: E402
+
+import d2pruner_kernels as d2p  # noqa: E402
+from d2pruner_kernels import hf  # noqa: E402
+from d2pruner_kernels.hf import tiny  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MODELS = {}
+
+
+def llava():
+    if "llava" not in _MODELS:
+        _MODELS["llava"] = tiny.tiny_llava()
+    return _MODELS["llava"]
+
+
+def qwen():
+    if "qwen" not in _MODELS:
+        _MODELS["qwen"] = tiny.tiny_qwen2_vl()
+    return _MODELS["qwen"]
+
+
+def ours(hooks) -> int:
+    """The hooks of d2pruner_kernels among a module's hooks (transformers adds its own,
+    lazily, for output capturing)."""
+    return sum(getattr(getattr(h, "func", h), "__module__", "").startswith("d2pruner_kernels")
+               for h in hooks.values())
+
+
+def state(model):
+    """Everything apply() touches: our hooks on every module, every module's config object
+    and attention implementation."""
+    hooks = [(ours(m._forward_pre_hooks), ours(m._forward_hooks)) for m in model.modules()]
+    configs = [(id(c), c._attn_implementation) for m in model.modules()
+               if (c := getattr(m, "config", None)) is not None]
+    return hooks, configs
+
+
+# -- misuse at apply() -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"k": 64, "where": "tokens"}, ValueError, r"where must be 'llm' or 'vision', got 'tokens'"),
+    ({"k": 64, "layer": 0}, ValueError, r"layer must be in \[1, 3\] \(the model has 4 decoder"),
+    ({"k": 64, "layer": 4}, ValueError, r"layer must be in \[1, 3\]"),
+    ({"k": 64, "layer": 2.0}, TypeError, r"layer must be an int, got float 2.0"),
+    ({"k": 64, "layer": True}, TypeError, r"layer must be an int, got bool"),
+    ({"k": 0}, ValueError, r"k must be in \[1, N=576\], got 0"),
+    ({"k": 577}, ValueError, r"k must be in \[1, N=576\], got 577"),
+    ({"k": 1.5}, ValueError, r"k as a ratio must be in \(0, 1\], got 1.5"),
+    ({"k": "64"}, TypeError, r"k must be an int in \[1, 576\] or a float in \(0, 1\]"),
+    ({"k": True}, TypeError, r"got bool True"),
+    ({"k": 64, "foo": 1}, TypeError, r"unknown prune option\(s\) 'foo'; prune\(\) takes"),
+    ({"k": 64, "pivot_ratio": 2.0}, ValueError, r"pivot_ratio"),
+    ({"k": 64, "radius": 1.5}, TypeError, r"radius"),
+    ({"k": 64, "prior": torch.ones(100)}, ValueError,
+     r"the prior tensor has 100 entries but the image has 576 tokens"),
+    ({"k": 64, "prior": torch.ones(2, 576)}, ValueError, r"prior as a tensor must be 1-D"),
+    ({"k": 64, "prior": d2p.PositionalPrior((24, 24))}, ValueError, r"has no data"),
+    ({"k": 64, "prior": "flat"}, TypeError, r"prior must be a PositionalPrior, a tensor or None"),
+    ({"k": 64, "where": "vision", "layer": 3}, ValueError,
+     r"where='vision' reads the CLIP layer of config.vision_feature_layer"),
+])
+def test_misuse_raises_at_apply_and_leaves_the_model_alone(kwargs, error, message):
+    model = llava()
+    before = state(model)
+    with pytest.raises(error, match=message):
+        hf.apply(model, **kwargs)
+    assert state(model) == before
+
+
+def test_unsupported_models_and_configurations():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    text = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2))
+    with pytest.raises(TypeError, match=r"supports LlavaForConditionalGeneration, "
+                       r"Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration; "
+                       r"got LlamaForCausalLM"):
+        hf.apply(text, 8)
+    with pytest.raises(ValueError, match=r"where='vision' is for LLaVA \(a CLS row\); "
+                       r"Qwen2VLForConditionalGeneration has none"):
+        hf.apply(qwen(), 0.5, where="vision")
+    with pytest.raises(ValueError, match=r"k must be >= 1 \(tokens kept per image\), got 0"):
+        hf.apply(qwen(), 0)
+
+    model = llava()
+    before = state(model)
+    lm_config = model.model.language_model.config
+    lm_config._attn_implementation = "flex_attention"
+    try:
+        with pytest.raises(ValueError, match=r"the language model uses "
+                           r"attn_implementation='flex_attention'; d2pruner_kernels.hf supports"):
+            hf.apply(model, 64)
+    finally:
+        lm_config._attn_implementation = "sdpa"
+    model.config.vision_feature_select_strategy = "full"
+    try:
+        with pytest.raises(ValueError, match=r"vision_feature_select_strategy='full' feeds 577 "
+                           r"tokens per image"):
+            hf.apply(model, 64)
+    finally:
+        model.config.vision_feature_select_strategy = "default"
+    assert state(model) == before
+
+
+def test_applying_twice_raises_and_the_first_pruner_still_works():
+    model = llava()
+    inputs = tiny.llava_inputs(model, [[5, 6]])
+    before = state(model)
+    with hf.apply(model, 64) as pruner:
+        assert state(model) != before  # (the comparisons below see our hooks)
+        with pytest.raises(RuntimeError, match=r"a Pruner is already applied to this "
+                           r"LlavaForConditionalGeneration: call its remove\(\) first"):
+            hf.apply(model, 32, where="vision")
+        with torch.no_grad():
+            assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1] - 512
+        assert pruner.kept[0][0].numel() == 64
+        with pytest.raises(RuntimeError, match=r"call its remove\(\) before calibrating"):
+            hf.calibrate_prior(model, [inputs], progress=False)
+    assert state(model) == before
+
+
+def test_an_exception_in_the_with_block_restores_the_model():
+    model = llava()
+    inputs = tiny.llava_inputs(model, [[5, 6]])
+    before = state(model)
+    with torch.no_grad():
+        base = model(**inputs).logits
+    with pytest.raises(KeyError):
+        with hf.apply(model, 64):
+            raise KeyError("boom")
+    assert state(model) == before
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base)
+
+
+# -- misuse found at the prefill -----------------------------------------------------------------
+
+def test_a_qwen_budget_above_an_images_tokens_raises_naming_the_image():
+    model = qwen()
+    inputs = tiny.qwen_inputs(model, [[(16, 16)], [(16, 16), (8, 8)]])  # 64, 64 and 16 tokens
+    with hf.apply(model, 32):
+        with pytest.raises(ValueError, match=r"sample 1, image 1: k must be in \[1, N=16\], "
+                           r"got 32"):
+            with torch.no_grad():
+                model(**inputs)
+
+
+def test_image_tokens_that_do_not_match_their_grid_raise():
+    model = llava()
+    ids = torch.tensor([[1] + [tiny.IMAGE] * 575 + [9, 5]])  # placeholders, no pixels
+    with hf.apply(model, 64):
+        with pytest.raises(ValueError, match=r"sample 0: 575 image tokens at positions 1..575 "
+                           r"are not a whole number of images of 576 tokens \(grid 24x24\)"):
+            with torch.no_grad():
+                model(input_ids=ids)
+    model = qwen()
+    ids = torch.tensor([[1, tiny.VISION_START] + [tiny.IMAGE] * 12 + [tiny.VISION_END, 5]])
+    with hf.apply(model, 0.5):
+        with pytest.raises(ValueError, match=r"sample 0 has image tokens but the language "
+                           r"model got no M-RoPE position ids \[3, B, L\]: pass image_grid_thw"):
+            with torch.no_grad():
+                model(input_ids=ids)  # no image_grid_thw: text positions
+        line = torch.arange(ids.shape[1]).expand(3, 1, -1)  # a line, not a grid
+        with pytest.raises(ValueError, match=r"sample 0, image 0: its 12 tokens at positions "
+                           r"2..13 do not form a \(t, h, w\) grid in their M-RoPE positions"):
+            with torch.no_grad():
+                model(input_ids=ids, position_ids=line)
+
+
+# -- calibrate_prior -----------------------------------------------------------------------------
+
+def test_calibrate_prior_averages_the_rows_apply_uses():
+    model = llava()
+    batches = [tiny.llava_inputs(model, [[5, 6], [7]], seed=1),
+               tiny.llava_inputs(model, [[8, 9, 10]], seed=2)]
+    rows = []
+    with hf.apply(model, 64) as pruner:
+        for batch in batches:
+            with torch.no_grad():
+                model(**batch)
+            rows += [r for sample in pruner.importance for r in sample]
+    prior = hf.calibrate_prior(model, batches, progress=False)
+    assert prior.grid == (24, 24) and prior.count == 3
+    assert (prior.layer, prior.query) == (1, "last")
+    torch.testing.assert_close(prior.mean, torch.stack(rows).double().mean(0),
+                               rtol=1e-6, atol=1e-12)
+    with hf.apply(model, 64, prior=prior) as pruner:  # and it is usable right away
+        with torch.no_grad():
+            model(**batches[1])
+        assert pruner.kept[0][0].numel() == 64
+
+    vision = hf.calibrate_prior(model, batches, where="vision", progress=False)
+    assert (vision.grid, vision.count, vision.layer, vision.query) == ((24, 24), 3, 0, "cls")
+    rows = []
+    with hf.apply(model, 64, where="vision") as pruner:
+        for batch in batches:
+            with torch.no_grad():
+                model(**batch)
+            rows += [r for sample in pruner.importance for r in sample]
+    torch.testing.assert_close(vision.mean, torch.stack(rows).double().mean(0),
+                               rtol=1e-6, atol=1e-12)
+
+
+def test_calibrate_prior_refuses_or_resamples_mixed_grids():
+    model = qwen()
+    batches = [tiny.qwen_inputs(model, [[(16, 16)], [(12, 20)]])]
+    with pytest.raises(ValueError, match=r"image 1 has grid \(1, 6, 10\) but the first image "
+                       r"has \(1, 8, 8\): pass grid=\.\.\. to resample"):
+        hf.calibrate_prior(model, batches, progress=False)
+    prior = hf.calibrate_prior(model, batches, grid=(8, 8), progress=False)
+    assert prior.grid == (8, 8) and prior.count == 2
+    with hf.apply(model, 0.25) as pruner:
+        with torch.no_grad():
+            model(**batches[0])
+        first, second = pruner.importance[0][0], pruner.importance[1][0]
+    second = torch.nn.functional.interpolate(second.double().view(1, 1, 6, 10), size=(8, 8),
+                                             mode="bilinear", align_corners=False).flatten()
+    torch.testing.assert_close(prior.mean, (first.double() + second) / 2, rtol=1e-6,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match=r"the batches held no image"):
+        hf.calibrate_prior(model, [tiny.qwen_inputs(model, [[]])], progress=False)
+
+
+# -- draw_kept -----------------------------------------------------------------------------------
+
+def test_draw_kept_dims_what_was_pruned():
+    pytest.importorskip("PIL")
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (96, 64, 3), generator=g, dtype=torch.uint8).numpy()
+    kept = torch.tensor([0, 5, 11])  # grid 4 x 3 (rows of 24 px, columns of ~21 px)
+    out = hf.draw_kept(Image.fromarray(pixels), kept, (4, 3))
+    assert out.size == (64, 96)
+    a = torch.from_numpy(__import__("numpy").asarray(out).copy())
+    src = torch.from_numpy(pixels)
+    assert torch.equal(a[5:20, 5:16], src[5:20, 5:16])          # cell 0: kept, untouched
+    assert not torch.equal(a[5:20, 26:37], src[5:20, 26:37])    # cell 1: pruned, dimmed
+    assert (a[5:20, 26:37].float().mean() < src[5:20, 26:37].float().mean())
+    frames = hf.draw_kept([pixels, pixels], torch.tensor([0, 12]), (2, 4, 3))
+    assert frames.size == (128, 96)
+    tensor = hf.draw_kept(torch.rand(3, 48, 48), [1, 2], (2, 2))
+    assert tensor.size == (48, 48)
+    with pytest.raises(ValueError, match=r"kept indices must be in \[0, 12\)"):
+        hf.draw_kept(pixels, [12], (4, 3))
+    with pytest.raises(ValueError, match=r"grid \(2, 4, 3\) has 2 frames"):
+        hf.draw_kept(pixels, [0], (2, 4, 3))
+
+
+# -- packaging -----------------------------------------------------------------------------------
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_core_package_never_imports_transformers():
+    r = _run("import sys, d2pruner_kernels as d; d.prune, d.attention_scores, d.PositionalPrior;"
+             "print('transformers' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+    r = _run("import sys; sys.modules['transformers'] = None\n"
+             "from d2pruner_kernels import hf")
+    assert r.returncode != 0
+    assert "pip install 'd2pruner_kernels[hf]'" in r.stderr
+
+
+def test_the_example_runs():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "llava_generate.py"),
+                        "--new-tokens", "4"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "pruned   [582, 582, 70, 70]" in r.stdout
+    assert "kept 64 of 576 image tokens" in r.stdout

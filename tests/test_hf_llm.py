@@ -1,0 +1,390 @@
+"""d2pruner_kernels.hf, where="llm" (pruning inside the language model at layer K), on tiny
+random LLaVA, Qwen2-VL and Qwen2.5-VL models built from configs (fp32, CPU, nothing
+downloaded), held to an independent reference written here.
+
+The reference never gathers: it runs every decoder layer on the full sequence with an
+explicit mask that, from layer K on, hides the pruned image tokens as keys; the outputs at
+the kept positions are then exactly those of the pruned sequence. It decodes greedily by
+recomputing the whole sequence at every step (no cache), so the pruner's cached decoding is
+held to an uncached recomputation too.
+"""
+import pytest
+
+pytest.importorskip("transformers", reason="the hf extra is not installed: "
+                    "pip install 'transformers>=5.16.1,<6' -c <(echo torch==2.13.0)")
+
+import torch  # noqa: E402
+
+import d2pruner_kernels as d2p  # noqa: E402
+from d2pruner_kernels import hf  # noqa: E402
+from d2pruner_kernels.hf import tiny  # noqa: E402
+
+LAYER = 2
+STEPS = 4
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+_MODELS = {}
+
+
+def model_for(family, impl="sdpa"):
+    key = (family, impl)
+    if key not in _MODELS:
+        if family == "llava":
+            _MODELS[key] = tiny.tiny_llava(attn_implementation=impl)
+        else:
+            _MODELS[key] = tiny.tiny_qwen2_vl(attn_implementation=impl,
+                                              v2_5=family == "qwen2_5_vl")
+    return _MODELS[key]
+
+
+def single(family, model):
+    """One sample (two images for Qwen, of two sizes)."""
+    if family == "llava":
+        return tiny.llava_inputs(model, [[5, 6, 7]])
+    return tiny.qwen_inputs(model, [[(16, 16), (12, 20)]])
+
+
+def batch_samples(family, model):
+    """Prompts of different lengths: with one image, two images and none."""
+    if family == "llava":
+        return [tiny.llava_inputs(model, [[5, 6, 7, 8, 9, 10]], seed=1),
+                tiny.llava_inputs(model, [[11]], images_per_sample=[2], seed=2),
+                tiny.llava_inputs(model, [[12, 13]], images_per_sample=[0])]
+    return [tiny.qwen_inputs(model, [[(16, 16)]], texts=[[5, 6, 7, 8, 9]], seed=1),
+            tiny.qwen_inputs(model, [[(12, 20), (8, 8)]], texts=[[11]], seed=2),
+            tiny.qwen_inputs(model, [[]], texts=[[12, 13]])]
+
+
+def batched(family, model):
+    """The samples of batch_samples() in one left-padded batch."""
+    if family == "llava":
+        return tiny.llava_inputs(model, [[5, 6, 7, 8, 9, 10], [11], [12, 13]],
+                                 images_per_sample=[1, 2, 0], seed=0), None
+    samples = batch_samples(family, model)
+    return tiny.qwen_inputs(model, [[(16, 16)], [(12, 20), (8, 8)], []],
+                            texts=[[5, 6, 7, 8, 9], [11], [12, 13]]), samples
+
+
+def fix_pixels(batch, samples):
+    """Gives the batch the pixels of the single samples (so both see the same images)."""
+    pix = [s["pixel_values"] for s in samples if "pixel_values" in s]
+    batch["pixel_values"] = torch.cat(pix)
+    return batch
+
+
+def spans(family, model, inputs):
+    """Per sample [(start, end, grid)], found here from the prompt (independently)."""
+    ids = inputs["input_ids"]
+    out = []
+    grids = iter(inputs["image_grid_thw"].tolist()) if "image_grid_thw" in inputs else None
+    for row in ids:
+        found, b = [], row.tolist()
+        i = 0
+        while i < len(b):
+            if b[i] == tiny.IMAGE:
+                j = i
+                while j < len(b) and b[j] == tiny.IMAGE:
+                    j += 1
+                if family == "llava":
+                    found += [(s, s + 576, (24, 24)) for s in range(i, j, 576)]
+                else:
+                    t, h, w = next(grids)
+                    found.append((i, j, (t, h // 2, w // 2)))
+                i = j
+            else:
+                i += 1
+        out.append(found)
+    return out
+
+
+def keep_mask(family, model, inputs, kept):
+    """bool [B, L]: the positions the pruner kept (text and padding always)."""
+    keep = torch.ones(inputs["input_ids"].shape, dtype=torch.bool)
+    for b, sample in enumerate(spans(family, model, inputs)):
+        assert len(kept[b]) == len(sample)
+        for (s, e, _), k in zip(sample, kept[b]):
+            keep[b, s:e] = False
+            keep[b, s + k] = True
+    return keep
+
+
+def lm_kwargs(model, inputs):
+    """What the unpruned language model receives: inputs_embeds, position_ids, ..."""
+    got = {}
+    lm = model.model.language_model
+    h = lm.register_forward_pre_hook(lambda mod, a, kw: got.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        h.remove()
+    return got
+
+
+def reference(model, inputs, keep, layer=LAYER, steps=STEPS):
+    """(greedy tokens [B, steps], per step logits [B, n, V]): every layer on the full
+    sequence, pruned keys hidden from `layer` on, recomputed from scratch each step."""
+    kw = lm_kwargs(model, inputs)
+    lm = model.model.language_model
+    emb = kw["inputs_embeds"]
+    b, n = emb.shape[:2]
+    pos = kw.get("position_ids")
+    if pos is None:
+        pos = torch.arange(n).expand(b, -1)
+    if pos.dim() == 3 and pos.shape[0] == 4:  # Qwen's [text; t; h; w]
+        pos = pos[1:]
+    valid = inputs["attention_mask"].bool()
+    low = torch.finfo(emb.dtype).min
+    tokens, logits_steps = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            n = emb.shape[1]
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            full = causal & valid[:, None, :]
+            pruned = full & keep[:, None, :]
+            h = emb
+            pe = lm.rotary_emb(h, pos)
+            for i, lay in enumerate(lm.layers):
+                m = torch.where(full if i < layer else pruned, 0.0, low)[:, None]
+                out = lay(h, attention_mask=m, position_embeddings=pe, use_cache=False)
+                h = out[0] if isinstance(out, tuple) else out
+            logits = model.lm_head(lm.norm(h))
+            logits_steps.append(logits)
+            nxt = logits[:, -1].argmax(-1)
+            tokens.append(nxt)
+            emb = torch.cat([emb, model.get_input_embeddings()(nxt)[:, None]], 1)
+            if pos.dim() == 3:  # M-RoPE: the next text position follows the largest one
+                nxt_pos = (pos.amax(dim=(0, 2)) + 1).view(1, b, 1).expand(3, b, 1)
+            else:
+                nxt_pos = pos.amax(-1, keepdim=True) + 1
+            pos = torch.cat([pos, nxt_pos], -1)
+            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool)], 1)
+            keep = torch.cat([keep, torch.ones(b, 1, dtype=torch.bool)], 1)
+    return torch.stack(tokens, 1), logits_steps
+
+
+def generate(model, inputs, **kw):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=STEPS, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, **kw)
+
+
+def budget(family):
+    return 64 if family == "llava" else 0.25
+
+
+# -- keep-all and restore ------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_is_the_unpruned_model(family):
+    model = model_for(family)
+    inputs, samples = batched(family, model)
+    if samples:
+        inputs = fix_pixels(inputs, samples)
+    with torch.no_grad():
+        base = model(**inputs).logits
+    base_gen = generate(model, inputs)
+    with hf.apply(model, 576 if family == "llava" else 1.0) as pruner:
+        with torch.no_grad():
+            got = model(**inputs).logits
+        gen = generate(model, inputs)
+        assert [len(s) for s in pruner.kept] == [len(s) for s in spans(family, model, inputs)]
+    assert torch.equal(got, base)
+    assert torch.equal(gen.sequences, base_gen.sequences)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remove_restores_bit_identical_outputs(family):
+    model = model_for(family)
+    inputs = single(family, model)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    before_gen = generate(model, inputs).sequences
+    pruner = hf.apply(model, budget(family))
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    assert pruned.shape[1] < before.shape[1]
+    pruner.remove()
+    pruner.remove()  # a second remove does nothing
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+    assert torch.equal(generate(model, inputs).sequences, before_gen)
+    again = hf.apply(model, budget(family))  # applying again after remove() works
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, pruned)
+    again.remove()
+
+
+# -- the selection ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kept_is_prune_on_the_eager_row_and_the_hidden_states(family):
+    """kept == prune(hidden states entering layer K, eager attention row of layer K - 1),
+    on a left-padded batch (the padding embedding is not zero: padding keys would change
+    the softmax)."""
+    model = model_for(family, "eager")
+    inputs, samples = batched(family, model)
+    if samples:
+        inputs = fix_pixels(inputs, samples)
+    entering = {}
+    hook = model.model.language_model.layers[LAYER].register_forward_pre_hook(
+        lambda mod, args: entering.setdefault("h", args[0]))
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_attentions=True, use_cache=False)
+    finally:
+        hook.remove()
+    attn = out.attentions[LAYER - 1]  # [B, Hq, L, L], eager
+    hidden = entering["h"]
+    last = [int(torch.nonzero(m).max()) for m in inputs["attention_mask"]]
+    with hf.apply(model, budget(family)) as pruner:
+        with torch.no_grad():
+            model(**inputs)
+    for b, sample in enumerate(spans(family, model, inputs)):
+        assert len(pruner.kept[b]) == len(sample)
+        for i, (s, e, grid) in enumerate(sample):
+            row = attn[b, :, last[b], s:e].mean(0)
+            torch.testing.assert_close(pruner.importance[b][i], row, rtol=1e-5, atol=1e-8)
+            want = d2p.prune(hidden[b, s:e], row, grid, budget(family))
+            assert torch.equal(pruner.kept[b][i], want), (b, i)
+            assert pruner.grids[b][i] == grid
+    assert pruner.kept[2] == [] and pruner.grids[2] == []
+
+
+# -- against the reference -------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_and_generate_equal_the_reference(family, impl):
+    model = model_for(family, impl)
+    inputs = single(family, model)
+    with hf.apply(model, budget(family)) as pruner:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        kept = pruner.kept
+        gen = generate(model, inputs)
+    keep = keep_mask(family, model, inputs, kept)
+    n_kept = int(keep.sum())
+    cache = getattr(out, "cache", None) or out.past_key_values
+    lengths = [cache.get_seq_length(i) for i in range(len(model.model.language_model.layers))]
+    full = inputs["input_ids"].shape[1]
+    assert lengths == [full] * LAYER + [n_kept] * (len(lengths) - LAYER)  # no filler slots
+    tokens, logits = reference(model, inputs, keep)
+    assert out.logits.shape[1] == n_kept
+    torch.testing.assert_close(out.logits[0], logits[0][0, keep[0]], rtol=1e-4, atol=1e-4)
+    assert torch.equal(gen.sequences[:, full:], tokens)
+    for step, got in enumerate(gen.logits):  # cached decoding == uncached recomputation
+        torch.testing.assert_close(got, logits[step][:, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_equals_each_sample_alone(family):
+    model = model_for(family)
+    inputs, samples = batched(family, model)
+    samples = samples or batch_samples(family, model)
+    inputs = fix_pixels(inputs, samples)
+    with hf.apply(model, budget(family)) as pruner:
+        gen = generate(model, inputs)
+        kept = pruner.kept
+        alone = []
+        for s in samples:
+            alone.append((generate(model, s), pruner.kept[0]))
+    full = inputs["input_ids"].shape[1]
+    for b, (g, k) in enumerate(alone):
+        assert len(kept[b]) == len(k)
+        for mine, theirs in zip(kept[b], k):
+            assert torch.equal(mine, theirs), b
+        n = samples[b]["input_ids"].shape[1]
+        assert torch.equal(gen.sequences[b, full:], g.sequences[0, n:]), b
+        for step in range(STEPS):
+            torch.testing.assert_close(gen.logits[step][b], g.logits[step][0],
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_generate_without_cache_prunes_again_at_every_step():
+    """use_cache=False: every step is a prefill, pruned again from its newest token."""
+    family = "llava"
+    model = model_for(family)
+    inputs = single(family, model)
+    with hf.apply(model, budget(family)) as pruner:
+        with torch.no_grad():
+            gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+        last_kept = pruner.kept
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        steps = []
+        with torch.no_grad():
+            for _ in range(3):
+                logits = model(input_ids=ids, attention_mask=mask,
+                               pixel_values=inputs["pixel_values"], use_cache=False).logits
+                steps.append(pruner.kept)
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, nxt], 1)
+                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(gen, ids)
+    assert torch.equal(last_kept[0][0], steps[-1][0][0])
+    with hf.apply(model, budget(family)) as pruner:  # the first step is the cached prefill
+        first = generate(model, inputs).sequences[:, inputs["input_ids"].shape[1]]
+    assert torch.equal(first, gen[:, inputs["input_ids"].shape[1]])
+
+
+def test_prior_divides_the_importance():
+    """A PositionalPrior (resized to each Qwen image's grid) or a tensor for the grid."""
+    family = "llava"
+    model = model_for(family)
+    inputs = single(family, model)
+    prior = torch.linspace(1.0, 3.0, 576)
+    with hf.apply(model, 64, prior=prior) as pruner:
+        with torch.no_grad():
+            model(**inputs)
+        row = pruner.importance[0][0]
+        kept = pruner.kept[0][0]
+    entering = {}
+    hook = model.model.language_model.layers[LAYER].register_forward_pre_hook(
+        lambda mod, args: entering.setdefault("h", args[0]))
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        hook.remove()
+    want = d2p.prune(entering["h"][0, 1:577], row, (24, 24), 64, prior=prior)
+    assert torch.equal(kept, want)
+    assert not torch.equal(kept, d2p.prune(entering["h"][0, 1:577], row, (24, 24), 64))
+
+    qwen = model_for("qwen2_vl")
+    q_inputs = single("qwen2_vl", qwen)
+    calibrated = d2p.PositionalPrior((4, 4))
+    calibrated.update(torch.linspace(1.0, 2.0, 16))
+    with hf.apply(qwen, 0.25, prior=calibrated) as pruner:
+        with torch.no_grad():
+            qwen(**q_inputs)
+    for i, (s, e, grid) in enumerate(spans("qwen2_vl", qwen, q_inputs)[0]):
+        assert pruner.grids[0][i] == grid
+        assert pruner.kept[0][i].numel() == round(0.25 * (e - s))
+
+
+def test_inputs_embeds_and_videos():
+    """Placeholders found from inputs_embeds as transformers finds them; Qwen video tokens
+    are left as they are (only images are pruned)."""
+    model = model_for("llava")
+    inputs = single("llava", model)
+    with hf.apply(model, 64) as pruner:
+        with torch.no_grad():
+            by_ids = model(**inputs).logits
+            kept = pruner.kept
+            embeds = model.get_input_embeddings()(inputs["input_ids"])
+            by_embeds = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                              pixel_values=inputs["pixel_values"]).logits
+        assert torch.equal(pruner.kept[0][0], kept[0][0])
+    torch.testing.assert_close(by_embeds, by_ids)
+
+    model = model_for("qwen2_vl")
+    inputs = tiny.qwen_inputs(model, [[(16, 16)]], videos=[[(2, 8, 8)]])
+    with hf.apply(model, 0.25) as pruner:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        kept = pruner.kept
+    assert [len(s) for s in kept] == [1] and kept[0][0].numel() == 16
+    keep = keep_mask("qwen2_vl", model, inputs, kept)  # video tokens: all kept
+    assert int((inputs["input_ids"] == tiny.VIDEO).sum()) == 32
+    assert out.logits.shape[1] == int(keep.sum()) == inputs["input_ids"].shape[1] - 48
+    tokens, logits = reference(model, inputs, keep, steps=1)
+    torch.testing.assert_close(out.logits[0], logits[0][0, keep[0]], rtol=1e-4, atol=1e-4)
