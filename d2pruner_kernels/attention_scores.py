@@ -6,9 +6,16 @@ the queries and keys that FlashAttention / SDPA consume (they never return the m
     out[b, n] = mean over query heads h and query rows r of
                 softmax_j(scale * <q[b, h, r], k[b, h // (Hq // Hk), j]>)[start + n]
 
+In a padded or packed batch each sample has its own span, `key_span=[(start_b, end_b)]`
+(or an int tensor [B, 2] on the host), and `key_padding_mask` [B, L] (True / 1 = a real
+key, HF's attention_mask) removes padding keys from every row's softmax. Equal lengths
+give [B, n]; with `packed=True` the rows are back to back, float32 [sum_b n_b] (offsets:
+the cumulative sum of the lengths, prune_varlen's cu_seqlens).
+
 The softmax runs over every key the row sees (system prompt, image and text: all L keys,
-or the keys j <= q_positions[r] under a causal limit), so the result equals the eager
-attention row `attn[:, :, row, start:end]` averaged over heads, with no L x L matrix.
+or the keys j <= q_positions[r] under a causal limit, less those the padding mask
+removes), so the result equals the eager attention row `attn[:, :, row, start:end]`
+averaged over heads, with no L x L matrix.
 
 `lse` is FlashAttention's convention: the natural-log log-sum-exp of the *scaled* logits,
 lse[b, h, r] = log sum_j exp(scale * <q[b, h, r], k[b, h // G, j]>) over the keys the row
@@ -23,13 +30,61 @@ import numbers
 import torch
 
 from . import dispatch
-from .checks import FLOAT_DTYPES, check_backend, check_dense, shape_str
+from .checks import FLOAT_DTYPES, check_backend, check_bool, check_dense, shape_str
 
 INT_DTYPES = (torch.int32, torch.int64)
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _check_inputs(q, k, key_span, scale, lse, q_positions):
-    """Metadata-only validation (no device sync); returns (start, end, scale)."""
+def _is_int(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, numbers.Integral)
+
+
+def _check_span(key_span, b: int, n_keys: int):
+    """(start, end) for one span shared by every sample, or a list of B (start, end) pairs
+    (from a list / tuple of pairs or a host int tensor [B, 2]). Python values only."""
+    if (isinstance(key_span, (tuple, list)) and len(key_span) == 2
+            and all(map(_is_int, key_span))):
+        start, end = int(key_span[0]), int(key_span[1])
+        if not 0 <= start < end <= n_keys:
+            raise ValueError(f"key_span must satisfy 0 <= start < end <= L={n_keys}, "
+                             f"got ({start}, {end})")
+        return start, end
+    if isinstance(key_span, torch.Tensor):
+        check_dense("key_span", key_span)
+        if key_span.dtype not in INT_DTYPES:
+            raise TypeError(f"key_span tensor must be int32 or int64, got {key_span.dtype}")
+        if key_span.device.type != "cpu":  # reading it to validate would synchronise
+            raise ValueError(f"key_span tensor must be on the CPU (its values set the output "
+                             f"shape; reading them on {key_span.device} would synchronise), "
+                             f"got {key_span.device}: pass a list of (start, end) pairs")
+        if tuple(key_span.shape) != (b, 2):
+            raise ValueError(f"key_span tensor must have shape [B, 2] = [{b}, 2], "
+                             f"got {shape_str(key_span)}")
+        pairs = key_span.tolist()
+    elif (isinstance(key_span, (tuple, list)) and len(key_span) > 0
+          and all(isinstance(p, (tuple, list)) for p in key_span)):
+        pairs = key_span
+        if len(pairs) != b:
+            raise ValueError(f"key_span has {len(pairs)} (start, end) pairs but q has B={b}")
+    else:
+        raise TypeError(f"key_span must be a pair of ints (start, end), B such pairs or an "
+                        f"int tensor [B, 2], got {key_span!r}")
+    spans = []
+    for i, p in enumerate(pairs):
+        if len(p) != 2 or not all(map(_is_int, p)):
+            raise TypeError(f"key_span[{i}] must be a pair of ints (start, end), got {p!r}")
+        start, end = int(p[0]), int(p[1])
+        if not 0 <= start < end <= n_keys:
+            raise ValueError(f"key_span[{i}] (sample {i}) must satisfy 0 <= start < end <= "
+                             f"L={n_keys}, got ({start}, {end})")
+        spans.append((start, end))
+    return spans
+
+
+def _check_inputs(q, k, key_span, scale, lse, q_positions, key_padding_mask=None):
+    """Metadata-only validation (no device sync); returns (span, scale): span is (start,
+    end), or a list of B pairs (host values only)."""
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -57,13 +112,7 @@ def _check_inputs(q, k, key_span, scale, lse, q_positions):
     if n_keys == 0:
         raise ValueError(f"k must have L >= 1 keys, got shape {shape_str(k)}")
 
-    if (not isinstance(key_span, (tuple, list)) or len(key_span) != 2
-            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in key_span)):
-        raise TypeError(f"key_span must be a pair of ints (start, end), got {key_span!r}")
-    start, end = int(key_span[0]), int(key_span[1])
-    if not 0 <= start < end <= n_keys:
-        raise ValueError(f"key_span must satisfy 0 <= start < end <= L={n_keys}, "
-                         f"got ({start}, {end})")
+    span = _check_span(key_span, b, n_keys)
 
     if scale is None:
         scale = 1.0 / math.sqrt(d)
@@ -96,12 +145,29 @@ def _check_inputs(q, k, key_span, scale, lse, q_positions):
                              f"[{b}, {nq}], got {shape_str(q_positions)}")
         if q_positions.device != q.device:
             raise ValueError(f"q_positions is on {q_positions.device} but q is on {q.device}")
-    return start, end, float(scale)
+
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor or None, "
+                            f"got {type(key_padding_mask).__name__}")
+        check_dense("key_padding_mask", key_padding_mask)
+        if key_padding_mask.dtype not in MASK_DTYPES:
+            raise TypeError(f"key_padding_mask must be bool or an integer dtype (True / 1 = a "
+                            f"real key, HF's attention_mask), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (b, n_keys):
+            raise ValueError(f"key_padding_mask must have shape [B, L] = [{b}, {n_keys}], "
+                             f"got {shape_str(key_padding_mask)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} "
+                             f"but q is on {q.device}")
+    return span, float(scale)
 
 
-def attention_scores(q: torch.Tensor, k: torch.Tensor, *, key_span: tuple[int, int],
+def attention_scores(q: torch.Tensor, k: torch.Tensor, *,
+                     key_span: tuple[int, int] | list[tuple[int, int]] | torch.Tensor,
                      scale: float | None = None, lse: torch.Tensor | None = None,
                      q_positions: torch.Tensor | None = None,
+                     key_padding_mask: torch.Tensor | None = None, packed: bool = False,
                      backend: str = "auto") -> torch.Tensor:
     """Mean attention of the query rows `q` on the keys `key_span`, float32 [B, end - start].
 
@@ -109,7 +175,14 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, *, key_span: tuple[int, i
            several rows, which are averaged), RoPE already applied. fp16 / bf16 / fp32.
     k:     [B, Hk, L, d] all keys, same dtype; Hq a multiple of Hk (query head h reads
            key head h // (Hq // Hk)). Any strides; a non-unit last stride is copied.
-    key_span: (start, end), the visual tokens among the L keys.
+    key_span: (start, end), the visual tokens among the L keys, shared by every sample;
+           or one (start_b, end_b) per sample: a list of B pairs or an int tensor [B, 2]
+           on the CPU (a CUDA tensor is refused: validating it would synchronise). Each
+           0 <= start < end <= L.
+    packed: with per-sample spans of equal lengths n the result is [B, n]; lengths that
+           differ need packed=True: float32 [sum_b n_b], sample b's row at
+           offsets[b]:offsets[b + 1], offsets = [0, cumsum(lengths)] (prune_varlen's
+           cu_seqlens). packed=True always returns this packed form.
     scale: logit scale, default 1 / sqrt(d).
     lse:   optional float32 [B, Hq, Nq], natural-log log-sum-exp of the scaled logits
            (FlashAttention's `softmax_lse` for these rows): skips the normalising pass.
@@ -117,11 +190,33 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, *, key_span: tuple[int, i
            (a causal limit); a row that sees no key contributes zeros. Not read on the
            host, so values are not checked; any value is safe: >= L - 1 (INT32_MAX,
            INT64_MAX) means every key, < 0 none.
+    key_padding_mask: optional [B, L], bool or int (HF's attention_mask): nonzero = a
+           real key; the others are left out of every row's softmax, as if absent (and
+           score 0 inside a span). Combined with q_positions when both are given. Values
+           are not read on the host. Any strides.
     backend: 'auto' (Triton on CUDA), 'kernels' (Triton, or the interpreter on CPU with
            TRITON_INTERPRET=1) or 'reference' (plain torch).
 
-    Validation reads metadata only: the call never synchronises with the device.
+    Validation reads metadata only: the call never synchronises with the device. (Spans
+    that differ between samples are staged on the device by one small non-blocking copy
+    from pinned memory, which a CUDA graph cannot capture: the call raises under capture.)
     """
     check_backend(backend)
-    start, end, scale = _check_inputs(q, k, key_span, scale, lse, q_positions)
-    return dispatch.attention(q, k, (start, end), scale, lse, q_positions, backend)
+    span, scale = _check_inputs(q, k, key_span, scale, lse, q_positions, key_padding_mask)
+    packed = check_bool("packed", packed)
+    b = q.shape[0]
+    if isinstance(span, list):
+        lengths = [e - s for s, e in span]
+        if len(set(span)) == 1:  # one span after all: today's path
+            span = span[0]
+        elif len(set(lengths)) > 1 and not packed:
+            other = next(i for i, n in enumerate(lengths) if n != lengths[0])
+            raise ValueError(
+                f"key_span lengths differ between samples (sample 0 has {lengths[0]} keys, "
+                f"sample {other} has {lengths[other]}; all: {lengths}): pass packed=True for "
+                f"the rows back to back, float32 [sum of lengths] = [{sum(lengths)}]")
+    out = dispatch.attention(q, k, span, scale, lse, q_positions, backend,
+                             key_padding_mask=key_padding_mask)
+    if packed:
+        return out.reshape(-1)
+    return out if out.dim() == 2 else out.view(b, -1)  # per-sample spans of equal lengths

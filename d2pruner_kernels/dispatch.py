@@ -177,9 +177,13 @@ def select_varlen(tokens, attn, images, grids, ks, n_pivots, priors, params: Gra
     return torch.cat(out)
 
 
-def attention(q, k, key_span, scale: float, lse, q_positions, backend: str) -> torch.Tensor:
-    """attention_scores: float32 [B, end - start]."""
+def attention(q, k, key_span, scale: float, lse, q_positions, backend: str,
+              key_padding_mask=None) -> torch.Tensor:
+    """attention_scores: float32 [B, end - start] for one span (start, end); float32
+    [sum_b n_b], the rows back to back, for a list of B (start, end) pairs."""
     if use_triton(backend, q.device):
         return _triton("attention").attention_scores(q, k, key_span, scale, lse=lse,
-                                                      q_positions=q_positions)
-    return reference_attention.attention_scores(q, k, key_span, scale, lse, q_positions)
+                                                      q_positions=q_positions,
+                                                      key_padding_mask=key_padding_mask)
+    return reference_attention.attention_scores(q, k, key_span, scale, lse, q_positions,
+                                                key_padding_mask)

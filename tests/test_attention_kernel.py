@@ -1,5 +1,7 @@
 """attention_scores: the Triton kernel and the torch reference against softmax(q kᵀ * scale)
-in float64 on the same (rounded) inputs, to 1e-5 relative; then the input checks."""
+in float64 on the same (rounded) inputs, to 1e-5 relative; a left-padded batch (a span
+per sample, the padding mask) against each sample's own eager attention on its real
+tokens; then the input checks."""
 from __future__ import annotations
 
 import math
@@ -174,6 +176,139 @@ def test_deterministic_and_inputs_untouched():
     assert torch.equal(q, q0) and torch.equal(k, k0)
 
 
+# -- padded and packed batches: a span per sample, a key-padding mask ---------------------
+
+SYS_LEN = 3
+
+
+def _left_padded(images, texts, dtype, seed, hq=4, hk=2, d=64):
+    """B samples (system prompt | image | text), of different lengths, padded on the left
+    to the longest as an HF batch with padding_side='left' holds them. The padding keys
+    and queries are random and the keys strong (3x): a softmax that let them in would be
+    far off. Returns q_all [B, Hq, L, d], k [B, Hk, L, d] (rounded to dtype), the padding
+    length of each sample, and the mask [B, L] (True = a real key)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [SYS_LEN + n + t for n, t in zip(images, texts)]
+    b, n_keys = len(lengths), max(lengths)
+    q_all = torch.randn(b, hq, n_keys, d, generator=g)
+    k = torch.randn(b, hk, n_keys, d, generator=g)
+    pads = [n_keys - n for n in lengths]
+    for i, p in enumerate(pads):
+        k[i, :, :p] *= 3.0
+    mask = torch.arange(n_keys)[None, :] >= torch.tensor(pads)[:, None]
+    return q_all.to(DEVICE, dtype), k.to(DEVICE, dtype), pads, mask.to(DEVICE)
+
+
+def eager_unpadded(q_all, k, pads, rows, cols, scale=None):
+    """Sample by sample on its real tokens only (the padding cut off, so nothing has to
+    mask it): the float64 causal eager attention matrix, its rows `rows[b]` and columns
+    cols[b] = (start, end) in unpadded positions, averaged over heads and rows. Returns
+    the rows (a list) and the log-sum-exp of those rows, [B, Hq, Nq] (what FlashAttention
+    returns)."""
+    out, lses = [], []
+    hq, hk, d = q_all.shape[1], k.shape[1], q_all.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    for b, p in enumerate(pads):
+        qb, kb = q_all[b, :, p:].double().cpu(), k[b, :, p:].double().cpu()
+        n = qb.shape[1]
+        logits = qb @ kb.repeat_interleave(hq // hk, 0).transpose(-1, -2) * scale
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        logits = logits.masked_fill(~causal, float("-inf"))[:, rows[b]]   # [Hq, Nq, n]
+        attn = torch.softmax(logits, dim=-1)
+        out.append(attn[..., cols[b][0]:cols[b][1]].mean(dim=(0, 1)))
+        lses.append(torch.logsumexp(logits, dim=-1))
+    return out, torch.stack(lses)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("images", [(20, 20, 20), (12, 30, 21)], ids=["equal", "ragged"])
+def test_left_padded_batch(images, dtype, backend):
+    # B = 3 samples of different lengths (texts differ), left-padded; two query rows per
+    # sample: one inside its image (sees part of it) and the last token. Each sample's
+    # span sits elsewhere among the padded keys.
+    texts = (9, 2, 5)
+    q_all, k, pads, mask = _left_padded(images, texts, dtype, seed=sum(images) + DTYPES.index(dtype))
+    n_keys = k.shape[2]
+    rows = [[SYS_LEN + n // 2, n_keys - p - 1] for n, p in zip(images, pads)]  # unpadded
+    cols = [(SYS_LEN, SYS_LEN + n) for n in images]
+    want, lse = eager_unpadded(q_all, k, pads, rows, cols)
+    idx = torch.tensor([[p + r for r in rr] for p, rr in zip(pads, rows)])    # padded [B, Nq]
+    q = torch.stack([q_all[b][:, idx[b].to(DEVICE)] for b in range(3)])       # [B, Hq, Nq, d]
+    spans = [(p + s, p + e) for p, (s, e) in zip(pads, cols)]
+    kw = dict(q_positions=idx.to(DEVICE), key_padding_mask=mask, backend=backend)
+    if len(set(images)) == 1:                                    # equal lengths: [B, n]
+        assert_rel_close(attention_scores(q, k, key_span=spans, **kw), torch.stack(want))
+    else:
+        with pytest.raises(ValueError, match=r"lengths differ between samples \(sample 0 "
+                           r"has 12 keys, sample 1 has 30; all: \[12, 30, 21\]\)"):
+            attention_scores(q, k, key_span=spans, **kw)
+    packed = torch.cat(want)                                     # [sum n_b], samples in order
+    assert_rel_close(attention_scores(q, k, key_span=spans, packed=True, **kw), packed)
+    # the same from a host span tensor and an int mask (HF's attention_mask) ...
+    kw.update(key_padding_mask=mask.long())
+    assert_rel_close(attention_scores(q, k, key_span=torch.tensor(spans), packed=True, **kw),
+                     packed)
+    # ... and with FlashAttention's lse (which already leaves the padding out)
+    out = attention_scores(q, k, key_span=spans, packed=True, lse=lse.float().to(DEVICE), **kw)
+    assert_rel_close(out, packed)
+
+
+def exact_masked(q, k, spans, mask, scale=None, positions=None):
+    """The definition with padding: logits of the keys the mask removes set to -inf, the
+    softmax, a row that sees nothing all zeros, each sample's span; rows back to back."""
+    logits = logits64(q, k, scale, positions).masked_fill(~mask.cpu()[:, None, None, :],
+                                                          float("-inf"))
+    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return torch.cat([p[b, ..., s:e].mean(dim=(0, 1)) for b, (s, e) in enumerate(spans)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_mask_shared_span(backend):
+    # One span for both samples (today's path) with the mask: holes inside the span score
+    # exactly 0, and a row that sees only padding (keys <= 20, all masked) adds zeros.
+    q, k = _qk(2, 4, 2, 2, 90, 64, torch.float32, seed=13)
+    mask = torch.ones(2, 90, dtype=torch.bool, device=DEVICE)
+    mask[0, :30] = False
+    mask[1, 40:50] = False
+    pos = torch.tensor([[20, 89], [89, 70]], device=DEVICE)
+    out = attention_scores(q, k, key_span=(10, 80), q_positions=pos, key_padding_mask=mask,
+                           backend=backend)
+    want = exact_masked(q, k, [(10, 80)] * 2, mask, positions=pos).view(2, 70)
+    assert_rel_close(out, want)
+    assert (out[1, 30:40] == 0).all() and (out[0, :20] == 0).all()
+    # a list of identical spans is the shared span; packed=True flattens it
+    same = attention_scores(q, k, key_span=[(10, 80)] * 2, q_positions=pos,
+                            key_padding_mask=mask, packed=True, backend=backend)
+    assert torch.equal(same, out.flatten())
+
+
+def test_per_sample_chunked_and_split_passes():
+    # Per-sample spans and a mask through several pass-1 chunks, short span blocks (some
+    # past a sample's span: they write nothing), the key heads split over pass-2 programs,
+    # two row blocks (BLOCK_M = 16 < 18); a left padding that fills whole chunks.
+    from d2pruner_kernels.kernels import attention as kern
+    q, k = _qk(3, 9, 6, 3, 260, 64, torch.float16, seed=17)
+    mask = torch.ones(3, 260, dtype=torch.bool, device=DEVICE)
+    mask[1, :37] = False
+    mask[2, :130] = False
+    mask[2, 150:155] = False
+    spans = [(5, 25), (40, 240), (130, 210)]
+    pos = torch.tensor([[259, 10, 100, 259, 200, 24]] * 2 + [[259, 140, 129, 259, 259, 180]],
+                       device=DEVICE)
+    cfg = dict(chunk=64, BLOCK_N_SPAN=16, span_programs=1000, BLOCK_M=16)
+    want = exact_masked(q, k, spans, mask, scale=0.125, positions=pos)
+    out = kern.attention_scores(q, k, spans, 0.125, q_positions=pos, config=cfg,
+                                key_padding_mask=mask)
+    assert_rel_close(out, want)
+    lse = torch.logsumexp(logits64(q, k, 0.125, pos).masked_fill(
+        ~mask.cpu()[:, None, None, :], float("-inf")), dim=-1).float().to(DEVICE)
+    lse = lse.nan_to_num(0.0, neginf=0.0)   # rows that see nothing: lse unused
+    out = kern.attention_scores(q, k, spans, 0.125, lse=lse, q_positions=pos, config=cfg,
+                                key_padding_mask=mask)
+    assert_rel_close(out, want)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="long sequences only on a GPU")
 @pytest.mark.parametrize("n_keys", (4096, 32768))
 def test_long_sequences_gpu(n_keys):
@@ -214,6 +349,27 @@ def _good():
     (lambda a: a.update(q_positions=torch.tensor([1.0], device=DEVICE)), TypeError, r"q_positions must be int32 or int64, got torch.float32"),
     (lambda a: a.update(q_positions=torch.tensor([1, 2], device=DEVICE)), ValueError, r"q_positions must have shape \[Nq\] = \[1\] or \[B, Nq\] = \[2, 1\], got \[2\]"),
     (lambda a: a.update(backend="triton"), ValueError, r"backend must be one of"),
+    # per-sample spans
+    (lambda a: a.update(key_span=[(5, 40)] * 3), ValueError, r"key_span has 3 \(start, end\) pairs but q has B=2"),
+    (lambda a: a.update(key_span=[(5, 40), (5,)]), TypeError, r"key_span\[1\] must be a pair of ints \(start, end\), got \(5,\)"),
+    (lambda a: a.update(key_span=[(5, 40), (5.0, 40)]), TypeError, r"key_span\[1\] must be a pair of ints"),
+    (lambda a: a.update(key_span=[(5, 40), (45, 51)]), ValueError, r"key_span\[1\] \(sample 1\) must satisfy 0 <= start < end <= L=50, got \(45, 51\)"),
+    (lambda a: a.update(key_span=[(-1, 34), (5, 40)]), ValueError, r"key_span\[0\] \(sample 0\) must satisfy .* got \(-1, 34\)"),
+    (lambda a: a.update(key_span=[(5, 40), (30, 30)]), ValueError, r"key_span\[1\] \(sample 1\) .* got \(30, 30\)"),
+    (lambda a: a.update(key_span=[]), TypeError, r"key_span must be a pair of ints \(start, end\), B such pairs or an int tensor \[B, 2\]"),
+    (lambda a: a.update(key_span=torch.tensor([[5, 40, 1], [5, 40, 1]])), ValueError, r"key_span tensor must have shape \[B, 2\] = \[2, 2\], got \[2, 3\]"),
+    (lambda a: a.update(key_span=torch.tensor([5, 40])), ValueError, r"key_span tensor must have shape \[B, 2\] = \[2, 2\], got \[2\]"),
+    (lambda a: a.update(key_span=torch.tensor([[5.0, 40.0]] * 2)), TypeError, r"key_span tensor must be int32 or int64, got torch.float32"),
+    (lambda a: a.update(key_span=torch.empty(2, 2, dtype=torch.int64, device="meta")), ValueError, r"key_span tensor must be on the CPU .* got meta"),
+    (lambda a: a.update(key_span=torch.tensor([[5, 40], [0, 51]])), ValueError, r"key_span\[1\] \(sample 1\) .* L=50, got \(0, 51\)"),
+    (lambda a: a.update(key_span=[(5, 40), (5, 30)]), ValueError, r"key_span lengths differ between samples \(sample 0 has 35 keys, sample 1 has 25; all: \[35, 25\]\): pass packed=True .* \[60\]"),
+    (lambda a: a.update(packed=1), TypeError, r"packed must be a bool, got int 1"),
+    # key-padding mask
+    (lambda a: a.update(key_padding_mask=torch.ones(2, 49, dtype=torch.bool, device=DEVICE)), ValueError, r"key_padding_mask must have shape \[B, L\] = \[2, 50\], got \[2, 49\]"),
+    (lambda a: a.update(key_padding_mask=torch.ones(50, dtype=torch.bool, device=DEVICE)), ValueError, r"key_padding_mask must have shape \[B, L\] = \[2, 50\], got \[50\]"),
+    (lambda a: a.update(key_padding_mask=torch.ones(2, 1, 1, 50, dtype=torch.bool, device=DEVICE)), ValueError, r"key_padding_mask must have shape .* got \[2, 1, 1, 50\]"),
+    (lambda a: a.update(key_padding_mask=torch.zeros(2, 50, device=DEVICE)), TypeError, r"key_padding_mask must be bool or an integer dtype .* got torch.float32"),
+    (lambda a: a.update(key_padding_mask=[[1] * 50] * 2), TypeError, r"key_padding_mask must be a torch.Tensor or None, got list"),
 ])
 def test_bad_inputs(change, exc, match):
     args = _good()
@@ -229,3 +385,6 @@ def test_device_mismatch():
         attention_scores(q, meta, key_span=(0, 20))
     with pytest.raises(ValueError, match=r"lse is on meta but q is on"):
         attention_scores(q, k, key_span=(0, 20), lse=torch.empty(1, 2, 1, device="meta"))
+    with pytest.raises(ValueError, match=r"key_padding_mask is on meta but q is on"):
+        attention_scores(q, k, key_span=(0, 20),
+                         key_padding_mask=torch.ones(1, 20, dtype=torch.bool, device="meta"))

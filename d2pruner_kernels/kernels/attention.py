@@ -4,26 +4,34 @@ heads and query rows, restricted to the visual key span, with no L x L matrix.
 For query row m = (g, r) of key head hk (query head h = hk * G + g, G = Hq // Hk):
 
     s[m, j]  = scale * log2(e) * <q[b, h, r], k[b, hk, j]>         (base-2 logits, float32)
-    seen     = j <= q_positions[b, r]                              (all j when no positions)
+    seen     = j <= q_positions[b, r] and key_padding_mask[b, j]   (all j when neither)
     lse2[m]  = log2 sum_{j seen} 2^s[m, j]                         (= lse * log2(e))
     out[b, n] = sum_{h, r} 2^(s[m, start + n] - lse2[m]) / (Hq * Nq)
+
+The span is one (start, end) for every sample, or one per sample (start_b, end_b): then
+pass 2 reads each sample's start, length and output offset from a small int64 [B, 3]
+device tensor, and the rows are written back to back, [sum_b n_b]. Both passes are one
+launch for the whole batch either way.
 
 Two passes (timed on an H200, see the README):
   1. `_lse_partials_kernel` reads all L keys once, split into chunks for parallelism; each
      program keeps an online (running max, rescaled sum) pair per row of its GQA group
      and writes it for its chunk. Skipped when the caller passes FlashAttention's lse.
   2. `_span_probs_kernel` merges the chunk pairs into lse2 (one vector load), reads only
-     the span keys, and sums the probabilities over heads and rows in a fixed order. When
-     the span is short, the key heads are split over several programs for parallelism
-     and their partial sums added by one torch sum: no atomics, the same bits every run.
+     the span keys (of its sample), and sums the probabilities over heads and rows in a
+     fixed order. When the span is short, the key heads are split over several programs
+     for parallelism and their partial sums added by one torch sum: no atomics, the same
+     bits every run.
 The span keys are read twice, the others once.
 
 Memory-safe for any values: row offsets are 64-bit (key row index x row stride may pass
-2^31 elements in a strided view), q_positions are clamped to [-1, L - 1] (INT32_MAX /
-INT64_MAX mean "all keys", no overflow in `max(pos) + 1`), and each probability's base-2
-exponent is capped at 0 (a probability is <= 1; a huge scale amplifies rounding past the
-float32 range otherwise). With a given lse the exponent is formed in natural units
-(scale * <q, k> - lse), then converted.
+2^31 elements in a strided view; the padding mask's and the packed output's offsets too),
+per-sample spans are validated on the host (the kernels read only the [B, 3] table the
+launch wrapper builds from them), mask values are only compared with 0, q_positions are
+clamped to [-1, L - 1] (INT32_MAX / INT64_MAX mean "all keys", no overflow in
+`max(pos) + 1`), and each probability's base-2 exponent is capped at 0 (a probability is
+<= 1; a huge scale amplifies rounding past the float32 range otherwise). With a given
+lse the exponent is formed in natural units (scale * <q, k> - lse), then converted.
 
 The dot products run in the input dtype with float32 accumulation (`dot.exact_dot`: exact
 products, never tf32). Head dims that are
@@ -70,17 +78,27 @@ def _positions(pos_ptr, b, r, row_ok, sp_b, sp_r, L):
 
 
 @triton.jit
+def _real_keys(mask_ptr, b, keys, key_ok, sm_b, sm_l):
+    """key_padding_mask[b, keys] != 0 (a bool mask is read as uint8); offsets in 64 bits.
+    Keys past key_ok read 0: absent."""
+    real = tl.load(mask_ptr + b.to(tl.int64) * sm_b + keys.to(tl.int64) * sm_l, mask=key_ok,
+                   other=0)
+    return real != 0
+
+
+@triton.jit
 def _logits2(q, kt, qk_scale2, UPCAST: tl.constexpr):
     return exact_dot(q, kt, None, UPCAST) * qk_scale2
 
 
 @triton.jit
 def _lse_partials_kernel(
-        q_ptr, k_ptr, pos_ptr, m_ptr, l_ptr,
+        q_ptr, k_ptr, pos_ptr, mask_ptr, m_ptr, l_ptr,
         L, D, NQ, G, R, HQ, HK, chunk, n_chunks, qk_scale2,
-        sq_b, sq_h, sq_r, sk_b, sk_h, sk_l, sp_b, sp_r,
-        HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+        sq_b, sq_h, sq_r, sk_b, sk_h, sk_l, sp_b, sp_r, sm_b, sm_l,
+        HAS_POS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+        UPCAST: tl.constexpr):
     c = tl.program_id(0)
     b = tl.program_id(1) // HK
     hk = tl.program_id(1) % HK
@@ -104,6 +122,8 @@ def _lse_partials_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_ok = keys < hi
+        if HAS_MASK:  # padding keys are absent: not even loaded
+            key_ok = key_ok & _real_keys(mask_ptr, b, keys, key_ok, sm_b, sm_l)
         kt = tl.trans(_load_tile(k_head, keys, key_ok, sk_l, offs_d, D, EVEN_D))
         s = _logits2(q, kt, qk_scale2, UPCAST)
         seen = key_ok[None, :]
@@ -122,24 +142,35 @@ def _lse_partials_kernel(
 
 @triton.jit
 def _span_probs_kernel(
-        q_ptr, k_ptr, pos_ptr, lse_ptr, m_ptr, l_ptr, out_ptr,
-        span_start, n_span, D, NQ, G, R, HQ, HK, heads_per_prog, n_chunks, scale, qk_scale2,
-        inv_rows,
-        sq_b, sq_h, sq_r, sk_b, sk_h, sk_l, sp_b, sp_r,
-        HAS_POS: tl.constexpr, HAS_LSE: tl.constexpr, BLOCK_C: tl.constexpr,
+        q_ptr, k_ptr, pos_ptr, mask_ptr, spans_ptr, lse_ptr, m_ptr, l_ptr, out_ptr,
+        span_start, n_span, n_out, D, NQ, G, R, HQ, HK, heads_per_prog, n_chunks, scale,
+        qk_scale2, inv_rows,
+        sq_b, sq_h, sq_r, sk_b, sk_h, sk_l, sp_b, sp_r, sm_b, sm_l,
+        HAS_POS: tl.constexpr, HAS_LSE: tl.constexpr, HAS_MASK: tl.constexpr,
+        PER_SAMPLE: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
     # Program (span block, b, head group): key heads hk_lo .. hk_lo + heads_per_prog - 1.
     b = tl.program_id(1)
     group = tl.program_id(2)
+    if PER_SAMPLE:  # spans [B, 3] int64: (start, length, output offset) of each sample
+        span_start = tl.load(spans_ptr + b.to(tl.int64) * 3)
+        n_span = tl.load(spans_ptr + b.to(tl.int64) * 3 + 1)
+        out_off = tl.load(spans_ptr + b.to(tl.int64) * 3 + 2)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_span
     keys = span_start + cols
+    seen_col = col_ok
+    if HAS_MASK:  # padding keys inside the span are absent too: they score 0 (their keys
+        # are still loaded: a mask in the load predicate costs ~35 registers on sm_90)
+        seen_col = col_ok & _real_keys(mask_ptr, b, keys, col_ok, sm_b, sm_l)
     offs_d = tl.arange(0, BLOCK_D)
     offs_c = tl.arange(0, BLOCK_C)
     hk_lo = group * heads_per_prog
     m_blocks = tl.cdiv(R, BLOCK_M)
     n_iter = (tl.minimum(hk_lo + heads_per_prog, HK) - hk_lo) * m_blocks
+    if PER_SAMPLE:  # the grid covers the longest span: a block past this one's does nothing
+        n_iter = tl.where(tl.program_id(0) * BLOCK_N < n_span, n_iter, 0)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     # One flat loop over (key head, row block), in a fixed order: the sum is deterministic.
     for it in range(0, n_iter):
@@ -163,7 +194,7 @@ def _span_probs_kernel(
             big = tl.where(big == float("-inf"), 0.0, big)
             tot = tl.sum(lc * tl.exp2(mc - big[:, None]), axis=1)
             lse2 = big + tl.log2(tl.where(tot > 0, tot, 1.0))  # tot = 0: row sees nothing
-        seen = row_ok[:, None] & col_ok[None, :]
+        seen = row_ok[:, None] & seen_col[None, :]
         if HAS_POS:
             pos = _positions(pos_ptr, b, r, row_ok, sp_b, sp_r, span_start + n_span)
             seen = seen & (keys[None, :] <= pos[:, None])
@@ -176,8 +207,10 @@ def _span_probs_kernel(
         # amplify past 128 (2^128 = inf in float32); the exponent is capped at 0.
         p = tl.where(seen, tl.exp2(tl.minimum(e2, 0.0)), 0.0)
         total += tl.sum(p, axis=0)
-    # out is [B, n_groups, n_span]; with one group it is the result itself.
-    out = out_ptr + (b * tl.num_programs(2) + group).to(tl.int64) * n_span + cols
+    if PER_SAMPLE:  # out is [n_groups, n_out] (n_out = sum of lengths), samples back to back
+        out = out_ptr + group.to(tl.int64) * n_out + out_off + cols
+    else:  # out is [B, n_groups, n_span]; with one group it is the result itself
+        out = out_ptr + (b * tl.num_programs(2) + group).to(tl.int64) * n_span + cols
     tl.store(out, total * inv_rows, mask=col_ok)
 
 
@@ -194,11 +227,33 @@ def default_config(dtype: torch.dtype, d: int, rows: int, device: torch.device) 
                 span_programs=2 * sms, num_warps=4, num_stages=3)
 
 
-def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int],
-                     scale: float, lse: torch.Tensor | None = None,
+def _device_spans(spans: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """int64 [B, 3]: (start, length, output offset) per sample, on `device`. On a GPU, one
+    non-blocking copy from pinned memory (the caching host allocator keeps the buffer
+    until the copy is done): no synchronisation."""
+    rows, off = [], 0
+    for s, e in spans:
+        rows.append((s, e - s, off))
+        off += e - s
+    host = torch.tensor(rows, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    if torch.cuda.is_current_stream_capturing():  # the replay would read a freed buffer
+        raise RuntimeError("attention_scores with spans that differ between samples copies "
+                           "them to the GPU on each call and cannot be captured in a CUDA "
+                           "graph; capture one span shared by every sample")
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span, scale: float,
+                     lse: torch.Tensor | None = None,
                      q_positions: torch.Tensor | None = None,
-                     config: dict | None = None) -> torch.Tensor:
-    """q [B, Hq, Nq, d], k [B, Hk, L, d] (validated by the caller) -> float32 [B, end-start].
+                     config: dict | None = None,
+                     key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, Nq, d], k [B, Hk, L, d] (validated by the caller) -> float32 [B, end-start]
+    for key_span = (start, end); float32 [sum_b n_b], the samples' rows back to back, for
+    a list of B pairs (start_b, end_b). key_padding_mask [B, L] bool or int: nonzero = a
+    real key.
 
     config may set BLOCK_M, BLOCK_N (pass 1 keys), BLOCK_N_SPAN (pass 2 keys), programs
     (pass-1 parallelism target), chunk (keys per pass-1 program, a BLOCK_N multiple),
@@ -206,8 +261,15 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
     b, hq, nq, d = q.shape
     hk, n_keys = k.shape[1], k.shape[2]
     g, rows = hq // hk, (hq // hk) * nq
-    start, end = key_span
-    n_span = end - start
+    per_sample = isinstance(key_span, list)
+    if per_sample:  # the grid covers the longest span; pass 2 reads each sample's own
+        spans = _device_spans(key_span, q.device)
+        lengths = [e - s for s, e in key_span]
+        start, n_span, n_out = 0, max(lengths), sum(lengths)
+    else:
+        start, end = key_span
+        n_span = n_out = end - start
+        spans = q  # never read
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     cfg = dict(default_config(q.dtype, d, rows, q.device), **(config or {}))
@@ -216,7 +278,8 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
     span_programs = cfg.pop("span_programs")
     block_d = max(16, next_pow2(d))
     flags = dict(BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=block_d == d,
-                 UPCAST=upcast(q.dtype), HAS_POS=q_positions is not None)
+                 UPCAST=upcast(q.dtype), HAS_POS=q_positions is not None,
+                 HAS_MASK=key_padding_mask is not None)
     qk_scale2 = float(scale) * LOG2E.value
 
     if q_positions is None:
@@ -224,7 +287,13 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
     else:
         pos = q_positions
         sp_b, sp_r = pos.expand(b, nq).stride()  # [Nq] broadcasts: batch stride 0
-    strides = (*q.stride()[:3], *k.stride()[:3], sp_b, sp_r)
+    if key_padding_mask is None:
+        mask, sm_b, sm_l = q, 0, 0  # never read
+    else:  # a bool mask is read as bytes (no copy); int masks as they are
+        mask = key_padding_mask
+        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        sm_b, sm_l = mask.stride()
+    strides = (*q.stride()[:3], *k.stride()[:3], sp_b, sp_r, sm_b, sm_l)
     m_blocks = cdiv(rows, block_m)
 
     if lse is None:
@@ -238,8 +307,8 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
         part_l = torch.empty_like(part_m)
         with launch_device(q.device):
             _lse_partials_kernel[(n_chunks, b * hk, m_blocks)](
-                q, k, pos, part_m, part_l, n_keys, d, nq, g, rows, hq, hk, chunk, n_chunks,
-                qk_scale2, *strides, BLOCK_N=block_n, **flags, **cfg)
+                q, k, pos, mask, part_m, part_l, n_keys, d, nq, g, rows, hq, hk, chunk,
+                n_chunks, qk_scale2, *strides, BLOCK_N=block_n, **flags, **cfg)
         lse_arg, block_c = part_m, next_pow2(n_chunks)  # lse_arg never read
     else:
         lse_arg = lse.contiguous()
@@ -252,10 +321,14 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span: tuple[int, int]
     groups = max(1, min(hk, cdiv(span_programs, span_blocks * b)))
     heads_per_prog = cdiv(hk, groups)
     groups = cdiv(hk, heads_per_prog)
-    out = torch.empty(b, groups, n_span, dtype=torch.float32, device=q.device)
+    shape = (groups, n_out) if per_sample else (b, groups, n_span)
+    out = torch.empty(shape, dtype=torch.float32, device=q.device)
     with launch_device(q.device):
         _span_probs_kernel[(span_blocks, b, groups)](
-            q, k, pos, lse_arg, part_m, part_l, out, start, n_span, d, nq, g, rows, hq, hk,
-            heads_per_prog, n_chunks, float(scale), qk_scale2, 1.0 / (hq * nq), *strides,
-            HAS_LSE=lse is not None, BLOCK_C=block_c, BLOCK_N=block_ns, **flags, **cfg)
+            q, k, pos, mask, spans, lse_arg, part_m, part_l, out, start, n_span, n_out, d, nq,
+            g, rows, hq, hk, heads_per_prog, n_chunks, float(scale), qk_scale2,
+            1.0 / (hq * nq), *strides, HAS_LSE=lse is not None, PER_SAMPLE=per_sample,
+            BLOCK_C=block_c, BLOCK_N=block_ns, **flags, **cfg)
+    if per_sample:
+        return out[0] if groups == 1 else out.sum(dim=0)
     return out[:, 0] if groups == 1 else out.sum(dim=1)  # a fixed order: deterministic
