@@ -35,11 +35,10 @@ from ._common import Stop, get_cache, gather_seq, is_prefill, left_packed, runs
 
 
 class _Prefill:
-    def __init__(self, spans, valid, last, seen, batch, length):
+    def __init__(self, spans, valid, last, batch, length):
         self.spans = spans      # per sample [(start, end, grid)]
         self.valid = valid      # bool [B, L]: not padding
         self.last = last        # per sample: the last prompt token
-        self.seen = seen        # per sample: int64 positions of the keys it sees
         self.rows = None        # per sample, per image: float32 importance (layer K - 1)
         self.batch, self.length = batch, length
         self.replace = None     # kwargs for the layers from K on
@@ -157,7 +156,7 @@ class InLLM:
             raise ValueError(f"d2pruner_kernels.hf needs a 2-D attention_mask [B, L] (or none) "
                              f"in a prefill, got {type(given[0]).__name__} "
                              f"{list(getattr(given[0], 'shape', []))}")
-        spans, last, seen = [], [], []
+        spans, last = [], []
         for b in range(batch):
             sample_runs = runs(image[b])
             spans.append(self.adapter.images(b, sample_runs, kwargs, outer))
@@ -166,16 +165,14 @@ class InLLM:
                 if spans[b]:
                     raise ValueError(f"sample {b} has images but its attention_mask is all 0")
                 last.append(length - 1)
-                seen.append(pos)
                 continue
             last.append(int(pos[-1]))
-            seen.append(pos)
             for i, (s, e, _) in enumerate(spans[b]):
                 if not bool(valid[b, s:e].all()):
                     raise ValueError(f"sample {b}, image {i}: image tokens {s}..{e - 1} are "
                                      f"masked out by attention_mask")
         self.adapter.check_images(spans, outer)
-        self._fwd = _Prefill(spans, valid, last, seen, batch, length)
+        self._fwd = _Prefill(spans, valid, last, batch, length)
         self._tap.callback = self._capture
         return None
 
@@ -185,20 +182,25 @@ class InLLM:
             return
         scale = kwargs.get("scaling")
         q, k = query.detach(), key.detach()
-        rows = []
-        for b, spans in enumerate(f.spans):
-            if not spans:
-                rows.append([])
-                continue
-            seen = f.seen[b].to(k.device)
-            # each image's first key among the keys the token sees (images are unmasked)
-            firsts = [int(torch.searchsorted(seen, s)) for s, _, _ in spans]
-            end = firsts[-1] + spans[-1][1] - spans[-1][0]
-            row = attention_scores(q[b:b + 1, :, f.last[b]:f.last[b] + 1],
-                                   k[b:b + 1].index_select(2, seen),
-                                   key_span=(firsts[0], end), scale=scale)[0]
-            rows.append([row[fi - firsts[0]:fi - firsts[0] + e - s]
-                         for fi, (s, e, _) in zip(firsts, spans)])
+        # One call for the whole batch: each sample's last prompt token over the keys it
+        # sees (padding masked, causal), its images' span (first image start to last image
+        # end) packed back to back; then each span cut into its images.
+        with_images = [b for b, spans in enumerate(f.spans) if spans]
+        rows = [[] for _ in f.spans]
+        if with_images:
+            sel = torch.tensor(with_images, device=q.device)
+            last = torch.tensor([f.last[b] for b in with_images], device=q.device)
+            q_rows = q[sel, :, last].unsqueeze(2)                      # [S, Hq, 1, d]
+            spans = [(f.spans[b][0][0], f.spans[b][-1][1]) for b in with_images]
+            packed = attention_scores(q_rows, k.index_select(0, sel), key_span=spans,
+                                      scale=scale, q_positions=last[:, None],
+                                      key_padding_mask=f.valid.index_select(0, sel),
+                                      packed=True)
+            start = 0
+            for b, (s0, e0) in zip(with_images, spans):
+                row = packed[start:start + e0 - s0]
+                rows[b] = [row[s - s0:e - s0] for s, e, _ in f.spans[b]]
+                start += e0 - s0
         f.rows = rows
         self._tap.callback = None
 
