@@ -9,9 +9,10 @@ import sys
 
 import torch
 
-from d2pruner_kernels import _C, layout, reference
+from d2pruner_kernels import _C, reference
 from d2pruner_kernels.kernels import cpu_walk, mis
 from d2pruner_kernels.params import GraphParams
+from d2pruner_kernels.testing import random_graph
 
 failures = []
 
@@ -49,10 +50,7 @@ mis.greedy_mis(torch.zeros(2, 6, 1, dtype=torch.int32), two, 2, 5, method="round
 # Valid inputs through every CPU entry point, odd sizes across the 1024-candidate window.
 g = torch.Generator().manual_seed(0)
 for c, p, n_p, k in [(37, 0.2, 3, 20), (1100, 0.01, 5, 400), (70, 0.5, 0, 70), (33, 0.0, 1, 1)]:
-    e = torch.rand(2, c, c, generator=g) < p
-    e = (e | e.transpose(1, 2)) & ~torch.eye(c, dtype=torch.bool)
-    order = torch.stack([torch.randperm(c + n_p, generator=g) for _ in range(2)])
-    a = layout.pack_lower(e)
+    a, order = random_graph(2, c, p, n_p, g)
     want = reference.greedy_mis(a, order, n_p, k)
     for method in ("walk", "rounds"):
         if not torch.equal(mis.greedy_mis(a, order, n_p, k, method=method), want):

@@ -3,16 +3,13 @@ full and lazy MIS (prefix, then the rest), odd sizes across the 1024-candidate w
 then small prune() calls end to end (whole graph, lazy graph). Exits non-zero on a wrong answer."""
 import torch
 
-from d2pruner_kernels import layout, prune, reference
+from d2pruner_kernels import prune, reference
 from d2pruner_kernels.kernels import mis
-from d2pruner_kernels.testing import clustered_tokens, distinct_attention
+from d2pruner_kernels.testing import clustered_tokens, distinct_attention, random_graph
 
 g = torch.Generator().manual_seed(0)
 for c, p, n_p, k in [(37, 0.2, 3, 20), (1100, 0.01, 5, 400), (1500, 0.003, 0, 1500), (600, 0.5, 2, 12)]:
-    e = torch.rand(2, c, c, generator=g) < p
-    e = (e | e.transpose(1, 2)) & ~torch.eye(c, dtype=torch.bool)
-    order = torch.stack([torch.randperm(c + n_p, generator=g) for _ in range(2)])
-    adj = layout.pack_lower(e)
+    adj, order = random_graph(2, c, p, n_p, g)
     want = reference.greedy_mis(adj, order, n_p, k)
     adj_d, order_d = adj.cuda(), order.cuda()
     got = mis.greedy_mis(adj_d, order_d, n_p, k)

@@ -82,6 +82,22 @@ def _check_span(key_span, b: int, n_keys: int):
     return spans
 
 
+def _check_optional(name, t, q, dtypes, dtype_text, shapes, shape_text) -> None:
+    """An optional tensor argument: None, or a dense tensor of one of `dtypes`, one of
+    `shapes`, on q's device (metadata only)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    check_dense(name, t)
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {dtype_text}, got {t.dtype}")
+    if tuple(t.shape) not in shapes:
+        raise ValueError(f"{name} must have shape {shape_text}, got {shape_str(t)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
 def _check_inputs(q, k, key_span, scale, lse, q_positions, key_padding_mask=None):
     """Metadata-only validation (no device sync); returns (span, scale): span is (start,
     end), or a list of B pairs (host values only)."""
@@ -121,45 +137,13 @@ def _check_inputs(q, k, key_span, scale, lse, q_positions, key_padding_mask=None
     elif not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite float, got {scale}")
 
-    if lse is not None:
-        if not isinstance(lse, torch.Tensor):
-            raise TypeError(f"lse must be a torch.Tensor or None, got {type(lse).__name__}")
-        check_dense("lse", lse)
-        if tuple(lse.shape) != (b, hq, nq):
-            raise ValueError(f"lse must have shape [B, Hq, Nq] = [{b}, {hq}, {nq}], "
-                             f"got {shape_str(lse)}")
-        if lse.dtype != torch.float32:
-            raise TypeError(f"lse must be float32 (FlashAttention's log-sum-exp), got {lse.dtype}")
-        if lse.device != q.device:
-            raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
-
-    if q_positions is not None:
-        if not isinstance(q_positions, torch.Tensor):
-            raise TypeError(f"q_positions must be a torch.Tensor or None, "
-                            f"got {type(q_positions).__name__}")
-        check_dense("q_positions", q_positions)
-        if q_positions.dtype not in INT_DTYPES:
-            raise TypeError(f"q_positions must be int32 or int64, got {q_positions.dtype}")
-        if tuple(q_positions.shape) not in ((nq,), (b, nq)):
-            raise ValueError(f"q_positions must have shape [Nq] = [{nq}] or [B, Nq] = "
-                             f"[{b}, {nq}], got {shape_str(q_positions)}")
-        if q_positions.device != q.device:
-            raise ValueError(f"q_positions is on {q_positions.device} but q is on {q.device}")
-
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(f"key_padding_mask must be a torch.Tensor or None, "
-                            f"got {type(key_padding_mask).__name__}")
-        check_dense("key_padding_mask", key_padding_mask)
-        if key_padding_mask.dtype not in MASK_DTYPES:
-            raise TypeError(f"key_padding_mask must be bool or an integer dtype (True / 1 = a "
-                            f"real key, HF's attention_mask), got {key_padding_mask.dtype}")
-        if tuple(key_padding_mask.shape) != (b, n_keys):
-            raise ValueError(f"key_padding_mask must have shape [B, L] = [{b}, {n_keys}], "
-                             f"got {shape_str(key_padding_mask)}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} "
-                             f"but q is on {q.device}")
+    _check_optional("lse", lse, q, (torch.float32,), "float32 (FlashAttention's log-sum-exp)",
+                    [(b, hq, nq)], f"[B, Hq, Nq] = [{b}, {hq}, {nq}]")
+    _check_optional("q_positions", q_positions, q, INT_DTYPES, "int32 or int64",
+                    [(nq,), (b, nq)], f"[Nq] = [{nq}] or [B, Nq] = [{b}, {nq}]")
+    _check_optional("key_padding_mask", key_padding_mask, q, MASK_DTYPES,
+                    "bool or an integer dtype (True / 1 = a real key, HF's attention_mask)",
+                    [(b, n_keys)], f"[B, L] = [{b}, {n_keys}]")
     return span, float(scale)
 
 

@@ -85,3 +85,12 @@ def band_margin(tokens, order, n_pivots, grid, theta, beta, radius=2, temporal_r
     off = ~torch.eye(c, dtype=torch.bool, device=f.device)
     gap = (f - theta).abs()[:, off]
     return gap.min().item() if gap.numel() else float("inf")
+
+
+def random_graph(b: int, c: int, density: float, n_pivots: int, generator=None):
+    """A random MIS input: packed adjacency int32 [B, C, words] of a symmetric graph with
+    edge probability `density` over C candidates, and a random rank order int64 [B, C + n_p]."""
+    e = torch.rand(b, c, c, generator=generator) < density
+    e = (e | e.transpose(1, 2)) & ~torch.eye(c, dtype=torch.bool)
+    order = torch.stack([torch.randperm(c + n_pivots, generator=generator) for _ in range(b)])
+    return layout.pack_lower(e), order

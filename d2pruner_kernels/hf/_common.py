@@ -105,3 +105,33 @@ def left_packed(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # dropped first, in order
     idx = order[:, keep.shape[1] - width:]
     return idx, keep.gather(1, idx)
+
+
+class Hooks:
+    """The forward hooks and the attention tap of one pruning mode: `install()` puts them on
+    (all or none: a failure takes off what was put on), `remove()` takes them all off."""
+
+    def __init__(self):
+        self._handles = []
+        self._tap = None
+
+    def install(self) -> None:
+        try:
+            self._install(self._handles)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _install(self, handles: list) -> None:  # a mode puts its tap and hooks on here
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._tap is not None:
+            self._tap.remove()
+        self._forget()
+
+    def _forget(self) -> None:  # a mode drops its per-forward state here
+        pass

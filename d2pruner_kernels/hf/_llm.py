@@ -31,7 +31,7 @@ import torch
 
 from ..attention_scores import attention_scores
 from . import _attention
-from ._common import Stop, get_cache, gather_seq, is_prefill, left_packed, runs
+from ._common import Hooks, Stop, get_cache, gather_seq, is_prefill, left_packed, runs
 
 
 class _Prefill:
@@ -62,11 +62,12 @@ class _Decode:
         self.replace = None
 
 
-class InLLM:
+class InLLM(Hooks):
     """Installs and removes the hooks; `on_kept(kept, grids, importance)` after each prefill;
     `collect(rows, grids)` instead of pruning (calibration: the forward stops at layer K)."""
 
     def __init__(self, adapter, layer: int, selector, on_kept, collect=None):
+        super().__init__()
         self.adapter, self.layer, self.selector = adapter, layer, selector
         self.on_kept, self.collect = on_kept, collect
         lm = adapter.language_model
@@ -75,35 +76,23 @@ class InLLM:
         self._outer = None
         self._fwd = None
         self._record = None
-        self._handles = []
-        self._tap = None
 
     # -- install / remove ------------------------------------------------------------------
 
-    def install(self) -> None:
+    def _install(self, h: list) -> None:
         a, k = self.adapter, self.layer
         layers = a.language_model.layers
         self._tap = _attention.Tap(layers[k - 1].self_attn, f"decoder layer {k - 1}")
-        try:
-            self._tap.install()
-            h = self._handles
-            h.append(a.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
-            h.append(a.language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
-            h.append(a.language_model.register_forward_hook(self._lm_post, with_kwargs=True,
-                                                            always_call=True))
-            for i in range(k, len(layers)):
-                h.append(layers[i].register_forward_pre_hook(
-                    functools.partial(self._layer_pre, i), with_kwargs=True))
-        except BaseException:
-            self.remove()
-            raise
+        self._tap.install()
+        h.append(a.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
+        h.append(a.language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        h.append(a.language_model.register_forward_hook(self._lm_post, with_kwargs=True,
+                                                        always_call=True))
+        for i in range(k, len(layers)):
+            h.append(layers[i].register_forward_pre_hook(
+                functools.partial(self._layer_pre, i), with_kwargs=True))
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        if self._tap is not None:
-            self._tap.remove()
+    def _forget(self) -> None:
         self._outer = self._fwd = self._record = None
 
     # -- hooks -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 
 from ..attention_scores import attention_scores
 from . import _attention
-from ._common import Stop, get_cache, is_prefill, left_packed, output_cache, runs
+from ._common import Hooks, Stop, get_cache, is_prefill, left_packed, output_cache, runs
 
 
 class _Record:
@@ -33,8 +33,9 @@ class _Record:
         self.cache = None
 
 
-class OnVision:
+class OnVision(Hooks):
     def __init__(self, adapter, selector, on_kept, collect=None):
+        super().__init__()
         self.adapter, self.selector = adapter, selector
         self.on_kept, self.collect = on_kept, collect
         self.attn_module, self.vision_layer = adapter.vision_attention()
@@ -44,33 +45,21 @@ class OnVision:
         self._pending = None   # kept indices of the images the projector just pruned
         self._fwd = None       # (record or None, image counts per sample) of this forward
         self._record = None
-        self._handles = []
-        self._tap = None
 
-    def install(self) -> None:
+    def _install(self, h: list) -> None:
         a = self.adapter
         self._tap = _attention.Tap(self.attn_module, f"vision layer {self.vision_layer}")
-        try:
-            self._tap.install()
-            self._tap.callback = self._capture
-            h = self._handles
-            if self.collect is not None:
-                h.append(a.projector.register_forward_pre_hook(self._collect_pre))
-            else:
-                h.append(a.projector.register_forward_hook(self._projector_post))
-                h.append(a.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
-                h.append(a.outer.register_forward_hook(self._outer_post, with_kwargs=True,
-                                                       always_call=True))
-        except BaseException:
-            self.remove()
-            raise
+        self._tap.install()
+        self._tap.callback = self._capture
+        if self.collect is not None:
+            h.append(a.projector.register_forward_pre_hook(self._collect_pre))
+        else:
+            h.append(a.projector.register_forward_hook(self._projector_post))
+            h.append(a.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
+            h.append(a.outer.register_forward_hook(self._outer_post, with_kwargs=True,
+                                                   always_call=True))
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        if self._tap is not None:
-            self._tap.remove()
+    def _forget(self) -> None:
         self._rows = self._pending = self._fwd = self._record = None
 
     # -- the vision tower ------------------------------------------------------------------
