@@ -61,6 +61,45 @@ for c, p, n_p, k in [(37, 0.2, 3, 20), (1100, 0.01, 5, 400), (70, 0.5, 0, 70), (
     if not torch.equal(kept, want):
         failures.append(f"lazy rounds C={c}: wrong answer")
 
+# Ragged batches (prune_varlen): a table row outside the packed buffers raises before any
+# work; valid ragged graphs through the walk and the twin of the CUDA rounds.
+from d2pruner_kernels import layout  # noqa: E402
+from d2pruner_kernels.kernels import ragged  # noqa: E402
+
+sizes = [(37, 3, 10), (0, 2, 0), (1100, 5, 60)]  # (C, n_pivots, m): C = 0 too
+adjs, orders, rows, wants = [], [], [], []
+tok = keep = words = 0
+for c, n_p, m in sizes:
+    e = torch.rand(c, c, generator=g) < 0.02
+    e = (e | e.T) & ~torch.eye(c, dtype=torch.bool)
+    o = torch.randperm(c + n_p, generator=g)
+    a = layout.pack_lower(e[None])
+    want = reference.greedy_mis(a, o[None], n_p, n_p + m)[0] if c else torch.sort(o).values
+    wants.append(want + tok)
+    r = [0] * ragged.FIELDS
+    r[ragged.TOKEN_OFFSET], r[ragged.TOKENS], r[ragged.PIVOTS], r[ragged.KEEP] = tok, c + n_p, n_p, n_p + m
+    r[ragged.KEEP_OFFSET], r[ragged.ADJ_OFFSET], r[ragged.ROW_END] = keep, words, c
+    adjs.append(a.flatten())
+    orders.append(o)
+    rows.append(r)
+    tok, keep, words = tok + c + n_p, keep + n_p + m, words + a.numel()
+adj_r, order_r, table_r = torch.cat(adjs), torch.cat(orders), torch.tensor(rows)
+for method in ("walk", "rounds"):
+    kept = mis.greedy_mis_ragged(adj_r, order_r, table_r, torch.empty(keep, dtype=torch.int64),
+                                 1105, method=method)
+    if not torch.equal(kept, torch.cat(wants)):
+        failures.append(f"ragged {method}: wrong answer")
+    for field, value in [(ragged.ADJ_OFFSET, words), (ragged.KEEP_OFFSET, keep),
+                         (ragged.TOKEN_OFFSET, tok), (ragged.TOKENS, 2000)]:
+        bad = table_r.clone()
+        bad[2, field] = value
+        try:
+            mis.greedy_mis_ragged(adj_r, order_r, bad, torch.empty(keep, dtype=torch.int64),
+                                  1105, method=method)
+            failures.append(f"ragged {method}: no error for field {field} = {value}")
+        except ValueError:
+            pass
+
 if cpu_walk.available():  # the graph-free walk's C++ window resolver
     x = torch.randn(2, 96, 16, generator=g)
     order = torch.stack([torch.randperm(96, generator=g) for _ in range(2)])

@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from d2pruner_kernels.kernels import attention, graph, rank, scores
+from d2pruner_kernels.kernels import attention, graph, rank, scores, varlen
 from d2pruner_kernels.params import GraphParams
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
@@ -98,6 +98,26 @@ def launches():
                                GraphParams(spatial_weight=beta), config=cfg, norms=norms)
         return lambda: rows.rows(0, rows.c)
 
+    # A ragged batch (prune_varlen): a LLaVA-1.5 image and a 16 x 20 one, packed.
+    grids = [(1, 24, 24), (1, 16, 20)]
+    images, ks = [(0, 576), (576, 896)], [64, 40]
+    n_pivots = [44, 28]
+    xr = torch.randn(896, 4096, generator=g).bfloat16()
+    sr = torch.randn(896, generator=g)
+    order_r = torch.cat([torch.randperm(576, generator=g), torch.randperm(320, generator=g)])
+    norms_r = torch.linalg.vector_norm(xr.float(), dim=-1)
+
+    def ragged_graph(beta=0.0, tokens=xr):
+        p = varlen.Plan(images, grids, ks, n_pivots, 4096, tokens.dtype, tokens.device)
+        adj = torch.empty(p.adj_words, dtype=torch.int32)
+        return lambda: graph.ragged_rows(tokens, norms_r, order_r, adj, p.table[0],
+                                         p.range_tiles[0], GraphParams(spatial_weight=beta),
+                                         p.config)
+
+    def ragged_rank():
+        p = varlen.Plan(images, grids, ks, n_pivots, 4096, xr.dtype, xr.device)
+        return lambda: rank.rank_and_norms_ragged(sr, xr, p.table[0], p.rank_programs)
+
     q = torch.randn(1, 32, 1, 128, generator=g).bfloat16()
     k = torch.randn(1, 8, 4096, 128, generator=g).bfloat16()
     return [
@@ -110,6 +130,10 @@ def launches():
          graph_rows(x, 4, split_launch=False)),  # a batch: one program adds its slices
         ("graph bf16 spatial", graph, "_similarity_graph_kernel", graph_rows(x, 1, beta=0.3)),
         ("graph fp32", graph, "_similarity_graph_kernel", graph_rows(x32, 1)),
+        ("rank + norms ragged", rank, "_rank_norms_kernel", ragged_rank()),
+        ("graph bf16 ragged", graph, "_similarity_graph_kernel", ragged_graph()),
+        ("graph bf16 ragged spatial", graph, "_similarity_graph_kernel", ragged_graph(0.3)),
+        ("graph fp32 ragged", graph, "_similarity_graph_kernel", ragged_graph(tokens=xr.float())),
         ("attention rows", attention, "_lse_partials_kernel|_span_probs_kernel",
          lambda: attention.attention_scores(q, k, (34, 34 + 2880), 128 ** -0.5)),
     ]

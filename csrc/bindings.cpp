@@ -12,21 +12,32 @@ namespace py = pybind11;
 
 namespace {
 
+// ragged = 0: a dense batch. Else the address of the ragged table [batch, kRaggedFields]
+// (int64, on the device of the other pointers) and the lengths of the packed order, kept and
+// adjacency; n_tokens is then the largest image (n_pivots, k, rows_ready unused).
 d2p::MisArgs make_args(uintptr_t adj, uintptr_t order, uintptr_t kept, uintptr_t rounds,
                        int batch, int n_tokens, int n_pivots, int k, int rows_ready,
-                       uintptr_t skip, uintptr_t done) {
+                       uintptr_t skip, uintptr_t done, uintptr_t ragged, int64_t order_len,
+                       int64_t kept_len, int64_t adj_words) {
   if (batch < 0 || n_tokens < 1 || n_pivots < 0 || n_pivots > k || k > n_tokens ||
       rows_ready < 0 || rows_ready > n_tokens - n_pivots)
     throw std::invalid_argument("d2pruner MIS: inconsistent sizes");
-  return {reinterpret_cast<const uint32_t*>(adj), reinterpret_cast<const int64_t*>(order),
-          reinterpret_cast<int64_t*>(kept), reinterpret_cast<int32_t*>(rounds),
-          batch, n_tokens, n_pivots, k, rows_ready,
-          reinterpret_cast<const int32_t*>(skip), reinterpret_cast<int32_t*>(done)};
+  if (ragged && (order_len < 0 || kept_len < 0 || adj_words < 0))
+    throw std::invalid_argument("d2pruner MIS: negative ragged buffer lengths");
+  d2p::MisArgs a{reinterpret_cast<const uint32_t*>(adj), reinterpret_cast<const int64_t*>(order),
+                 reinterpret_cast<int64_t*>(kept), reinterpret_cast<int32_t*>(rounds),
+                 batch, n_tokens, n_pivots, k, rows_ready,
+                 reinterpret_cast<const int32_t*>(skip), reinterpret_cast<int32_t*>(done)};
+  if (ragged)
+    a.ragged = {reinterpret_cast<const int64_t*>(ragged), order_len, kept_len, adj_words};
+  return a;
 }
 
 #define MIS_PARAMS uintptr_t adj, uintptr_t order, uintptr_t kept, uintptr_t rounds, int batch, \
-    int n_tokens, int n_pivots, int k, int rows_ready, uintptr_t skip, uintptr_t done
-#define MIS_ARGS adj, order, kept, rounds, batch, n_tokens, n_pivots, k, rows_ready, skip, done
+    int n_tokens, int n_pivots, int k, int rows_ready, uintptr_t skip, uintptr_t done,        \
+    uintptr_t ragged, int64_t order_len, int64_t kept_len, int64_t adj_words
+#define MIS_ARGS adj, order, kept, rounds, batch, n_tokens, n_pivots, k, rows_ready, skip, done, \
+    ragged, order_len, kept_len, adj_words
 
 }  // namespace
 
@@ -34,7 +45,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "d2pruner_kernels compiled MIS stage (CPU walk, CPU twin of the CUDA rounds, CUDA)";
   m.def("mis_walk_cpu", [](MIS_PARAMS) {
     const auto a = make_args(MIS_ARGS);
-    if (a.rows_ready != a.candidates() || a.skip || a.done)
+    if ((!a.ragged.table && a.rows_ready != a.candidates()) || a.skip || a.done)
       throw std::invalid_argument("d2pruner MIS: the walk needs the whole graph");
     py::gil_scoped_release nogil;
     d2p::mis_walk_cpu(a);
@@ -62,6 +73,15 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     d2p::walk_window_cpu(a);  // validates the sizes and every index it reads
   }, "One window of the graph-free CPU walk (kernels/cpu_walk.py).");
+  m.attr("ragged_fields") = py::dict(  // the ragged table's layout (kernels/ragged.py)
+      py::arg("stride") = static_cast<int>(d2p::kRaggedFields),
+      py::arg("token_offset") = static_cast<int>(d2p::kTokenOffset),
+      py::arg("tokens") = static_cast<int>(d2p::kTokens),
+      py::arg("pivots") = static_cast<int>(d2p::kPivots),
+      py::arg("keep") = static_cast<int>(d2p::kKeep),
+      py::arg("keep_offset") = static_cast<int>(d2p::kKeepOffset),
+      py::arg("adj_offset") = static_cast<int>(d2p::kAdjOffset),
+      py::arg("row_end") = static_cast<int>(d2p::kRowEnd));
 #ifdef D2P_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("mis_rounds_cuda", [](MIS_PARAMS, int device, uintptr_t stream) {

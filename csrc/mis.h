@@ -7,6 +7,27 @@
 
 namespace d2p {
 
+// Ragged batches (prune_varlen): one row of kRaggedFields int64 per image, giving its own sizes
+// and its places in the packed buffers. The graph and rank launches read the same table
+// (d2pruner_kernels/kernels/ragged.py names the fields, the same numbers).
+enum RaggedField : int {
+  kTokenOffset = 0,  // its first token in the packed order (which holds local ids 0..N_b-1)
+  kTokens = 1,       // N_b
+  kPivots = 2,       // n_pivots_b
+  kKeep = 3,         // k_b
+  kKeepOffset = 4,   // where its k_b kept ids go in the packed kept (token offset added)
+  kAdjOffset = 5,    // first word of its [C_b, words(C_b)] adjacency in the packed adj
+  kRowEnd = 7,       // rows [0, min(row_end, C_b)) of its graph are ready (the walk: all)
+  kRaggedFields = 16,  // row stride; the other fields are for the Triton launches
+};
+
+struct Ragged {
+  const int64_t* table = nullptr;  // [batch, kRaggedFields]; nullptr: a dense batch
+  int64_t order_len = 0;           // lengths of the packed buffers, for the bound checks
+  int64_t kept_len = 0;
+  int64_t adj_words = 0;
+};
+
 struct MisArgs {
   const uint32_t* adj;   // [B, C, words_c], C = n_tokens - n_pivots
   const int64_t* order;  // [B, n_tokens], token ids in rank order
@@ -19,9 +40,56 @@ struct MisArgs {
   int rows_ready;
   const int32_t* skip;  // [B] or nullptr; may alias done: read before done is written
   int32_t* done;        // [B] or nullptr
+  // Ragged batches: with ragged.table set, adj / order / kept are packed (each image at its
+  // offsets, its own sizes from the table), n_tokens is the largest N_b (it sizes the CUDA
+  // kernel's shared memory) and n_pivots, k, rows_ready are not used.
+  Ragged ragged = {};
   D2P_HD int candidates() const { return n_tokens - n_pivots; }
   D2P_HD int words_c() const { return (candidates() + 31) / 32; }
 };
+
+// One image of a batch, as the walks see it: its buffers and sizes.
+struct Image {
+  const uint32_t* adj;   // [C, words_c()]
+  const int64_t* order;  // [n_tokens], token ids 0..n_tokens-1 in rank order
+  int64_t* kept;         // [k]
+  int64_t token_offset;  // added to every kept id (ragged batches: the packed position)
+  int n_tokens, n_pivots, k, rows_ready;
+  D2P_HD int candidates() const { return n_tokens - n_pivots; }
+  D2P_HD int words_c() const { return (candidates() + 31) / 32; }
+};
+
+// Why a ragged table row is refused (0: it is fine). The CPU raises, the CUDA kernel skips.
+enum ImageError : int { kImageOk = 0, kBadSizes, kBadOrderRange, kBadKeptRange, kBadAdjRange };
+
+// Image b of the batch: the scalars and strides of a dense batch, or its row of the ragged
+// table, every size and offset checked against the packed buffers' lengths (int64 math).
+D2P_HD void dense_image(const MisArgs& a, int b, Image* im) {
+  const int64_t c = a.candidates(), w = a.words_c();
+  *im = {a.adj + b * c * w, a.order + static_cast<int64_t>(b) * a.n_tokens,
+         a.kept + static_cast<int64_t>(b) * a.k, 0, a.n_tokens, a.n_pivots, a.k, a.rows_ready};
+}
+
+D2P_HD int ragged_image(const MisArgs& a, int b, Image* im) {
+  const int64_t* r = a.ragged.table + static_cast<int64_t>(b) * kRaggedFields;
+  const int64_t n = r[kTokens], np = r[kPivots], k = r[kKeep];
+  if (n < 1 || n > a.n_tokens || np < 0 || np > k || k > n) return kBadSizes;
+  const int64_t c = n - np, w = (c + 31) / 32;
+  const int64_t tok = r[kTokenOffset], keep = r[kKeepOffset], adj = r[kAdjOffset];
+  if (tok < 0 || tok > a.ragged.order_len - n) return kBadOrderRange;
+  if (keep < 0 || keep > a.ragged.kept_len - k) return kBadKeptRange;
+  if (adj < 0 || adj > a.ragged.adj_words - c * w) return kBadAdjRange;
+  const int64_t ready = r[kRowEnd] < 0 ? 0 : (r[kRowEnd] < c ? r[kRowEnd] : c);
+  *im = {a.adj + adj, a.order + tok, a.kept + keep, tok, static_cast<int>(n),
+         static_cast<int>(np), static_cast<int>(k), static_cast<int>(ready)};
+  return kImageOk;
+}
+
+D2P_HD int image_of(const MisArgs& a, int b, Image* im) {
+  if (a.ragged.table) return ragged_image(a, b, im);
+  dense_image(a, b, im);
+  return kImageOk;
+}
 
 // CPU: the sequential greedy walk (production path on CPU; fastest there). Whole graphs only.
 void mis_walk_cpu(const MisArgs& a);

@@ -1,5 +1,7 @@
 // CPU implementations of the MIS stage: the sequential greedy walk and the round-by-round
 // twin of the CUDA kernel. Both end in the same assembly (fill, pivots, ascending output).
+// A batch is dense (the scalars of MisArgs apply to every image) or ragged (each image's
+// sizes and offsets from its row of the table: image_of in mis.h, which checks them).
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -12,44 +14,59 @@ namespace d2p {
 namespace {
 
 // Steps 6-7 for one image: the first m candidates of `in` (rank order), then the fill
-// (candidates not in `in`, rank order) up to m, plus the pivots; written ascending.
+// (candidates not in `in`, rank order) up to m, plus the pivots; written ascending, the
+// image's token offset added.
 // `order` was checked to be a permutation (check_orders) before any image ran; the bound
 // checks below keep even an unchecked order inside the buffers: an id outside [0, N) is
 // skipped, duplicates collapse, and kept entries left over are written as -1 (as the
 // CUDA kernel does).
-void assemble(const MisArgs& a, const int64_t* order, const std::vector<uint32_t>& in,
-              int64_t* kept) {
-  const int C = a.candidates(), m = a.k - a.n_pivots;
-  std::vector<char> keep(a.n_tokens, 0);
-  auto keep_token = [&](int64_t t) { if (t >= 0 && t < a.n_tokens) keep[t] = 1; };
-  for (int i = 0; i < a.n_pivots; ++i) keep_token(order[i]);
+void assemble(const Image& im, const std::vector<uint32_t>& in) {
+  const int C = im.candidates(), m = im.k - im.n_pivots;
+  std::vector<char> keep(im.n_tokens, 0);
+  auto keep_token = [&](int64_t t) { if (t >= 0 && t < im.n_tokens) keep[t] = 1; };
+  for (int i = 0; i < im.n_pivots; ++i) keep_token(im.order[i]);
   int taken = 0;
   for (int v = 0; v < C && taken < m; ++v)
-    if (in[v / 32] >> (v % 32) & 1u) keep_token(order[a.n_pivots + v]), ++taken;
+    if (in[v / 32] >> (v % 32) & 1u) keep_token(im.order[im.n_pivots + v]), ++taken;
   for (int v = 0; v < C && taken < m; ++v)
-    if (!(in[v / 32] >> (v % 32) & 1u)) keep_token(order[a.n_pivots + v]), ++taken;
+    if (!(in[v / 32] >> (v % 32) & 1u)) keep_token(im.order[im.n_pivots + v]), ++taken;
   int j = 0;
-  for (int t = 0; t < a.n_tokens && j < a.k; ++t)
-    if (keep[t]) kept[j++] = t;
-  for (; j < a.k; ++j) kept[j] = -1;
+  for (int t = 0; t < im.n_tokens && j < im.k; ++t)
+    if (keep[t]) im.kept[j++] = im.token_offset + t;
+  for (; j < im.k; ++j) im.kept[j] = -1;
+}
+
+// Every image of a ragged table must describe buffers inside the packed ones (all images,
+// skipped or not: the table is read either way).
+void check_table(const MisArgs& a) {
+  if (!a.ragged.table) return;
+  static const char* const why[] = {"", "sizes outside 1 <= N <= max_tokens, 0 <= n_pivots <= k <= N",
+                                    "tokens outside the packed order", "kept ids outside the packed kept",
+                                    "adjacency outside the packed adjacency"};
+  Image im;
+  for (int b = 0; b < a.batch; ++b)
+    if (const int err = image_of(a, b, &im))
+      throw std::invalid_argument("d2pruner MIS: ragged table: image " + std::to_string(b) +
+                                  " has " + why[err]);
 }
 
 // Every image's order (of the images not skipped) must be a permutation of 0..N-1: checked
 // for all of them before any work, so a bad order raises (std::invalid_argument, a Python
 // ValueError) with nothing written. O(B N), small next to the walk.
 void check_orders(const MisArgs& a) {
-  std::vector<uint8_t> seen(a.n_tokens);
+  std::vector<uint8_t> seen;
+  Image im;
   for (int b = 0; b < a.batch; ++b) {
     if (a.skip && a.skip[b]) continue;
-    const int64_t* order = a.order + static_cast<size_t>(b) * a.n_tokens;
-    std::fill(seen.begin(), seen.end(), 0);
-    for (int i = 0; i < a.n_tokens; ++i) {
-      const int64_t t = order[i];
-      const char* why = t < 0 || t >= a.n_tokens ? "holds" : seen[t] ? "repeats" : nullptr;
+    image_of(a, b, &im);  // checked by check_table
+    seen.assign(im.n_tokens, 0);
+    for (int i = 0; i < im.n_tokens; ++i) {
+      const int64_t t = im.order[i];
+      const char* why = t < 0 || t >= im.n_tokens ? "holds" : seen[t] ? "repeats" : nullptr;
       if (why)
         throw std::invalid_argument(
             "d2pruner MIS: order must be a permutation of 0..N-1 (N=" +
-            std::to_string(a.n_tokens) + ") in every image; image " + std::to_string(b) +
+            std::to_string(im.n_tokens) + ") in every image; image " + std::to_string(b) +
             " " + why + " " + std::to_string(t) + " at position " + std::to_string(i));
       seen[t] = 1;
     }
@@ -57,23 +74,25 @@ void check_orders(const MisArgs& a) {
 }
 
 // Sequential greedy walk: take v unless a taken candidate is a better-ranked neighbour.
-void walk_one(const MisArgs& a, const uint32_t* adj, std::vector<uint32_t>& in) {
-  const int C = a.candidates(), m = a.k - a.n_pivots, words = a.words_c();
+// The whole graph (rows_ready is not looked at).
+bool walk_one(const Image& im, std::vector<uint32_t>& in, int*) {
+  const int C = im.candidates(), m = im.k - im.n_pivots, words = im.words_c();
   int taken = 0;
   for (int v = 0; v < C && taken < m; ++v) {
-    const uint32_t* row = adj + static_cast<size_t>(v) * words;
+    const uint32_t* row = im.adj + static_cast<size_t>(v) * words;
     bool blocked = false;
     for (int w = 0; w < row_end_word(v) && !blocked; ++w) blocked = row[w] & lower_bits(v, w) & in[w];
     if (!blocked) in[v / 32] |= 1u << (v % 32), ++taken;
   }
+  return true;
 }
 
 // The CUDA kernel's schedule, one simulated thread per candidate of a window of kWindow:
 // an external pass against the decided candidates before the window, then synchronous
 // (Jacobi) Luby rounds inside it until the m best-ranked members are settled. Returns
 // whether they settled within rows [0, rows_ready); counts rounds into *rounds.
-bool rounds_one(const MisArgs& a, const uint32_t* adj, std::vector<uint32_t>& in, int* rounds_out) {
-  const int C = a.rows_ready, m = a.k - a.n_pivots, words = a.words_c();
+bool rounds_one(const Image& im, std::vector<uint32_t>& in, int* rounds_out) {
+  const int C = im.rows_ready, m = im.k - im.n_pivots, words = im.words_c();
   std::vector<uint32_t> out(words, 0);
   std::vector<uint8_t> st(kWindow), ns(kWindow);
   auto set = [](std::vector<uint32_t>& bits, int v) { bits[v / 32] |= 1u << (v % 32); };
@@ -83,14 +102,14 @@ bool rounds_one(const MisArgs& a, const uint32_t* adj, std::vector<uint32_t>& in
   for (int lo = 0; lo < C; lo += kWindow) {
     const int hi = std::min(C, lo + kWindow);
     for (int v = lo; v < hi; ++v) {
-      const uint32_t* row = adj + static_cast<size_t>(v) * words;
+      const uint32_t* row = im.adj + static_cast<size_t>(v) * words;
       st[v - lo] = luby_rule(row, in.data(), out.data(), v, 0, window_first_word(lo)) == kOut ? kOut : kUndecided;
       if (st[v - lo] == kOut) set(out, v);
     }
     ++rounds;
     for (;;) {
       for (int v = lo; v < hi; ++v) {
-        const uint32_t* row = adj + static_cast<size_t>(v) * words;
+        const uint32_t* row = im.adj + static_cast<size_t>(v) * words;
         ns[v - lo] = st[v - lo] != kUndecided ? st[v - lo]
                      : luby_rule(row, in.data(), out.data(), v, window_first_word(lo), row_end_word(v));
       }
@@ -112,29 +131,25 @@ bool rounds_one(const MisArgs& a, const uint32_t* adj, std::vector<uint32_t>& in
 // Per image: skip, select, then write the kept tokens unless the rows ready did not suffice.
 template <typename Select>
 void run_cpu(const MisArgs& a, Select select) {
+  check_table(a);
   check_orders(a);
-  const size_t adj_stride = static_cast<size_t>(a.candidates()) * a.words_c();
+  Image im;
   for (int b = 0; b < a.batch; ++b) {
     if (a.skip && a.skip[b]) continue;
-    std::vector<uint32_t> in(a.words_c() + 1, 0);
+    image_of(a, b, &im);
+    std::vector<uint32_t> in(im.words_c() + 1, 0);
     int rounds = 0;
-    const bool settled = select(a, a.adj + b * adj_stride, in, &rounds);
-    const bool complete = settled || a.rows_ready >= a.candidates();
+    const bool settled = select(im, in, &rounds);
+    const bool complete = settled || im.rows_ready >= im.candidates();
     if (a.rounds) a.rounds[b] = rounds;
     if (a.done) a.done[b] = complete;
-    if (complete)
-      assemble(a, a.order + static_cast<size_t>(b) * a.n_tokens, in, a.kept + static_cast<size_t>(b) * a.k);
+    if (complete) assemble(im, in);
   }
 }
 
 }  // namespace
 
-void mis_walk_cpu(const MisArgs& a) {
-  run_cpu(a, [](const MisArgs& x, const uint32_t* adj, std::vector<uint32_t>& in, int*) {
-    walk_one(x, adj, in);
-    return true;
-  });
-}
+void mis_walk_cpu(const MisArgs& a) { run_cpu(a, walk_one); }
 
 void mis_rounds_cpu(const MisArgs& a) { run_cpu(a, rounds_one); }
 

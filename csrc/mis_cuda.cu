@@ -75,17 +75,32 @@ __device__ int visit_first_bits(int n_words, int limit, Word word, Visit visit, 
   return min(base, limit);
 }
 
+// kRagged: a ragged batch (a.ragged.table set); a separate instance, so a dense batch runs
+// the code (and registers) it always did.
+template <bool kRagged>
 __global__ void __launch_bounds__(kThreads) mis_rounds_kernel(MisArgs a) {
   extern __shared__ uint32_t bitsets[];
   __shared__ Scratch s;
-  if (a.skip && a.skip[blockIdx.x]) return;  // finished by an earlier launch
-  const int C = a.candidates(), R = a.rows_ready, m = a.k - a.n_pivots, words_c = a.words_c();
-  const int words_n = (a.n_tokens + 31) / 32, tid = threadIdx.x;
+  const int b = blockIdx.x;
+  if (a.skip && a.skip[b]) return;  // finished by an earlier launch
+  // This block's image: the batch's scalars, or its row of the ragged table. A row that
+  // does not fit the packed buffers (never one prune_varlen builds) is not worked on: the
+  // image is marked done and nothing of it is written, so no access leaves a buffer.
+  Image im;
+  if (!kRagged) {
+    dense_image(a, b, &im);
+  } else if (ragged_image(a, b, &im) != kImageOk) {
+    if (threadIdx.x == 0 && a.rounds) a.rounds[b] = 0;
+    if (threadIdx.x == 0 && a.done) a.done[b] = 1;
+    return;
+  }
+  const int C = im.candidates(), R = im.rows_ready, m = im.k - im.n_pivots;
+  const int words_c = im.words_c(), words_n = (im.n_tokens + 31) / 32, tid = threadIdx.x;
   uint32_t* in = bitsets;            // decided members          [words_c]
   uint32_t* out = in + words_c;      // decided non-members      [words_c]
   uint32_t* keep = out + words_c;    // kept tokens, token order [words_n]
-  const uint32_t* adj = a.adj + static_cast<size_t>(blockIdx.x) * C * words_c;
-  const int64_t* order = a.order + static_cast<size_t>(blockIdx.x) * a.n_tokens;
+  const uint32_t* adj = im.adj;
+  const int64_t* order = im.order;
 
   for (int i = tid; i < 2 * words_c + words_n; i += kThreads) bitsets[i] = 0u;
   if (tid < 2) s.first[tid] = INT_MAX;
@@ -124,30 +139,33 @@ __global__ void __launch_bounds__(kThreads) mis_rounds_kernel(MisArgs a) {
     }
   }
 
-  if (tid == 0 && a.rounds) a.rounds[blockIdx.x] = rounds;
+  if (tid == 0 && a.rounds) a.rounds[b] = rounds;
   const bool complete = settled || R >= C;  // else: more rows needed, a later launch decides
-  if (tid == 0 && a.done) a.done[blockIdx.x] = complete;
+  if (tid == 0 && a.done) a.done[b] = complete;
   if (!complete) return;
 
-  // Steps 6-7: the m best-ranked members, the fill, the pivots, written ascending.
+  // Steps 6-7: the m best-ranked members, the fill, the pivots, written ascending (plus
+  // the image's token offset: ragged batches write packed positions).
   // `order` is not checked on the GPU (that would cost a sync): a token id outside
   // [0, N) is skipped, so no access leaves the bitsets, and duplicates collapse; kept
   // entries the bitset cannot fill are written as -1 (a defined output). A permutation,
   // what prune() always passes, fills all k.
+  const int n_tokens = im.n_tokens, n_pivots = im.n_pivots, k = im.k;
   auto keep_token = [&](int64_t t) {
-    if (t >= 0 && t < a.n_tokens) atomicOr(&keep[t / 32], 1u << (t % 32));
+    if (t >= 0 && t < n_tokens) atomicOr(&keep[t / 32], 1u << (t % 32));
   };
-  auto keep_candidate = [&](int v, int) { keep_token(order[a.n_pivots + v]); };
+  auto keep_candidate = [&](int v, int) { keep_token(order[n_pivots + v]); };
   const int taken = visit_first_bits(words_c, m, [&](int w) { return in[w]; }, keep_candidate, s);
   if (taken < m)  // the walk ran out of members: fill with non-members in rank order
     visit_first_bits(words_c, m - taken, [&](int w) { return ~in[w] & lower_bits(C, w); },
                      keep_candidate, s);
-  for (int i = tid; i < a.n_pivots; i += kThreads) keep_token(order[i]);
+  for (int i = tid; i < n_pivots; i += kThreads) keep_token(order[i]);
   __syncthreads();
-  int64_t* kept = a.kept + static_cast<size_t>(blockIdx.x) * a.k;
-  const int written = visit_first_bits(words_n, a.k, [&](int w) { return keep[w]; },
-                                       [&](int t, int j) { kept[j] = t; }, s);
-  for (int j = written + tid; j < a.k; j += kThreads) kept[j] = -1;  // only if order was bad
+  int64_t* kept = im.kept;
+  const int64_t offset = im.token_offset;
+  const int written = visit_first_bits(words_n, k, [&](int w) { return keep[w]; },
+                                       [&](int t, int j) { kept[j] = offset + t; }, s);
+  for (int j = written + tid; j < k; j += kThreads) kept[j] = -1;  // only if order was bad
 }
 
 }  // namespace
@@ -162,7 +180,8 @@ int max_cuda_tokens() {  // n_pivots = 0 needs the most words: 3 * ceil(N / 32)
 }
 
 void mis_rounds_cuda(const MisArgs& a, int device, void* stream) {
-  const size_t smem = mis_shared_bytes(a.n_tokens, a.n_pivots);
+  // ragged batches: n_tokens is the largest image, sized for n_pivots = 0 (the most words)
+  const size_t smem = mis_shared_bytes(a.n_tokens, a.ragged.table ? 0 : a.n_pivots);
   if (smem + sizeof(Scratch) > 48 * 1024)
     throw std::invalid_argument("d2pruner MIS kernel: N=" + std::to_string(a.n_tokens) +
                                 " tokens need more than 48 KiB of shared memory");
@@ -170,7 +189,11 @@ void mis_rounds_cuda(const MisArgs& a, int device, void* stream) {
   int current = -1;
   check(cudaGetDevice(&current), "cudaGetDevice");
   if (current != device) check(cudaSetDevice(device), "cudaSetDevice");
-  mis_rounds_kernel<<<a.batch, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(a);
+  const auto st = static_cast<cudaStream_t>(stream);
+  if (a.ragged.table)
+    mis_rounds_kernel<true><<<a.batch, kThreads, smem, st>>>(a);
+  else
+    mis_rounds_kernel<false><<<a.batch, kThreads, smem, st>>>(a);
   const cudaError_t err = cudaGetLastError();
   if (current != device) cudaSetDevice(current);  // leave the caller's device as it was
   check(err, "d2pruner MIS kernel launch");

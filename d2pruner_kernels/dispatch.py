@@ -14,7 +14,9 @@ then calls a function here; the kernel modules never import the reference.
       GPU path without a GPU. "kernels" raises where its kernels cannot run.
 
 Above `kernels/rank.py`'s MAX_N tokens the rank order comes from torch.sort (the same
-order) on every backend. Triton modules are imported on first use only.
+order) on every backend. prune_varlen's ragged batches take the same path per stage, as one
+ragged batch on the kernels (`kernels/varlen.py`, one launch per stage), image by image
+elsewhere. Triton modules are imported on first use only.
 """
 from __future__ import annotations
 
@@ -158,10 +160,21 @@ def select_varlen(tokens, attn, images, grids, ks, n_pivots, priors, params: Gra
                   eps: float, backend: str) -> torch.Tensor:
     """Steps 1-7 for each image of a packed batch (prune_varlen): int64 [sum k_b], positions
     into the packed tokens. images: (start, end) per image; grids (T, H, W); ks, n_pivots,
-    priors ([N_b] or None) per image. Equal images run as one [B, N, D] batch."""
+    priors ([N_b] or None) per image. Equal images run as one [B, N, D] batch (`select`);
+    others, where the kernels and the compiled MIS run (as in `select`), as one ragged batch
+    (`kernels/varlen.py`: one launch per stage, sizes from a device table); otherwise (the
+    reference, the CPU 'auto' path, fallbacks) one image at a time."""
     b = len(images)
+    device = tokens.device
     uniform = len(set(grids)) == 1 and len(set(ks)) == 1
-    if uniform and b > 1:
+    # Decide the path before any kernel runs ('kernels' raises here if it cannot run).
+    fused = (not uniform and use_triton(backend, device)
+             and use_compiled_mis(backend, device, max(e - s for s, e in images)))
+    if fused:
+        prior = None if priors[0] is None else torch.cat(priors)  # packed [total]: one copy
+        return _triton("varlen").select(tokens, attn, prior, images, grids, ks, n_pivots,
+                                        params, eps)
+    if uniform:
         n = images[0][1] - images[0][0]
         x = tokens.reshape(b, n, tokens.shape[-1])              # a view: segments are back to back
         a = attn.reshape(b, n) if attn.dim() == 1 else attn.reshape(-1, b, n).transpose(0, 1)

@@ -165,4 +165,24 @@ def prune_varlen(tokens: torch.Tensor, attn: torch.Tensor, cu_seqlens: torch.Ten
     cu_keep = [0]
     for kb in ks:
         cu_keep.append(cu_keep[-1] + kb)
-    return keep, torch.tensor(cu_keep, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    return keep, _offsets_tensor(cu_keep, cu_seqlens.dtype, cu_seqlens.device)
+
+
+_PINNED: dict = {}  # host copies of offsets sent to a GPU, kept (a captured copy rereads them)
+_PINNED_MAX = 256
+
+
+def _offsets_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """cu_keep on `device` without a host sync: on a GPU, an asynchronous copy from pinned
+    memory (torch.tensor(..., device='cuda') copies from pageable memory, which waits for the
+    stream). The pinned rows of a layout are kept, so a CUDA graph that captured the copy
+    reads the same values at every replay."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (tuple(values), dtype)
+    host = _PINNED.get(key)
+    if host is None:
+        host = torch.tensor(values, dtype=dtype).pin_memory()
+        if len(_PINNED) < _PINNED_MAX:
+            _PINNED[key] = host
+    return host.to(device, non_blocking=True)

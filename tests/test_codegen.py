@@ -27,13 +27,14 @@ def compiled():
 def test_every_kernel_compiles_without_spills(compiled):
     assert {"scores, H=32", "rank + norms", "graph bf16 phase 0", "graph bf16 split-K phase 1",
             "graph bf16 split-K phase 2", "graph bf16 4 slices phase 0", "graph bf16 spatial phase 0",
-            "graph fp32 phase 0"} <= set(compiled)
+            "graph fp32 phase 0", "rank + norms ragged", "graph bf16 ragged phase 0",
+            "graph bf16 ragged spatial phase 0", "graph fp32 ragged phase 0"} <= set(compiled)
     for label, r in compiled.items():
         assert r["stack"] == 0 and r["local"] == 0, f"{label} spills: {r}"
 
 
 @pytest.mark.parametrize("label", ["graph bf16 phase 0", "graph bf16 split-K phase 1",
-                                   "graph bf16 4 slices phase 0"])
+                                   "graph bf16 4 slices phase 0", "graph bf16 ragged phase 0"])
 def test_graph_k_loop_is_pipelined_onto_wgmma(compiled, label):
     r = compiled[label]
     assert r["cp_async"] > 0 and r["wgmma"] > 0, r

@@ -170,3 +170,148 @@ def test_bad_arguments_raise_before_the_launch(bad, error, match):
         order = torch.arange(90).view(45, 2).T[:1]
     with pytest.raises(error, match=match):
         mis.greedy_mis(adj, order, n_p, k)
+
+
+# -- ragged batches (prune_varlen): per-image sizes from a table, packed buffers ------------
+
+def ragged_case(sizes, kinds, g, p=0.2, row_ends=None):
+    """Packed adjacency / order / table for images of (C_b, n_p_b, m_b), in that order:
+    each image's graph in its own [C_b, words(C_b)] layout at its offset, its order (local
+    ids) at its token offset. Returns adj, order, table, the per-image edges and orders."""
+    from d2pruner_kernels.kernels import ragged
+    adjs, orders, rows, edges, local = [], [], [], [], []
+    tok = keep = words = 0
+    for i, ((c, n_p, m), kind) in enumerate(zip(sizes, kinds)):
+        n, k = c + n_p, n_p + m
+        e = graph(kind, c, g, p)
+        o = torch.randperm(n, generator=g)
+        a = layout.pack_lower(e[None])[0].flatten()
+        r = [0] * ragged.FIELDS
+        r[ragged.TOKEN_OFFSET], r[ragged.TOKENS], r[ragged.PIVOTS], r[ragged.KEEP] = tok, n, n_p, k
+        r[ragged.KEEP_OFFSET], r[ragged.ADJ_OFFSET] = keep, words
+        r[ragged.ROW_END] = c if row_ends is None else row_ends[i]
+        rows.append(r)
+        adjs.append(a)
+        orders.append(o)
+        edges.append(e)
+        local.append(o)
+        tok, keep, words = tok + n, keep + k, words + a.numel()
+    return (torch.cat(adjs), torch.cat(orders), torch.tensor(rows, dtype=torch.int64), edges,
+            local)
+
+
+def ragged_want(sizes, edges, orders):
+    out, tok = [], 0
+    for (c, n_p, m), e, o in zip(sizes, edges, orders):
+        out.append(reference_kept(e, o, n_p, n_p + m) + tok)
+        tok += c + n_p
+    return torch.cat(out)
+
+
+def run_ragged(adj, order, table, sizes, method, device="cpu", **kw):
+    kept = torch.full((sum(n_p + m for _, n_p, m in sizes),), -7, dtype=torch.int64, device=device)
+    max_tokens = max(c + n_p for c, n_p, _ in sizes)
+    return mis.greedy_mis_ragged(adj.to(device), order.to(device), table.to(device), kept,
+                                 max_tokens, method=method, **kw)
+
+
+def test_ragged_table_layout_is_the_extensions():
+    from d2pruner_kernels import _C
+    from d2pruner_kernels.kernels import ragged
+    want = {name: getattr(ragged, name.upper()) for name in _C.ragged_fields if name != "stride"}
+    assert _C.ragged_fields == dict(want, stride=ragged.FIELDS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 6), big=st.booleans())
+def test_ragged_mis_equals_the_greedy_walk_per_image(seed, batch, big):
+    """Images of different C_b, n_pivots_b, k_b (m_b = 0, 1, all, random; n_pivots_b = k_b;
+    one image across the 1024-candidate window when `big`), each graph its own: every
+    image's kept ids, plus its token offset, at its keep offset, exactly the reference walk."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    sizes, kinds = [], []
+    for i in range(batch):
+        c = r(1100, 1300) if big and i == 0 else r(0, 70)
+        n_p = r(0, 6) if c else r(1, 6)
+        m = [0, min(1, c), c, r(0, c)][r(0, 3)]
+        sizes.append((c, n_p, m))
+        kinds.append(KINDS[r(0, len(KINDS) - 1)])
+    adj, order, table, edges, orders = ragged_case(sizes, kinds, g, p=min(0.5, r(1, 30) / 100))
+    want = ragged_want(sizes, edges, orders)
+    for method in ("walk", "rounds"):
+        assert torch.equal(run_ragged(adj, order, table, sizes, method), want), method
+    if ON_GPU:
+        assert torch.equal(run_ragged(adj, order, table, sizes, "rounds", "cuda").cpu(), want)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), frac=st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4))
+def test_ragged_lazy_rows_per_image(seed, frac):
+    """ROW_END per image: rows at or past it are poisoned; an image is done exactly when its
+    m-th member lies before its own row end (or that is all its rows, or m = 0), and only
+    done images are written; a second call with every row ready and skip = done finishes
+    the others without touching the first ones."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(40, 2, 3), (300, 0, 20), (1, 1, 1), (90, 4, 30)]
+    kinds = ["random", "cliques", "empty", "chain"]
+    ends = [round(f * c) for f, (c, _, _) in zip(frac, sizes)]
+    adj, order, table, edges, orders = ragged_case(sizes, kinds, g, p=0.05, row_ends=ends)
+    want = ragged_want(sizes, edges, orders)
+    depth = []
+    for (c, _, m), e in zip(sizes, edges):
+        ms = reference.greedy_members(e, c)
+        depth.append(0 if m == 0 else ms[m - 1] + 1 if len(ms) >= m else c + 1)
+    from d2pruner_kernels.kernels import ragged
+    poisoned, off = adj.clone(), 0
+    for (c, _, _), end in zip(sizes, ends):
+        w = layout.num_words(c)
+        poisoned[off + end * w: off + c * w] = -1
+        off += c * w
+    for device in (["cpu", "cuda"] if ON_GPU else ["cpu"]):
+        done = torch.full((len(sizes),), -1, dtype=torch.int32, device=device)
+        kept = run_ragged(poisoned, order, table, sizes, "rounds", device, done=done)
+        done_want = [int(end == c or d <= end) for (c, _, _), end, d in zip(sizes, ends, depth)]
+        assert done.tolist() == done_want, device
+        keep_off = table[:, ragged.KEEP_OFFSET].tolist()
+        for b, (_, n_p, m) in enumerate(sizes):
+            got = kept[keep_off[b]:keep_off[b] + n_p + m].cpu()
+            if done_want[b]:
+                assert torch.equal(got, want[keep_off[b]:keep_off[b] + n_p + m]), (device, b)
+            else:
+                assert (got == -7).all(), (device, b)
+        full = table.clone()
+        full[:, ragged.ROW_END] = torch.tensor([c for c, _, _ in sizes])
+        kept2 = mis.greedy_mis_ragged(adj.to(device), order.to(device), full.to(device), kept,
+                                      max(c + n_p for c, n_p, _ in sizes), method="rounds",
+                                      skip=done, done=done)
+        assert torch.equal(kept2.cpu(), want) and done.tolist() == [1] * len(sizes), device
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("tokens", 0, "sizes"), ("keep", 99, "sizes"), ("pivots", -1, "sizes"),
+    ("token_offset", 10**12, "tokens outside"), ("token_offset", -1, "tokens outside"),
+    ("keep_offset", 10**12, "kept ids outside"), ("adj_offset", 10**9, "adjacency outside"),
+    ("adj_offset", -3, "adjacency outside")])
+def test_ragged_table_out_of_bounds_raises_before_any_work(field, value, match):
+    from d2pruner_kernels.kernels import ragged
+    g = torch.Generator().manual_seed(0)
+    sizes = [(20, 2, 5), (33, 1, 4)]
+    adj, order, table, _, _ = ragged_case(sizes, ["random", "random"], g)
+    table[1, getattr(ragged, field.upper())] = value
+    for method in ("walk", "rounds"):
+        kept = torch.full((12,), -7, dtype=torch.int64)
+        with pytest.raises(ValueError, match=f"image 1 has {match}"):
+            mis.greedy_mis_ragged(adj, order, table, kept, 34, method=method)
+        assert (kept == -7).all()
+
+
+def test_ragged_order_must_be_a_permutation_per_image():
+    g = torch.Generator().manual_seed(1)
+    sizes = [(20, 2, 5), (33, 1, 4)]
+    adj, order, table, _, _ = ragged_case(sizes, ["random", "random"], g)
+    order[22 + 3] = 34  # image 1 holds 34 tokens: ids 0..33
+    with pytest.raises(ValueError, match=r"order must be a permutation .*image 1 holds 34"):
+        mis.greedy_mis_ragged(adj, order, table, torch.empty(12, dtype=torch.int64), 34)
+    with pytest.raises(ValueError, match="max_tokens"):
+        mis.greedy_mis_ragged(adj, order, table, torch.empty(12, dtype=torch.int64), 0)

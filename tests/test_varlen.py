@@ -198,3 +198,291 @@ def test_bad_prior_and_options():
 
 def test_exported():
     assert d2p.prune_varlen is prune_varlen
+
+
+# -- the fused ragged path (kernels backend): one launch per stage, equal to each image's prune
+
+import collections  # noqa: E402
+
+from d2pruner_kernels import dispatch  # noqa: E402
+from d2pruner_kernels.checks import as_3d, pivot_count  # noqa: E402
+from d2pruner_kernels.kernels import mis as mis_kernel  # noqa: E402
+from d2pruner_kernels.params import GraphParams  # noqa: E402
+
+
+@pytest.fixture
+def fused():
+    """The kernels backend's ragged path, with fresh plans (tests that change the graph's
+    configuration must not reuse a table built under another)."""
+    from d2pruner_kernels.kernels import varlen as kernels_varlen
+    kernels_varlen._cache.clear()
+    yield kernels_varlen
+    kernels_varlen._cache.clear()
+
+
+class Launches:
+    """Counts every kernel launch of the fused path: the Triton kernels through the module
+    globals their launch wrappers call, the MIS through the extension; the per-image path
+    (dispatch.select) must not run at all."""
+
+    def __init__(self, monkeypatch):
+        from d2pruner_kernels.kernels import graph, rank, scores
+        self.counts = collections.Counter()
+        for stage, module, name in (("scores", scores, "_debiased_scores_kernel"),
+                                    ("rank", rank, "_rank_norms_kernel"),
+                                    ("graph", graph, "_similarity_graph_kernel")):
+            monkeypatch.setattr(module, name, self._kernel(stage, getattr(module, name)))
+        for name in ("mis_rounds_cpu", "mis_rounds_cuda", "mis_walk_cpu"):
+            if hasattr(mis_kernel._C, name):
+                monkeypatch.setattr(mis_kernel._C, name, self._call("mis", getattr(mis_kernel._C, name)))
+
+        def per_image(*args, **kwargs):
+            raise AssertionError("prune_varlen ran images one by one")
+        monkeypatch.setattr(dispatch, "select", per_image)
+
+    def _kernel(self, stage, kernel):
+        counts = self.counts
+
+        class Counted:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    counts[stage] += 1
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Counted()
+
+    def _call(self, stage, fn):
+        def call(*args):
+            self.counts[stage] += 1
+            return fn(*args)
+        return call
+
+
+def grouped(x, a, cu, grids, ks, prior=None, **options):
+    """The contract's right-hand side for many images at once: the images of equal grid and
+    budget go through one batched prune() (batched == per image, test_prune.py), each
+    result then placed at its image with its offset added."""
+    groups = collections.defaultdict(list)
+    for b, (grid, k) in enumerate(zip(grids, ks)):
+        groups[(tuple(grid), k)].append(b)
+    out = [None] * len(grids)
+    d = x.shape[-1]
+    for (grid, k), members in groups.items():
+        n = math.prod(grid)
+        starts = [int(cu[b]) for b in members]
+        xs = torch.stack([x[s:s + n] for s in starts])
+        as_ = torch.stack([a[..., s:s + n] for s in starts])
+        ps = None if prior is None else torch.stack([prior[s:s + n] for s in starts])
+        kept = prune(xs.view(len(members), n, d), as_, grid, k, prior=ps, **options)
+        for row, b, s in zip(kept, members, starts):
+            out[b] = row + s
+    return torch.cat(out)
+
+
+def fused_check(x, a, cu, grids, k, ks, prior=None, **options):
+    keep, cu_keep = prune_varlen(x, a, cu, grids, k, prior=prior, backend="kernels", **options)
+    want = grouped(x, a, cu, grids, ks, prior=prior, backend="kernels", **options)
+    assert torch.equal(keep, want)
+    assert cu_keep.tolist() == [0] + torch.tensor(ks).cumsum(0).tolist()
+    return keep
+
+
+SMALL = [(4, 5), (5, 6), (2, 3, 4), (6, 6)]  # mixed 2-D and 3-D grids
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_fused_path_is_one_launch_per_stage(monkeypatch, fused, large):
+    """64 small images of mixed 2-D / 3-D grids, budgets k_b = 1, N_b and between (and a
+    16 x 16 image among them, whose graph takes the lazy prefix: two row ranges): scores,
+    rank and the graph's row ranges are one launch each for the whole batch, the MIS one
+    per range; the selection is each image's own prune(). A second call reuses the plan."""
+    grids = [SMALL[i % 4] for i in range(64)]
+    if large:
+        grids[17] = (16, 16)
+    lengths = [math.prod(g) for g in grids]
+    ks = [(1, n, max(1, n // 3))[i % 3] for i, n in enumerate(lengths)]
+    if large:
+        ks[17] = 20
+    x, a, cu = packed(grids, 12, 2, seed=20)
+    want = grouped(x, a, cu, grids, ks, backend="kernels")
+    launches = Launches(monkeypatch)
+    keep, _ = prune_varlen(x, a, cu, grids, ks, backend="kernels")
+    assert torch.equal(keep, want)
+    (plan,) = fused._cache.values()
+    ranges = plan.ranges  # on a GPU: 1 while the batch's tiles fit one wave on the SMs
+    assert ranges == (2 if large and DEVICE.type == "cpu" else 1)
+    assert launches.counts == {"scores": 1, "rank": 1, "graph": ranges, "mis": ranges}
+    assert plan.table.shape == (ranges, 64, 16)
+    again, _ = prune_varlen(x, a, cu, grids, ks, backend="kernels")
+    assert torch.equal(again, keep) and len(fused._cache) == 1
+
+
+def test_fused_top_k_only_needs_no_graph(monkeypatch, fused):
+    grids = [(3, 4), (5, 5), (2, 2, 3)]
+    x, a, cu = packed(grids, 8, 2, seed=21)
+    ks = [5, 25, 1]
+    want = grouped(x, a, cu, grids, ks, pivot_ratio=1.0, backend="kernels")
+    launches = Launches(monkeypatch)
+    keep, _ = prune_varlen(x, a, cu, grids, ks, pivot_ratio=1.0, backend="kernels")
+    assert torch.equal(keep, want)
+    assert launches.counts == {"scores": 1, "rank": 1, "mis": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_every_dtype_spatial_and_prior(fused, dtype):
+    """β > 0 (the grid of each image in the graph kernel), a 3-D grid with its frames, a
+    packed prior, pivot_ratio 0 (a pure MIS) on some budgets."""
+    grids = [(6, 7), (2, 4, 5), (9, 9), (5, 11), (3, 3, 3), (1, 1)]
+    x, a, cu = packed(grids, 24, 3, seed=22, dtype=dtype)
+    prior = 0.5 + torch.rand(x.shape[0], generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ks = [7, 40, 12, 55, 27, 1]
+    fused_check(x, a, cu, grids, ks, ks, prior=prior, spatial_weight=0.4, radius=1,
+                temporal_radius=1, sim_threshold=0.6)
+    fused_check(x, a, cu, grids, ks, ks, pivot_ratio=0.0)
+
+
+def test_fused_mixed_pivots_per_image(fused):
+    """n_pivots_b = k_b (top-k only, no graph rows) beside images with supplements, through
+    dispatch.select_varlen itself (prune_varlen has one pivot ratio for all), against
+    dispatch.select image by image."""
+    grids = [(6, 7), (4, 5), (9, 9), (2, 3, 4), (5, 5)]
+    x, a, cu = packed(grids, 16, 2, seed=23)
+    ks = [10, 20, 30, 6, 25]
+    n_pivots = [10, 3, 30, 0, pivot_count(0.7, 25)]
+    images = [(int(cu[b]), int(cu[b + 1])) for b in range(len(grids))]
+    grids3 = [as_3d(g) for g in grids]
+    params = GraphParams(spatial_weight=0.25)
+    got = dispatch.select_varlen(x, a, images, grids3, ks, n_pivots, [None] * 5, params, 1e-7,
+                                 "kernels")
+    want = torch.cat([dispatch.select(x[s:e][None], a[:, s:e][None], None, g, k, n_p, params,
+                                      1e-7, "kernels")[0] + s
+                      for (s, e), g, k, n_p in zip(images, grids3, ks, n_pivots)])
+    assert torch.equal(got, want)
+
+
+def test_fused_k_slices_as_each_image_gets_alone(monkeypatch, fused):
+    """Each image's dot products summed in the K slices it gets in its own prune() (there,
+    on a CPU: split-K launches; in the ragged launch: in-program slices), bit for bit. The
+    slice count is forced per image size (on a GPU it depends on the image's tiles)."""
+    from d2pruner_kernels.kernels import graph
+    config = graph.default_config
+    block_k = 8 if DEVICE.type == "cpu" else 32  # a GPU dot needs K >= 16
+
+    def small_k_steps(dtype, d):
+        return dict(config(dtype, d), BLOCK_K=block_k)
+    monkeypatch.setattr(graph, "default_config", small_k_steps)
+    monkeypatch.setattr(graph, "split_count", lambda tiles, k_steps, device: 3 if tiles == 1 else 2)
+    grids = [(6, 7), (9, 9), (12, 12), (2, 4, 5)]  # one tile each but (12, 12) (at BLOCK 64)
+    x, a, cu = packed(grids, 5 * block_k, 2, seed=24)  # 5 K steps: slices 2 + 2 + 1 or 3 + 2
+    ks = [20, 30, 50, 15]
+    fused_check(x, a, cu, grids, ks, ks, spatial_weight=0.3)
+
+
+@pytest.mark.parametrize("max_n", [None, 40])
+def test_fused_rank_ties_nan_and_images_above_the_rank_kernel(monkeypatch, fused, max_n):
+    """NaN attention (score -inf, ranks last) and exact ties (to the smaller index) in some
+    images; with the rank kernel's limit lowered below some images, the whole batch is
+    ranked by one padded torch.sort, -inf pads behind each image's -inf scores."""
+    from d2pruner_kernels.kernels import rank
+    if max_n is not None:
+        monkeypatch.setattr(rank, "MAX_N", max_n)
+    grids = [(6, 7), (4, 5), (9, 9), (3, 3, 3)]
+    x, a, cu = packed(grids, 16, 2, seed=25)
+    a[:, 3:20] = float("nan")          # image 0: many -inf scores
+    a[:, 62:70] = 0.5                  # image 1: ties
+    a[:, 70:150:3] = float("nan")      # image 2
+    ks = [30, 12, 40, 9]
+    fused_check(x, a, cu, grids, ks, ks)
+    if max_n is not None:
+        (plan,) = fused._cache.values()
+        assert plan.sort_rank
+
+
+def test_only_the_kernels_take_the_fused_path(monkeypatch, fused):
+    """The reference and the CPU 'auto' path run image by image."""
+    def never(*args, **kwargs):
+        raise AssertionError("the fused path ran")
+    monkeypatch.setattr(fused, "select", never)
+    x, a, cu = packed(MIXED, 16, 2, seed=26)
+    for backend in ("reference",) + (("auto",) if DEVICE.type == "cpu" else ()):
+        keep, _ = prune_varlen(x, a, cu, MIXED, 9, backend=backend)
+        assert keep.shape == (45,)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU")
+def test_fused_on_gpu_never_syncs_and_replays_from_a_cuda_graph(fused):
+    """A new layout and a cached one, cu_seqlens on the GPU too, under
+    set_sync_debug_mode('error'); then captured once and replayed on new values."""
+    grids = [(24, 24), (16, 20), (2, 8, 8), (10, 10)]
+    ks = [64, 80, 32, 10]
+    x, a, cu = packed(grids, 64, 4, seed=30, dtype=torch.bfloat16)
+    cu = cu.to(DEVICE)
+    want = grouped(x, a, cu.cpu(), grids, ks, backend="kernels")
+    prune_varlen(x, a, cu, grids, ks, backend="kernels")  # Triton compiles on first use
+    fused._cache.clear()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first, cu_keep = prune_varlen(x, a, cu, grids, ks, backend="kernels")  # new layout
+        second, _ = prune_varlen(x, a, cu, grids, ks, backend="kernels")       # cached
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(first, want) and torch.equal(second, want)
+    assert cu_keep.device == cu.device and cu_keep.tolist() == [0, 64, 144, 176, 186]
+
+    xs, as_ = x.clone(), a.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph wants
+        prune_varlen(xs, as_, cu, grids, ks, backend="kernels")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, out_cu = prune_varlen(xs, as_, cu, grids, ks, backend="kernels")
+    x2, a2, _ = packed(grids, 64, 4, seed=31, dtype=torch.bfloat16)
+    xs.copy_(x2)
+    as_.copy_(a2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, grouped(x2, a2, cu.cpu(), grids, ks, backend="kernels"))
+    assert out_cu.tolist() == [0, 64, 144, 176, 186]
+
+
+@pytest.mark.parametrize("splits,d", [(2, 64), (3, 96)])
+def test_ragged_graph_sums_each_image_in_its_own_slices(monkeypatch, splits, d):
+    """The ragged graph launch against the dense one, bit for bit, on an image whose edge
+    depends on the order of the sum (test_graph_kernel.py's input: summed in K order the 3s
+    survive, slice by slice they round away) beside an image of another size that keeps
+    one slice: each image's edges are those of its own slices."""
+    from d2pruner_kernels import layout
+    from d2pruner_kernels.kernels import graph, rank
+    from d2pruner_kernels.kernels import varlen as kernels_varlen
+    cfg = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=1)
+    monkeypatch.setattr(graph, "default_config", lambda dtype, dim: dict(cfg))
+    monkeypatch.setattr(graph, "split_count", lambda tiles, k_steps, device: splits if tiles == 1 else 1)
+    xa = torch.randn(20, d, generator=torch.Generator().manual_seed(d))
+    xa[:2] = 0.0
+    xa[0, [0, 16, 32, 48]] = torch.tensor([1e4, 3.0, 1e4, 3.0])
+    xa[1, [0, 16, 32, 48]] = torch.tensor([1e4, 1.0, -1e4, 1.0])
+    xb = clustered_tokens(1, 100, d, generator=torch.Generator().manual_seed(1))[0]
+    x = torch.cat([xa, xb]).to(DEVICE)
+    order = torch.cat([torch.arange(20), torch.arange(100)]).to(DEVICE)
+    params = GraphParams(sim_threshold=1e-8)
+    p = kernels_varlen.Plan([(0, 20), (20, 120)], [(1, 1, 20), (1, 10, 10)], [10, 30], [0, 0],
+                            d, x.dtype, x.device)
+    from d2pruner_kernels.kernels import ragged
+    assert p.ranges == 1
+    assert p.table[0, :, ragged.K_CHUNK].tolist() == [-(-(d // 16) // splits), d // 16]  # K steps
+    adj = torch.empty(p.adj_words, dtype=torch.int32, device=DEVICE)
+    norms = rank.rank_and_norms(None, x[None])[1][0]
+    graph.ragged_rows(x, norms, order, adj, p.table[0], p.range_tiles[0], params, p.config)
+    got_a = layout.unpack_lower(adj[:20].view(1, 20, 1), 20)
+    got_b = layout.unpack_lower(adj[20:].view(1, 100, 4), 100)
+
+    def dense(xs, n, **extra):
+        a = graph.similarity_graph(xs[None].to(DEVICE), torch.arange(n, device=DEVICE)[None], 0,
+                                   (1, 1, n), params, config=dict(cfg, **extra))
+        return layout.unpack_lower(a, n)
+    assert dense(xa, 20, SPLITS=1)[0, 1, 0] and not got_a[0, 1, 0]  # the order decides it
+    assert torch.equal(got_a, dense(xa, 20, SPLITS=splits, SPLIT_LAUNCH=True))
+    assert torch.equal(got_b, dense(xb, 100, SPLITS=1))

@@ -13,7 +13,8 @@ float32 pass before (`rank.py`), and the epilogue fuses the normalisation, the s
 term, the threshold and the bit packing. Only the packed bits reach memory (layout:
 ../layout.py); tiles above the diagonal are never launched work, their words stay
 unwritten. Batches with fewer tiles than SMs split K over programs (`split_count`,
-`launch_slices`).
+`launch_slices`). A ragged batch (prune_varlen, `ragged_rows`) is one launch over every
+image's tiles, each image's sizes from the ragged table (kernels/ragged.py).
 """
 from __future__ import annotations
 
@@ -27,8 +28,18 @@ import torch
 from ..layout import num_words
 from ..params import DEFAULTS, GraphParams
 from . import cdiv, interpreting, launch_device, next_pow2, sm_count
+from . import ragged
 from .dot import exact_dot, upcast
-from .rank import rank_and_norms
+from .rank import R_FIELDS, R_PIVOTS, R_TOKEN_OFFSET, R_TOKENS, image_of, rank_and_norms
+
+# The ragged table's fields the graph kernel reads (kernels/ragged.py)
+R_ADJ_OFFSET = tl.constexpr(ragged.ADJ_OFFSET)
+R_ROW_BEGIN = tl.constexpr(ragged.ROW_BEGIN)
+R_ROW_END = tl.constexpr(ragged.ROW_END)
+R_TILE_START = tl.constexpr(ragged.TILE_START)
+R_GRID_H = tl.constexpr(ragged.GRID_H)
+R_GRID_W = tl.constexpr(ragged.GRID_W)
+R_K_CHUNK = tl.constexpr(ragged.K_CHUNK)
 
 
 @triton.jit
@@ -38,29 +49,67 @@ def _bit_or(a, b):
 
 @triton.jit
 def _similarity_graph_kernel(
-        x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, ws_ptr,
-        N, C, row_end, D, n_pivots, row_block_start, k_chunk, n_tiles,
+        x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, ws_ptr, meta_ptr,
+        N, C, row_end, D, n_pivots, row_block_start, k_chunk, n_tiles, n_images,
         stride_xb, stride_xn, stride_nb, stride_ob, n_words, grid_h, grid_w, radius,
         temporal_radius, cos_weight, spatial_weight, sim_threshold,
         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
         UPCAST: tl.constexpr, HAS_SKIP: tl.constexpr,
-        SPATIAL: tl.constexpr, SPLITS: tl.constexpr, PHASE: tl.constexpr):
+        SPATIAL: tl.constexpr, SPLITS: tl.constexpr, PHASE: tl.constexpr,
+        RAGGED: tl.constexpr, SUM_BITS: tl.constexpr):
     # K is cut into SPLITS slices of k_chunk (a choice of the image's shape), each summed
     # from zero, then added in slice order. PHASE 0: a program does every slice in turn,
     # then the epilogue. Split-K, for launches whose tiles cannot fill the GPU: PHASE 1
     # programs each reduce one slice into a float32 workspace tile, PHASE 2 adds them in
     # slice order and runs the epilogue. Both paths run the same float operations, so an
     # image's edges do not depend on which one built them (nor on the batch around it).
-    if PHASE == 1:  # grid axis 0: column block x K slice
-        col_block = tl.program_id(0) // SPLITS
-        split = tl.program_id(0) % SPLITS
-    else:
-        col_block = tl.program_id(0)
+    #
+    # RAGGED (prune_varlen; PHASE 0 only): a packed batch, grid (tiles of this range, 1, 1).
+    # The program's image comes from the table's TILE_START column, its tile from its
+    # index among the image's tiles of rows [ROW_BEGIN, ROW_END) (lower triangle, row-major,
+    # so no program is idle); N, n_pivots, C, the grid and the K slices are the image's
+    # own (the slices it gets alone: the same float operations as its own prune()); the
+    # tokens, norms and order are read at its token offset, its graph written at its
+    # adjacency offset in its own layout [C_b, words(C_b)].
+    if RAGGED:
+        pid = tl.program_id(0)
+        img = image_of(meta_ptr + R_TILE_START, pid, n_images)
+        b = img.to(tl.int64)
+        meta = meta_ptr + b * R_FIELDS
+        N = tl.load(meta + R_TOKENS).to(tl.int32)
+        n_pivots = tl.load(meta + R_PIVOTS).to(tl.int32)
+        C = N - n_pivots
+        n_words = (C + 31) // 32
+        row_end = tl.load(meta + R_ROW_END).to(tl.int32)
+        first_block = tl.load(meta + R_ROW_BEGIN).to(tl.int32) // BLOCK
+        g = first_block * (first_block + 1) // 2 + (pid - tl.load(meta + R_TILE_START).to(tl.int32))
+        # row_block = the r with r (r + 1) / 2 <= g < (r + 1) (r + 2) / 2: the float32 root
+        # is off by at most one for any g of a graph the MIS takes (r < 4096), then corrected
+        r = ((tl.sqrt(8.0 * g.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+        r = tl.where((r + 1) * (r + 2) // 2 <= g, r + 1, r)
+        r = tl.where(r * (r + 1) // 2 > g, r - 1, r)
+        row_block = r
+        col_block = g - r * (r + 1) // 2
         split = 0
-    row_block = row_block_start + tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    if col_block > row_block:  # only j < i is stored
-        return
+        grid_h = tl.load(meta + R_GRID_H).to(tl.int32)
+        grid_w = tl.load(meta + R_GRID_W).to(tl.int32)
+        k_chunk = tl.load(meta + R_K_CHUNK).to(tl.int32) * BLOCK_K  # stored in K steps
+        base = tl.load(meta + R_TOKEN_OFFSET)  # int64
+        x_img = x_ptr + base * stride_xn
+        norm_img = norm_ptr + base
+        order_img = order_ptr + base
+        adj_img = adj_ptr + tl.load(meta + R_ADJ_OFFSET)
+    else:
+        if PHASE == 1:  # grid axis 0: column block x K slice
+            col_block = tl.program_id(0) // SPLITS
+            split = tl.program_id(0) % SPLITS
+        else:
+            col_block = tl.program_id(0)
+            split = 0
+        row_block = row_block_start + tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        if col_block > row_block:  # only j < i is stored
+            return
     if HAS_SKIP:  # lazy graphs: this image's selection is already settled
         if tl.load(skip_ptr + b) != 0:
             return
@@ -71,8 +120,12 @@ def _similarity_graph_kernel(
     # Token ids of the candidates in rank order; their feature rows are gathered. The ids
     # are clamped into [0, N): whatever `order` holds (it is not checked on a GPU), every
     # gather stays inside tokens and norms.
-    ti = tl.load(order_ptr + b * stride_ob + n_pivots + rows, mask=row_ok, other=0)
-    tj = tl.load(order_ptr + b * stride_ob + n_pivots + cols, mask=col_ok, other=0)
+    if RAGGED:
+        ti = tl.load(order_img + n_pivots + rows, mask=row_ok, other=0)
+        tj = tl.load(order_img + n_pivots + cols, mask=col_ok, other=0)
+    else:
+        ti = tl.load(order_ptr + b * stride_ob + n_pivots + rows, mask=row_ok, other=0)
+        tj = tl.load(order_ptr + b * stride_ob + n_pivots + cols, mask=col_ok, other=0)
     ti = tl.minimum(tl.maximum(ti, 0), N - 1).to(tl.int32)  # now < N: 32 bits suffice
     tj = tl.minimum(tl.maximum(tj, 0), N - 1).to(tl.int32)
     # This tile's float32 partials in the workspace [B, SPLITS, n_tiles, BLOCK, BLOCK]
@@ -87,34 +140,62 @@ def _similarity_graph_kernel(
             acc += tl.load(ws_ptr + slot * (BLOCK * BLOCK) + in_tile)
     else:
         offs_k = tl.arange(0, BLOCK_K)
-        xi = x_ptr + b * stride_xb + ti.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
-        xj = x_ptr + b * stride_xb + tj.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
+        if RAGGED:
+            xi = x_img + ti.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
+            xj = x_img + tj.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
+        else:
+            xi = x_ptr + b * stride_xb + ti.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
+            xj = x_ptr + b * stride_xb + tj.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
         acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        for s in range(split, split + 1 if PHASE == 1 else SPLITS):
-            k_lo = s * k_chunk  # k_chunk: a multiple of BLOCK_K
-            k_hi = tl.minimum(D, k_lo + k_chunk)
+        if RAGGED:
+            # The image's own slices, in order, in one loop over K whose bounds are kernel
+            # arguments (bounds read from the table would keep the loads from being
+            # pipelined): a slice's last step adds its sum to acc and restarts it from zero,
+            # the very float operations of the dense loops below. k_chunk is a multiple of
+            # BLOCK_K, so no step straddles two slices and the K mask is the same.
             part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
+            for k0 in range(0, D, BLOCK_K):
                 if EVEN_K:
                     a = tl.load(xi + k0, mask=row_ok[:, None], other=0.0)
                     c = tl.load(xj + k0, mask=col_ok[:, None], other=0.0)
                 else:
-                    k_ok = (k0 + offs_k) < k_hi
+                    k_ok = (k0 + offs_k) < D
                     a = tl.load(xi + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                     c = tl.load(xj + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
                 part = exact_dot(a, tl.trans(c), part, UPCAST)
-            if SPLITS == 1:
-                acc = part
-            else:
-                acc += part
+                if ((k0 + BLOCK_K) % k_chunk == 0) | (k0 + BLOCK_K >= D):
+                    acc += part  # 0 + part first: part's value (and edges: -0.0 >= t iff +0.0 >= t)
+                    part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        else:
+            for s in range(split, split + 1 if PHASE == 1 else SPLITS):
+                k_lo = s * k_chunk  # k_chunk: a multiple of BLOCK_K
+                k_hi = tl.minimum(D, k_lo + k_chunk)
+                part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+                for k0 in range(k_lo, k_hi, BLOCK_K):
+                    if EVEN_K:
+                        a = tl.load(xi + k0, mask=row_ok[:, None], other=0.0)
+                        c = tl.load(xj + k0, mask=col_ok[:, None], other=0.0)
+                    else:
+                        k_ok = (k0 + offs_k) < k_hi
+                        a = tl.load(xi + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                        c = tl.load(xj + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                    part = exact_dot(a, tl.trans(c), part, UPCAST)
+                if SPLITS == 1:
+                    acc = part
+                else:
+                    acc += part
         if PHASE == 1:
             slot = (b * SPLITS + split) * n_tiles + tile
             tl.store(ws_ptr + slot * (BLOCK * BLOCK) + in_tile, acc)
             return
 
     # Epilogue: cosine, spatial term, threshold, then 32 columns -> one int32 word.
-    ni = tl.maximum(tl.load(norm_ptr + b * stride_nb + ti, mask=row_ok, other=1.0), 1e-12)
-    nj = tl.maximum(tl.load(norm_ptr + b * stride_nb + tj, mask=col_ok, other=1.0), 1e-12)
+    if RAGGED:
+        ni = tl.maximum(tl.load(norm_img + ti, mask=row_ok, other=1.0), 1e-12)
+        nj = tl.maximum(tl.load(norm_img + tj, mask=col_ok, other=1.0), 1e-12)
+    else:
+        ni = tl.maximum(tl.load(norm_ptr + b * stride_nb + ti, mask=row_ok, other=1.0), 1e-12)
+        nj = tl.maximum(tl.load(norm_ptr + b * stride_nb + tj, mask=col_ok, other=1.0), 1e-12)
     cos = acc / ni[:, None] / nj[None, :]
     if SPATIAL:
         hw = grid_h * grid_w
@@ -130,9 +211,15 @@ def _similarity_graph_kernel(
     edge = (f >= sim_threshold) & (cols[None, :] < rows[:, None]) & col_ok[None, :]
     shifts = tl.arange(0, 32)
     bits = tl.reshape(edge.to(tl.int32), [BLOCK, BLOCK // 32, 32]) << shifts[None, None, :]
-    words = tl.reduce(bits, 2, _bit_or)
+    if SUM_BITS:  # the interpreter: a sum (the bits are disjoint: no carry, the same word)
+        words = tl.sum(bits, 2)  # is numpy's; a reduce calls _bit_or per pair in Python
+    else:
+        words = tl.reduce(bits, 2, _bit_or)
     word_idx = col_block * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
-    out = adj_ptr + (b * C + rows[:, None]) * n_words + word_idx[None, :]
+    if RAGGED:
+        out = adj_img + rows[:, None] * n_words + word_idx[None, :]
+    else:
+        out = adj_ptr + (b * C + rows[:, None]) * n_words + word_idx[None, :]
     tl.store(out, words, mask=row_ok[:, None] & (word_idx[None, :] < n_words))
 
 
@@ -191,7 +278,8 @@ class GraphRows:
                                device=tokens.device)
         self.n_pivots, self.grid, self.params = n_pivots, grid, params
         self.flags = dict(BLOCK=self.block, BLOCK_K=self.block_k, EVEN_K=d % self.block_k == 0,
-                          UPCAST=upcast(self.x.dtype), SPATIAL=params.spatial_weight != 0)
+                          UPCAST=upcast(self.x.dtype), SPATIAL=params.spatial_weight != 0,
+                          SUM_BITS=interpreting())
         # K slices: fixed per image shape (its full triangle), so its edges are too. Each
         # launch decides whether they get programs of their own (split-K, with a float32
         # workspace of SPLITS x tiles x BLOCK^2 per image): the sums are the same.
@@ -229,12 +317,13 @@ class GraphRows:
             self.ws = torch.empty(b * self.splits * self.n_tiles * self.block ** 2,
                                   dtype=torch.float32, device=x.device)
         args = (x, self.norms, self.order, adj, adj if skip is None else skip,
-                self.ws if split else adj,
+                self.ws if split else adj, adj,  # no ragged table (never read)
                 x.shape[1], self.c, end, x.shape[2], self.n_pivots, first, self.k_chunk, self.n_tiles,
-                x.stride(0), x.stride(1), self.norms.stride(0), self.order.stride(0),
+                1, x.stride(0), x.stride(1), self.norms.stride(0), self.order.stride(0),
                 adj.shape[2], grid[1], grid[2], p.radius, p.temporal_radius, p.cos_weight,
                 p.spatial_weight, p.sim_threshold)
-        flags = dict(HAS_SKIP=skip is not None, SPLITS=self.splits, **self.flags, **self.cfg)
+        flags = dict(HAS_SKIP=skip is not None, SPLITS=self.splits, RAGGED=False, **self.flags,
+                     **self.cfg)
         with launch_device(x.device):  # grid: column blocks [0, last) x row blocks x images
             if not split:
                 _similarity_graph_kernel[(last, last - first, b)](*args, PHASE=0, **flags)
@@ -255,3 +344,31 @@ def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
     g = GraphRows(tokens, order, n_pivots, grid, params, config)
     g.rows(0, g.c)
     return g.adj
+
+
+def ragged_rows(tokens: torch.Tensor, norms: torch.Tensor, order: torch.Tensor,
+                adj: torch.Tensor, table: torch.Tensor, tiles: int, params: GraphParams,
+                config: dict, skip: torch.Tensor | None = None) -> None:
+    """One launch for a ragged batch (prune_varlen): rows [ROW_BEGIN_b, ROW_END_b) of every
+    image's graph into the packed adjacency (int32 [words], image b's [C_b, words(C_b)] at
+    its ADJ_OFFSET). tokens [total, D] (unit last stride), norms float32 [total], order int64
+    [total] (local ids at each TOKEN_OFFSET), table: this range's [B, FIELDS] on the device,
+    `tiles` its programs (the TILE_START prefix's total). config: default_config of the
+    tokens (the table's K_CHUNK is a multiple of its BLOCK_K). Images with skip[b] != 0 are
+    left alone. Always in-program K slices (PHASE 0): no workspace, no second launch."""
+    if tiles == 0:
+        return
+    cfg = dict(config)
+    block, block_k = cfg.pop("BLOCK"), cfg.pop("BLOCK_K")
+    total, d = tokens.shape
+    p = params
+    flags = dict(BLOCK=block, BLOCK_K=block_k, EVEN_K=d % block_k == 0,
+                 UPCAST=upcast(tokens.dtype), HAS_SKIP=skip is not None,
+                 SPATIAL=p.spatial_weight != 0, SPLITS=1, PHASE=0, RAGGED=True,
+                 SUM_BITS=interpreting(), **cfg)
+    with launch_device(tokens.device):
+        _similarity_graph_kernel[(tiles, 1, 1)](
+            tokens, norms, order, adj, adj if skip is None else skip, adj, table,
+            total, 0, 0, d, 0, 0, 0, 0, table.shape[0], 0, tokens.stride(0), 0, 0, 0, 0, 0,
+            p.radius, p.temporal_radius, p.cos_weight, p.spatial_weight, p.sim_threshold,
+            **flags)

@@ -87,22 +87,69 @@ def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
     rounds = torch.empty(b, dtype=torch.int32, device=order.device) if return_rounds else None
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     ptrs = (adj.data_ptr(), order.data_ptr(), kept.data_ptr(), ptr(rounds), b, n, n_pivots, k,
-            rows_ready, ptr(skip), ptr(done))
-    if order.is_cuda:
+            rows_ready, ptr(skip), ptr(done), 0, 0, 0, 0)  # 0: no ragged table (dense batch)
+    whole = rows_ready == c and skip is None and done is None
+    _launch(ptrs, order.device, n, method, whole)
+    return (kept, rounds) if return_rounds else kept
+
+
+def _launch(ptrs, device: torch.device, n_tokens: int, method: str, whole: bool) -> None:
+    """One call of the extension: the CUDA kernel, its CPU twin or the CPU walk."""
+    if device.type == "cuda":
         if not _C.with_cuda:
             raise RuntimeError("d2pruner_kernels._C was built without CUDA (no nvcc at build time)")
-        if n > MAX_CUDA_TOKENS:
-            raise ValueError(f"the CUDA MIS kernel supports N <= {MAX_CUDA_TOKENS}, got N={n}")
+        if n_tokens > MAX_CUDA_TOKENS:
+            raise ValueError(f"the CUDA MIS kernel supports N <= {MAX_CUDA_TOKENS}, got N={n_tokens}")
         if method == "walk":
             raise ValueError("method='walk' runs on CPU tensors only")
-        stream = torch.cuda.current_stream(order.device).cuda_stream
-        _C.mis_rounds_cuda(*ptrs, order.device.index, stream)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        _C.mis_rounds_cuda(*ptrs, device.index, stream)
     elif method == "rounds":
         _C.mis_rounds_cpu(*ptrs)
     elif method in ("auto", "walk"):
-        if rows_ready != c or skip is not None or done is not None:
+        if not whole:
             raise ValueError("the CPU walk needs the whole graph: use method='rounds'")
         _C.mis_walk_cpu(*ptrs)
     else:
         raise ValueError(f"method must be 'auto', 'walk' or 'rounds', got {method!r}")
-    return (kept, rounds) if return_rounds else kept
+
+
+def greedy_mis_ragged(adj: torch.Tensor, order: torch.Tensor, table: torch.Tensor,
+                      kept: torch.Tensor, max_tokens: int, *, method: str = "rounds",
+                      skip: torch.Tensor | None = None, done: torch.Tensor | None = None,
+                      rounds: torch.Tensor | None = None) -> torch.Tensor:
+    """The MIS of a ragged batch (prune_varlen) in one call: image b's kept ids, ascending,
+    plus its token offset, into kept[keep_offset_b : keep_offset_b + k_b].
+
+    adj: int32 [words], each image's [C_b, words(C_b)] graph at its adj_offset; order:
+    int64 [total], each image's rank order (local ids 0..N_b-1) at its token_offset;
+    table: int64 [B, ragged.FIELDS] (kernels/ragged.py), max_tokens >= every N_b; kept:
+    int64 [sum k_b]. Rows [0, min(row_end_b, C_b)) of each graph are ready (lazy graphs:
+    done / skip as in greedy_mis); method "walk" (CPU) reads whole graphs. The C++ side
+    checks every row of a CPU table against the buffers' lengths, and every order, before
+    any work (ValueError); the CUDA kernel skips an image whose row does not fit."""
+    from .ragged import FIELDS  # no Triton needed: plain ints
+    if _C is None:
+        raise RuntimeError("d2pruner_kernels._C is not built; use backend='reference'")
+    dev = order.device
+    b = table.shape[0] if table.dim() == 2 else -1
+    for name, t, dtype in (("adj", adj, torch.int32), ("order", order, torch.int64),
+                           ("table", table, torch.int64), ("kept", kept, torch.int64)):
+        if t.dtype != dtype or t.device != dev or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dtype} tensor on {dev}, got "
+                             f"{t.dtype} on {t.device}")
+    if b < 0 or table.shape[1] != FIELDS or adj.dim() != 1 or order.dim() != 1 or kept.dim() != 1:
+        raise ValueError(f"table must be [B, {FIELDS}] and adj, order, kept 1-D, got "
+                         f"{list(table.shape)}, {list(adj.shape)}, {list(order.shape)}, "
+                         f"{list(kept.shape)}")
+    if not 1 <= max_tokens < 2 ** 31:
+        raise ValueError(f"max_tokens must be in [1, 2**31), got {max_tokens}")
+    for name, t in (("skip", skip), ("done", done), ("rounds", rounds)):
+        if t is not None and (t.dtype != torch.int32 or t.shape != (b,) or t.device != dev):
+            raise ValueError(f"{name} must be int32 [{b}] on {dev}")
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    ptrs = (adj.data_ptr(), order.data_ptr(), kept.data_ptr(), ptr(rounds), b, max_tokens, 0,
+            max_tokens, 0, ptr(skip), ptr(done), table.data_ptr(), order.numel(), kept.numel(),
+            adj.numel())
+    _launch(ptrs, dev, max_tokens, method, skip is None and done is None)
+    return kept

@@ -15,6 +15,8 @@ launch, where torch's sort spends several; above MAX_N the dispatcher ranks with
 
 The norms |x_n| (float32, used by the graph kernel) ride along as extra programs of the
 same grid (a horizontal fusion: one launch less, no dependency between the two jobs).
+A ragged batch (prune_varlen, `rank_and_norms_ragged`) is one launch too: each image
+ranked among its own tokens, its sizes from the ragged table (kernels/ragged.py).
 """
 from __future__ import annotations
 
@@ -23,12 +25,34 @@ import triton.language as tl
 
 import torch
 
-from . import cdiv, interpreting, launch_device, next_pow2
+from . import cdiv, interpreting, launch_device, next_pow2, ragged
 
 MAX_N = 8192  # O(N^2) compares: about where they stop beating a sort (NOTES.md)
 BLOCK_I = 32
 BLOCK_J = 128
 NORM_ROWS = 2
+
+# The ragged table's fields, as the kernels read them (kernels/ragged.py)
+R_FIELDS = tl.constexpr(ragged.FIELDS)
+R_TOKEN_OFFSET = tl.constexpr(ragged.TOKEN_OFFSET)
+R_TOKENS = tl.constexpr(ragged.TOKENS)
+R_PIVOTS = tl.constexpr(ragged.PIVOTS)
+R_RANK_START = tl.constexpr(ragged.RANK_START)
+IMAGE_CHUNK = tl.constexpr(128)
+
+
+@triton.jit
+def image_of(start_ptr, pid, n_images):
+    """The image a program of a ragged launch works on: the last b whose first program
+    start[b] (a non-decreasing column of the table, read at stride R_FIELDS) is <= pid.
+    One vector load per 128 images and a count: no search loop of dependent loads."""
+    count = tl.zeros([IMAGE_CHUNK], dtype=tl.int32)
+    for c0 in range(0, n_images, IMAGE_CHUNK):
+        i = c0 + tl.arange(0, IMAGE_CHUNK)
+        ok = i < n_images
+        start = tl.load(start_ptr + i.to(tl.int64) * R_FIELDS, mask=ok, other=0)
+        count += (ok & (start <= pid)).to(tl.int32)
+    return tl.sum(count, axis=0) - 1
 
 
 @triton.jit
@@ -44,25 +68,48 @@ def _sort_key(s, idx, ok, N):
 
 
 @triton.jit
-def _rank_norms_kernel(s_ptr, order_ptr, x_ptr, norm_ptr, N, D, rank_programs,
-                       stride_sb, stride_ob, stride_xb, stride_xn, stride_nb,
+def _rank_norms_kernel(s_ptr, order_ptr, x_ptr, norm_ptr, meta_ptr, N, D, rank_programs,
+                       n_images, stride_sb, stride_ob, stride_xb, stride_xn, stride_nb,
                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                       NORM_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                       NORM_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RAGGED: tl.constexpr):
+    # RAGGED: a packed batch (prune_varlen), grid (programs, 1). Scores, order, tokens and
+    # norms are packed [total]; rank program pid ranks a block of the image image_of(pid)
+    # among its own N_b tokens (local ids, written at its token offset); the norms are
+    # those of the packed rows, N = total (the same code as a dense batch of one).
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     if pid < rank_programs:
-        i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+        if RAGGED:
+            img = image_of(meta_ptr + R_RANK_START, pid, n_images)
+            row = meta_ptr + img.to(tl.int64) * R_FIELDS
+            first = pid - tl.load(row + R_RANK_START).to(tl.int32)
+            N = tl.load(row + R_TOKENS).to(tl.int32)
+            s_row = s_ptr + tl.load(row + R_TOKEN_OFFSET)  # int64 offsets
+            o_row = order_ptr + tl.load(row + R_TOKEN_OFFSET)
+            i = first * BLOCK_I + tl.arange(0, BLOCK_I)
+        else:
+            i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < N
-        ki = _sort_key(tl.load(s_ptr + b * stride_sb + i, mask=i_ok, other=0.0), i, i_ok, N)
+        if RAGGED:
+            ki = _sort_key(tl.load(s_row + i, mask=i_ok, other=0.0), i, i_ok, N)
+        else:
+            ki = _sort_key(tl.load(s_ptr + b * stride_sb + i, mask=i_ok, other=0.0), i, i_ok, N)
         # Keys are distinct: one compare per pair, counted in place; one reduction at the end.
         ahead = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)
         for j0 in range(0, N, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
             j_ok = j < N
-            kj = _sort_key(tl.load(s_ptr + b * stride_sb + j, mask=j_ok, other=0.0), j, j_ok, N)
+            if RAGGED:
+                sj = tl.load(s_row + j, mask=j_ok, other=0.0)
+            else:
+                sj = tl.load(s_ptr + b * stride_sb + j, mask=j_ok, other=0.0)
+            kj = _sort_key(sj, j, j_ok, N)
             ahead += (kj[None, :] > ki[:, None]).to(tl.int32)
         count = tl.sum(ahead, axis=1)
-        tl.store(order_ptr + b * stride_ob + count, i.to(tl.int64), mask=i_ok)
+        if RAGGED:
+            tl.store(o_row + count, i.to(tl.int64), mask=i_ok)
+        else:
+            tl.store(order_ptr + b * stride_ob + count, i.to(tl.int64), mask=i_ok)
     else:  # norms of NORM_ROWS feature rows, float32 sum of squares in D order of chunks
         n = (pid - rank_programs) * NORM_ROWS + tl.arange(0, NORM_ROWS)
         n_ok = n < N
@@ -84,7 +131,7 @@ def rank_and_norms(scores: torch.Tensor | None, tokens: torch.Tensor | None):
     if scores is not None and scores.shape[1] > MAX_N:
         raise ValueError(f"the rank kernel takes N <= {MAX_N} tokens, got N={scores.shape[1]}")
     # the interpreter pays per program: few, large ones there
-    block_i, norm_rows = (256, 64) if interpreting() else (BLOCK_I, NORM_ROWS)
+    block_i, norm_rows = rank_block(), (64 if interpreting() else NORM_ROWS)
     ref = scores if scores is not None else tokens
     b, n, dev = ref.shape[0], ref.shape[1], ref.device
     if tokens is not None and tokens.stride(-1) != 1:
@@ -105,8 +152,37 @@ def rank_and_norms(scores: torch.Tensor | None, tokens: torch.Tensor | None):
 
     with launch_device(dev):
         _rank_norms_kernel[(rank_programs + norm_programs, b)](
-            arg(scores), arg(order), arg(tokens), arg(norms), n, d, rank_programs,
+            arg(scores), arg(order), arg(tokens), arg(norms), ref, n, d, rank_programs, 1,
             stride(scores, 0), stride(order, 0), stride(tokens, 0), stride(tokens, 1),
             stride(norms, 0), BLOCK_I=block_i, BLOCK_J=BLOCK_J, NORM_ROWS=norm_rows,
-            BLOCK_D=min(2048, next_pow2(d)), num_warps=4)
+            BLOCK_D=min(2048, next_pow2(d)), RAGGED=False, num_warps=4)
+    return order, norms
+
+
+def rank_block() -> int:
+    """Tokens a rank program ranks (the interpreter pays per program: few, large ones)."""
+    return 256 if interpreting() else BLOCK_I
+
+
+def rank_and_norms_ragged(scores: torch.Tensor, tokens: torch.Tensor | None,
+                          table: torch.Tensor, rank_programs: int):
+    """A packed batch (prune_varlen), one launch: scores float32 [total] (contiguous) ->
+    order int64 [total], each image's rank order among its own tokens (local ids) at its
+    token offset; tokens [total, D] (unit last stride; None: no norms) -> float32 norms
+    [total]. table: the ragged table [B, FIELDS] on the device (RANK_START in programs of
+    rank_block() tokens; rank_programs in all; every N_b <= MAX_N)."""
+    norm_rows = 64 if interpreting() else NORM_ROWS
+    total = scores.shape[0]
+    dev = scores.device
+    order = torch.empty(total, dtype=torch.int64, device=dev)
+    norms = None if tokens is None else torch.empty(total, dtype=torch.float32, device=dev)
+    norm_programs = 0 if tokens is None else cdiv(total, norm_rows)
+    d = 1 if tokens is None else tokens.shape[1]
+    with launch_device(dev):
+        _rank_norms_kernel[(rank_programs + norm_programs, 1)](
+            scores, order, scores if tokens is None else tokens,
+            scores if norms is None else norms, table, total, d, rank_programs, table.shape[0],
+            0, 0, 0, 0 if tokens is None else tokens.stride(0), 0, BLOCK_I=rank_block(),
+            BLOCK_J=BLOCK_J, NORM_ROWS=norm_rows, BLOCK_D=min(2048, next_pow2(d)),
+            RAGGED=True, num_warps=4)
     return order, norms

@@ -1,0 +1,175 @@
+"""Steps 1-7 of a ragged batch (prune_varlen, docs/spec.md §11.4) on the kernels backend:
+one launch per stage for the whole batch, whatever the images' sizes, grids and budgets
+(docs/design.md, "Ragged batches").
+
+    scores        the packed attention [1, H, total] through the scores kernel (per token)
+    rank + norms  one launch: each image ranked among its own tokens (rank.py, RAGGED)
+    graph         one launch per row range (1, or 2 with the lazy prefix): every image's
+                  tiles in one flat grid, each image in its own layout (graph.py, RAGGED)
+    MIS           one launch per row range: a block per image, kept ids written straight
+                  into the packed output with the token offsets added (csrc/, ragged table)
+
+Every size the launches need comes from the ragged table (kernels/ragged.py), built on the
+host from the validated lists and copied to the device once; it is cached per layout, so
+a repeated layout (a serving bucket, a CUDA-graph replay) copies nothing. Nothing reads a
+device value on the host: no sync. The result equals the per-image prune() exactly: each
+image's rank order, norms and K slices are computed as they are for it alone, and the MIS
+is exact whatever rows it is given (lazy_graph.py).
+"""
+from __future__ import annotations
+
+import collections
+import math
+
+import torch
+
+from ..layout import num_words
+from ..params import GraphParams
+from . import cdiv, graph, lazy_graph, mis, ragged, rank, scores, sm_count
+
+CACHE_SIZE = 64  # layouts whose tables stay on the device (LRU)
+_cache: collections.OrderedDict = collections.OrderedDict()
+_captured: dict = {}  # plans read during CUDA-graph capture: never dropped (see plan())
+
+
+def _tri(r: int) -> int:
+    return r * (r + 1) // 2
+
+
+class Plan:
+    """The launches of one ragged layout, decided on the host from the sizes alone."""
+
+    def __init__(self, images, grids, ks, n_pivots, d: int, dtype: torch.dtype,
+                 device: torch.device):
+        b = len(images)
+        self.batch = b
+        self.config = graph.default_config(dtype, d)
+        block, block_k = self.config["BLOCK"], self.config["BLOCK_K"]
+        k_steps = cdiv(d, block_k)
+        rank_block = rank.rank_block()
+        lengths = [e - s for s, e in images]
+        self.max_tokens = max(lengths)
+        self.total = images[-1][1]
+        self.sort_rank = self.max_tokens > rank.MAX_N  # above it, torch.sort (padded rows)
+        rows = [[0] * ragged.FIELDS for _ in range(b)]
+        keep_off = adj_off = rank_start = 0
+        cands, members, tiles_all = [], [], 0
+        for i, ((s, _), n, grid, k, n_p) in enumerate(zip(images, lengths, grids, ks, n_pivots)):
+            c, m = n - n_p, k - n_p
+            row_blocks = cdiv(c, block)
+            splits = graph.split_count(_tri(row_blocks), k_steps, device)  # as it gets alone
+            r = rows[i]
+            r[ragged.TOKEN_OFFSET], r[ragged.TOKENS], r[ragged.PIVOTS], r[ragged.KEEP] = s, n, n_p, k
+            r[ragged.KEEP_OFFSET], r[ragged.ADJ_OFFSET] = keep_off, adj_off
+            r[ragged.RANK_START] = rank_start
+            r[ragged.GRID_H], r[ragged.GRID_W] = grid[1], grid[2]
+            r[ragged.K_CHUNK] = cdiv(k_steps, splits)  # in K steps, as GraphRows.k_chunk
+            keep_off += k
+            adj_off += c * num_words(c)
+            rank_start += cdiv(n, rank_block)
+            cands.append(c)
+            members.append(m)
+            if m > 0:
+                tiles_all += _tri(row_blocks)
+        self.kept_len, self.adj_words, self.rank_programs = keep_off, adj_off, rank_start
+        self.needs_graph = any(m > 0 for m in members)
+        # Row ranges (lazy_graph.py): the whole batch's tiles decide whether a prefix of
+        # each graph comes first; an image without supplements (m = 0) needs no row.
+        waves = tiles_all / sm_count(device) if device.type == "cuda" else math.inf
+        ends = [lazy_graph.row_ranges(c, m, block, waves) if m > 0 else [0]
+                for c, m in zip(cands, members)]
+        self.ranges = max(len(e) for e in ends)
+        table, self.range_tiles = [], []
+        for q in range(self.ranges):
+            start, slab = 0, []
+            for r, e in zip(rows, ends):
+                begin = 0 if q == 0 else e[min(q, len(e)) - 1]
+                end = e[min(q, len(e) - 1)]
+                begin = min(begin, end)  # a range past the image's last: empty
+                r = list(r)
+                r[ragged.ROW_BEGIN], r[ragged.ROW_END], r[ragged.TILE_START] = begin, end, start
+                if end > begin:
+                    start += _tri(cdiv(end, block)) - _tri(begin // block)
+                slab.append(r)
+            table.append(slab)
+            self.range_tiles.append(start)
+        host = torch.tensor(table, dtype=torch.int64)  # [R, B, FIELDS]
+        if device.type == "cuda":  # pinned: the copy is asynchronous (and capturable)
+            host = host.pin_memory()
+        self.host = host  # kept alive with the plan: a captured copy reads it at each replay
+        self.table = host.to(device, non_blocking=True)
+        self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def plan(images, grids, ks, n_pivots, d: int, dtype: torch.dtype, device: torch.device) -> Plan:
+    """The Plan of this layout, cached (LRU): a layout seen before copies nothing.
+
+    A table is read-only. Read on another stream than the one it was copied on, it is
+    recorded on that stream (Tensor.record_stream), so dropping it from the cache never
+    frees memory a queued kernel still reads. A table read while a CUDA graph is being
+    captured is kept for good (`_captured`): the graph reads it at every replay (and,
+    when it was built during the capture, copies into it from its pinned host rows)."""
+    key = (tuple(images), tuple(grids), tuple(ks), tuple(n_pivots), d, dtype, device)
+    p = _captured.get(key)
+    if p is None:
+        p = _cache.get(key)
+        if p is None:
+            p = _cache[key] = Plan(images, grids, ks, n_pivots, d, dtype, device)
+            if len(_cache) > CACHE_SIZE:
+                _cache.popitem(last=False)
+        else:
+            _cache.move_to_end(key)
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
+        if stream != p.stream:
+            p.table.record_stream(stream)
+        if torch.cuda.is_current_stream_capturing():
+            _captured[key] = p
+    return p
+
+
+def _sorted_order(s: torch.Tensor, p: Plan) -> torch.Tensor:
+    """Rank orders of images above rank.MAX_N tokens: one stable descending torch.sort of
+    the scores padded to [B, max N] with -inf. Pads come after every token of their row,
+    -inf scores included (their index is larger), so row b starts with image b's order."""
+    t = p.table[0]
+    dev = s.device
+    img = torch.repeat_interleave(torch.arange(p.batch, device=dev), t[:, ragged.TOKENS],
+                                  output_size=p.total)  # output_size: no sync
+    local = torch.arange(p.total, device=dev) - t[img, ragged.TOKEN_OFFSET]
+    padded = s.new_full((p.batch, p.max_tokens), float("-inf"))
+    padded[img, local] = s
+    idx = torch.sort(padded, dim=1, descending=True, stable=True).indices
+    return idx[img, local]  # image b's rank r at its token offset + r
+
+
+def select(tokens: torch.Tensor, attn: torch.Tensor, prior: torch.Tensor | None, images,
+           grids, ks, n_pivots, params: GraphParams, eps: float) -> torch.Tensor:
+    """Kept positions int64 [sum k_b] into the packed tokens, each image's ascending, images
+    in order. tokens [total, D], attn [total] / [H, total], prior packed [total] or None;
+    images (start, end), grids (T, H, W), ks, n_pivots: host lists, validated."""
+    x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()  # one copy at most
+    total, d = x.shape
+    p = plan(images, grids, ks, n_pivots, d, x.dtype, x.device)
+    table = p.table
+    # 1: per-token math; the packed batch is one image of `total` tokens to the kernel
+    s = scores.debiased_scores(attn.unsqueeze(0), prior, eps)[0]
+    # 2: rank order (+ the norms the graph needs), each image among its own tokens
+    feats = x if p.needs_graph else None
+    if p.sort_rank:
+        order = _sorted_order(s, p)
+        norms = rank.rank_and_norms(None, x.unsqueeze(0))[1][0] if feats is not None else None
+    else:
+        order, norms = rank.rank_and_norms_ragged(s, feats, table[0], p.rank_programs)
+    # 4-7: the graph in row ranges and the MIS after each (lazy_graph.py's protocol)
+    adj = torch.empty(max(1, p.adj_words), dtype=torch.int32, device=x.device)
+    kept = torch.empty(p.kept_len, dtype=torch.int64, device=x.device)
+    done = None if p.ranges == 1 else torch.empty(p.batch, dtype=torch.int32, device=x.device)
+    for q in range(p.ranges):
+        skip = None if q == 0 else done
+        if p.needs_graph:
+            graph.ragged_rows(x, norms, order, adj, table[q], p.range_tiles[q], params,
+                              p.config, skip=skip)
+        mis.greedy_mis_ragged(adj, order, table[q], kept, p.max_tokens, method="rounds",
+                              skip=skip, done=done)
+    return kept
