@@ -34,7 +34,7 @@ def _ascending(indices, device) -> torch.Tensor:
 
 def naive_d2pruner(tokens, attn, grid, k, *, prior=None, pivot_ratio=0.7, sim_threshold=0.8,
                    spatial_weight=0.0, radius=2, temporal_radius=1, eps=1e-7):
-    """D2Pruner (Zhang et al., AAAI 2026) step by step (SPEC.md): debias, take pivots, build
+    """D2Pruner (Zhang et al., AAAI 2026) step by step (docs/spec.md): debias, take pivots, build
     the dense N x N hybrid graph, walk the candidates greedily in Python."""
     n = tokens.shape[0]
     device = tokens.device

@@ -1,5 +1,6 @@
-// Window resolver of the graph-free CPU walk: the sequential part of SPEC steps 5-6 (see
-// walk_cpu.h). The GEMMs and the check against earlier windows' members run in torch.
+// Window resolver of the graph-free CPU walk: the sequential part of steps 5-6 of
+// docs/spec.md (see walk_cpu.h). The GEMMs and the check against earlier windows' members
+// run in torch.
 #include "walk_cpu.h"
 
 #include <algorithm>

@@ -1,5 +1,5 @@
 // The window resolver of the graph-free CPU walk (d2pruner_kernels/kernels/cpu_walk.py):
-// SPEC steps 5-6 for one window of candidates, given their cosines to each other.
+// steps 5-6 (docs/spec.md) for one window of candidates, given their cosines to each other.
 #pragma once
 #include <cstdint>
 

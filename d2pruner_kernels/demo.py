@@ -279,7 +279,7 @@ def run_methods(tokens, attn, prior, k, repeats, device):
     calls = {
         # plain top-k of the head-mean attention: no prior, all of the budget as pivots
         "raw top-k": lambda: prune(tokens, attn, GRID, k, prior=None, pivot_ratio=1.0),
-        # top-k of the debiased score: SPEC says rho = 1 is exactly that
+        # top-k of the debiased score: docs/spec.md says rho = 1 is exactly that
         "debiased top-k": lambda: prune(tokens, attn, GRID, k, prior=prior, pivot_ratio=1.0),
         # D2Pruner with the defaults: 70% pivots, diverse rest from the similarity graph
         "D2Pruner": lambda: prune(tokens, attn, GRID, k, prior=prior),

@@ -1,4 +1,4 @@
-"""SPEC steps 4-7 on a CPU without building the candidate graph.
+"""Steps 4-7 (docs/spec.md) on a CPU without building the candidate graph.
 
     select(tokens, order, n_pivots, k, grid, params) -> int64 [B, k], ascending
 
