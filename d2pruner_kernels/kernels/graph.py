@@ -48,6 +48,19 @@ def _bit_or(a, b):
 
 
 @triton.jit
+def _k_step(xi, xj, k0, k_hi, offs_k, row_ok, col_ok, EVEN_K: tl.constexpr):
+    """The row and column tiles of one K step [k0, k0 + BLOCK_K), zero past k_hi."""
+    if EVEN_K:
+        a = tl.load(xi + k0, mask=row_ok[:, None], other=0.0)
+        c = tl.load(xj + k0, mask=col_ok[:, None], other=0.0)
+    else:
+        k_ok = (k0 + offs_k) < k_hi
+        a = tl.load(xi + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        c = tl.load(xj + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    return a, c
+
+
+@triton.jit
 def _similarity_graph_kernel(
         x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, ws_ptr, meta_ptr,
         N, C, row_end, D, n_pivots, row_block_start, k_chunk, n_tiles, n_images,
@@ -155,13 +168,7 @@ def _similarity_graph_kernel(
             # BLOCK_K, so no step straddles two slices and the K mask is the same.
             part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
             for k0 in range(0, D, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(xi + k0, mask=row_ok[:, None], other=0.0)
-                    c = tl.load(xj + k0, mask=col_ok[:, None], other=0.0)
-                else:
-                    k_ok = (k0 + offs_k) < D
-                    a = tl.load(xi + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    c = tl.load(xj + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                a, c = _k_step(xi, xj, k0, D, offs_k, row_ok, col_ok, EVEN_K)
                 part = exact_dot(a, tl.trans(c), part, UPCAST)
                 if ((k0 + BLOCK_K) % k_chunk == 0) | (k0 + BLOCK_K >= D):
                     acc += part  # 0 + part first: part's value (and edges: -0.0 >= t iff +0.0 >= t)
@@ -172,13 +179,7 @@ def _similarity_graph_kernel(
                 k_hi = tl.minimum(D, k_lo + k_chunk)
                 part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
                 for k0 in range(k_lo, k_hi, BLOCK_K):
-                    if EVEN_K:
-                        a = tl.load(xi + k0, mask=row_ok[:, None], other=0.0)
-                        c = tl.load(xj + k0, mask=col_ok[:, None], other=0.0)
-                    else:
-                        k_ok = (k0 + offs_k) < k_hi
-                        a = tl.load(xi + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                        c = tl.load(xj + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                    a, c = _k_step(xi, xj, k0, k_hi, offs_k, row_ok, col_ok, EVEN_K)
                     part = exact_dot(a, tl.trans(c), part, UPCAST)
                 if SPLITS == 1:
                     acc = part
