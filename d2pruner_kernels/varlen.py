@@ -20,7 +20,7 @@ import math
 import torch
 
 from . import dispatch
-from .checks import (as_3d, check_backend, check_bool, check_float, check_prune_inputs, check_tensor,
+from .checks import (as_3d, check_backend, check_bool, check_float, check_tensor,
                      grid_dims, pivot_count, resolve_k, shape_str)
 from .params import DEFAULTS, GraphParams
 from .prior import PositionalPrior
@@ -117,6 +117,36 @@ def _priors(prior, grids, offsets, total: int, device) -> list:
     return [prior[s:e] for s, e in zip(offsets, offsets[1:])]
 
 
+def _check_packed(tokens, attn, prior, offsets, check_finite: bool) -> None:
+    """What prune() checks of each image, once for the packed batch: sizes and devices
+    (metadata), a packed prior's positivity (CPU, or check_finite) and, with check_finite,
+    finite values; a bad value is reported with the image that holds it."""
+    if tokens.shape[1] == 0:
+        raise ValueError(f"tokens must have D >= 1 features, got shape {shape_str(tokens)}")
+    if attn.dim() == 2 and attn.shape[0] == 0:
+        raise ValueError(f"attn has no heads (shape {shape_str(attn)})")
+    if attn.device != tokens.device:
+        raise ValueError(f"attn is on {attn.device} but tokens is on {tokens.device}")
+    packed_prior = prior if isinstance(prior, torch.Tensor) else None
+    if packed_prior is not None and packed_prior.device != tokens.device:
+        raise ValueError(f"prior is on {packed_prior.device} but tokens is on {tokens.device}")
+
+    def first_bad(bad: torch.Tensor) -> int | None:  # bad: bool [total] (or [H, total])
+        if not bool(bad.any()):
+            return None
+        token = int(bad.reshape(-1, bad.shape[-1]).any(0).nonzero()[0])
+        return next(i for i, e in enumerate(offsets[1:]) if token < e)
+
+    if packed_prior is not None and (packed_prior.device.type == "cpu" or check_finite):
+        if (i := first_bad(~(packed_prior > 0))) is not None:
+            raise ValueError(f"image {i}: prior must be positive everywhere (it divides the "
+                             f"attention)")
+    if check_finite:
+        for name, t in (("tokens", tokens.T), ("attn", attn), ("prior", packed_prior)):
+            if t is not None and (i := first_bad(~torch.isfinite(t))) is not None:
+                raise ValueError(f"image {i}: {name} holds NaN or Inf values (check_finite=True)")
+
+
 def prune_varlen(tokens: torch.Tensor, attn: torch.Tensor, cu_seqlens: torch.Tensor, grids, k,
                  *, prior=None, pivot_ratio: float = 0.7,
                  sim_threshold: float = DEFAULTS.sim_threshold,
@@ -150,13 +180,8 @@ def prune_varlen(tokens: torch.Tensor, attn: torch.Tensor, cu_seqlens: torch.Ten
     params = GraphParams(sim_threshold, spatial_weight, radius, temporal_radius)
     eps = check_float("eps", eps, 0.0, float("inf"))
     priors = _priors(prior, grids, offsets, total, tokens.device)
-    images = []
-    for i, (s, e) in enumerate(zip(offsets, offsets[1:])):
-        try:  # each image as prune() would see it: metadata checks (values under check_finite)
-            check_prune_inputs(tokens[s:e], attn[..., s:e], grids[i], priors[i], check_finite)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"image {i}: {err}") from None
-        images.append((s, e))
+    _check_packed(tokens, attn, prior, offsets, check_finite)
+    images = list(zip(offsets, offsets[1:]))
 
     # all checks done: the work (dispatch.select_varlen decides how it runs)
     n_pivots = [pivot_count(pivot_ratio, kb) for kb in ks]

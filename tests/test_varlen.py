@@ -192,6 +192,11 @@ def test_bad_prior_and_options():
         prune_varlen(x, a, cu, grids, 3, sim_threshold=2.0)
     with pytest.raises(ValueError, match=r"backend must be one of"):
         prune_varlen(x, a, cu, grids, 3, backend="gpu")
+    bad_attn = a.clone()
+    bad_attn[1, 15] = float("inf")  # a token of image 1 (tokens 12..21)
+    with pytest.raises(ValueError, match=r"image 1: attn holds NaN or Inf values"):
+        prune_varlen(x, bad_attn, cu, grids, 3, check_finite=True)
+    prune_varlen(x, bad_attn, cu, grids, 3)  # without check_finite: values are not read
     with pytest.raises(ValueError, match=r"image 0: tokens holds NaN or Inf values"):
         prune_varlen(torch.full_like(x, float("nan")), a, cu, grids, 3, check_finite=True)
 
