@@ -156,14 +156,16 @@ def select(tokens, attn, prior, grid, k: int, n_pivots: int, params: GraphParams
     return mis(graph(tokens, order, n_pivots, grid, params, backend), order, n_pivots, k, backend)
 
 
-def select_varlen(tokens, attn, images, grids, ks, n_pivots, priors, params: GraphParams,
-                  eps: float, backend: str) -> torch.Tensor:
+def select_varlen(tokens, attn, images, grids, ks, n_pivots, priors, packed_prior,
+                  params: GraphParams, eps: float, backend: str) -> torch.Tensor:
     """Steps 1-7 for each image of a packed batch (prune_varlen): int64 [sum k_b], positions
     into the packed tokens. images: (start, end) per image; grids (T, H, W); ks, n_pivots,
     priors ([N_b] or None) per image. Equal images run as one [B, N, D] batch (`select`);
     others, where the kernels and the compiled MIS run (as in `select`), as one ragged batch
     (`kernels/varlen.py`: one launch per stage, sizes from a device table); otherwise (the
-    reference, the CPU 'auto' path, fallbacks) one image at a time."""
+    reference, the CPU 'auto' path, fallbacks) one image at a time. packed_prior: the
+    caller's packed [total] prior tensor, or None (priors are then None or a
+    PositionalPrior's tensor per grid)."""
     b = len(images)
     device = tokens.device
     uniform = len(set(grids)) == 1 and len(set(ks)) == 1
@@ -171,14 +173,17 @@ def select_varlen(tokens, attn, images, grids, ks, n_pivots, priors, params: Gra
     fused = (not uniform and use_triton(backend, device)
              and use_compiled_mis(backend, device, max(e - s for s, e in images)))
     if fused:
-        prior = None if priors[0] is None else torch.cat(priors)  # packed [total]: one copy
+        prior = packed_prior
+        if prior is None and priors[0] is not None:
+            prior = torch.cat(priors)  # a PositionalPrior per grid, packed: one small copy
         return _triton("varlen").select(tokens, attn, prior, images, grids, ks, n_pivots,
                                         params, eps)
     if uniform:
         n = images[0][1] - images[0][0]
         x = tokens.reshape(b, n, tokens.shape[-1])              # a view: segments are back to back
         a = attn.reshape(b, n) if attn.dim() == 1 else attn.reshape(-1, b, n).transpose(0, 1)
-        p = None if priors[0] is None else torch.stack(priors)  # [B, N]: B small vectors
+        # a packed prior as [B, N] (a view); a PositionalPrior's [N] is the same for all
+        p = priors[0] if packed_prior is None else packed_prior.reshape(b, n)
         kept = select(x, a, p, grids[0], ks[0], n_pivots[0], params, eps, backend)
         starts = torch.arange(0, b * n, n, device=kept.device)
         return (kept + starts[:, None]).flatten()

@@ -161,6 +161,7 @@ def prune_varlen(tokens: torch.Tensor, attn: torch.Tensor, cu_seqlens: torch.Ten
     grids:  a list of B grids (H, W) / (T, H, W), each with the product of its segment's
             length, or an int tensor [B, 2] / [B, 3].
     k:      an int or a ratio for every image, or a list / int tensor of B budgets.
+            (grids and k are host values: a CUDA tensor of either is read, which syncs.)
     prior:  None, a packed [total] tensor, or a PositionalPrior (resized to each grid).
     Returns keep int64 [sum k_b], positions into the packed tokens, ascending within each
     image, images in order; cu_keep [B + 1], the dtype and device of cu_seqlens.
@@ -186,7 +187,8 @@ def prune_varlen(tokens: torch.Tensor, attn: torch.Tensor, cu_seqlens: torch.Ten
     # all checks done: the work (dispatch.select_varlen decides how it runs)
     n_pivots = [pivot_count(pivot_ratio, kb) for kb in ks]
     keep = dispatch.select_varlen(tokens, attn, images, [as_3d(g) for g in grids], ks, n_pivots,
-                                  priors, params, eps, backend)
+                                  priors, prior if isinstance(prior, torch.Tensor) else None,
+                                  params, eps, backend)
     cu_keep = [0]
     for kb in ks:
         cu_keep.append(cu_keep[-1] + kb)

@@ -357,7 +357,7 @@ def test_fused_mixed_pivots_per_image(fused):
     images = [(int(cu[b]), int(cu[b + 1])) for b in range(len(grids))]
     grids3 = [as_3d(g) for g in grids]
     params = GraphParams(spatial_weight=0.25)
-    got = dispatch.select_varlen(x, a, images, grids3, ks, n_pivots, [None] * 5, params, 1e-7,
+    got = dispatch.select_varlen(x, a, images, grids3, ks, n_pivots, [None] * 5, None, params, 1e-7,
                                  "kernels")
     want = torch.cat([dispatch.select(x[s:e][None], a[:, s:e][None], None, g, k, n_p, params,
                                       1e-7, "kernels")[0] + s
