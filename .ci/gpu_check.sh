@@ -27,7 +27,7 @@ python3 -c "from d2pruner_kernels.kernels import mis; print('CUDA MIS available:
 
 if has tests; then
 step tests
-TESTS="tests/test_gpu.py tests/test_mis_kernel.py tests/test_prune.py tests/test_compile.py tests/test_scores_kernel.py tests/test_rank_kernel.py tests/test_graph_kernel.py tests/test_attention_kernel.py"
+TESTS="tests/test_gpu.py tests/test_mis_kernel.py tests/test_prune.py tests/test_compile.py tests/test_scores_kernel.py tests/test_rank_kernel.py tests/test_graph_kernel.py tests/test_attention_kernel.py tests/test_varlen.py tests/test_memory_safety.py tests/test_cpu_walk.py"
 [ "${FULL:-0}" = 1 ] && TESTS=tests
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 16")  # parallel Triton compiles
 timeout "${TEST_TIMEOUT:-80}" python3 -m pytest $TESTS -q -p no:cacheprovider $XDIST -rs \

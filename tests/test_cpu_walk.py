@@ -122,6 +122,7 @@ def test_clique_then_distinct_truncates_window():
 
 def test_nan_zero_and_duplicate_rows():
     p = GraphParams(spatial_weight=0.5, sim_threshold=0.7)
+    checked = 0
     for seed in range(4):
         x, order = next(draw(2, (1, 10, 10), 8, seed))
         x[0, order[0, 3]] = float("nan")          # NaN: no edges, always taken when reached
@@ -134,6 +135,8 @@ def test_nan_zero_and_duplicate_rows():
             continue
         for k in (20, 60):
             check(x, order, 5, k, (1, 10, 10), p)
+        checked += 1
+    assert checked >= 2  # the edits above left enough seeds outside the parity band
 
 
 def test_all_nan_and_all_zero_rows():  # side cases, not the main inputs

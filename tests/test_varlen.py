@@ -411,7 +411,32 @@ def test_only_the_kernels_take_the_fused_path(monkeypatch, fused):
     x, a, cu = packed(MIXED, 16, 2, seed=26)
     for backend in ("reference",) + (("auto",) if DEVICE.type == "cpu" else ()):
         keep, _ = prune_varlen(x, a, cu, MIXED, 9, backend=backend)
-        assert keep.shape == (45,)
+        assert torch.equal(keep, torch.cat(per_image(x, a, cu, MIXED, [9] * 5, backend=backend)))
+
+
+def test_fused_equals_the_reference_on_band_free_inputs(fused, monkeypatch):
+    """The fused kernels against the plain-torch reference (not only against the per-image
+    kernels): each image drawn outside the parity band, where every backend must agree."""
+    from d2pruner_kernels.testing import band_free
+    grids, ks = [(6, 7), (2, 4, 5), (9, 9), (5, 11)], [9, 14, 20, 1]
+    xs, attns = [], []
+    for i, (grid, k) in enumerate(zip(grids, ks)):
+        n = math.prod(grid)
+
+        def draw(t, n=n, i=i):
+            g = torch.Generator().manual_seed(100 * i + t)
+            return (clustered_tokens(1, n, 16, generator=g),
+                    distinct_attention(1, 2, n, generator=g), None)
+        x, a, _ = band_free(draw, pivot_count(0.7, k), grid)
+        xs.append(x[0])
+        attns.append(a[0])
+    x, a = torch.cat(xs).to(DEVICE), torch.cat(attns, dim=1).to(DEVICE)
+    cu = torch.tensor([0] + [math.prod(g) for g in grids]).cumsum(0)
+    calls, select = [], fused.select
+    monkeypatch.setattr(fused, "select", lambda *args: calls.append(1) or select(*args))
+    keep, _ = prune_varlen(x, a, cu, grids, ks, backend="kernels")
+    assert calls == [1]  # the fused path ran
+    assert torch.equal(keep, torch.cat(per_image(x, a, cu, grids, ks, backend="reference")))
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU")
