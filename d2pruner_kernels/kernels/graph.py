@@ -257,6 +257,12 @@ def default_config(dtype: torch.dtype, d: int) -> dict:
     return dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
+def tile_flags(dtype: torch.dtype, d: int, block_k: int, params: GraphParams) -> dict:
+    """The kernel's compile-time flags that follow from the inputs (dense and ragged alike)."""
+    return dict(BLOCK_K=block_k, EVEN_K=d % block_k == 0, UPCAST=upcast(dtype),
+                SPATIAL=params.spatial_weight != 0, SUM_BITS=interpreting())
+
+
 class GraphRows:
     """Launches the graph kernel over ranges of rows of one (tokens, order) pair, sharing
     the norms: the whole graph at once, or a prefix first and the rest later (lazy)."""
@@ -278,9 +284,7 @@ class GraphRows:
         self.adj = torch.empty(b, self.c, num_words(self.c), dtype=torch.int32,
                                device=tokens.device)
         self.n_pivots, self.grid, self.params = n_pivots, grid, params
-        self.flags = dict(BLOCK=self.block, BLOCK_K=self.block_k, EVEN_K=d % self.block_k == 0,
-                          UPCAST=upcast(self.x.dtype), SPATIAL=params.spatial_weight != 0,
-                          SUM_BITS=interpreting())
+        self.flags = dict(BLOCK=self.block, **tile_flags(self.x.dtype, d, self.block_k, params))
         # K slices: fixed per image shape (its full triangle), so its edges are too. Each
         # launch decides whether they get programs of their own (split-K, with a float32
         # workspace of SPLITS x tiles x BLOCK^2 per image): the sums are the same.
@@ -363,10 +367,8 @@ def ragged_rows(tokens: torch.Tensor, norms: torch.Tensor, order: torch.Tensor,
     block, block_k = cfg.pop("BLOCK"), cfg.pop("BLOCK_K")
     total, d = tokens.shape
     p = params
-    flags = dict(BLOCK=block, BLOCK_K=block_k, EVEN_K=d % block_k == 0,
-                 UPCAST=upcast(tokens.dtype), HAS_SKIP=skip is not None,
-                 SPATIAL=p.spatial_weight != 0, SPLITS=1, PHASE=0, RAGGED=True,
-                 SUM_BITS=interpreting(), **cfg)
+    flags = dict(BLOCK=block, HAS_SKIP=skip is not None, SPLITS=1, PHASE=0, RAGGED=True,
+                 **tile_flags(tokens.dtype, d, block_k, p), **cfg)
     with launch_device(tokens.device):
         _similarity_graph_kernel[(tiles, 1, 1)](
             tokens, norms, order, adj, adj if skip is None else skip, adj, table,

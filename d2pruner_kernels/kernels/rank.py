@@ -131,7 +131,7 @@ def rank_and_norms(scores: torch.Tensor | None, tokens: torch.Tensor | None):
     if scores is not None and scores.shape[1] > MAX_N:
         raise ValueError(f"the rank kernel takes N <= {MAX_N} tokens, got N={scores.shape[1]}")
     # the interpreter pays per program: few, large ones there
-    block_i, norm_rows = rank_block(), (64 if interpreting() else NORM_ROWS)
+    block_i, norm_rows = rank_block(), norm_block()
     ref = scores if scores is not None else tokens
     b, n, dev = ref.shape[0], ref.shape[1], ref.device
     if tokens is not None and tokens.stride(-1) != 1:
@@ -164,6 +164,11 @@ def rank_block() -> int:
     return 256 if interpreting() else BLOCK_I
 
 
+def norm_block() -> int:
+    """Feature rows a norm program sums (the same trade-off)."""
+    return 64 if interpreting() else NORM_ROWS
+
+
 def rank_and_norms_ragged(scores: torch.Tensor, tokens: torch.Tensor | None,
                           table: torch.Tensor, rank_programs: int):
     """A packed batch (prune_varlen), one launch: scores float32 [total] (contiguous) ->
@@ -171,7 +176,7 @@ def rank_and_norms_ragged(scores: torch.Tensor, tokens: torch.Tensor | None,
     token offset; tokens [total, D] (unit last stride; None: no norms) -> float32 norms
     [total]. table: the ragged table [B, FIELDS] on the device (RANK_START in programs of
     rank_block() tokens; rank_programs in all; every N_b <= MAX_N)."""
-    norm_rows = 64 if interpreting() else NORM_ROWS
+    norm_rows = norm_block()
     total = scores.shape[0]
     dev = scores.device
     order = torch.empty(total, dtype=torch.int64, device=dev)
