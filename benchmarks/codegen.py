@@ -25,8 +25,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from d2pruner_kernels.checks import pivot_count
 from d2pruner_kernels.kernels import attention, graph, rank, scores, varlen
 from d2pruner_kernels.params import GraphParams
+
+from .shapes import PIVOT_RATIO
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 SMS = 132
@@ -101,7 +104,7 @@ def launches():
     # A ragged batch (prune_varlen): a LLaVA-1.5 image and a 16 x 20 one, packed.
     grids = [(1, 24, 24), (1, 16, 20)]
     images, ks = [(0, 576), (576, 896)], [64, 40]
-    n_pivots = [44, 28]
+    n_pivots = [pivot_count(PIVOT_RATIO, k) for k in ks]
     xr = torch.randn(896, 4096, generator=g).bfloat16()
     sr = torch.randn(896, generator=g)
     order_r = torch.cat([torch.randperm(576, generator=g), torch.randperm(320, generator=g)])

@@ -19,13 +19,12 @@ import os
 
 import torch
 
-from d2pruner_kernels import debiased_scores, prune, prune_varlen, rank_order
-from d2pruner_kernels.checks import as_3d, pivot_count, resolve_k
-from d2pruner_kernels.kernels import cpu_walk
-from d2pruner_kernels.params import GraphParams
+from d2pruner_kernels import prune, prune_varlen
+from d2pruner_kernels.checks import resolve_k
 from d2pruner_kernels.timing import median_seconds
 
 from . import baselines
+from .cpu_walk import walk_stats
 from .shapes import Shape, make_inputs
 
 GRIDS = [(16, 16), (20, 24), (24, 24), (28, 30), (32, 32), (36, 40), (40, 44), (46, 46)]
@@ -36,14 +35,15 @@ RATIO = 0.25
 def packed_batch(grids, d, device, dtype, seed=0):
     """Per-image inputs packed back to back: tokens [total, D], attn [H, total], prior
     [total], cu_seqlens int32 [B + 1], and the per-image views."""
-    images = [make_inputs(Shape(f"img{i}", grid=g, d=d, k=RATIO, heads=28, gpu=dtype != torch.float32),
-                          device, seed + i) for i, g in enumerate(grids)]
+    shapes = [Shape(f"img{i}", grid=g, d=d, k=RATIO, heads=28, gpu=dtype != torch.float32)
+              for i, g in enumerate(grids)]
+    images = [make_inputs(shape, device, seed + i) for i, shape in enumerate(shapes)]
     tokens = torch.cat([x.tokens[0] for x in images])
     attn = torch.cat([x.attn[0] for x in images], dim=-1)
     prior = torch.cat([x.prior for x in images])
     lengths = [math.prod(g) for g in grids]
     cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
-    return tokens, attn, prior, cu, images
+    return tokens, attn, prior, cu, images, shapes
 
 
 def main(argv=None):
@@ -55,7 +55,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     grids, d = (QUICK_GRIDS, 64) if args.quick else (GRIDS, 3584)
     r = 2 if args.quick else args.repeats
-    tokens, attn, prior, cu, images = packed_batch(grids, d, device, dtype)
+    tokens, attn, prior, cu, images, shapes = packed_batch(grids, d, device, dtype)
     ks = [resolve_k(RATIO, math.prod(g)) for g in grids]
 
     def ours():
@@ -85,13 +85,10 @@ def main(argv=None):
     floor = ""
     if device.type == "cpu":
         visited = macs = 0
-        for x, g, kb in zip(images, grids, ks):
-            stats = {}
-            order = rank_order(debiased_scores(x.attn, x.prior[None]))
-            n_p = pivot_count(0.7, kb)
-            cpu_walk.select(x.tokens, order, n_p, kb, as_3d(g), GraphParams(), stats=stats)
-            visited += stats["depth"][0]
-            macs += stats["depth"][0] * (kb - n_p) * d
+        for x, shape in zip(images, shapes):
+            depth = walk_stats(shape, x)["depth"][0]
+            visited += depth
+            macs += depth * (shape.k_int - shape.n_pivots) * d
         a, b = torch.randn(max(visited, 1024), d), torch.randn(d, 64)
         rate = 2 * a.shape[0] * 64 * d / median_seconds(lambda: a @ b, 10)
         floor = f"{2 * macs / rate * 1e3:.3f} ms ({visited} candidates visited, GEMM {rate / 1e9:.0f} GFLOP/s)"

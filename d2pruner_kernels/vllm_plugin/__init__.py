@@ -97,8 +97,7 @@ def read_settings(environ=None) -> Settings | None:
     prior = None
     if env.get(ENV_PRIOR, "").strip():
         from ..prior import PositionalPrior
-        prior = PositionalPrior.load(env[ENV_PRIOR])
-        prior.check()
+        prior = PositionalPrior.load(env[ENV_PRIOR])  # load() checks it
     _dry_run(k, options, prior)
     return Settings(k, options, prior, env.get(ENV_RECORD) or None)
 
