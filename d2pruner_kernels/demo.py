@@ -38,6 +38,7 @@ import torch
 
 from . import dispatch, reference, stages, timing
 from .checks import pivot_count, resolve_k
+from .draw import draw_kept
 from .prune import prune
 
 PATCH = 14                    # pixels per patch side (CLIP ViT-L/14 at 336 px)
@@ -345,25 +346,7 @@ def render_picture(img: np.ndarray):
 def render_panel(img: np.ndarray, kept: np.ndarray, picks: np.ndarray | None = None):
     """The picture with pruned patches dimmed and greyed, kept patches bright with a white
     outline; `picks` (D2Pruner's greedy-MIS picks, a subset of kept) get an orange one."""
-    from PIL import Image, ImageDraw
-
-    x = img.astype(np.float32)
-    grey = x.mean(-1, keepdims=True)
-    dim = 0.38 * (0.3 * x + 0.7 * grey) + 28.0               # desaturated, dark
-    keep = np.zeros(N, bool)
-    keep[kept] = True
-    mask = np.kron(keep.reshape(GRID), np.ones((PATCH, PATCH), bool))[..., None]
-    panel = Image.fromarray(np.where(mask, x, dim).clip(0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(panel)
-    special = set() if picks is None else {int(i) for i in picks}
-    for i in kept:
-        r, c = divmod(int(i), GRID[1])
-        box = (c * PATCH, r * PATCH, c * PATCH + PATCH - 1, r * PATCH + PATCH - 1)
-        if int(i) in special:
-            d.rectangle(box, outline=PICK_COLOUR, width=2)
-        else:
-            d.rectangle(box, outline=(255, 255, 255))
-    return panel
+    return draw_kept(img, kept, GRID, highlight=picks, highlight_outline=PICK_COLOUR)
 
 
 CHART_LEFT = 30               # the per-row chart: room for the row numbers

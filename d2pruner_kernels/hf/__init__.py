@@ -27,6 +27,6 @@ if int(_transformers.__version__.split(".")[0]) < 5:
                       f"pip install 'd2pruner_kernels[hf]'")
 
 from ._pruner import Pruner, apply, calibrate_prior
-from .draw import draw_kept
+from ..draw import draw_kept
 
 __all__ = ["apply", "calibrate_prior", "Pruner", "draw_kept"]

@@ -1,4 +1,5 @@
-"""draw_kept(): what a model kept, drawn over its input image (needs Pillow)."""
+"""draw_kept(): what was kept, drawn over the input image, for any grid (needs Pillow).
+The demo draws its panels with it; `d2pruner_kernels.hf` re-exports it."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,8 @@ def _as_array(image) -> np.ndarray:
     return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
 
 
-def draw_kept(image, kept, grid, *, dim: float = 0.38, outline=(255, 255, 255)):
+def draw_kept(image, kept, grid, *, dim: float = 0.38, outline=(255, 255, 255),
+              highlight=None, highlight_outline=(255, 140, 0)):
     """The image with the pruned patches dimmed and greyed and the kept ones outlined.
 
     image: the picture the model saw (PIL image, array or tensor); it is divided evenly into
@@ -34,6 +36,8 @@ def draw_kept(image, kept, grid, *, dim: float = 0.38, outline=(255, 255, 255)):
            (t, H, W) grid with t > 1, a list of t frames (drawn side by side).
     kept:  1-D int indices into the image's tokens (a `pruner.kept[b][i]`), row-major.
     grid:  (H, W) or (t, H, W) in LLM tokens (`pruner.grids[b][i]`).
+    highlight: optional indices among `kept` outlined in `highlight_outline`, 2 px (the
+           demo marks D2Pruner's greedy-MIS picks so).
     Returns a PIL RGB image of the input's size (frames: their widths side by side).
     """
     from PIL import Image, ImageDraw
@@ -54,6 +58,10 @@ def draw_kept(image, kept, grid, *, dim: float = 0.38, outline=(255, 255, 255)):
     keep = np.zeros(n, bool)
     keep[idx] = True
     keep = keep.reshape(t, gh, gw)
+    special = np.zeros(n, bool)
+    if highlight is not None:
+        special[torch.as_tensor(highlight).flatten().long().numpy()] = True
+    special = special.reshape(t, gh, gw)
     out = []
     for f, frame in enumerate(frames):
         x = _as_array(frame).astype(np.float32)
@@ -68,7 +76,10 @@ def draw_kept(image, kept, grid, *, dim: float = 0.38, outline=(255, 255, 255)):
         for r, c in zip(*np.nonzero(keep[f])):
             x0, x1 = (c * w) // gw, ((c + 1) * w) // gw - 1
             y0, y1 = (r * h) // gh, ((r + 1) * h) // gh - 1
-            d.rectangle((x0, y0, x1, y1), outline=outline)
+            if special[f, r, c]:
+                d.rectangle((x0, y0, x1, y1), outline=highlight_outline, width=2)
+            else:
+                d.rectangle((x0, y0, x1, y1), outline=outline)
         out.append(panel)
     if len(out) == 1:
         return out[0]
