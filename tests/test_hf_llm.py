@@ -356,9 +356,21 @@ def test_prior_divides_the_importance():
     with hf.apply(qwen, 0.25, prior=calibrated) as pruner:
         with torch.no_grad():
             qwen(**q_inputs)
+    entering = {}
+    hook = qwen.model.language_model.layers[LAYER].register_forward_pre_hook(
+        lambda mod, args: entering.setdefault("h", args[0]))
+    try:
+        with torch.no_grad():
+            qwen(**q_inputs, use_cache=False)
+    finally:
+        hook.remove()
     for i, (s, e, grid) in enumerate(spans("qwen2_vl", qwen, q_inputs)[0]):
         assert pruner.grids[0][i] == grid
-        assert pruner.kept[0][i].numel() == round(0.25 * (e - s))
+        h, row = entering["h"][0, s:e], pruner.importance[0][i]
+        resized = calibrated.resized(grid[-2:]).as_tensor()  # the 4 x 4 prior on this grid
+        want = d2p.prune(h, row, grid, 0.25, prior=resized)
+        assert torch.equal(pruner.kept[0][i], want)
+        assert not torch.equal(want, d2p.prune(h, row, grid, 0.25))  # the prior mattered
 
 
 def test_inputs_embeds_and_videos():
