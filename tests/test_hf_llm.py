@@ -326,6 +326,19 @@ def test_generate_without_cache_prunes_again_at_every_step():
     assert torch.equal(first, gen[:, inputs["input_ids"].shape[1]])
 
 
+def _entering(model, inputs):
+    """The hidden states entering decoder layer LAYER of an unpruned forward."""
+    entering = {}
+    hook = model.model.language_model.layers[LAYER].register_forward_pre_hook(
+        lambda mod, args: entering.setdefault("h", args[0]))
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        hook.remove()
+    return entering["h"]
+
+
 def test_prior_divides_the_importance():
     """A PositionalPrior (resized to each Qwen image's grid) or a tensor for the grid."""
     family = "llava"
@@ -337,17 +350,10 @@ def test_prior_divides_the_importance():
             model(**inputs)
         row = pruner.importance[0][0]
         kept = pruner.kept[0][0]
-    entering = {}
-    hook = model.model.language_model.layers[LAYER].register_forward_pre_hook(
-        lambda mod, args: entering.setdefault("h", args[0]))
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    finally:
-        hook.remove()
-    want = d2p.prune(entering["h"][0, 1:577], row, (24, 24), 64, prior=prior)
+    hidden = _entering(model, inputs)
+    want = d2p.prune(hidden[0, 1:577], row, (24, 24), 64, prior=prior)
     assert torch.equal(kept, want)
-    assert not torch.equal(kept, d2p.prune(entering["h"][0, 1:577], row, (24, 24), 64))
+    assert not torch.equal(kept, d2p.prune(hidden[0, 1:577], row, (24, 24), 64))
 
     qwen = model_for("qwen2_vl")
     q_inputs = single("qwen2_vl", qwen)
@@ -356,17 +362,10 @@ def test_prior_divides_the_importance():
     with hf.apply(qwen, 0.25, prior=calibrated) as pruner:
         with torch.no_grad():
             qwen(**q_inputs)
-    entering = {}
-    hook = qwen.model.language_model.layers[LAYER].register_forward_pre_hook(
-        lambda mod, args: entering.setdefault("h", args[0]))
-    try:
-        with torch.no_grad():
-            qwen(**q_inputs, use_cache=False)
-    finally:
-        hook.remove()
+    hidden = _entering(qwen, q_inputs)
     for i, (s, e, grid) in enumerate(spans("qwen2_vl", qwen, q_inputs)[0]):
         assert pruner.grids[0][i] == grid
-        h, row = entering["h"][0, s:e], pruner.importance[0][i]
+        h, row = hidden[0, s:e], pruner.importance[0][i]
         resized = calibrated.resized(grid[-2:]).as_tensor()  # the 4 x 4 prior on this grid
         want = d2p.prune(h, row, grid, 0.25, prior=resized)
         assert torch.equal(pruner.kept[0][i], want)
