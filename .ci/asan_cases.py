@@ -11,7 +11,7 @@ import torch
 
 from d2pruner_kernels import _C, reference
 from d2pruner_kernels.kernels import cpu_walk, mis
-from d2pruner_kernels.params import GraphParams
+from d2pruner_kernels.options import PruneOptions
 from d2pruner_kernels.testing import random_graph
 
 failures = []
@@ -103,7 +103,7 @@ for method in ("walk", "rounds"):
 if cpu_walk.available():  # the graph-free walk's C++ window resolver
     x = torch.randn(2, 96, 16, generator=g)
     order = torch.stack([torch.randperm(96, generator=g) for _ in range(2)])
-    params = GraphParams(sim_threshold=0.3, spatial_weight=0.5, radius=2**70)
+    params = PruneOptions(sim_threshold=0.3, spatial_weight=0.5, radius=2**70)
     got = cpu_walk.select(x, order, 10, 40, (1, 8, 12), params)
     graph = reference.similarity_graph(x, order, 10, (1, 8, 12), params)
     if not torch.equal(got, reference.greedy_mis(graph, order, 10, 40)):

@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 from d2pruner_kernels.checks import pivot_count
 from d2pruner_kernels.kernels import attention, graph, rank, scores, varlen
-from d2pruner_kernels.params import GraphParams
+from d2pruner_kernels.options import PruneOptions
 
 from .shapes import PIVOT_RATIO
 
@@ -98,7 +98,7 @@ def launches():
         cfg = dict(graph.default_config(tokens.dtype, tokens.shape[-1]), SPLITS=splits,
                    SPLIT_LAUNCH=split_launch)
         rows = graph.GraphRows(tokens, order, 44, (1, 24, 24),
-                               GraphParams(spatial_weight=beta), config=cfg, norms=norms)
+                               PruneOptions(spatial_weight=beta), config=cfg, norms=norms)
         return lambda: rows.rows(0, rows.c)
 
     # A ragged batch (prune_varlen): a LLaVA-1.5 image and a 16 x 20 one, packed.
@@ -114,7 +114,7 @@ def launches():
         p = varlen.Plan(images, grids, ks, n_pivots, 4096, tokens.dtype, tokens.device)
         adj = torch.empty(p.adj_words, dtype=torch.int32)
         return lambda: graph.ragged_rows(tokens, norms_r, order_r, adj, p.table[0],
-                                         p.range_tiles[0], GraphParams(spatial_weight=beta),
+                                         p.range_tiles[0], PruneOptions(spatial_weight=beta),
                                          p.config)
 
     def ragged_rank():

@@ -24,7 +24,7 @@ from d2pruner_kernels import debiased_scores, prune, rank_order, reference
 from d2pruner_kernels.checks import as_3d
 from d2pruner_kernels.kernels import cpu_walk
 from d2pruner_kernels.kernels import mis as mis_kernel
-from d2pruner_kernels.params import GraphParams
+from d2pruner_kernels.options import PruneOptions
 from d2pruner_kernels.timing import median_seconds
 
 from . import baselines
@@ -52,14 +52,14 @@ def walk_stats(shape: Shape, i) -> dict:
     stats = {}
     order = rank_order(debiased_scores(i.attn, i.prior))
     cpu_walk.select(i.tokens, order, shape.n_pivots, shape.k_int, as_3d(shape.grid),
-                    GraphParams(temporal_radius=shape.temporal_radius), stats=stats)
+                    PruneOptions(temporal_radius=shape.temporal_radius), stats=stats)
     return stats
 
 
 def dense(shape: Shape):
     """The CPU path before the walk: the whole candidate graph in torch, the C++ walk."""
     grid, k, n_p = as_3d(shape.grid), shape.k_int, shape.n_pivots
-    params = GraphParams(temporal_radius=shape.temporal_radius)
+    params = PruneOptions(temporal_radius=shape.temporal_radius)
 
     def call(i):
         order = rank_order(debiased_scores(i.attn, i.prior))

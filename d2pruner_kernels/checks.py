@@ -97,19 +97,34 @@ def as_3d(grid) -> tuple[int, int, int]:
     return tuple(grid) if len(grid) == 3 else (1, *grid)
 
 
-def resolve_k(k, n: int) -> int:
-    """k as an int in [1, N], or a float ratio in (0, 1]: k = max(1, floor(ratio*N + 0.5))."""
-    if isinstance(k, bool):
-        raise TypeError(f"k must be an int in [1, {n}] or a float in (0, 1], got bool {k!r}")
+def check_k(k, name: str = "k"):
+    """k's type and range before the token count is known: an int >= 1 or a float ratio in
+    (0, 1]. Returns it as an int or a float."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(f"{name} must be an int >= 1 (tokens kept) or a float ratio in (0, 1], "
+                        f"got {type(k).__name__} {k!r}")
     if isinstance(k, numbers.Integral):
-        if not 1 <= k <= n:
-            raise ValueError(f"k must be in [1, N={n}], got {k}")
+        if k < 1:
+            raise ValueError(f"{name} must be an int >= 1 (tokens kept) or a float ratio in "
+                             f"(0, 1], got {k}")
         return int(k)
-    if isinstance(k, numbers.Real):
-        if not 0.0 < k <= 1.0:  # also rejects NaN
-            raise ValueError(f"k as a ratio must be in (0, 1], got {k}")
-        return max(1, math.floor(k * n + 0.5))
-    raise TypeError(f"k must be an int in [1, {n}] or a float in (0, 1], got {type(k).__name__}")
+    if not 0.0 < k <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} as a ratio must be in (0, 1], got {k}")
+    return float(k)
+
+
+def resolve_k(k, n: int, name: str = "k", at_most: bool = False) -> int:
+    """The one rule for k at every entry point: an int in [1, N], or a ratio r in (0, 1] ->
+    max(1, floor(r * N + 0.5)). at_most=True (the integrations, where N depends on the
+    input): an int above N keeps all N tokens instead of raising."""
+    if type(k) is int and 1 <= k <= n:  # the common case, no abstract-class checks
+        return k
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool):
+        if k < 1 or (k > n and not at_most):
+            raise ValueError(f"{name} must be in [1, N={n}], got {k}")
+        return min(int(k), n)
+    k = check_k(k, name)  # a float ratio, or raises
+    return max(1, math.floor(k * n + 0.5))
 
 
 def pivot_count(pivot_ratio: float, k: int) -> int:

@@ -30,7 +30,7 @@ from . import reference
 from .checks import check_backend
 from .kernels import cpu_walk, interpreting
 from .kernels import mis as mis_kernel
-from .params import GraphParams
+from .options import PruneOptions
 from .reference import attention as reference_attention
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -119,11 +119,11 @@ def rank(scores_: torch.Tensor, backend: str) -> torch.Tensor:
     return reference.rank_order(scores_)
 
 
-def graph(tokens, order, n_pivots: int, grid, params: GraphParams, backend: str) -> torch.Tensor:
+def graph(tokens, order, n_pivots: int, grid, opts: PruneOptions) -> torch.Tensor:
     """Step 4: packed int32 [B, C, words] (see `layout`)."""
-    if use_triton(backend, tokens.device):
-        return _triton("graph").similarity_graph(tokens, order, n_pivots, grid, params)
-    return reference.similarity_graph(tokens, order, n_pivots, grid, params)
+    if use_triton(opts.backend, tokens.device):
+        return _triton("graph").similarity_graph(tokens, order, n_pivots, grid, opts)
+    return reference.similarity_graph(tokens, order, n_pivots, grid, opts)
 
 
 def mis(adj, order, n_pivots: int, k: int, backend: str) -> torch.Tensor:
@@ -133,13 +133,13 @@ def mis(adj, order, n_pivots: int, k: int, backend: str) -> torch.Tensor:
     return reference.greedy_mis(adj, order, n_pivots, k)
 
 
-def select(tokens, attn, prior, grid, k: int, n_pivots: int, params: GraphParams, eps: float,
-           backend: str) -> torch.Tensor:
-    """Steps 1-7, what prune() runs: kept int64 [B, k], ascending."""
-    device = tokens.device
+def select(tokens, attn, prior, grid, k: int, n_pivots: int, opts: PruneOptions) -> torch.Tensor:
+    """Steps 1-7, what prune() runs: kept int64 [B, k], ascending. `prior` is the tensor
+    (opts.prior may be the PositionalPrior it came from)."""
+    device, backend = tokens.device, opts.backend
     # Decide the path before any kernel runs ('kernels' raises here if it cannot run).
     fused = use_triton(backend, device) and use_compiled_mis(backend, device, tokens.shape[1])
-    s = scores(attn, prior, eps, backend)
+    s = scores(attn, prior, opts.eps, backend)
     if n_pivots == k:  # no supplements: plain top-k, no graph needed
         return torch.sort(rank(s, backend)[:, :k], dim=1).values
     if fused:  # rank + norms in one launch, then the graph in row ranges + MIS
@@ -149,15 +149,15 @@ def select(tokens, attn, prior, grid, k: int, n_pivots: int, params: GraphParams
             order, norms = kernel.rank_and_norms(s, tokens)
         else:
             order, norms = reference.rank_order(s), _triton("rank").rank_and_norms(None, tokens)[1]
-        return _triton("lazy_graph").select(tokens, order, norms, n_pivots, k, grid, params)
+        return _triton("lazy_graph").select(tokens, order, norms, n_pivots, k, grid, opts)
     order = rank(s, backend)
     if use_cpu_walk(backend, device):  # steps 4-7 without the graph
-        return cpu_walk.select(tokens, order, n_pivots, k, grid, params)
-    return mis(graph(tokens, order, n_pivots, grid, params, backend), order, n_pivots, k, backend)
+        return cpu_walk.select(tokens, order, n_pivots, k, grid, opts)
+    return mis(graph(tokens, order, n_pivots, grid, opts), order, n_pivots, k, backend)
 
 
 def select_varlen(tokens, attn, images, grids, ks, n_pivots, priors, packed_prior,
-                  params: GraphParams, eps: float, backend: str) -> torch.Tensor:
+                  opts: PruneOptions) -> torch.Tensor:
     """Steps 1-7 for each image of a packed batch (prune_varlen): int64 [sum k_b], positions
     into the packed tokens. images: (start, end) per image; grids (T, H, W); ks, n_pivots,
     priors ([N_b] or None) per image. Equal images run as one [B, N, D] batch (`select`);
@@ -167,7 +167,7 @@ def select_varlen(tokens, attn, images, grids, ks, n_pivots, priors, packed_prio
     caller's packed [total] prior tensor, or None (priors are then None or a
     PositionalPrior's tensor per grid)."""
     b = len(images)
-    device = tokens.device
+    device, backend = tokens.device, opts.backend
     uniform = len(set(grids)) == 1 and len(set(ks)) == 1
     # Decide the path before any kernel runs ('kernels' raises here if it cannot run).
     fused = (not uniform and use_triton(backend, device)
@@ -177,21 +177,21 @@ def select_varlen(tokens, attn, images, grids, ks, n_pivots, priors, packed_prio
         if prior is None and priors[0] is not None:
             prior = torch.cat(priors)  # a PositionalPrior per grid, packed: one small copy
         return _triton("varlen").select(tokens, attn, prior, images, grids, ks, n_pivots,
-                                        params, eps)
+                                        opts, opts.eps)
     if uniform:
         n = images[0][1] - images[0][0]
         x = tokens.reshape(b, n, tokens.shape[-1])              # a view: segments are back to back
         a = attn.reshape(b, n) if attn.dim() == 1 else attn.reshape(-1, b, n).transpose(0, 1)
         # a packed prior as [B, N] (a view); a PositionalPrior's [N] is the same for all
         p = priors[0] if packed_prior is None else packed_prior.reshape(b, n)
-        kept = select(x, a, p, grids[0], ks[0], n_pivots[0], params, eps, backend)
+        kept = select(x, a, p, grids[0], ks[0], n_pivots[0], opts)
         starts = torch.arange(0, b * n, n, device=kept.device)
         return (kept + starts[:, None]).flatten()
     out = []
     for (s, e), grid, k_b, np_b, p in zip(images, grids, ks, n_pivots, priors):
         a = attn[..., s:e].unsqueeze(0)
         out.append(select(tokens[s:e].unsqueeze(0), a, None if p is None else p.unsqueeze(0),
-                          grid, k_b, np_b, params, eps, backend)[0] + s)
+                          grid, k_b, np_b, opts)[0] + s)
     return torch.cat(out)
 
 

@@ -15,38 +15,35 @@ from typing import List, Optional
 import torch
 
 from . import dispatch
-from .checks import (as_3d, check_backend, check_bool, check_float, check_prune_inputs,
-                     pivot_count, resolve_k)
-from .params import DEFAULTS, GraphParams
+from .checks import as_3d, check_prune_inputs, pivot_count, resolve_k
+from .options import PruneOptions, of, takes_options
 from .prior import PositionalPrior
 
 
+@takes_options()
 def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
-          prior: torch.Tensor | None = None, pivot_ratio: float = 0.7,
-          sim_threshold: float = DEFAULTS.sim_threshold,
-          spatial_weight: float = DEFAULTS.spatial_weight, radius: int = DEFAULTS.radius,
-          temporal_radius: int = DEFAULTS.temporal_radius, eps: float = 1e-7,
-          check_finite: bool = False, backend: str = "auto") -> torch.Tensor:
+          options: PruneOptions | None = None, **kwargs) -> torch.Tensor:
     """Indices of the visual tokens D2Pruner keeps, int64, ascending (docs/spec.md).
 
     tokens: [B, N, D] or [N, D] features (fp16 / bf16 / fp32).
     attn:   [B, N] or [B, H, N] (or unbatched [N] / [H, N]) importance; heads are averaged.
             A row of a full attention map is a view: attn_full[:, :, row, start:end].
     grid_hw: (H, W) or (T, H, W), product N.  k: int in [1, N] or ratio in (0, 1].
+    options: a PruneOptions, and/or its fields as keywords (prior, pivot_ratio,
+            sim_threshold, spatial_weight, radius, temporal_radius, eps, check_finite,
+            backend; options.py has their defaults and meaning). The keywords win.
     prior:  [N] or [B, N] positive positional prior (or a PositionalPrior), None = no debiasing.
     Returns [B, k] (or [k]) on the input's device.
     """
-    check_backend(backend)
-    check_finite = check_bool("check_finite", check_finite)
-    if check_finite and torch.compiler.is_compiling():
+    opts = of(options, kwargs)
+    if opts.check_finite and torch.compiler.is_compiling():
         raise ValueError("check_finite=True reads values (a device sync): not supported under "
                          "torch.compile; check the inputs outside the compiled region")
+    prior = opts.prior
     prior_obj = prior if isinstance(prior, PositionalPrior) else None
-    pivot_ratio = check_float("pivot_ratio", pivot_ratio, 0.0, 1.0)
-    params = GraphParams(sim_threshold, spatial_weight, radius, temporal_radius)
-    eps = check_float("eps", eps, 0.0, float("inf"))
     batched, n, grid = check_prune_inputs(tokens, attn, grid_hw,
-                                          None if prior_obj is not None else prior, check_finite)
+                                          None if prior_obj is not None else prior,
+                                          opts.check_finite)
     if prior_obj is not None:  # calibrated for this grid; one device copy, cached
         if as_3d(prior_obj.grid) != grid:
             raise ValueError(f"prior is calibrated for grid {tuple(prior_obj.grid)}, "
@@ -55,23 +52,25 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
     k = resolve_k(k, n)
     if not batched:
         tokens, attn = tokens.unsqueeze(0), attn.unsqueeze(0)
-    n_pivots = pivot_count(pivot_ratio, k)
+    n_pivots = pivot_count(opts.pivot_ratio, k)
     if torch.compiler.is_compiling():
-        out = _prune_op(tokens, attn, prior, list(grid), k, n_pivots, params.sim_threshold,
-                        params.spatial_weight, params.radius, params.temporal_radius, eps,
-                        backend)
+        out = _prune_op(tokens, attn, prior, list(grid), k, n_pivots, opts.sim_threshold,
+                        opts.spatial_weight, opts.radius, opts.temporal_radius, opts.eps,
+                        opts.backend)
     else:
-        out = dispatch.select(tokens, attn, prior, grid, k, n_pivots, params, eps, backend)
+        out = dispatch.select(tokens, attn, prior, grid, k, n_pivots, opts)
     return out if batched else out[0]
 
 
+# The custom op's schema takes scalars: the options cross it as their fields (prior apart).
 @torch.library.custom_op("d2pruner::prune", mutates_args=())
 def _prune_op(tokens: torch.Tensor, attn: torch.Tensor, prior: Optional[torch.Tensor],
               grid: List[int], k: int, n_pivots: int, sim_threshold: float,
               spatial_weight: float, radius: int, temporal_radius: int, eps: float,
               backend: str) -> torch.Tensor:
-    params = GraphParams(sim_threshold, spatial_weight, radius, temporal_radius)
-    return dispatch.select(tokens, attn, prior, tuple(grid), k, n_pivots, params, eps, backend)
+    opts = PruneOptions(sim_threshold=sim_threshold, spatial_weight=spatial_weight,
+                        radius=radius, temporal_radius=temporal_radius, eps=eps, backend=backend)
+    return dispatch.select(tokens, attn, prior, tuple(grid), k, n_pivots, opts)
 
 
 @_prune_op.register_fake

@@ -15,7 +15,9 @@ import torch
 
 from . import dispatch
 from .checks import (check_backend, check_graph_inputs, check_mis_inputs, check_permutation)
-from .params import DEFAULTS, GraphParams
+from .options import PruneOptions, of, takes_options
+
+GRAPH_OPTIONS = ("sim_threshold", "spatial_weight", "radius", "temporal_radius", "backend")
 
 
 def _attn_view(attn: torch.Tensor, query_row: int | None, key_span) -> torch.Tensor:
@@ -56,11 +58,10 @@ def rank_order(scores: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     return dispatch.rank(scores, backend)
 
 
+@takes_options(*GRAPH_OPTIONS)
 def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
-                     grid: tuple[int, ...], *, sim_threshold: float = DEFAULTS.sim_threshold,
-                     spatial_weight: float = DEFAULTS.spatial_weight,
-                     radius: int = DEFAULTS.radius, temporal_radius: int = DEFAULTS.temporal_radius,
-                     backend: str = "auto") -> torch.Tensor:
+                     grid: tuple[int, ...], *, options: PruneOptions | None = None,
+                     **kwargs) -> torch.Tensor:
     """Step 4: packed int32 [B, C, words] adjacency of the candidates (see `layout`).
 
     tokens [B, N, D] float16/bfloat16/float32; order int64 [B, N], a permutation of the
@@ -68,13 +69,13 @@ def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
     A CPU order that is not a permutation raises ValueError (naming `order`) before any
     work. A CUDA order is not read on the host (that would sync): the Triton kernel clamps
     each token id into [0, N) (no access outside the buffers; the edges are then those of
-    the clamped ids), the reference's gather raises a device-side error."""
-    check_backend(backend)
-    params = GraphParams(sim_threshold, spatial_weight, radius, temporal_radius)
+    the clamped ids), the reference's gather raises a device-side error.
+    Options: the graph's fields of PruneOptions (GRAPH_OPTIONS), as keywords or `options`."""
+    opts = of(options, kwargs, GRAPH_OPTIONS, "similarity_graph()")
     grid3 = check_graph_inputs(tokens, order, n_pivots, grid)
     if order.device.type == "cpu":
         check_permutation(order)
-    return dispatch.graph(tokens, order, n_pivots, grid3, params, backend)
+    return dispatch.graph(tokens, order, n_pivots, grid3, opts)
 
 
 def greedy_mis(adjacency: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,

@@ -20,9 +20,8 @@ import math
 import torch
 
 from . import dispatch
-from .checks import (as_3d, check_backend, check_bool, check_float, check_tensor,
-                     grid_dims, pivot_count, resolve_k, shape_str)
-from .params import DEFAULTS, GraphParams
+from .checks import as_3d, check_tensor, grid_dims, pivot_count, resolve_k, shape_str
+from .options import PruneOptions, of, takes_options
 from .prior import PositionalPrior
 
 INT_DTYPES = (torch.int32, torch.int64)
@@ -35,9 +34,11 @@ def _grid_list(grids) -> list[tuple[int, ...]]:
             raise ValueError(f"grids as a tensor must be int32/int64 [B, 2] or [B, 3], got "
                              f"{grids.dtype} {shape_str(grids)}")
         grids = grids.tolist()  # a small host copy (a sync if it lives on a GPU)
-    if not isinstance(grids, (list, tuple)) or len(grids) == 0:
-        raise TypeError(f"grids must be a non-empty list of (H, W) / (T, H, W) grids or an int "
-                        f"tensor [B, 2] / [B, 3], got {grids!r}")
+    if not isinstance(grids, (list, tuple)):
+        raise TypeError(f"grids must be a list of (H, W) / (T, H, W) grids or an int tensor "
+                        f"[B, 2] / [B, 3], got {type(grids).__name__}")
+    if len(grids) == 0:  # docs/spec.md §9: an empty batch is a ValueError, as in prune()
+        raise ValueError("grids is empty: an empty batch (B=0)")
     return [grid_dims(f"grids[{i}]", g) for i, g in enumerate(grids)]
 
 
@@ -147,12 +148,9 @@ def _check_packed(tokens, attn, prior, offsets, check_finite: bool) -> None:
                 raise ValueError(f"image {i}: {name} holds NaN or Inf values (check_finite=True)")
 
 
+@takes_options()
 def prune_varlen(tokens: torch.Tensor, attn: torch.Tensor, cu_seqlens: torch.Tensor, grids, k,
-                 *, prior=None, pivot_ratio: float = 0.7,
-                 sim_threshold: float = DEFAULTS.sim_threshold,
-                 spatial_weight: float = DEFAULTS.spatial_weight, radius: int = DEFAULTS.radius,
-                 temporal_radius: int = DEFAULTS.temporal_radius, eps: float = 1e-7,
-                 check_finite: bool = False, backend: str = "auto"):
+                 *, options: PruneOptions | None = None, **kwargs):
     """D2Pruner on a packed ragged batch. Returns (keep, cu_keep).
 
     tokens: [total, D] packed features (fp16 / bf16 / fp32).
@@ -162,12 +160,12 @@ def prune_varlen(tokens: torch.Tensor, attn: torch.Tensor, cu_seqlens: torch.Ten
             length, or an int tensor [B, 2] / [B, 3].
     k:      an int or a ratio for every image, or a list / int tensor of B budgets.
             (grids and k are host values: a CUDA tensor of either is read, which syncs.)
-    prior:  None, a packed [total] tensor, or a PositionalPrior (resized to each grid).
+    options: a PruneOptions and/or its fields as keywords, as for prune(); here prior is
+            None, a packed [total] tensor, or a PositionalPrior (resized to each grid).
     Returns keep int64 [sum k_b], positions into the packed tokens, ascending within each
     image, images in order; cu_keep [B + 1], the dtype and device of cu_seqlens.
     """
-    check_backend(backend)
-    check_finite = check_bool("check_finite", check_finite)
+    opts = of(options, kwargs, where="prune_varlen()")
     check_tensor("tokens", tokens, (2,))
     check_tensor("attn", attn, (1, 2))
     total = tokens.shape[0]
@@ -175,20 +173,18 @@ def prune_varlen(tokens: torch.Tensor, attn: torch.Tensor, cu_seqlens: torch.Ten
         raise ValueError(f"attn has {attn.shape[-1]} packed tokens but tokens has {total}")
     grids = _grid_list(grids)
     lengths = [math.prod(g) for g in grids]
-    offsets = _check_offsets(cu_seqlens, total, grids, lengths, check_finite)
+    offsets = _check_offsets(cu_seqlens, total, grids, lengths, opts.check_finite)
     ks = _budgets(k, lengths)
-    pivot_ratio = check_float("pivot_ratio", pivot_ratio, 0.0, 1.0)
-    params = GraphParams(sim_threshold, spatial_weight, radius, temporal_radius)
-    eps = check_float("eps", eps, 0.0, float("inf"))
+    prior = opts.prior
     priors = _priors(prior, grids, offsets, total, tokens.device)
-    _check_packed(tokens, attn, prior, offsets, check_finite)
+    _check_packed(tokens, attn, prior, offsets, opts.check_finite)
     images = list(zip(offsets, offsets[1:]))
 
     # all checks done: the work (dispatch.select_varlen decides how it runs)
-    n_pivots = [pivot_count(pivot_ratio, kb) for kb in ks]
+    n_pivots = [pivot_count(opts.pivot_ratio, kb) for kb in ks]
     keep = dispatch.select_varlen(tokens, attn, images, [as_3d(g) for g in grids], ks, n_pivots,
                                   priors, prior if isinstance(prior, torch.Tensor) else None,
-                                  params, eps, backend)
+                                  opts)
     cu_keep = [0]
     for kb in ks:
         cu_keep.append(cu_keep[-1] + kb)

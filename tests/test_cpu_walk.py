@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from d2pruner_kernels import reference
 from d2pruner_kernels.checks import pivot_count
 from d2pruner_kernels.kernels import cpu_walk
-from d2pruner_kernels.params import GraphParams
+from d2pruner_kernels.options import PruneOptions
 
 from helpers import clustered_tokens, distinct_attention, in_band
 
@@ -68,7 +68,7 @@ SHAPES = [(1, (1, 8, 8), 16), (3, (1, 7, 9), 24), (1, (1, 24, 24), 64), (3, (1, 
 @pytest.mark.parametrize("beta", [0.0, 0.5])
 def test_matches_reference(b, grid, d, dtype, beta):
     n = math.prod(grid)
-    p = GraphParams(spatial_weight=beta)
+    p = PruneOptions(spatial_weight=beta)
     for k in sorted({1, max(1, n // 4), n // 2 + 1, n}):
         for rho in (0.0, 0.7, 1.0):
             n_p = pivot_count(rho, k)
@@ -80,7 +80,7 @@ def test_matches_reference(b, grid, d, dtype, beta):
 @pytest.mark.parametrize("temporal_radius", [0, 1])
 @pytest.mark.parametrize("beta", [0.0, 0.5])
 def test_video_grids(grid, temporal_radius, beta):
-    p = GraphParams(spatial_weight=beta, temporal_radius=temporal_radius, radius=1)
+    p = PruneOptions(spatial_weight=beta, temporal_radius=temporal_radius, radius=1)
     n = math.prod(grid)
     for k in (max(1, n // 5), n // 2):
         n_p = pivot_count(0.5, k)
@@ -91,7 +91,7 @@ def test_video_grids(grid, temporal_radius, beta):
 def test_many_windows_and_survivor_cap(monkeypatch):
     """Tiny caps: every window holds one candidate / ends at its first survivor, and images
     leave the batch at different windows."""
-    p = GraphParams(spatial_weight=0.5)
+    p = PruneOptions(spatial_weight=0.5)
     x, order = band_free(3, (1, 12, 12), 16, 7, p, 0)
     expected = want(x, order, 0, 40, (1, 12, 12), p)
     for caps in [dict(_WINDOW_FLOATS=1, _MIN_WINDOW=1), dict(_SURVIVOR_FLOATS=1, _MIN_SURVIVORS=1),
@@ -114,14 +114,14 @@ def test_clique_then_distinct_truncates_window():
     x = torch.randn(1, n, d, generator=g)
     head = order[0, :150]
     x[0, head] = torch.randn(d, generator=g) + 0.01 * torch.randn(150, d, generator=g)
-    p = GraphParams()
+    p = PruneOptions()
     stats = {}
     check(x, order, 0, m, (1, 20, 30), p, stats)
     assert stats["members"] == [m] and stats["visited"] < n  # without the cap: all n
 
 
 def test_nan_zero_and_duplicate_rows():
-    p = GraphParams(spatial_weight=0.5, sim_threshold=0.7)
+    p = PruneOptions(spatial_weight=0.5, sim_threshold=0.7)
     checked = 0
     for seed in range(4):
         x, order = next(draw(2, (1, 10, 10), 8, seed))
@@ -141,8 +141,8 @@ def test_nan_zero_and_duplicate_rows():
 
 def test_all_nan_and_all_zero_rows():  # side cases, not the main inputs
     order = rank(2, 30, 0)
-    for fill, p in [(float("nan"), GraphParams()), (0.0, GraphParams()),
-                    (0.0, GraphParams(sim_threshold=-0.5))]:
+    for fill, p in [(float("nan"), PruneOptions()), (0.0, PruneOptions()),
+                    (0.0, PruneOptions(sim_threshold=-0.5))]:
         x = torch.full((2, 30, 4), fill)
         for k in (2, 10, 30):
             got = cpu_walk.select(x, order, 2, k, (1, 5, 6), p)
@@ -156,16 +156,16 @@ def test_near_clique_fills():
     x = torch.randn(b, 1, d, generator=g) + 0.01 * torch.randn(b, n, d, generator=g)
     order = rank(b, n, 0)
     stats = {}
-    check(x, order, 14, 20, (1, 20, 20), GraphParams(), stats)
+    check(x, order, 14, 20, (1, 20, 20), PruneOptions(), stats)
     assert stats["members"] == [1] * b and stats["depth"] == [n - 14] * b
     assert stats["windows"] <= 3  # windows grow at once when almost everything is blocked
 
 
 def test_stops_early():
     """Distinct tokens: the walk stops at the m-th member, far before the last candidate."""
-    x, order = band_free(1, (1, 40, 40), 64, 0, GraphParams(), 50, clusters=400)
+    x, order = band_free(1, (1, 40, 40), 64, 0, PruneOptions(), 50, clusters=400)
     stats = {}
-    check(x, order, 50, 90, (1, 40, 40), GraphParams(), stats)
+    check(x, order, 50, 90, (1, 40, 40), PruneOptions(), stats)
     assert stats["members"] == [40] and stats["depth"][0] < 200 and stats["visited"] < 400
 
 
@@ -177,7 +177,7 @@ def test_batch_equals_each_image():
                      clustered_tokens(1, n, d, generator=g)[0],
                      torch.randn(n, d, generator=g)])
     order = rank(3, n, 1)
-    p = GraphParams()
+    p = PruneOptions()
     assert outside_band(x, order, 10, (1, 15, 20), p)
     got = check(x, order, 10, 60, (1, 15, 20), p)
     for i in range(3):
@@ -186,7 +186,7 @@ def test_batch_equals_each_image():
 
 
 def test_strided_inputs_unchanged():
-    p = GraphParams(spatial_weight=0.5)
+    p = PruneOptions(spatial_weight=0.5)
     x, order = band_free(2, (1, 9, 9), 20, 5, p, 4)
     base = x.transpose(1, 2).contiguous().transpose(1, 2)   # [B, N, D] with D-stride N
     strided_order = order.T.contiguous().T
@@ -198,8 +198,8 @@ def test_strided_inputs_unchanged():
 
 
 def test_deterministic():
-    x, order = band_free(2, (1, 16, 16), 32, 2, GraphParams(), 20)
-    runs = [cpu_walk.select(x, order, 20, 60, (1, 16, 16), GraphParams()) for _ in range(3)]
+    x, order = band_free(2, (1, 16, 16), 32, 2, PruneOptions(), 20)
+    runs = [cpu_walk.select(x, order, 20, 60, (1, 16, 16), PruneOptions()) for _ in range(3)]
     assert all(torch.equal(r, runs[0]) for r in runs)
 
 
@@ -215,7 +215,7 @@ def test_random(b, t, h, w, d, dtype, rho, k_frac, beta, theta, radius, tr, clus
     n = t * h * w
     k = max(1, min(n, round(k_frac * n)))
     n_p = pivot_count(rho, k)
-    p = GraphParams(sim_threshold=theta, spatial_weight=beta, radius=radius, temporal_radius=tr)
+    p = PruneOptions(sim_threshold=theta, spatial_weight=beta, radius=radius, temporal_radius=tr)
     g = torch.Generator().manual_seed(seed)
     x = clustered_tokens(b, n, d, clusters=clusters, dtype=dtype, generator=g)
     order = rank(b, n, seed)
@@ -225,7 +225,7 @@ def test_random(b, t, h, w, d, dtype, rho, k_frac, beta, theta, radius, tr, clus
 
 def test_bad_arguments():
     x, order = torch.randn(1, 12, 4), rank(1, 12, 0)
-    p = GraphParams()
+    p = PruneOptions()
     with pytest.raises(ValueError, match="n_pivots"):
         cpu_walk.select(x, order, 5, 4, (1, 3, 4), p)
     with pytest.raises(ValueError, match="cells"):
@@ -234,7 +234,7 @@ def test_bad_arguments():
         cpu_walk.select(x, order.int(), 1, 4, (1, 3, 4), p)
     with pytest.raises(ValueError, match="tokens"):
         cpu_walk.select(x.double(), order, 1, 4, (1, 3, 4), p)
-    with pytest.raises(TypeError, match="GraphParams"):
+    with pytest.raises(TypeError, match="PruneOptions"):
         cpu_walk.select(x, order, 1, 4, (1, 3, 4), None)
     bad = order.clone()
     bad[0, 7] = 12  # out of range: torch indexing or the C++ bounds check refuses it
@@ -279,7 +279,7 @@ def test_cpp_bounds_checks():
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     from d2pruner_kernels.kernels import cpu_walk
-    from d2pruner_kernels.params import GraphParams
+    from d2pruner_kernels.options import PruneOptions
     torch.manual_seed(0)
     n, d, k = 16384, 1024, 2048
     order = torch.randperm(n).unsqueeze(0)
@@ -288,11 +288,11 @@ MEMORY_SCRIPT = textwrap.dedent("""
     grid = (1, 128, 128)
     n_p = int(0.7 * k + 1e-6)
     for x in (distinct, clique):  # warm up allocator and MKL buffers on a small input
-        cpu_walk.select(x[:, :1024], torch.arange(1024).unsqueeze(0), 70, 100, (1, 32, 32), GraphParams())
+        cpu_walk.select(x[:, :1024], torch.arange(1024).unsqueeze(0), 70, 100, (1, 32, 32), PruneOptions())
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for x in (distinct, clique):
         stats = {}
-        cpu_walk.select(x, order, n_p, k, grid, GraphParams(), stats=stats)
+        cpu_walk.select(x, order, n_p, k, grid, PruneOptions(), stats=stats)
         print(stats["windows"], stats["members"][0], file=sys.stderr)
     print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
 """)

@@ -5,7 +5,7 @@ import torch
 import d2pruner_kernels as d2p
 from d2pruner_kernels import layout
 from d2pruner_kernels.checks import as_3d
-from d2pruner_kernels.params import GraphParams
+from d2pruner_kernels.options import PruneOptions
 from helpers import DEVICE, assert_edges_match, clustered_tokens, in_band
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -20,7 +20,7 @@ def compare(tokens, order, n_p, grid, theta=0.8, beta=0.0, radius=2, temporal_ra
         got = d2p.similarity_graph(tokens, order, n_p, grid, backend="kernels", **kw)
     else:
         from d2pruner_kernels.kernels import graph
-        got = graph.similarity_graph(tokens, order, n_p, grid3, GraphParams(**kw), config=config)
+        got = graph.similarity_graph(tokens, order, n_p, grid3, PruneOptions(**kw), config=config)
     want = d2p.similarity_graph(tokens, order, n_p, grid, backend="reference", **kw)
     c = order.shape[1] - n_p
     assert got.shape == want.shape == (tokens.shape[0], c, layout.num_words(c))
@@ -86,7 +86,7 @@ def test_slices_add_alike_in_one_program_and_in_split_k(splits, d):
 
     def edges(**cfg):
         cfg = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=1, **cfg)
-        adj = graph.similarity_graph(x, order, 0, (1, 1, 20), GraphParams(sim_threshold=1e-8),
+        adj = graph.similarity_graph(x, order, 0, (1, 1, 20), PruneOptions(sim_threshold=1e-8),
                                      config=cfg)
         return layout.unpack_lower(adj, 20)
 

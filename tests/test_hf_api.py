@@ -59,7 +59,7 @@ def state(model):
     ({"k": 0}, ValueError, r"k must be in \[1, N=576\], got 0"),
     ({"k": 577}, ValueError, r"k must be in \[1, N=576\], got 577"),
     ({"k": 1.5}, ValueError, r"k as a ratio must be in \(0, 1\], got 1.5"),
-    ({"k": "64"}, TypeError, r"k must be an int in \[1, 576\] or a float in \(0, 1\]"),
+    ({"k": "64"}, TypeError, r"k must be an int >= 1 \(tokens kept\) or a float ratio in \(0, 1\], got str"),
     ({"k": True}, TypeError, r"got bool True"),
     ({"k": 64, "foo": 1}, TypeError, r"unknown prune option\(s\) 'foo'; prune\(\) takes"),
     ({"k": 64, "pivot_ratio": 2.0}, ValueError, r"pivot_ratio"),
@@ -68,7 +68,7 @@ def state(model):
      r"the prior tensor has 100 entries but the image has 576 tokens"),
     ({"k": 64, "prior": torch.ones(2, 576)}, ValueError, r"prior as a tensor must be 1-D"),
     ({"k": 64, "prior": d2p.PositionalPrior((24, 24))}, ValueError, r"has no data"),
-    ({"k": 64, "prior": "flat"}, TypeError, r"prior must be a PositionalPrior, a tensor or None"),
+    ({"k": 64, "prior": "flat"}, TypeError, r"prior must be None, a tensor or a PositionalPrior, got str"),
     ({"k": 64, "where": "vision", "layer": 3}, ValueError,
      r"where='vision' reads the CLIP layer of config.vision_feature_layer"),
 ])
@@ -91,7 +91,7 @@ def test_unsupported_models_and_configurations():
     with pytest.raises(ValueError, match=r"where='vision' is for LLaVA \(a CLS row\); "
                        r"Qwen2VLForConditionalGeneration has none"):
         hf.apply(qwen(), 0.5, where="vision")
-    with pytest.raises(ValueError, match=r"k must be >= 1 \(tokens kept per image\), got 0"):
+    with pytest.raises(ValueError, match=r"k must be an int >= 1 \(tokens kept\) or a float ratio in \(0, 1\], got 0"):
         hf.apply(qwen(), 0)
 
     model = llava()
@@ -147,14 +147,15 @@ def test_an_exception_in_the_with_block_restores_the_model():
 
 # -- misuse found at the prefill -----------------------------------------------------------------
 
-def test_a_qwen_budget_above_an_images_tokens_raises_naming_the_image():
+def test_an_int_k_above_an_images_tokens_keeps_that_image_whole():
+    # Qwen's token count depends on the image: an int k means "at most k" (docs/spec.md)
     model = qwen()
     inputs = tiny.qwen_inputs(model, [[(16, 16)], [(16, 16), (8, 8)]])  # 64, 64 and 16 tokens
-    with hf.apply(model, 32):
-        with pytest.raises(ValueError, match=r"sample 1, image 1: k must be in \[1, N=16\], "
-                           r"got 32"):
-            with torch.no_grad():
-                model(**inputs)
+    with hf.apply(model, 32) as pruner:
+        with torch.no_grad():
+            model(**inputs)
+    assert [[len(kept) for kept in sample] for sample in pruner.kept] == [[32], [32, 16]]
+    assert torch.equal(pruner.kept[1][1].cpu(), torch.arange(16))
 
 
 def test_image_tokens_that_do_not_match_their_grid_raise():

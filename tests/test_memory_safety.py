@@ -201,11 +201,11 @@ def test_2_the_kernel_clamps_ids_into_the_buffer():
         import json, torch
         from d2pruner_kernels import layout, reference
         from d2pruner_kernels.kernels import graph
-        from d2pruner_kernels.params import GraphParams
+        from d2pruner_kernels.options import PruneOptions
         g = torch.Generator().manual_seed(1)
         eye = torch.eye(4)[torch.randint(0, 4, (1, 16), generator=g)]    # cos 0 or 1
         x = (eye * 2.0 ** torch.randint(-3, 4, (1, 16, 1), generator=g)).to("{device}")
-        p = GraphParams(sim_threshold=0.8, spatial_weight=0.5, radius=1)
+        p = PruneOptions(sim_threshold=0.8, spatial_weight=0.5, radius=1)
         out = []
         for bad in (100000, -5, 16, 17, -2**63, 2**63 - 1, 10**12):
             order = torch.arange(16)[None].clone()
@@ -292,14 +292,14 @@ def fuzz_similarity_graph(case, seed):
     """Public stage: the reference's graph or a ValueError naming `order`. Triton kernel
     (no check of its own): the graph of the order clamped into [0, N), whatever it holds."""
     from d2pruner_kernels.kernels import graph
-    from d2pruner_kernels.params import GraphParams
+    from d2pruner_kernels.options import PruneOptions
     order, n_pivots, _ = case
     b, n = order.shape
     g = torch.Generator().manual_seed(seed)
     x = torch.eye(4)[torch.randint(0, 4, (b, n), generator=g)]  # cosines exactly 0 or 1
     x = x * 2.0 ** torch.randint(-3, 4, (b, n, 1), generator=g)
     grid, c = (1, 1, n), n - n_pivots
-    p = GraphParams(sim_threshold=0.8, spatial_weight=0.5, radius=2)
+    p = PruneOptions(sim_threshold=0.8, spatial_weight=0.5, radius=2)
     ok = _is_permutation(order)
     lower = lambda adj: layout.unpack_lower(adj, c) if c else adj  # noqa: E731  (C = 0: empty)
     for be in ("reference", "auto") + (("kernels",) if interpreting() else ()):
@@ -614,7 +614,7 @@ def test_6_a_huge_radius_means_the_whole_grid(backend):
     want = d2p.prune(x, a, (4, 4), 8, radius=4, temporal_radius=4, **kw)
     for r in (2**31, 2**63, 2**70):
         assert torch.equal(d2p.prune(x, a, (4, 4), 8, radius=r, temporal_radius=r, **kw), want)
-    assert d2p.GraphParams(radius=2**70).radius == 2**31 - 1
+    assert d2p.PruneOptions(radius=2**70).radius == 2**31 - 1
     order = torch.arange(16)[None].expand(2, -1).contiguous().to(x.device)
     g = d2p.similarity_graph(x, order, 3, (4, 4), radius=2**70, spatial_weight=0.5, backend=backend)
     assert torch.equal(g, d2p.similarity_graph(x, order, 3, (4, 4), radius=4,

@@ -6,7 +6,7 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 from d2pruner_kernels import prune, reference
-from d2pruner_kernels.params import GraphParams
+from d2pruner_kernels.options import PruneOptions
 from helpers import band_margin, clustered_tokens, distinct_attention, fused_similarity64
 
 # 3x3 grid, token t at (t // 3, t % 3). Scores rank the tokens 4, 0, 1, 2, 8, 3, 5, 6, 7.
@@ -113,7 +113,7 @@ def test_zero_and_nan_features():
     x[1] = 0.0
     x[2, 0] = float("nan")
     order = torch.arange(4)[None]
-    edges = reference.similarity_edges(x[None], order, 0, (1, 2, 2), GraphParams(0.5))[0]
+    edges = reference.similarity_edges(x[None], order, 0, (1, 2, 2), PruneOptions(sim_threshold=0.5))[0]
     assert edges.tolist() == [[False, False, False, True], [False] * 4, [False] * 4,
                               [True, False, False, False]]
 

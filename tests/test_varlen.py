@@ -167,7 +167,8 @@ MISUSE = [
     (lambda x, a, cu, g: (x, a, torch.tensor([0, 12, 24]), [(3, 4), (2, 6)], 3), ValueError,
      r"the grids hold 24 tokens in all but tokens has 22"),
     (lambda x, a, cu, g: (x, a, cu, [(3, 4), (2, 5.0)], 3), TypeError, r"grids\[1\] entries must be an int"),
-    (lambda x, a, cu, g: (x, a, cu, [], 3), TypeError, r"grids must be a non-empty list"),
+    (lambda x, a, cu, g: (x, a, cu, [], 3), ValueError, r"grids is empty: an empty batch \(B=0\)"),
+    (lambda x, a, cu, g: (x, a, cu, {"a": 1}, 3), TypeError, r"grids must be a list .* got dict"),
     (lambda x, a, cu, g: (x, a[:, :-1], cu, g, 3), ValueError, r"attn has 21 packed tokens but tokens has 22"),
     (lambda x, a, cu, g: (x[None], a, cu, g, 3), ValueError, r"tokens must be 2-D, got shape \[1, 22, 8\]"),
     (lambda x, a, cu, g: (x.long(), a, cu, g, 3), TypeError, r"tokens must be float16, bfloat16 or float32"),
@@ -212,7 +213,7 @@ import collections  # noqa: E402
 from d2pruner_kernels import dispatch  # noqa: E402
 from d2pruner_kernels.checks import as_3d, pivot_count  # noqa: E402
 from d2pruner_kernels.kernels import mis as mis_kernel  # noqa: E402
-from d2pruner_kernels.params import GraphParams  # noqa: E402
+from d2pruner_kernels.options import PruneOptions  # noqa: E402
 
 
 @pytest.fixture
@@ -356,11 +357,9 @@ def test_fused_mixed_pivots_per_image(fused):
     n_pivots = [10, 3, 30, 0, pivot_count(0.7, 25)]
     images = [(int(cu[b]), int(cu[b + 1])) for b in range(len(grids))]
     grids3 = [as_3d(g) for g in grids]
-    params = GraphParams(spatial_weight=0.25)
-    got = dispatch.select_varlen(x, a, images, grids3, ks, n_pivots, [None] * 5, None, params, 1e-7,
-                                 "kernels")
-    want = torch.cat([dispatch.select(x[s:e][None], a[:, s:e][None], None, g, k, n_p, params,
-                                      1e-7, "kernels")[0] + s
+    opts = PruneOptions(spatial_weight=0.25, backend="kernels")
+    got = dispatch.select_varlen(x, a, images, grids3, ks, n_pivots, [None] * 5, None, opts)
+    want = torch.cat([dispatch.select(x[s:e][None], a[:, s:e][None], None, g, k, n_p, opts)[0] + s
                       for (s, e), g, k, n_p in zip(images, grids3, ks, n_pivots)])
     assert torch.equal(got, want)
 
@@ -497,7 +496,7 @@ def test_ragged_graph_sums_each_image_in_its_own_slices(monkeypatch, splits, d):
     xb = clustered_tokens(1, 100, d, generator=torch.Generator().manual_seed(1))[0]
     x = torch.cat([xa, xb]).to(DEVICE)
     order = torch.cat([torch.arange(20), torch.arange(100)]).to(DEVICE)
-    params = GraphParams(sim_threshold=1e-8)
+    params = PruneOptions(sim_threshold=1e-8)
     p = kernels_varlen.Plan([(0, 20), (20, 120)], [(1, 1, 20), (1, 10, 10)], [10, 30], [0, 0],
                             d, x.dtype, x.device)
     from d2pruner_kernels.kernels import ragged

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..options import PruneOptions
 from ..prior import PositionalPrior
 from ._common import Stop
 from ._llm import InLLM
@@ -80,8 +81,9 @@ class Pruner:
         return self._selector.prior
 
     @property
-    def options(self) -> dict:
-        return dict(self._selector.options)
+    def options(self) -> PruneOptions:
+        """The PruneOptions every prune() call of this pruner gets (prior included)."""
+        return self._selector.options
 
     @property
     def active(self) -> bool:
@@ -140,16 +142,15 @@ def apply(model, k, *, where: str = "llm", layer: int = 2, prior=None,
     layer: the decoder layer K that sees the pruned sequence, in [1, num_layers - 1].
     prior: a PositionalPrior (resized bilinearly to each image's grid where it was
            calibrated on another one: our extension) or a positive tensor [N] for the grid.
-    prune_options: passed to prune() (pivot_ratio, sim_threshold, spatial_weight, radius,
-           temporal_radius, eps, check_finite, backend).
+    prune_options: PruneOptions' fields (pivot_ratio, sim_threshold, spatial_weight,
+           radius, temporal_radius, eps, check_finite, backend), checked here.
 
     Returns a Pruner: `pruner.kept` after each prefill, `pruner.remove()` (or `with`).
     Misuse raises here, before the model is touched.
     """
     adapter, layer = _setup(model, where, layer)
     static_grid = adapter.grid if adapter.tokens_per_image is not None else None
-    device = next(model.parameters()).device
-    selector = Selector(k, prior, prune_options, grid=static_grid, device=device)
+    selector = Selector(k, prior, prune_options, grid=static_grid)
     pruner = Pruner(model, adapter, k, where, layer, selector)
     pruner._install()
     return pruner

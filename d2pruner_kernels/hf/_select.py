@@ -2,68 +2,46 @@
 applied to the images of each prefill."""
 from __future__ import annotations
 
-import inspect
 import math
-import numbers
 
 import torch
 
-from ..checks import resolve_k
+from ..checks import check_k, resolve_k
+from ..options import PruneOptions, of
 from ..prior import PositionalPrior
 from ..prune import prune
 from ..varlen import prune_varlen
 
-# prune()'s keyword options a pruner forwards (prior and the budget are its own arguments)
-OPTIONS = tuple(name for name, p in inspect.signature(prune).parameters.items()
-                if p.kind is p.KEYWORD_ONLY and name != "prior")
-
-
-def _check_k(k) -> None:
-    if isinstance(k, bool) or not isinstance(k, numbers.Real):
-        raise TypeError(f"k must be an int >= 1 (tokens kept per image) or a float ratio in "
-                        f"(0, 1], got {type(k).__name__} {k!r}")
-    if isinstance(k, numbers.Integral):
-        if k < 1:
-            raise ValueError(f"k must be >= 1 (tokens kept per image), got {k}")
-    elif not 0.0 < k <= 1.0:  # also NaN
-        raise ValueError(f"k as a ratio must be in (0, 1], got {k}")
-
 
 class Selector:
-    """k (an int per image or a ratio), prior (None, a PositionalPrior resized to each
-    image's grid when it differs, or a positive tensor for the grid) and prune options."""
+    """k (an int per image or a ratio), the prior (None, a PositionalPrior resized to each
+    image's grid when it differs, or a positive tensor for the grid) and prune()'s other
+    options, as one PruneOptions checked here, once (no device needed: what depends on the
+    device is checked by prune() at the first prefill)."""
 
-    def __init__(self, k, prior, options: dict, grid=None, device=None):
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise TypeError(f"unknown prune option(s) {', '.join(map(repr, unknown))}; "
-                            f"prune() takes {', '.join(OPTIONS)}")
+    def __init__(self, k, prior, options: dict, grid=None):
         if grid is not None:  # a static token count: the whole range is checked here
             resolve_k(k, math.prod(grid))
-        else:  # the type and the lower bound; the upper one per image, at each prefill
-            _check_k(k)
-        if prior is not None and not isinstance(prior, (PositionalPrior, torch.Tensor)):
-            raise TypeError(f"prior must be a PositionalPrior, a tensor or None, got "
-                            f"{type(prior).__name__}")
+        else:  # the type and the lower bound; each image's count is known at the prefill
+            check_k(k)
+        self.options: PruneOptions = of(None, {**options, "prior": prior})
+        self.k, self.prior = k, prior
+        self._at_most = grid is None  # token counts that depend on the input: k is "at most"
+        self._device_prior = {}
         if isinstance(prior, PositionalPrior):
             prior.check()
-        elif isinstance(prior, torch.Tensor) and prior.dim() != 1:
-            raise ValueError(f"prior as a tensor must be 1-D [N] for the image grid, got shape "
-                             f"{list(prior.shape)}")
-        self.k, self.prior, self.options = k, prior, dict(options)
-        self._device_prior = {}
-        # a dry run on the model's device and grid (or a small one) checks every option
-        dry = grid if grid is not None else (2, 2)
-        n = math.prod(dry)
-        kd = resolve_k(k, n) if grid is not None else 1
-        device = torch.device("cpu") if device is None else torch.device(device)
-        self.prune_batch(torch.zeros(1, n, 1, device=device), torch.ones(1, n, device=device),
-                         dry, kd, self._prior_for(dry, n, "the model's grid", device)
-                         if grid is not None else None)
+        elif isinstance(prior, torch.Tensor):
+            if prior.dim() != 1:
+                raise ValueError(f"prior as a tensor must be 1-D [N] for the image grid, got "
+                                 f"shape {list(prior.shape)}")
+            if grid is not None:
+                self._prior_for(grid, math.prod(grid), "the model's grid", prior.device)
 
     def budget(self, n: int, label: str) -> int:
+        """An int k keeps at most k of an image's n tokens where n depends on the input (an
+        image with n <= k keeps all); a fixed n (LLaVA's 576) was checked at apply()."""
         try:
-            return resolve_k(self.k, n)
+            return resolve_k(self.k, n, at_most=self._at_most)
         except ValueError as e:
             raise ValueError(f"{label}: {e}") from None
 
@@ -81,7 +59,7 @@ class Selector:
         return self._device_prior[device]
 
     def prune_batch(self, tokens, attn, grid, k, prior):
-        return prune(tokens, attn, grid, k, prior=prior, **self.options)
+        return prune(tokens, attn, grid, k, options=self.options, prior=prior)
 
     def select_batched(self, tokens: torch.Tensor, attn: torch.Tensor, grid, label: str):
         """Images of one grid, [n, N, D] and [n, N] -> kept int64 [n, k]."""
@@ -104,5 +82,5 @@ class Selector:
             prior = torch.cat([self._prior_for(g, n, lab, tokens.device)
                                for g, n, lab in zip(grids, lengths, labels)])
         cu = torch.tensor(offsets, dtype=torch.int64, device=tokens.device)
-        keep, _ = prune_varlen(tokens, attn, cu, grids, ks, prior=prior, **self.options)
+        keep, _ = prune_varlen(tokens, attn, cu, grids, ks, options=self.options, prior=prior)
         return [part - s for part, s in zip(keep.split(ks), offsets)]

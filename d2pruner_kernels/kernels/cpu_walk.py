@@ -79,7 +79,7 @@ def _check(tokens, order, n_pivots, k, grid, params):
         raise ValueError(f"grid {tuple(grid)} has {math.prod(grid)} cells but tokens has N={n}")
     for name in ("sim_threshold", "spatial_weight", "radius", "temporal_radius"):
         if not hasattr(params, name):
-            raise TypeError(f"params must be a GraphParams, got {type(params).__name__}")
+            raise TypeError(f"params must be a PruneOptions, got {type(params).__name__}")
     return grid
 
 
@@ -146,7 +146,7 @@ def select(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int,
 
     tokens: CPU [B, N, D] fp16/bf16/fp32, any strides; order: int64 [B, N], a permutation of
     the tokens per image, best first; grid: (T, H, W) (or (H, W)) with T*H*W = N; params: a
-    GraphParams. stats: a dict to receive "visited" (candidates read, summed over the
+    PruneOptions. stats: a dict to receive "visited" (candidates read, summed over the
     images), "windows", "gemm_macs" (multiply-adds of both GEMMs), per image "members" and
     "depth" (candidates the exact walk visits: 1 + position of the m-th member, or C).
     """

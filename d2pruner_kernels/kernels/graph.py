@@ -26,7 +26,7 @@ import triton.language as tl
 import torch
 
 from ..layout import num_words
-from ..params import DEFAULTS, GraphParams
+from ..options import DEFAULTS, PruneOptions
 from . import cdiv, interpreting, launch_device, next_pow2, sm_count
 from . import ragged
 from .dot import exact_dot, upcast
@@ -257,7 +257,7 @@ def default_config(dtype: torch.dtype, d: int) -> dict:
     return dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
-def tile_flags(dtype: torch.dtype, d: int, block_k: int, params: GraphParams) -> dict:
+def tile_flags(dtype: torch.dtype, d: int, block_k: int, params: PruneOptions) -> dict:
     """The kernel's compile-time flags that follow from the inputs (dense and ragged alike)."""
     return dict(BLOCK_K=block_k, EVEN_K=d % block_k == 0, UPCAST=upcast(dtype),
                 SPATIAL=params.spatial_weight != 0, SUM_BITS=interpreting())
@@ -267,7 +267,7 @@ class GraphRows:
     """Launches the graph kernel over ranges of rows of one (tokens, order) pair, sharing
     the norms: the whole graph at once, or a prefix first and the rest later (lazy)."""
 
-    def __init__(self, tokens, order, n_pivots: int, grid, params: GraphParams = DEFAULTS,
+    def __init__(self, tokens, order, n_pivots: int, grid, params: PruneOptions = DEFAULTS,
                  config=None, norms=None):
         b, n, d = tokens.shape
         if tuple(order.shape) != (b, n) or not 0 <= n_pivots <= n:  # the kernel's bounds
@@ -339,7 +339,7 @@ class GraphRows:
 
 
 def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
-                     grid: tuple[int, int, int], params: GraphParams = DEFAULTS,
+                     grid: tuple[int, int, int], params: PruneOptions = DEFAULTS,
                      config: dict | None = None) -> torch.Tensor:
     """tokens [B, N, D] (fp16/bf16/fp32), order int64 [B, N] -> packed int32 [B, C, words].
 
@@ -352,7 +352,7 @@ def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
 
 
 def ragged_rows(tokens: torch.Tensor, norms: torch.Tensor, order: torch.Tensor,
-                adj: torch.Tensor, table: torch.Tensor, tiles: int, params: GraphParams,
+                adj: torch.Tensor, table: torch.Tensor, tiles: int, params: PruneOptions,
                 config: dict, skip: torch.Tensor | None = None) -> None:
     """One launch for a ragged batch (prune_varlen): rows [ROW_BEGIN_b, ROW_END_b) of every
     image's graph into the packed adjacency (int32 [words], image b's [C_b, words(C_b)] at

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ..params import GraphParams
+from ..options import PruneOptions
 from . import cdiv, mis
 from .graph import GraphRows
 
@@ -54,7 +54,7 @@ def row_ranges(c: int, m: int, block: int, waves: float = math.inf) -> list[int]
     return ends
 
 
-def select(tokens, order, norms, n_pivots: int, k: int, grid, params: GraphParams) -> torch.Tensor:
+def select(tokens, order, norms, n_pivots: int, k: int, grid, params: PruneOptions) -> torch.Tensor:
     """Kept token ids int64 [B, k], ascending, from the features [B, N, D] (unit last
     stride), the rank order int64 [B, N] and the float32 norms [B, N] (n_pivots < k: the
     dispatcher takes the plain top-k itself)."""

@@ -24,7 +24,7 @@ import math
 import torch
 
 from ..layout import num_words
-from ..params import GraphParams
+from ..options import PruneOptions
 from . import cdiv, graph, lazy_graph, mis, ragged, rank, scores, sm_count
 
 CACHE_SIZE = 64  # layouts whose tables stay on the device (LRU)
@@ -144,7 +144,7 @@ def _sorted_order(s: torch.Tensor, p: Plan) -> torch.Tensor:
 
 
 def select(tokens: torch.Tensor, attn: torch.Tensor, prior: torch.Tensor | None, images,
-           grids, ks, n_pivots, params: GraphParams, eps: float) -> torch.Tensor:
+           grids, ks, n_pivots, params: PruneOptions, eps: float) -> torch.Tensor:
     """Kept positions int64 [sum k_b] into the packed tokens, each image's ascending, images
     in order. tokens [total, D], attn [total] / [H, total], prior packed [total] or None;
     images (start, end), grids (T, H, W), ks, n_pivots: host lists, validated."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import pack_lower
-from ..params import DEFAULTS, GraphParams
+from ..options import DEFAULTS, PruneOptions
 from .numerics import matmul_fp32
 
 
@@ -16,7 +16,7 @@ def grid_coords(n: int, grid: tuple[int, int, int], device=None):
 
 
 def similarity_edges(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
-                     grid: tuple[int, int, int], params: GraphParams = DEFAULTS) -> torch.Tensor:
+                     grid: tuple[int, int, int], params: PruneOptions = DEFAULTS) -> torch.Tensor:
     """Dense bool [B, C, C] edges among the C = N - n_pivots candidates, rank order.
 
     f_ij = (1 - beta) * cos_ij + beta * sp_ij; edge iff f_ij >= theta and i != j.
@@ -35,7 +35,7 @@ def similarity_edges(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
     return (f >= params.sim_threshold) & ~eye
 
 
-def similarity_graph(tokens, order, n_pivots, grid, params: GraphParams = DEFAULTS) -> torch.Tensor:
+def similarity_graph(tokens, order, n_pivots, grid, params: PruneOptions = DEFAULTS) -> torch.Tensor:
     """The same graph in the packed layout of `d2pruner_kernels.layout`."""
     return pack_lower(similarity_edges(tokens, order, n_pivots, grid, params))
 

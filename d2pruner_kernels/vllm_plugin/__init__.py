@@ -29,108 +29,27 @@ encoder batch, one JSON line per batch.
 """
 from __future__ import annotations
 
-import json
 import os
 
-ENV_K = "D2PRUNER_VLLM_K"
-ENV_OPTIONS = "D2PRUNER_VLLM_OPTIONS"
-ENV_PRIOR = "D2PRUNER_VLLM_PRIOR"
-ENV_RECORD = "D2PRUNER_VLLM_RECORD"
+from .settings import ENV_K, ENV_OPTIONS, ENV_PRIOR, ENV_RECORD, Settings, read_settings
 
 SUPPORTED = ("LlavaForConditionalGeneration",)
 
 _PATCHES: list = []      # (owner, name, original) of every wrapped attribute
-_SETTINGS = None         # the parsed settings of this process, or None (off)
-
-
-class Settings:
-    """The parsed, checked environment: k, prune options, prior."""
-
-    def __init__(self, k, options: dict, prior, record):
-        self.k, self.options, self.prior, self.record = k, options, prior, record
-
-    def budget(self, n: int) -> int:
-        from ..checks import resolve_k
-        return resolve_k(self.k, n)
-
-
-def _parse_k(text: str):
-    text = text.strip()
-    try:
-        value = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"{ENV_K} must be an int >= 1 (image tokens kept per image) or a "
-                             f"ratio in (0, 1], got {text!r}") from None
-    if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"{ENV_K} must be an int >= 1 (image tokens kept per image) or a "
-                             f"ratio in (0, 1], got {text!r}")
-    elif not 0.0 < value <= 1.0:  # also NaN
-        raise ValueError(f"{ENV_K} as a ratio must be in (0, 1], got {text!r}")
-    return value
-
-
-def read_settings(environ=None) -> Settings | None:
-    """The settings from the environment, checked; None when D2PRUNER_VLLM_K is unset."""
-    env = os.environ if environ is None else environ
-    raw = env.get(ENV_K, "").strip()
-    if not raw:
-        return None
-    k = _parse_k(raw)
-    options = {}
-    if env.get(ENV_OPTIONS, "").strip():
-        try:
-            options = json.loads(env[ENV_OPTIONS])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{ENV_OPTIONS} must be a JSON object of prune() options, got "
-                             f"{env[ENV_OPTIONS]!r}: {e}") from None
-        if not isinstance(options, dict):
-            raise ValueError(f"{ENV_OPTIONS} must be a JSON object, got {env[ENV_OPTIONS]!r}")
-    options_ok = _prune_options()
-    unknown = sorted(set(options) - set(options_ok))
-    if unknown:
-        raise ValueError(f"{ENV_OPTIONS}: unknown prune option(s) "
-                         f"{', '.join(map(repr, unknown))}; prune() takes {', '.join(options_ok)}")
-    prior = None
-    if env.get(ENV_PRIOR, "").strip():
-        from ..prior import PositionalPrior
-        prior = PositionalPrior.load(env[ENV_PRIOR])  # load() checks it
-    _dry_run(k, options, prior)
-    return Settings(k, options, prior, env.get(ENV_RECORD) or None)
-
-
-def _prune_options() -> tuple:
-    import inspect
-
-    from ..prune import prune
-    return tuple(name for name, p in inspect.signature(prune).parameters.items()
-                 if p.kind is p.KEYWORD_ONLY and name != "prior")
-
-
-def _dry_run(k, options, prior) -> None:
-    """prune_varlen on a tiny fake image: every option is checked now, at engine start."""
-    import torch
-
-    from ..varlen import prune_varlen
-    kd = 1 if isinstance(k, float) else min(k, 4)
-    try:
-        prune_varlen(torch.zeros(4, 1), torch.ones(4), torch.tensor([0, 4]), [(2, 2)], kd,
-                     prior=prior, **options)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{ENV_OPTIONS}: {e}") from None
+_SETTINGS: Settings | None = None  # the parsed settings of this process, or None (off)
 
 
 def register() -> None:
     """The `vllm.general_plugins` entry point: runs in every vLLM process. Off unless
     D2PRUNER_VLLM_K is set; raises ValueError (engine start fails) on a bad setting."""
     global _SETTINGS
-    if not os.environ.get(ENV_K, "").strip() or _PATCHES:
+    if _PATCHES:
         return
-    fix_torchvision()  # first: before anything imports transformers
-    _SETTINGS = read_settings()
+    settings = read_settings()  # None (off) unless D2PRUNER_VLLM_K is set
+    if settings is None:
+        return
+    fix_torchvision()  # before anything imports transformers
+    _SETTINGS = settings
     from . import _llava
     _llava.install(_SETTINGS, _wrap)
 

@@ -112,7 +112,7 @@ def _prune(settings, tap: _Tap, features):
     tokens = stacked.reshape(n_img * n, dim)
     cu = torch.arange(0, (n_img + 1) * n, n, dtype=torch.int64)  # host offsets: never a sync
     keep, _ = prune_varlen(tokens.detach(), rows.reshape(-1), cu, [tap.grid] * n_img, k,
-                           prior=settings.prior, **settings.options)
+                           options=settings.options)
     if settings.record:
         local = (keep.view(n_img, k).cpu() - cu[:-1].view(-1, 1)).tolist()
         with open(settings.record, "a") as f:
