@@ -1,12 +1,13 @@
-"""What the Triton kernels compile to on Hopper, without a GPU: registers, spills, shared
-memory, and whether the K loops are pipelined (cp.async) onto the tensor cores (wgmma).
+"""What the Triton kernels compile to on Hopper (sm_90) and Ampere (sm_80), without a GPU:
+registers, spills, shared memory, and whether the K loops are pipelined (cp.async) onto the
+tensor cores (wgmma on sm_90, mma.sync on sm_80).
 
 Each kernel is specialised exactly as its launch wrapper would launch it at LLaVA-1.5 size
 (the wrappers run with the kernel swapped for a recorder; CPU tensors stand in for the
 GPU ones, 16-byte aligned like the caching allocator's), then compiled ahead of time for
-sm_90 by Triton's own toolchain, and the cubin is read with cuobjdump. No driver needed.
+each target by Triton's own toolchain, and the cubin is read with cuobjdump. No driver needed.
 
-    python -m benchmarks.codegen [--json]
+    python -m benchmarks.codegen [--arch 90 80] [--json]
 
 Registers decide occupancy and spills cost local-memory round trips; on a latency-bound
 kernel both show up directly in time. The GPU timings stay the judge (benchmarks.stage_times).
@@ -31,8 +32,8 @@ from d2pruner_kernels.options import PruneOptions
 
 from .shapes import PIVOT_RATIO
 
-TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
-SMS = 132
+ARCHS = (90, 80)
+SMS = {90: 132, 80: 108}  # H100 / H200, A100: the split-K and lazy-range decisions follow them
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.int64: "i64", torch.int32: "i32"}
 
@@ -84,7 +85,7 @@ def resources(cubin: bytes) -> dict:
 
 
 def launches():
-    """(label, module, kernel name, thunk that calls the wrapper) at LLaVA-1.5 size."""
+    """(label, module, kernel names, thunk that calls the wrapper) at LLaVA-1.5 size."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 576, 4096, generator=g).bfloat16()
     x32 = x.float()
@@ -94,12 +95,13 @@ def launches():
     order = torch.sort(s, descending=True, stable=True).indices
     norms = torch.linalg.vector_norm(x32, dim=-1)
 
-    def graph_rows(tokens, splits, beta=0.0, split_launch=True):
+    def graph_rows(tokens, splits, beta=0.0, split_launch=True, skip=False):
         cfg = dict(graph.default_config(tokens.dtype, tokens.shape[-1]), SPLITS=splits,
                    SPLIT_LAUNCH=split_launch)
         rows = graph.GraphRows(tokens, order, 44, (1, 24, 24),
                                PruneOptions(spatial_weight=beta), config=cfg, norms=norms)
-        return lambda: rows.rows(0, rows.c)
+        done = torch.zeros(1, dtype=torch.int32) if skip else None  # a lazy graph's later range
+        return lambda: rows.rows(0, rows.c, skip=done)
 
     # A ragged batch (prune_varlen): a LLaVA-1.5 image and a 16 x 20 one, packed.
     grids = [(1, 24, 24), (1, 16, 20)]
@@ -110,12 +112,13 @@ def launches():
     order_r = torch.cat([torch.randperm(576, generator=g), torch.randperm(320, generator=g)])
     norms_r = torch.linalg.vector_norm(xr.float(), dim=-1)
 
-    def ragged_graph(beta=0.0, tokens=xr):
+    def ragged_graph(beta=0.0, tokens=xr, skip=False):
         p = varlen.Plan(images, grids, ks, n_pivots, 4096, tokens.dtype, tokens.device)
         adj = torch.empty(p.adj_words, dtype=torch.int32)
+        done = torch.zeros(len(images), dtype=torch.int32) if skip else None
         return lambda: graph.ragged_rows(tokens, norms_r, order_r, adj, p.table[0],
                                          p.range_tiles[0], PruneOptions(spatial_weight=beta),
-                                         p.config)
+                                         p.config, skip=done)
 
     def ragged_rank():
         p = varlen.Plan(images, grids, ks, n_pivots, 4096, xr.dtype, xr.device)
@@ -133,16 +136,20 @@ def launches():
          graph_rows(x, 4, split_launch=False)),  # a batch: one program adds its slices
         ("graph bf16 spatial", graph, "_similarity_graph_kernel", graph_rows(x, 1, beta=0.3)),
         ("graph fp32", graph, "_similarity_graph_kernel", graph_rows(x32, 1)),
+        ("graph bf16 skip", graph, "_similarity_graph_kernel", graph_rows(x, 1, skip=True)),
         ("rank + norms ragged", rank, "_rank_norms_kernel", ragged_rank()),
         ("graph bf16 ragged", graph, "_similarity_graph_kernel", ragged_graph()),
         ("graph bf16 ragged spatial", graph, "_similarity_graph_kernel", ragged_graph(0.3)),
         ("graph fp32 ragged", graph, "_similarity_graph_kernel", ragged_graph(tokens=xr.float())),
+        ("graph bf16 ragged skip", graph, "_similarity_graph_kernel", ragged_graph(skip=True)),
         ("attention rows", attention, "_lse_partials_kernel|_span_probs_kernel",
          lambda: attention.attention_scores(q, k, (34, 34 + 2880), 128 ** -0.5)),
     ]
 
 
-def report() -> list[dict]:
+def report(arch: int = 90) -> list[dict]:
+    """One row per compiled launch for the target sm_`arch`."""
+    target = GPUTarget("cuda", arch, 32)
     rows = []
     for label, module, names, thunk in launches():
         saved = {n: getattr(module, n) for n in names.split("|")}
@@ -152,7 +159,7 @@ def report() -> list[dict]:
             for n, r in recorders.items():
                 setattr(module, n, r)
             if saved_sms is not None:
-                module.sm_count = lambda device: SMS
+                module.sm_count = lambda device: SMS[arch]
             try:
                 thunk()
             except RuntimeError:  # CPU tensors where a GPU result is read back: not needed
@@ -165,10 +172,11 @@ def report() -> list[dict]:
         for n, r in recorders.items():
             for _, args, kwargs in r.calls:
                 src, options = specialise(r.fn, args, kwargs)
-                kernel = triton.compile(src, target=TARGET, options=options)
+                kernel = triton.compile(src, target=target, options=options)
                 ptx = kernel.asm["ptx"]
                 phase = f" phase {kwargs['PHASE']}" if "PHASE" in kwargs else ""
-                rows.append(dict(label=label + phase, kernel=n, **resources(kernel.asm["cubin"]),
+                rows.append(dict(arch=arch, label=label + phase, kernel=n,
+                                 **resources(kernel.asm["cubin"]),
                                  smem=kernel.metadata.shared,
                                  cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
                                  wgmma=ptx.count("wgmma.mma_async"),
@@ -178,19 +186,21 @@ def report() -> list[dict]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS),
+                    help="compute capabilities to compile for (default: 90 80)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    rows = report()
+    rows = [r for arch in args.arch for r in report(arch)]
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"Triton {triton.__version__}, target sm_{TARGET.arch}, LLaVA-1.5 shapes (bf16, "
-          f"N=576, D=4096)\n")
-    print("| launch | kernel | regs | stack B | local B | smem B | cp.async | wgmma | mma.sync "
-          "| warps | stages |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"Triton {triton.__version__}, targets {', '.join(f'sm_{a}' for a in args.arch)}, "
+          f"LLaVA-1.5 shapes (bf16, N=576, D=4096)\n")
+    print("| sm | launch | kernel | regs | stack B | local B | smem B | cp.async | wgmma | "
+          "mma.sync | warps | stages |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['label']} | {r['kernel']} | {r['reg']} | {r['stack']} | {r['local']} | "
+        print(f"| {r['arch']} | {r['label']} | {r['kernel']} | {r['reg']} | {r['stack']} | {r['local']} | "
               f"{r['smem']} | {r['cp_async']} | {r['wgmma']} | {r['mma_sync']} | {r.get('num_warps', '')} | "
               f"{r.get('num_stages', '')} |")
 
