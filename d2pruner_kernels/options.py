@@ -48,19 +48,8 @@ class PruneOptions:
     backend: str = "auto"         # "auto", "reference" or "kernels" (dispatch.py)
 
     def __post_init__(self):  # validated once, where the object is made
-        set_ = object.__setattr__
-        if self.prior is not None and not isinstance(self.prior, (torch.Tensor, PositionalPrior)):
-            raise TypeError(f"prior must be None, a tensor or a PositionalPrior, got "
-                            f"{type(self.prior).__name__}")
-        set_(self, "pivot_ratio", check_float("pivot_ratio", self.pivot_ratio, 0.0, 1.0))
-        set_(self, "sim_threshold", check_float("sim_threshold", self.sim_threshold, -1.0, 1.0))
-        set_(self, "spatial_weight", check_float("spatial_weight", self.spatial_weight, 0.0, 1.0))
-        set_(self, "radius", min(check_int("radius", self.radius), RADIUS_MAX))
-        set_(self, "temporal_radius",
-             min(check_int("temporal_radius", self.temporal_radius), RADIUS_MAX))
-        set_(self, "eps", check_float("eps", self.eps, 0.0, float("inf")))
-        set_(self, "check_finite", check_bool("check_finite", self.check_finite))
-        check_backend(self.backend)
+        for name, check in _CHECKS.items():
+            object.__setattr__(self, name, check(getattr(self, name)))
 
     @property
     def cos_weight(self) -> float:
@@ -71,6 +60,31 @@ class PruneOptions:
         return self if not changes else of(self, changes)
 
 
+def _check_prior(prior):
+    if prior is not None and not isinstance(prior, (torch.Tensor, PositionalPrior)):
+        raise TypeError(f"prior must be None, a tensor or a PositionalPrior, got "
+                        f"{type(prior).__name__}")
+    return prior
+
+
+def _check_backend(backend):
+    check_backend(backend)
+    return backend
+
+
+# Each field's check (and normalisation: ints to floats, radii clamped), applied when an
+# object is made and to the fields a replace() changes.
+_CHECKS = {
+    "prior": _check_prior,
+    "pivot_ratio": lambda v: check_float("pivot_ratio", v, 0.0, 1.0),
+    "sim_threshold": lambda v: check_float("sim_threshold", v, -1.0, 1.0),
+    "spatial_weight": lambda v: check_float("spatial_weight", v, 0.0, 1.0),
+    "radius": lambda v: min(check_int("radius", v), RADIUS_MAX),
+    "temporal_radius": lambda v: min(check_int("temporal_radius", v), RADIUS_MAX),
+    "eps": lambda v: check_float("eps", v, 0.0, float("inf")),
+    "check_finite": lambda v: check_bool("check_finite", v),
+    "backend": _check_backend,
+}
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(PruneOptions))
 DEFAULTS = PruneOptions()
 
@@ -88,7 +102,11 @@ def of(options: PruneOptions | None, changes: dict, allowed=OPTION_NAMES,
     if unknown:
         raise TypeError(f"unknown prune option(s) {', '.join(map(repr, unknown))}; {where} takes "
                         f"{', '.join(allowed)}")
-    return dataclasses.replace(base, **changes)
+    new = object.__new__(PruneOptions)  # a copy; only the changed fields are checked again
+    new.__dict__.update(base.__dict__)
+    for name, value in changes.items():
+        object.__setattr__(new, name, _CHECKS[name](value))
+    return new
 
 
 def takes_options(*names: str):

