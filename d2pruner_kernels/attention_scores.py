@@ -30,6 +30,7 @@ import numbers
 import torch
 
 from . import dispatch
+from .options import DEFAULTS
 from .checks import FLOAT_DTYPES, check_backend, check_bool, check_dense, shape_str
 
 INT_DTYPES = (torch.int32, torch.int64)
@@ -152,7 +153,7 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, *,
                      scale: float | None = None, lse: torch.Tensor | None = None,
                      q_positions: torch.Tensor | None = None,
                      key_padding_mask: torch.Tensor | None = None, packed: bool = False,
-                     backend: str = "auto") -> torch.Tensor:
+                     backend: str = DEFAULTS.backend) -> torch.Tensor:
     """Mean attention of the query rows `q` on the keys `key_span`, float32 [B, end - start].
 
     q:     [B, Hq, Nq, d] query rows of interest (the last text token, the CLS token, or

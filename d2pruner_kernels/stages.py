@@ -15,7 +15,7 @@ import torch
 
 from . import dispatch
 from .checks import (check_backend, check_graph_inputs, check_mis_inputs, check_permutation)
-from .options import PruneOptions, of, takes_options
+from .options import DEFAULTS, PruneOptions, of, takes_options
 
 GRAPH_OPTIONS = ("sim_threshold", "spatial_weight", "radius", "temporal_radius", "backend")
 
@@ -35,9 +35,10 @@ def _attn_view(attn: torch.Tensor, query_row: int | None, key_span) -> torch.Ten
     return attn
 
 
-def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None, eps: float = 1e-7,
-                    *, query_row: int | None = None, key_span: tuple[int, int] | None = None,
-                    backend: str = "auto") -> torch.Tensor:
+def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None,
+                    eps: float = DEFAULTS.eps, *, query_row: int | None = None,
+                    key_span: tuple[int, int] | None = None,
+                    backend: str = DEFAULTS.backend) -> torch.Tensor:
     """Step 1: mean over heads / (prior + eps) in float32, NaN -> -inf. [B, N].
     prior: [N], [1, N] or [B, N]."""
     check_backend(backend)
@@ -50,7 +51,7 @@ def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None, eps: 
     return dispatch.scores(a, prior, eps, backend)
 
 
-def rank_order(scores: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def rank_order(scores: torch.Tensor, *, backend: str = DEFAULTS.backend) -> torch.Tensor:
     """Step 2: token ids by descending score, ties to the smaller index (NaN first, as
     torch.sort). int64 [B, N]. The Triton rank kernel takes float32 [B, N] with N <= 8192;
     other dtypes, shapes and sizes go to torch.sort (same order)."""
@@ -79,7 +80,7 @@ def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
 
 
 def greedy_mis(adjacency: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
-               backend: str = "auto") -> torch.Tensor:
+               backend: str = DEFAULTS.backend) -> torch.Tensor:
     """Steps 5-7: pivots + greedy MIS picks + fill, ascending int64 [B, k].
 
     adjacency: packed int32 [B, C, words], C = N - n_pivots; order int64 [B, N], a

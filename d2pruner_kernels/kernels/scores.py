@@ -46,7 +46,7 @@ def _debiased_scores_kernel(attn_ptr, prior_ptr, out_ptr, N, H,
 
 
 def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None,
-                    eps: float = 1e-7) -> torch.Tensor:
+                    eps: float) -> torch.Tensor:
     """attn [B, N] or [B, H, N] (any strides), prior [N] / [1, N] / [B, N] / None
     -> float32 [B, N]."""
     a = attn.unsqueeze(1) if attn.dim() == 2 else attn

@@ -7,6 +7,7 @@ import torch
 
 from ..checks import as_3d, pivot_count
 from ..layout import unpack_symmetric
+from ..options import DEFAULTS
 from .graph import similarity_edges
 from .rank import rank_order
 from .scores import debiased_scores
@@ -54,7 +55,8 @@ def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int) ->
     return torch.stack(out)
 
 
-def walk_depths(tokens, attn, prior, grid, k: int, pivot_ratio: float = 0.7) -> list[int]:
+def walk_depths(tokens, attn, prior, grid, k: int,
+                pivot_ratio: float = DEFAULTS.pivot_ratio) -> list[int]:
     """Rows of the candidate graph each image's walk reads: up to its m-th member, or all C
     if it finds fewer (0 when m = 0). What the lazy graph's first range must cover for the
     image to settle there (`kernels/lazy_graph.py`)."""

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from ..options import DEFAULTS
+
 
 def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None,
-                    eps: float = 1e-7) -> torch.Tensor:
+                    eps: float = DEFAULTS.eps) -> torch.Tensor:
     """s = mean_heads(attn) / (prior + eps) in float32; NaN -> -inf.
 
     attn: [B, N] or [B, H, N]; prior: [N], [B, N] or None. Returns float32 [B, N].
