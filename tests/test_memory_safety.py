@@ -390,20 +390,46 @@ def test_3b_extreme_q_positions(dtype, value):
 @pytest.mark.parametrize("scale", [1e8, 1e10, 1e20])
 @pytest.mark.parametrize("with_lse", [False, True])
 def test_3c_huge_scale_stays_finite(scale, with_lse):
+    """A huge softmax scale still gives probabilities: finite, in [0, 1], row sums <= 1, and
+    the reference's. With a given lse the result is ill-conditioned: exp(scale * <q, k> - lse)
+    moves by e^(+-50) with one ulp of a 1e9 logit, and the kernel, cuBLAS and the reference
+    (float64 logits rounded, on CUDA) each round the dot in their own order. So the
+    comparison takes its lse from the very logits both sides compute: inputs on a 1/8 grid
+    (every product and partial sum exact in float32, in any order: MMA, FMA, the
+    interpreter), the scale the power of two nearest `scale` (scale * <q, k> exact too, an
+    FMA contraction changes nothing), one largest logit per row, the lse in float64. On
+    random inputs with an lse from float64 logits only the bounds are checked."""
+    import math
     backend = _kernel_backend()
     device = "cuda" if ON_GPU else "cpu"
+    g = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.float16):
         q, k = _qk(seed=3, dtype=dtype, device=device)
-        lse = None
-        if with_lse:  # FlashAttention's: natural log of the scaled float32 logits
-            logits = q.float() @ k.float().repeat_interleave(2, 1).transpose(-1, -2) * scale
-            lse = torch.logsumexp(logits, dim=-1)
+        if with_lse:
+            q8 = (torch.randint(-8, 9, q.shape, generator=g) / 8).to(device, dtype)
+            k8 = (torch.randint(-8, 9, k.shape, generator=g) / 8).to(device, dtype)
+            exact = 2.0 ** round(math.log2(scale))
+            logits = (q8.double() @ k8.double().repeat_interleave(2, 1).transpose(-1, -2)) * exact
+            assert torch.equal(logits.float().double(), logits)  # exact in float32
+            top2 = logits.topk(2, dim=-1).values
+            assert (top2[..., 0] > top2[..., 1]).all(), "ties at the top: sums would exceed 1"
+            lse8 = torch.logsumexp(logits, dim=-1).float()
+            kw8 = dict(key_span=(5, 60), scale=exact, lse=lse8)
+            got = d2p.attention_scores(q8, k8, backend=backend, **kw8)
+            torch.testing.assert_close(got, d2p.attention_scores(q8, k8, backend="reference", **kw8),
+                                       rtol=1e-4, atol=1e-5)
+            assert got.sum() > 0  # some largest logit lies in the span: not all zeros
+            # random inputs: bounds only (whatever the kernel's rounding, p = 2^min(e2, 0))
+            lse = torch.logsumexp((q.double() @ k.double().repeat_interleave(2, 1)
+                                   .transpose(-1, -2)) * scale, dim=-1).float()
+        else:
+            lse = None
         got = d2p.attention_scores(q, k, key_span=(5, 60), scale=scale, lse=lse, backend=backend)
-        want = d2p.attention_scores(q, k, key_span=(5, 60), scale=scale, lse=lse,
-                                    backend="reference")
         assert torch.isfinite(got).all() and (got >= 0).all() and (got <= 1).all()
         assert (got.sum(1) <= 1 + 1e-5).all()
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        if lse is None:
+            want = d2p.attention_scores(q, k, key_span=(5, 60), scale=scale, backend="reference")
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 # -- 4. PositionalPrior.load ------------------------------------------------------------------
