@@ -19,6 +19,7 @@ Transforms (the paper calibrates one map per model on its native grid; these are
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import os
@@ -107,10 +108,26 @@ class PositionalPrior:
         self.layer = None if layer is None else int(layer)
         self.query = str(query)
         self.transforms = ""  # what was derived from the calibrated map, for the file
-        self.count = 0
-        self._mean = torch.zeros(self.n, dtype=torch.float64)
-        self._device_copies: dict = {}  # as_tensor() results, dropped by update()
-        self._grid_copies: dict = {}  # for_grid() results, dropped by update()
+        self._set_mean(torch.zeros(self.n, dtype=torch.float64), 0)
+
+    def _set_mean(self, mean: torch.Tensor, count: int) -> None:
+        """The only place the mean changes. It gets a new tensor (never edited in place) and
+        new caches (never cleared in place), so an object that shares them (what `for_grid`
+        returns) keeps what it had: a snapshot, never changed through the other. Whether the
+        prior is usable is read here, on the host, once: `check()` and the device copies
+        made under torch.compile then read no data."""
+        self._mean, self.count = mean, count
+        self._device_copies: dict = {}  # (device, dtype) -> the copy prune() divides by
+        self._grid_copies: dict = {}  # grid -> the derived prior, for for_grid()
+        self._fault = None  # why check() fails: None, or (what, value, token)
+        if count == 0:
+            self._fault = ("empty", None, None)
+        elif not bool(torch.isfinite(mean).all()):
+            self._fault = ("non-finite", None, None)
+        else:
+            low = mean.min().item()
+            if low <= 0:
+                self._fault = ("non-positive", low, int(mean.argmin()))
 
     @property
     def n(self) -> int:
@@ -154,25 +171,23 @@ class PositionalPrior:
         if nb == 0:
             return self
         total = self.count + nb
-        self._mean += (maps.sum(dim=0) - nb * self._mean) / total
-        self._device_copies.clear()
-        self._grid_copies.clear()
-        self.count = total
+        self._set_mean(self._mean + (maps.sum(dim=0) - nb * self._mean) / total, total)
         return self
 
     # -- reading -------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Raises ValueError unless the prior has data and is finite and positive."""
-        if self.count == 0:
+        """Raises ValueError unless the prior has data and is finite and positive (decided
+        when the data last changed: no value is read here)."""
+        if self._fault is None:
+            return
+        what, low, cell = self._fault
+        if what == "empty":
             raise ValueError(f"{self!r} has no data: call update() with score maps first")
-        if not bool(torch.isfinite(self._mean).all()):
+        if what == "non-finite":
             raise ValueError(f"{self!r} holds NaN or Inf values")
-        low = self._mean.min().item()
-        if low <= 0:
-            cell = int(self._mean.argmin())
-            raise ValueError(f"{self!r} must be positive everywhere (it divides the "
-                             f"attention), got {low:.3g} at token {cell}")
+        raise ValueError(f"{self!r} must be positive everywhere (it divides the "
+                         f"attention), got {low:.3g} at token {cell}")
 
     @property
     def mean(self) -> torch.Tensor:
@@ -191,7 +206,9 @@ class PositionalPrior:
 
     def _device_tensor(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The cached copy on `device` (one host-to-device copy per device and dtype, dropped
-        by update()), for prune(): never handed out, so nothing can edit it in place."""
+        by update()), for prune(): never handed out, so nothing can edit it in place. Reads
+        no data (check() was decided when the mean changed), so torch.compile(fullgraph=True)
+        traces it on a cold cache."""
         key = (str(torch.device(device)) if device is not None else "cpu", dtype)
         if key not in self._device_copies:
             self._device_copies[key] = self.mean.to(device=device, dtype=dtype)
@@ -252,7 +269,7 @@ class PositionalPrior:
             raise ValueError(f"{path}: tensor mean must be float64 [{math.prod(grid)}] for grid "
                              f"{grid}, got {mean.dtype} {list(mean.shape)}")
         prior = cls(grid, model=meta.get("model", ""), layer=layer, query=meta.get("query", ""))
-        prior._mean, prior.count = mean.clone(), count
+        prior._set_mean(mean.clone(), count)
         prior.transforms = meta.get("transforms", "")
         try:
             prior.check()
@@ -264,7 +281,7 @@ class PositionalPrior:
 
     def _derived(self, grid, mean: torch.Tensor, note: str) -> "PositionalPrior":
         out = PositionalPrior(grid, model=self.model, layer=self.layer, query=self.query)
-        out._mean, out.count = mean.reshape(-1).contiguous(), self.count
+        out._set_mean(mean.reshape(-1).contiguous(), self.count)
         out.transforms = f"{self.transforms}; {note}" if self.transforms else note
         return out
 
@@ -296,20 +313,25 @@ class PositionalPrior:
         return self._derived(new, out, f"resized {_grid_str(self.grid)}->{_grid_str(new)}")
 
     def for_grid(self, grid) -> "PositionalPrior":
-        """The prior for an image on `grid` (what prune_varlen uses): this prior if it was
-        calibrated for that grid; else `resized` to it (a 2-D prior for a (T, H, W) grid:
-        resized to (H, W), then `per_frame(T)`), cached until the next update(). Our
-        extension: prefer a prior calibrated on the grid you prune (docs/spec.md)."""
+        """The prior for an image on `grid` (what prune_varlen uses): this prior's map if it
+        was calibrated for that grid; else `resized` to it (a 2-D prior for a (T, H, W) grid:
+        resized to (H, W), then `per_frame(T)`). Our extension: prefer a prior calibrated on
+        the grid you prune (docs/spec.md).
+
+        A new object each call, yours to update: it shares the (cached) map and device
+        copies with this prior until either of them changes, and an update() of one never
+        changes the other (the mean is replaced, never edited in place). The resized map is
+        cached until this prior's next update()."""
         grid = grid_dims("grid", grid)
         if as_3d(grid) == as_3d(self.grid):
-            return self
+            return copy.copy(self)
         if grid not in self._grid_copies:
             if len(self.grid) == 2 and len(grid) == 3:
                 frame = self if grid[1:] == self.grid else self.resized(grid[1:])
                 self._grid_copies[grid] = frame.per_frame(grid[0])
             else:
                 self._grid_copies[grid] = self.resized(grid)
-        return self._grid_copies[grid]
+        return copy.copy(self._grid_copies[grid])
 
     def tiled(self, n_tiles: int, thumbnail: bool = True) -> "PositionalPrior":
         """InternVL-style dynamic tiling: the same per-tile map for each of `n_tiles` tiles,

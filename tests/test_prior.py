@@ -241,3 +241,57 @@ def test_cli_errors(tmp_path, capsys):
                            "--quiet"]) == 2
     assert "must be positive" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "p")
+
+
+# -- nothing handed out changes the original (issue 21, item 3) ---------------------------------
+
+def _varlen_keep(prior, grids, seed=0):
+    """What prune_varlen keeps with `prior` for images on `grids` (fixed inputs)."""
+    from d2pruner_kernels import prune_varlen
+    g = torch.Generator().manual_seed(seed)
+    lengths = [int(np.prod(grid)) for grid in grids]
+    tokens = torch.randn(sum(lengths), 8, generator=g)
+    attn = torch.rand(sum(lengths), generator=g) + 0.01
+    cu = torch.tensor(np.cumsum([0] + lengths))
+    return prune_varlen(tokens, attn, cu, grids, 0.25, prior=prior, backend="reference")[0]
+
+
+@pytest.mark.parametrize("grid", [(6, 6), (4, 5), (3, 6, 6), (2, 4, 5)])
+def test_for_grid_hands_out_a_copy_that_never_changes_the_original(grid):
+    prior = PositionalPrior((6, 6)).update(_maps(4, 36, seed=3))
+    mean = prior.mean
+    before = _varlen_keep(prior, [grid, (6, 6)])
+    derived = prior.for_grid(grid).as_tensor()  # also fills the caches the copy shares
+    out = prior.for_grid(grid)
+    out.update(_maps(50, out.n, seed=4, lo=0.0) * 100)  # a very different map
+    assert not torch.equal(out.as_tensor(), derived)
+    assert torch.equal(prior.mean, mean) and prior.count == 4
+    assert torch.equal(prior.for_grid(grid).as_tensor(), derived)
+    assert torch.equal(_varlen_keep(prior, [grid, (6, 6)]), before)
+    # and the other way: updating the original leaves a copy it handed out as it was
+    kept = prior.for_grid(grid)
+    prior.update(_maps(50, 36, seed=5) * 100)
+    assert torch.equal(kept.as_tensor(), derived)
+    assert not torch.equal(prior.for_grid(grid).as_tensor(), derived)
+
+
+# -- torch.compile(fullgraph=True) with a PositionalPrior, cold (issue 21, item 6) ---------------
+
+def test_compile_fullgraph_with_a_prior_object_cold():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 48, 16, generator=g)
+    attn = torch.rand(2, 3, 48, generator=g) + 0.01
+    prior = PositionalPrior((6, 8)).update(_maps(4, 48, seed=6))
+    assert not prior._device_copies  # cold: no device copy made yet
+
+    def model(t, a):
+        return prune(t, a, (6, 8), 12, prior=prior)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(tokens, attn)
+    assert torch.equal(got, prune(tokens, attn, (6, 8), 12, prior=prior.as_tensor()))
+    assert not torch.equal(got, prune(tokens, attn, (6, 8), 12))  # the prior mattered
+    prior.update(_maps(40, 48, seed=7) * 50)  # new data: the compiled call follows it
+    assert torch.equal(compiled(tokens, attn),
+                       prune(tokens, attn, (6, 8), 12, prior=prior.as_tensor()))
