@@ -128,7 +128,7 @@ def launches():
     k = torch.randn(1, 8, 4096, 128, generator=g).bfloat16()
     return [
         ("scores, H=32", scores, "_debiased_scores_kernel",
-         lambda: scores.debiased_scores(attn, prior)),
+         lambda: scores.debiased_scores(attn, prior, PruneOptions().eps)),
         ("rank + norms", rank, "_rank_norms_kernel", lambda: rank.rank_and_norms(s, x)),
         ("graph bf16", graph, "_similarity_graph_kernel", graph_rows(x, 1)),
         ("graph bf16 split-K", graph, "_similarity_graph_kernel", graph_rows(x, 4)),

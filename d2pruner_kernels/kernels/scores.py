@@ -45,7 +45,7 @@ def _debiased_scores_kernel(attn_ptr, prior_ptr, out_ptr, N, H,
     tl.store(out_ptr + b * N + offs, s, mask=mask)
 
 
-def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None = None,
+def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None,
                     eps: float) -> torch.Tensor:
     """attn [B, N] or [B, H, N] (any strides), prior [N] / [1, N] / [B, N] / None
     -> float32 [B, N]."""
