@@ -145,6 +145,34 @@ def test_an_exception_in_the_with_block_restores_the_model():
         assert torch.equal(model(**inputs).logits, base)
 
 
+# -- nothing the package holds keeps a model alive (issue 21, item 5) ---------------------------
+
+@pytest.mark.parametrize("family, where", [("llava", "llm"), ("llava", "vision"),
+                                           ("qwen", "llm")])
+def test_a_model_dropped_without_remove_is_freed(family, where):
+    import gc
+    import weakref
+    if family == "llava":
+        model = tiny.tiny_llava()
+        inputs = tiny.llava_inputs(model, [[5, 6]])
+    else:
+        model = tiny.tiny_qwen2_vl()
+        inputs = tiny.qwen_inputs(model, [[(16, 16)]])
+    pruner = hf.apply(model, 0.25, where=where)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert pruner.kept[0][0].numel() > 0
+    # the pruner dropped, the model kept: still applied (its hooks hold it), still refused
+    del pruner
+    gc.collect()
+    with pytest.raises(RuntimeError, match=r"a Pruner is already applied"):
+        hf.apply(model, 0.5)
+    dead = weakref.ref(model)
+    del model, inputs
+    gc.collect()
+    assert dead() is None
+
+
 # -- misuse found at the prefill -----------------------------------------------------------------
 
 def test_an_int_k_above_an_images_tokens_keeps_that_image_whole():

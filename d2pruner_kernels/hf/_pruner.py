@@ -18,7 +18,18 @@ from .qwen2_vl import Qwen2VLAdapter
 
 ADAPTERS = (LlavaAdapter, Qwen2VLAdapter)
 WHERE = ("llm", "vision")
-_ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its Pruner
+# model -> weakref to its Pruner. Nothing here keeps a model alive: the key is weak, and the
+# value must not hold the model (a Pruner does, so it is held weakly). The model's own hooks
+# keep an installed Pruner alive (hook -> mode -> Pruner._on_kept), so the entry lives exactly
+# as long as the pruner is installed, and a model dropped without remove() is freed by gc.
+_ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _active(model):
+    """The Pruner installed on `model`, or None."""
+    ref = _ACTIVE.get(model)
+    pruner = ref() if ref is not None else None
+    return pruner if pruner is not None and pruner.active else None
 
 
 def _adapter(model):
@@ -93,11 +104,11 @@ class Pruner:
         self.kept, self.grids, self.importance = kept, grids, importance
 
     def _install(self):
-        if self.model in _ACTIVE:
+        if _active(self.model) is not None:
             raise RuntimeError(f"a Pruner is already applied to this "
                                f"{type(self.model).__name__}: call its remove() first")
         self._impl.install()
-        _ACTIVE[self.model] = self
+        _ACTIVE[self.model] = weakref.ref(self)
 
     def remove(self) -> None:
         """Removes every hook and restores the attention configs; a second call does nothing."""
@@ -105,7 +116,8 @@ class Pruner:
             return
         self._impl.remove()
         self._impl = None
-        if _ACTIVE.get(self.model) is self:
+        ref = _ACTIVE.get(self.model)
+        if ref is not None and ref() is self:
             del _ACTIVE[self.model]
 
     def __enter__(self) -> "Pruner":
@@ -194,7 +206,7 @@ def calibrate_prior(model, batches, *, where: str = "llm", layer: int = 2, grid=
     else:
         impl = OnVision(adapter, selector, lambda *a: None, collect=collect)
         src_layer, query = impl.vision_layer, "cls"
-    if model in _ACTIVE:
+    if _active(model) is not None:
         raise RuntimeError(f"a Pruner is applied to this {type(model).__name__}: call its "
                            f"remove() before calibrating")
     name = getattr(model.config, "name_or_path", "") or type(model).__name__
