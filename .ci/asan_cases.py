@@ -1,8 +1,9 @@
 """Run by .ci/asan.sh against an AddressSanitizer build of d2pruner_kernels._C (CPU sources
 only): the reproducers of the "memory-safe on any input" issue for the compiled MIS (orders
 that are not permutations: zeros, ids >= N, negative ids, 10**12), each of which must raise
-a ValueError naming `order`, then valid graphs through every CPU entry point (the walk, the
-twin of the CUDA rounds with lazy row ranges, skip and done, the graph-free window walk), so
+a ValueError naming `order`, then valid graphs through every CPU entry point (the twin of
+the CUDA rounds, with lazy row ranges, skip and done, dense and ragged; the graph-free
+window walk), so
 ASAN also watches the paths that do work. ASAN aborts the process on the first bad access;
 a wrong answer or a missing error exits 1."""
 import sys
@@ -17,14 +18,14 @@ from d2pruner_kernels.testing import random_graph
 failures = []
 
 
-def expect_order_error(adj, order, n_p, k, method, **kw):
+def expect_order_error(adj, order, n_p, k, **kw):
     try:
-        mis.greedy_mis(adj, order, n_p, k, method=method, **kw)
+        mis.greedy_mis(adj, order, n_p, k, **kw)
     except ValueError as e:
         if "order" not in str(e):
-            failures.append(f"{method} {order.tolist()}: ValueError without 'order': {e}")
+            failures.append(f"{order.tolist()} {kw}: ValueError without 'order': {e}")
         return
-    failures.append(f"{method} {order.tolist()}: no error for an order that is not a permutation")
+    failures.append(f"{order.tolist()} {kw}: no error for an order that is not a permutation")
 
 
 # Item 1's reproducers: adj [1, 6, 1] (N = 8 tokens, 2 pivots), k = 5.
@@ -36,39 +37,37 @@ bad_orders = [torch.zeros(1, 8, dtype=torch.int64),
               torch.tensor([[0, 1, 2, 3, 4, 5, 6, 2**62]]),
               torch.tensor([[0, 1, 2, 3, 4, 5, 7, 7]])]
 for order in bad_orders:
-    for method in ("walk", "rounds"):
-        expect_order_error(adj, order, 2, 5, method)
+    expect_order_error(adj, order, 2, 5)
     done = torch.zeros(1, dtype=torch.int32)
-    expect_order_error(adj, order, 2, 5, "rounds", rows_ready=3, done=done)
+    expect_order_error(adj, order, 2, 5, rows_ready=3, done=done)
 # A bad order in an image that is skipped is never read; a bad one beside a good one raises.
 good = torch.arange(8)[None]
 two = torch.cat([good, bad_orders[2]])
-expect_order_error(torch.zeros(2, 6, 1, dtype=torch.int32), two, 2, 5, "walk")
+expect_order_error(torch.zeros(2, 6, 1, dtype=torch.int32), two, 2, 5)
 skip = torch.tensor([0, 1], dtype=torch.int32)
-mis.greedy_mis(torch.zeros(2, 6, 1, dtype=torch.int32), two, 2, 5, method="rounds", skip=skip)
+mis.greedy_mis(torch.zeros(2, 6, 1, dtype=torch.int32), two, 2, 5, skip=skip)
 
 # Valid inputs through every CPU entry point, odd sizes across the 1024-candidate window.
 g = torch.Generator().manual_seed(0)
 for c, p, n_p, k in [(37, 0.2, 3, 20), (1100, 0.01, 5, 400), (70, 0.5, 0, 70), (33, 0.0, 1, 1)]:
     a, order = random_graph(2, c, p, n_p, g)
     want = reference.greedy_mis(a, order, n_p, k)
-    for method in ("walk", "rounds"):
-        if not torch.equal(mis.greedy_mis(a, order, n_p, k, method=method), want):
-            failures.append(f"{method} C={c}: wrong answer")
+    if not torch.equal(mis.greedy_mis(a, order, n_p, k), want):
+        failures.append(f"rounds C={c}: wrong answer")
     done = torch.empty(2, dtype=torch.int32)
-    kept = mis.greedy_mis(a, order, n_p, k, method="rounds", rows_ready=c // 2, done=done)
-    mis.greedy_mis(a, order, n_p, k, method="rounds", skip=done, done=done, kept=kept)
+    kept = mis.greedy_mis(a, order, n_p, k, rows_ready=c // 2, done=done)
+    mis.greedy_mis(a, order, n_p, k, skip=done, done=done, kept=kept)
     if not torch.equal(kept, want):
         failures.append(f"lazy rounds C={c}: wrong answer")
 
 # Ragged batches (prune_varlen): a table row outside the packed buffers raises before any
-# work; valid ragged graphs through the walk and the twin of the CUDA rounds.
+# work; valid ragged graphs through the twin of the CUDA rounds.
 from d2pruner_kernels import layout  # noqa: E402
 from d2pruner_kernels.kernels import ragged  # noqa: E402
 
 sizes = [(37, 3, 10), (0, 2, 0), (1100, 5, 60)]  # (C, n_pivots, m): C = 0 too
-adjs, orders, rows, wants = [], [], [], []
-tok = keep = words = 0
+adjs, orders, wants = [], [], []
+tok = 0
 for c, n_p, m in sizes:
     e = torch.rand(c, c, generator=g) < 0.02
     e = (e | e.T) & ~torch.eye(c, dtype=torch.bool)
@@ -76,29 +75,25 @@ for c, n_p, m in sizes:
     a = layout.pack_lower(e[None])
     want = reference.greedy_mis(a, o[None], n_p, n_p + m)[0] if c else torch.sort(o).values
     wants.append(want + tok)
-    r = [0] * ragged.FIELDS
-    r[ragged.TOKEN_OFFSET], r[ragged.TOKENS], r[ragged.PIVOTS], r[ragged.KEEP] = tok, c + n_p, n_p, n_p + m
-    r[ragged.KEEP_OFFSET], r[ragged.ADJ_OFFSET], r[ragged.ROW_END] = keep, words, c
     adjs.append(a.flatten())
     orders.append(o)
-    rows.append(r)
-    tok, keep, words = tok + c + n_p, keep + n_p + m, words + a.numel()
-adj_r, order_r, table_r = torch.cat(adjs), torch.cat(orders), torch.tensor(rows)
-for method in ("walk", "rounds"):
-    kept = mis.greedy_mis_ragged(adj_r, order_r, table_r, torch.empty(keep, dtype=torch.int64),
-                                 1105, method=method)
-    if not torch.equal(kept, torch.cat(wants)):
-        failures.append(f"ragged {method}: wrong answer")
-    for field, value in [(ragged.ADJ_OFFSET, words), (ragged.KEEP_OFFSET, keep),
-                         (ragged.TOKEN_OFFSET, tok), (ragged.TOKENS, 2000)]:
-        bad = table_r.clone()
-        bad[2, field] = value
-        try:
-            mis.greedy_mis_ragged(adj_r, order_r, bad, torch.empty(keep, dtype=torch.int64),
-                                  1105, method=method)
-            failures.append(f"ragged {method}: no error for field {field} = {value}")
-        except ValueError:
-            pass
+    tok += c + n_p
+built = ragged.build_table([c + n_p for c, n_p, _ in sizes], [n_p for _, n_p, _ in sizes],
+                           [n_p + m for _, n_p, m in sizes])
+adj_r, order_r, table_r = torch.cat(adjs), torch.cat(orders), torch.tensor(built.rows[0])
+keep, words = built.kept_len, built.adj_words
+kept = mis.greedy_mis_ragged(adj_r, order_r, table_r, torch.empty(keep, dtype=torch.int64), 1105)
+if not torch.equal(kept, torch.cat(wants)):
+    failures.append("ragged: wrong answer")
+for field, value in [(ragged.ADJ_OFFSET, words), (ragged.KEEP_OFFSET, keep),
+                     (ragged.TOKEN_OFFSET, tok), (ragged.TOKENS, 2000)]:
+    bad = table_r.clone()
+    bad[2, field] = value
+    try:
+        mis.greedy_mis_ragged(adj_r, order_r, bad, torch.empty(keep, dtype=torch.int64), 1105)
+        failures.append(f"ragged: no error for field {field} = {value}")
+    except ValueError:
+        pass
 
 if cpu_walk.available():  # the graph-free walk's C++ window resolver
     x = torch.randn(2, 96, 16, generator=g)

@@ -501,7 +501,7 @@ def test_ragged_graph_sums_each_image_in_its_own_slices(monkeypatch, splits, d):
                             d, x.dtype, x.device)
     from d2pruner_kernels.kernels import ragged
     assert p.ranges == 1
-    assert p.table[0, :, ragged.K_CHUNK].tolist() == [-(-(d // 16) // splits), d // 16]  # K steps
+    assert p.table[0, :, ragged.SLICE_STEPS].tolist() == [-(-(d // 16) // splits), d // 16]  # K steps
     adj = torch.empty(p.adj_words, dtype=torch.int32, device=DEVICE)
     norms = rank.rank_and_norms(None, x[None])[1][0]
     graph.ragged_rows(x, norms, order, adj, p.table[0], p.range_tiles[0], params, p.config)
@@ -515,3 +515,27 @@ def test_ragged_graph_sums_each_image_in_its_own_slices(monkeypatch, splits, d):
     assert dense(xa, 20, SPLITS=1)[0, 1, 0] and not got_a[0, 1, 0]  # the order decides it
     assert torch.equal(got_a, dense(xa, 20, SPLITS=splits, SPLIT_LAUNCH=True))
     assert torch.equal(got_b, dense(xb, 100, SPLITS=1))
+
+
+def test_ragged_table_lays_images_back_to_back():
+    """The one row builder (kernels/ragged.py): offsets are the sums of the sizes before
+    each image, each range's tiles follow the images' lower-triangle tiles of its rows."""
+    from d2pruner_kernels.kernels import ragged
+    ranges = [[(0, 64), (0, 0), (0, 128)], [(64, 100), (0, 0), (128, 130)]]
+    t = ragged.build_table([110, 3, 135], [10, 3, 5], [20, 3, 30], ranges=ranges, block=64,
+                           grids=[(1, 10, 11), (1, 1, 3), (3, 5, 9)], slice_steps=[4, 1, 2],
+                           rank_block=32)
+    first, second = t.rows
+    assert [r[ragged.TOKEN_OFFSET] for r in first] == [0, 110, 113] and t.total_tokens == 248
+    assert [r[ragged.KEEP_OFFSET] for r in first] == [0, 20, 23] and t.kept_len == 53
+    assert [r[ragged.ADJ_OFFSET] for r in first] == [0, 100 * 4, 400] and t.adj_words == 400 + 130 * 5
+    assert [r[ragged.RANK_START] for r in first] == [0, 4, 5] and t.rank_programs == 10
+    assert [r[ragged.TILE_START] for r in first] == [0, 1, 1] and t.range_tiles[0] == 1 + 3
+    assert [r[ragged.TILE_START] for r in second] == [0, 2, 2] and t.range_tiles[1] == 2 + 3
+    assert [(r[ragged.GRID_H], r[ragged.GRID_W], r[ragged.SLICE_STEPS]) for r in second] == [
+        (10, 11, 4), (1, 3, 1), (5, 9, 2)]
+    assert all(len(r) == ragged.FIELDS for r in first + second)
+    for a, b in zip(first, second):  # only the row range and its tiles differ
+        same = [f for f in range(ragged.FIELDS)
+                if f not in (ragged.ROW_BEGIN, ragged.ROW_END, ragged.TILE_START)]
+        assert [a[f] for f in same] == [b[f] for f in same]

@@ -28,18 +28,9 @@ import torch
 from ..layout import num_words
 from ..options import DEFAULTS, PruneOptions
 from . import cdiv, interpreting, launch_device, next_pow2, sm_count
-from . import ragged
+from . import ragged_jit
 from .dot import exact_dot, upcast
-from .rank import R_FIELDS, R_PIVOTS, R_TOKEN_OFFSET, R_TOKENS, image_of, rank_and_norms
-
-# The ragged table's fields the graph kernel reads (kernels/ragged.py)
-R_ADJ_OFFSET = tl.constexpr(ragged.ADJ_OFFSET)
-R_ROW_BEGIN = tl.constexpr(ragged.ROW_BEGIN)
-R_ROW_END = tl.constexpr(ragged.ROW_END)
-R_TILE_START = tl.constexpr(ragged.TILE_START)
-R_GRID_H = tl.constexpr(ragged.GRID_H)
-R_GRID_W = tl.constexpr(ragged.GRID_W)
-R_K_CHUNK = tl.constexpr(ragged.K_CHUNK)
+from .rank import rank_and_norms
 
 
 @triton.jit
@@ -86,16 +77,16 @@ def _similarity_graph_kernel(
     # adjacency offset in its own layout [C_b, words(C_b)].
     if RAGGED:
         pid = tl.program_id(0)
-        img = image_of(meta_ptr + R_TILE_START, pid, n_images)
+        img = ragged_jit.image_of(meta_ptr, ragged_jit.TILE_START, pid, n_images)
         b = img.to(tl.int64)
-        meta = meta_ptr + b * R_FIELDS
-        N = tl.load(meta + R_TOKENS).to(tl.int32)
-        n_pivots = tl.load(meta + R_PIVOTS).to(tl.int32)
+        meta = ragged_jit.row_of(meta_ptr, img)
+        N = ragged_jit.field32(meta, ragged_jit.TOKENS)
+        n_pivots = ragged_jit.field32(meta, ragged_jit.PIVOTS)
         C = N - n_pivots
         n_words = (C + 31) // 32
-        row_end = tl.load(meta + R_ROW_END).to(tl.int32)
-        first_block = tl.load(meta + R_ROW_BEGIN).to(tl.int32) // BLOCK
-        g = first_block * (first_block + 1) // 2 + (pid - tl.load(meta + R_TILE_START).to(tl.int32))
+        row_end = ragged_jit.field32(meta, ragged_jit.ROW_END)
+        first_block = ragged_jit.field32(meta, ragged_jit.ROW_BEGIN) // BLOCK
+        g = first_block * (first_block + 1) // 2 + (pid - ragged_jit.field32(meta, ragged_jit.TILE_START))
         # row_block = the r with r (r + 1) / 2 <= g < (r + 1) (r + 2) / 2: the float32 root
         # is off by at most one for any g of a graph the MIS takes (r < 4096), then corrected
         r = ((tl.sqrt(8.0 * g.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
@@ -104,14 +95,14 @@ def _similarity_graph_kernel(
         row_block = r
         col_block = g - r * (r + 1) // 2
         split = 0
-        grid_h = tl.load(meta + R_GRID_H).to(tl.int32)
-        grid_w = tl.load(meta + R_GRID_W).to(tl.int32)
-        k_chunk = tl.load(meta + R_K_CHUNK).to(tl.int32) * BLOCK_K  # stored in K steps
-        base = tl.load(meta + R_TOKEN_OFFSET)  # int64
+        grid_h = ragged_jit.field32(meta, ragged_jit.GRID_H)
+        grid_w = ragged_jit.field32(meta, ragged_jit.GRID_W)
+        k_chunk = ragged_jit.field32(meta, ragged_jit.SLICE_STEPS) * BLOCK_K  # stored in K steps
+        base = tl.load(meta + ragged_jit.TOKEN_OFFSET)  # int64
         x_img = x_ptr + base * stride_xn
         norm_img = norm_ptr + base
         order_img = order_ptr + base
-        adj_img = adj_ptr + tl.load(meta + R_ADJ_OFFSET)
+        adj_img = adj_ptr + tl.load(meta + ragged_jit.ADJ_OFFSET)
     else:
         if PHASE == 1:  # grid axis 0: column block x K slice
             col_block = tl.program_id(0) // SPLITS

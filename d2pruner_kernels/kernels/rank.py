@@ -25,35 +25,12 @@ import triton.language as tl
 
 import torch
 
-from . import cdiv, interpreting, launch_device, next_pow2, ragged
+from . import cdiv, interpreting, launch_device, next_pow2, ragged_jit
 
 MAX_N = 8192  # O(N^2) compares: about where they stop beating a sort (NOTES.md)
 BLOCK_I = 32
 BLOCK_J = 128
 NORM_ROWS = 2
-
-# The ragged table's fields, as the kernels read them (kernels/ragged.py)
-R_FIELDS = tl.constexpr(ragged.FIELDS)
-R_TOKEN_OFFSET = tl.constexpr(ragged.TOKEN_OFFSET)
-R_TOKENS = tl.constexpr(ragged.TOKENS)
-R_PIVOTS = tl.constexpr(ragged.PIVOTS)
-R_RANK_START = tl.constexpr(ragged.RANK_START)
-IMAGE_CHUNK = tl.constexpr(128)
-
-
-@triton.jit
-def image_of(start_ptr, pid, n_images):
-    """The image a program of a ragged launch works on: the last b whose first program
-    start[b] (a non-decreasing column of the table, read at stride R_FIELDS) is <= pid.
-    One vector load per 128 images and a count: no search loop of dependent loads."""
-    count = tl.zeros([IMAGE_CHUNK], dtype=tl.int32)
-    for c0 in range(0, n_images, IMAGE_CHUNK):
-        i = c0 + tl.arange(0, IMAGE_CHUNK)
-        ok = i < n_images
-        start = tl.load(start_ptr + i.to(tl.int64) * R_FIELDS, mask=ok, other=0)
-        count += (ok & (start <= pid)).to(tl.int32)
-    return tl.sum(count, axis=0) - 1
-
 
 @triton.jit
 def _sort_key(s, idx, ok, N):
@@ -80,12 +57,12 @@ def _rank_norms_kernel(s_ptr, order_ptr, x_ptr, norm_ptr, meta_ptr, N, D, rank_p
     b = tl.program_id(1).to(tl.int64)
     if pid < rank_programs:
         if RAGGED:
-            img = image_of(meta_ptr + R_RANK_START, pid, n_images)
-            row = meta_ptr + img.to(tl.int64) * R_FIELDS
-            first = pid - tl.load(row + R_RANK_START).to(tl.int32)
-            N = tl.load(row + R_TOKENS).to(tl.int32)
-            s_row = s_ptr + tl.load(row + R_TOKEN_OFFSET)  # int64 offsets
-            o_row = order_ptr + tl.load(row + R_TOKEN_OFFSET)
+            img = ragged_jit.image_of(meta_ptr, ragged_jit.RANK_START, pid, n_images)
+            row = ragged_jit.row_of(meta_ptr, img)
+            first = pid - ragged_jit.field32(row, ragged_jit.RANK_START)
+            N = ragged_jit.field32(row, ragged_jit.TOKENS)
+            s_row = s_ptr + tl.load(row + ragged_jit.TOKEN_OFFSET)  # int64 offsets
+            o_row = order_ptr + tl.load(row + ragged_jit.TOKEN_OFFSET)
             i = first * BLOCK_I + tl.arange(0, BLOCK_I)
         else:
             i = pid * BLOCK_I + tl.arange(0, BLOCK_I)

@@ -41,37 +41,20 @@ class Plan:
 
     def __init__(self, images, grids, ks, n_pivots, d: int, dtype: torch.dtype,
                  device: torch.device):
-        b = len(images)
-        self.batch = b
+        self.batch = len(images)
         self.config = graph.default_config(dtype, d)
         block, block_k = self.config["BLOCK"], self.config["BLOCK_K"]
         k_steps = cdiv(d, block_k)
-        rank_block = rank.rank_block()
         lengths = [e - s for s, e in images]
         self.max_tokens = max(lengths)
         self.total = images[-1][1]
         self.sort_rank = self.max_tokens > rank.MAX_N  # above it, torch.sort (padded rows)
-        rows = [[0] * ragged.FIELDS for _ in range(b)]
-        keep_off = adj_off = rank_start = 0
-        cands, members, tiles_all = [], [], 0
-        for i, ((s, _), n, grid, k, n_p) in enumerate(zip(images, lengths, grids, ks, n_pivots)):
-            c, m = n - n_p, k - n_p
-            row_blocks = cdiv(c, block)
-            splits = graph.split_count(_tri(row_blocks), k_steps, device)  # as it gets alone
-            r = rows[i]
-            r[ragged.TOKEN_OFFSET], r[ragged.TOKENS], r[ragged.PIVOTS], r[ragged.KEEP] = s, n, n_p, k
-            r[ragged.KEEP_OFFSET], r[ragged.ADJ_OFFSET] = keep_off, adj_off
-            r[ragged.RANK_START] = rank_start
-            r[ragged.GRID_H], r[ragged.GRID_W] = grid[1], grid[2]
-            r[ragged.K_CHUNK] = cdiv(k_steps, splits)  # in K steps, as GraphRows.k_chunk
-            keep_off += k
-            adj_off += c * num_words(c)
-            rank_start += cdiv(n, rank_block)
-            cands.append(c)
-            members.append(m)
-            if m > 0:
-                tiles_all += _tri(row_blocks)
-        self.kept_len, self.adj_words, self.rank_programs = keep_off, adj_off, rank_start
+        cands = [n - n_p for n, n_p in zip(lengths, n_pivots)]
+        members = [k - n_p for k, n_p in zip(ks, n_pivots)]
+        # each image's K slices as it gets them alone (graph.split_count of its own tiles)
+        slice_steps = [cdiv(k_steps, graph.split_count(_tri(cdiv(c, block)), k_steps, device))
+                       for c in cands]
+        tiles_all = sum(_tri(cdiv(c, block)) for c, m in zip(cands, members) if m > 0)
         self.needs_graph = any(m > 0 for m in members)
         # Row ranges (lazy_graph.py): the whole batch's tiles decide whether a prefix of
         # each graph comes first; an image without supplements (m = 0) needs no row.
@@ -79,20 +62,19 @@ class Plan:
         ends = [lazy_graph.row_ranges(c, m, block, waves) if m > 0 else [0]
                 for c, m in zip(cands, members)]
         self.ranges = max(len(e) for e in ends)
-        table, self.range_tiles = [], []
+        spans = []  # per range, per image: its rows (begin, end); past its last range empty
         for q in range(self.ranges):
-            start, slab = 0, []
-            for r, e in zip(rows, ends):
-                begin = 0 if q == 0 else e[min(q, len(e)) - 1]
+            spans.append([])
+            for e in ends:
                 end = e[min(q, len(e) - 1)]
-                begin = min(begin, end)  # a range past the image's last: empty
-                r = list(r)
-                r[ragged.ROW_BEGIN], r[ragged.ROW_END], r[ragged.TILE_START] = begin, end, start
-                if end > begin:
-                    start += _tri(cdiv(end, block)) - _tri(begin // block)
-                slab.append(r)
-            table.append(slab)
-            self.range_tiles.append(start)
+                begin = 0 if q == 0 else e[min(q, len(e)) - 1]
+                spans[-1].append((min(begin, end), end))
+        built = ragged.build_table(lengths, n_pivots, ks, ranges=spans, block=block,
+                                   grids=grids, slice_steps=slice_steps,
+                                   rank_block=rank.rank_block())
+        self.kept_len, self.adj_words = built.kept_len, built.adj_words
+        self.rank_programs, self.range_tiles = built.rank_programs, built.range_tiles
+        table = built.rows
         host = torch.tensor(table, dtype=torch.int64)  # [R, B, FIELDS]
         if device.type == "cuda":  # pinned: the copy is asynchronous (and capturable)
             host = host.pin_memory()
@@ -170,6 +152,5 @@ def select(tokens: torch.Tensor, attn: torch.Tensor, prior: torch.Tensor | None,
         if p.needs_graph:
             graph.ragged_rows(x, norms, order, adj, table[q], p.range_tiles[q], params,
                               p.config, skip=skip)
-        mis.greedy_mis_ragged(adj, order, table[q], kept, p.max_tokens, method="rounds",
-                              skip=skip, done=done)
+        mis.greedy_mis_ragged(adj, order, table[q], kept, p.max_tokens, skip=skip, done=done)
     return kept
