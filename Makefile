@@ -25,7 +25,7 @@ $(DEMO_STAMP): $(BIN)/python pyproject.toml setup.py CMakeLists.txt constraints.
 	touch $@
 
 demo: $(DEMO_STAMP)
-	$(BIN)/python -m d2pruner_kernels.demo --out demo_out
+	$(BIN)/python examples/demo/demo.py --out demo_out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
