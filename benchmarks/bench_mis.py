@@ -1,15 +1,15 @@
 """Stages 5-7 (greedy MIS, fill, output): the compiled MIS against the reference walk.
 
-"compiled" is what prune() runs: the CUDA Luby-rounds kernel on a GPU, the C++ sequential
-walk on CPU; "compiled-rounds" is the CPU twin of the CUDA kernel. The Luby rounds each image
-took (CUDA kernel, or its CPU twin) go into extra_info.
+"compiled" is the CUDA Luby-rounds kernel on a GPU (what prune() runs there), its C++ twin
+on CPU (prune(backend='kernels') under the Triton interpreter). The Luby rounds each image
+took go into extra_info.
 """
 import pytest
 
 from d2pruner_kernels import debiased_scores, greedy_mis, rank_order, similarity_graph
 from d2pruner_kernels.kernels import mis as mis_kernel
 
-from .harness import DEVICE, ON_GPU, run_benchmark, skip_reason
+from .harness import DEVICE, run_benchmark, skip_reason
 from .shapes import ALL_SHAPES, input_copies
 
 
@@ -24,25 +24,21 @@ def graphs(shape):
     return out
 
 
-@pytest.mark.parametrize("variant", ["compiled", "compiled-rounds", "reference"])
+@pytest.mark.parametrize("variant", ["compiled", "reference"])
 @pytest.mark.parametrize("shape", ALL_SHAPES, ids=lambda s: s.name)
 def test_greedy_mis(benchmark, shape, variant):
     if reason := skip_reason(shape):
         pytest.skip(reason)
     if variant != "reference" and not mis_kernel.extension_available():
         pytest.skip("d2pruner_kernels._C is not built")
-    if variant == "compiled-rounds" and ON_GPU:
-        pytest.skip("on a GPU 'compiled' already is the Luby-rounds kernel")
     k, n_pivots = shape.k_int, shape.n_pivots
     inputs = graphs(shape)
     if variant == "reference":
         calls = [lambda a=a, o=o: greedy_mis(a, o, n_pivots, k, backend="reference")
                  for a, o in inputs]
     else:
-        method = "rounds" if variant == "compiled-rounds" else "auto"
-        calls = [lambda a=a, o=o: mis_kernel.greedy_mis(a, o, n_pivots, k, method=method)
-                 for a, o in inputs]
-    rounds = [mis_kernel.greedy_mis(a, o, n_pivots, k, method="rounds", return_rounds=True)[1]
+        calls = [lambda a=a, o=o: mis_kernel.greedy_mis(a, o, n_pivots, k) for a, o in inputs]
+    rounds = [mis_kernel.greedy_mis(a, o, n_pivots, k, return_rounds=True)[1]
               for a, o in inputs] if mis_kernel.extension_available() else []
     luby = [int(r) for per_copy in rounds for r in per_copy.tolist()]
     run_benchmark(benchmark, "mis", shape, variant, calls, slow=variant == "reference",

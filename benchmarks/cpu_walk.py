@@ -57,7 +57,7 @@ def walk_stats(shape: Shape, i) -> dict:
 
 
 def dense(shape: Shape):
-    """The CPU path before the walk: the whole candidate graph in torch, the C++ walk."""
+    """The CPU path before the walk: the whole candidate graph in torch, the compiled MIS."""
     grid, k, n_p = as_3d(shape.grid), shape.k_int, shape.n_pivots
     params = PruneOptions(temporal_radius=shape.temporal_radius)
 

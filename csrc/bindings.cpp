@@ -42,14 +42,8 @@ d2p::MisArgs make_args(uintptr_t adj, uintptr_t order, uintptr_t kept, uintptr_t
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "d2pruner_kernels compiled MIS stage (CPU walk, CPU twin of the CUDA rounds, CUDA)";
-  m.def("mis_walk_cpu", [](MIS_PARAMS) {
-    const auto a = make_args(MIS_ARGS);
-    if ((!a.ragged.table && a.rows_ready != a.candidates()) || a.skip || a.done)
-      throw std::invalid_argument("d2pruner MIS: the walk needs the whole graph");
-    py::gil_scoped_release nogil;
-    d2p::mis_walk_cpu(a);
-  }, "Sequential greedy walk on CPU.");
+  m.doc() = "d2pruner_kernels compiled stages (MIS: CUDA kernel and its CPU twin; the window "
+            "resolver of the graph-free CPU walk)";
   m.def("mis_rounds_cpu", [](MIS_PARAMS) {
     const auto a = make_args(MIS_ARGS);
     py::gil_scoped_release nogil;

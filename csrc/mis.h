@@ -17,7 +17,7 @@ enum RaggedField : int {
   kKeep = 3,         // k_b
   kKeepOffset = 4,   // where its k_b kept ids go in the packed kept (token offset added)
   kAdjOffset = 5,    // first word of its [C_b, words(C_b)] adjacency in the packed adj
-  kRowEnd = 7,       // rows [0, min(row_end, C_b)) of its graph are ready (the walk: all)
+  kRowEnd = 7,       // rows [0, min(row_end, C_b)) of its graph are ready
   kRaggedFields = 16,  // row stride; the other fields are for the Triton launches
 };
 
@@ -91,9 +91,10 @@ D2P_HD int image_of(const MisArgs& a, int b, Image* im) {
   return kImageOk;
 }
 
-// CPU: the sequential greedy walk (production path on CPU; fastest there). Whole graphs only.
-void mis_walk_cpu(const MisArgs& a);
 // CPU twin of the CUDA kernel: the same windows, Luby rounds and rules, threads as loops.
+// What the compiled MIS runs on CPU tensors (backend='kernels' under the Triton interpreter,
+// the public greedy_mis stage); prune(backend='auto') on a CPU never builds the graph
+// (kernels/cpu_walk.py), and the plain-torch reference is the CPU twin of record.
 void mis_rounds_cpu(const MisArgs& a);
 // CUDA: one block per image, one launch for the batch, on `stream`. Throws on CUDA errors.
 void mis_rounds_cuda(const MisArgs& a, int device, void* stream);

@@ -1,5 +1,6 @@
-// CPU implementations of the MIS stage: the sequential greedy walk and the round-by-round
-// twin of the CUDA kernel. Both end in the same assembly (fill, pivots, ascending output).
+// The CPU twin of the CUDA MIS kernel (mis_cuda.cu): the same windows, Luby rounds and rules
+// (mis_rules.h), one simulated thread per candidate, then the same assembly (fill, pivots,
+// ascending output).
 // A batch is dense (the scalars of MisArgs apply to every image) or ragged (each image's
 // sizes and offsets from its row of the table: image_of in mis.h, which checks them).
 #include <algorithm>
@@ -73,20 +74,6 @@ void check_orders(const MisArgs& a) {
   }
 }
 
-// Sequential greedy walk: take v unless a taken candidate is a better-ranked neighbour.
-// The whole graph (rows_ready is not looked at).
-bool walk_one(const Image& im, std::vector<uint32_t>& in, int*) {
-  const int C = im.candidates(), m = im.k - im.n_pivots, words = im.words_c();
-  int taken = 0;
-  for (int v = 0; v < C && taken < m; ++v) {
-    const uint32_t* row = im.adj + static_cast<size_t>(v) * words;
-    bool blocked = false;
-    for (int w = 0; w < row_end_word(v) && !blocked; ++w) blocked = row[w] & lower_bits(v, w) & in[w];
-    if (!blocked) in[v / 32] |= 1u << (v % 32), ++taken;
-  }
-  return true;
-}
-
 // The CUDA kernel's schedule, one simulated thread per candidate of a window of kWindow:
 // an external pass against the decided candidates before the window, then synchronous
 // (Jacobi) Luby rounds inside it until the m best-ranked members are settled. Returns
@@ -128,9 +115,11 @@ bool rounds_one(const Image& im, std::vector<uint32_t>& in, int* rounds_out) {
   return false;
 }
 
-// Per image: skip, select, then write the kept tokens unless the rows ready did not suffice.
-template <typename Select>
-void run_cpu(const MisArgs& a, Select select) {
+}  // namespace
+
+// Per image: skip, run the rounds, then write the kept tokens unless the rows ready did not
+// suffice.
+void mis_rounds_cpu(const MisArgs& a) {
   check_table(a);
   check_orders(a);
   Image im;
@@ -139,18 +128,12 @@ void run_cpu(const MisArgs& a, Select select) {
     image_of(a, b, &im);
     std::vector<uint32_t> in(im.words_c() + 1, 0);
     int rounds = 0;
-    const bool settled = select(im, in, &rounds);
+    const bool settled = rounds_one(im, in, &rounds);
     const bool complete = settled || im.rows_ready >= im.candidates();
     if (a.rounds) a.rounds[b] = rounds;
     if (a.done) a.done[b] = complete;
     if (complete) assemble(im, in);
   }
 }
-
-}  // namespace
-
-void mis_walk_cpu(const MisArgs& a) { run_cpu(a, walk_one); }
-
-void mis_rounds_cpu(const MisArgs& a) { run_cpu(a, rounds_one); }
 
 }  // namespace d2p

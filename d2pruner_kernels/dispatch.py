@@ -60,8 +60,8 @@ def use_triton(backend: str, device: torch.device) -> bool:
 
 
 def use_compiled_mis(backend: str, device: torch.device, n_tokens: int) -> bool:
-    """Whether the compiled MIS runs: the CUDA kernel on a GPU (N <= MAX_CUDA_TOKENS), the
-    C++ walk on CPU. 'kernels' raises where it cannot; 'auto' falls back to the reference."""
+    """Whether the compiled MIS runs: the CUDA kernel on a GPU (N <= MAX_CUDA_TOKENS), its
+    C++ twin on CPU. 'kernels' raises where it cannot; 'auto' falls back to the reference."""
     check_backend(backend)
     if backend == "reference":
         return False
@@ -91,7 +91,7 @@ def describe(device: torch.device, n_tokens: int) -> str:
                 "walk (no graph built; C++ resolver)")
     tri = use_triton("auto", device)
     mis = use_compiled_mis("auto", device, n_tokens)
-    compiled = "CUDA kernel" if device.type == "cuda" else "compiled C++ walk"
+    compiled = "CUDA kernel" if device.type == "cuda" else "C++ twin of the CUDA kernel"
     return (f"scores and graph: {'Triton kernels' if tri else 'torch reference'}, "
             f"MIS: {compiled if mis else 'torch reference'}")
 

@@ -69,10 +69,9 @@ def test_1_greedy_mis_refuses_an_order_that_is_not_a_permutation(name):
         adj, order = torch.zeros(1, 6, 1, dtype=torch.int32), torch.tensor([{BAD_ORDERS[name]}])
         calls = {{f"stages {{b}}": (lambda b=b: stages.greedy_mis(adj, order, 2, 5, backend=b))
                   for b in ("auto", "kernels", "reference")}}
-        calls.update({{f"kernels.mis {{m}}": (lambda m=m: mis.greedy_mis(adj, order, 2, 5, method=m))
-                       for m in ("walk", "rounds")}})
+        calls["kernels.mis"] = lambda: mis.greedy_mis(adj, order, 2, 5)
         calls["kernels.mis lazy"] = lambda: mis.greedy_mis(
-            adj, order, 2, 5, method="rounds", rows_ready=3, done=torch.zeros(1, dtype=torch.int32))
+            adj, order, 2, 5, rows_ready=3, done=torch.zeros(1, dtype=torch.int32))
         out = {{}}
         for label, call in calls.items():
             try:
@@ -95,13 +94,13 @@ def test_1_the_cpu_check_runs_before_any_work():
         order = torch.tensor([list(range(8)), {BAD_ORDERS["negative"]}])
         kept = torch.full((2, 5), 7, dtype=torch.int64)
         try:
-            mis.greedy_mis(adj, order, 2, 5, method="rounds", kept=kept)
+            mis.greedy_mis(adj, order, 2, 5, kept=kept)
             err = None
         except ValueError as e:
             err = str(e)
         untouched = kept.tolist()
         skip = torch.tensor([0, 1], dtype=torch.int32)
-        mis.greedy_mis(adj, order, 2, 5, method="rounds", skip=skip, kept=kept)
+        mis.greedy_mis(adj, order, 2, 5, skip=skip, kept=kept)
         print(json.dumps([err, untouched, kept.tolist()]))
     """)
     err, untouched, kept = got
@@ -275,8 +274,7 @@ def fuzz_greedy_mis(case, seed):
     want = reference.greedy_mis(adj, order, n_pivots, k) if _is_permutation(order) else None
     calls = [lambda be=be: d2p.greedy_mis(adj, order, n_pivots, k, backend=be)
              for be in ("auto", "kernels", "reference")]
-    calls += [lambda m=m: mis.greedy_mis(adj, order, n_pivots, k, method=m)
-              for m in ("walk", "rounds")]
+    calls.append(lambda: mis.greedy_mis(adj, order, n_pivots, k))
     for call in calls:
         try:
             got = call()

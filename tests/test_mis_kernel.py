@@ -1,5 +1,5 @@
-"""The compiled MIS (C++ walk, and the CPU twin of the CUDA Luby rounds) against the
-reference greedy walk, exactly, on thousands of graphs; the CUDA kernel too on a GPU."""
+"""The compiled MIS (the CPU twin of the CUDA Luby rounds; the CUDA kernel too on a GPU)
+against the reference greedy walk, exactly, on thousands of graphs."""
 import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
@@ -39,19 +39,18 @@ def reference_kept(edges, order, n_p, k):
     return torch.sort(order[[*range(n_p), *[n_p + p for p in picks]]]).values
 
 
-def compiled(edges_batch, order, n_p, k, method, device="cpu"):
+def compiled(edges_batch, order, n_p, k, device="cpu"):
     adj = layout.pack_lower(edges_batch).to(device)
-    return mis.greedy_mis(adj, order.to(device), n_p, k, method=method, return_rounds=True)
+    return mis.greedy_mis(adj, order.to(device), n_p, k, return_rounds=True)
 
 
 def check(edges_list, orders, n_p, k):
     edges = torch.stack(edges_list)
     want = torch.stack([reference_kept(e, o, n_p, k) for e, o in zip(edges_list, orders)])
-    for method in ("walk", "rounds"):
-        got, rounds = compiled(edges, orders, n_p, k, method)
-        assert torch.equal(got, want), method
+    got, rounds = compiled(edges, orders, n_p, k)
+    assert torch.equal(got, want)
     if ON_GPU:
-        got, _ = compiled(edges, orders, n_p, k, "rounds", "cuda")
+        got, _ = compiled(edges, orders, n_p, k, "cuda")
         assert torch.equal(got.cpu(), want), "cuda"
     return rounds
 
@@ -123,8 +122,8 @@ def test_lazy_protocol_reads_only_the_rows_ready(seed, kind, c, n_p, frac_r, fra
             skip = None if i == 0 else done
             if skip is not None:
                 adj[skip.cpu().bool()] = -1  # skipped images: nothing may be read
-            mis.greedy_mis(adj.to(device), o, n_p, k, method="rounds", rows_ready=r,
-                           skip=skip, done=done, kept=kept)
+            mis.greedy_mis(adj.to(device), o, n_p, k, rows_ready=r, skip=skip, done=done,
+                           kept=kept)
             done_want = [int(r == c or d <= r) for d in depth]
             assert done.tolist() == done_want, (device, r)
             for b in range(batch):
@@ -136,7 +135,7 @@ def test_more_members_wanted_than_the_mis_has_fills_in_rank_order():
     c = 10
     e = graph("complete", c, torch.Generator())
     order = torch.arange(c)[None]
-    got, _ = compiled(e[None], order, 0, 4, "rounds")
+    got, _ = compiled(e[None], order, 0, 4)
     assert got.tolist() == [[0, 1, 2, 3]]  # member 0, then fill 1, 2, 3
 
 
@@ -146,7 +145,7 @@ def test_rounds_stop_early_with_a_small_budget():
     c = 3000
     e = torch.zeros(1, c, c, dtype=torch.bool)
     order = torch.arange(c)[None]
-    _, rounds = compiled(e, order, 0, 1, "rounds")
+    _, rounds = compiled(e, order, 0, 1)
     assert rounds.tolist() == [2]  # the external pass + one Luby round
 
 
@@ -208,11 +207,11 @@ def ragged_want(sizes, edges, orders):
     return torch.cat(out)
 
 
-def run_ragged(adj, order, table, sizes, method, device="cpu", **kw):
+def run_ragged(adj, order, table, sizes, device="cpu", **kw):
     kept = torch.full((sum(n_p + m for _, n_p, m in sizes),), -7, dtype=torch.int64, device=device)
     max_tokens = max(c + n_p for c, n_p, _ in sizes)
     return mis.greedy_mis_ragged(adj.to(device), order.to(device), table.to(device), kept,
-                                 max_tokens, method=method, **kw)
+                                 max_tokens, **kw)
 
 
 def test_ragged_table_layout_is_the_extensions():
@@ -239,10 +238,9 @@ def test_ragged_mis_equals_the_greedy_walk_per_image(seed, batch, big):
         kinds.append(KINDS[r(0, len(KINDS) - 1)])
     adj, order, table, edges, orders = ragged_case(sizes, kinds, g, p=min(0.5, r(1, 30) / 100))
     want = ragged_want(sizes, edges, orders)
-    for method in ("walk", "rounds"):
-        assert torch.equal(run_ragged(adj, order, table, sizes, method), want), method
+    assert torch.equal(run_ragged(adj, order, table, sizes), want)
     if ON_GPU:
-        assert torch.equal(run_ragged(adj, order, table, sizes, "rounds", "cuda").cpu(), want)
+        assert torch.equal(run_ragged(adj, order, table, sizes, "cuda").cpu(), want)
 
 
 @settings(max_examples=150, deadline=None)
@@ -270,7 +268,7 @@ def test_ragged_lazy_rows_per_image(seed, frac):
         off += c * w
     for device in (["cpu", "cuda"] if ON_GPU else ["cpu"]):
         done = torch.full((len(sizes),), -1, dtype=torch.int32, device=device)
-        kept = run_ragged(poisoned, order, table, sizes, "rounds", device, done=done)
+        kept = run_ragged(poisoned, order, table, sizes, device, done=done)
         done_want = [int(end == c or d <= end) for (c, _, _), end, d in zip(sizes, ends, depth)]
         assert done.tolist() == done_want, device
         keep_off = table[:, ragged.KEEP_OFFSET].tolist()
@@ -283,8 +281,7 @@ def test_ragged_lazy_rows_per_image(seed, frac):
         full = table.clone()
         full[:, ragged.ROW_END] = torch.tensor([c for c, _, _ in sizes])
         kept2 = mis.greedy_mis_ragged(adj.to(device), order.to(device), full.to(device), kept,
-                                      max(c + n_p for c, n_p, _ in sizes), method="rounds",
-                                      skip=done, done=done)
+                                      max(c + n_p for c, n_p, _ in sizes), skip=done, done=done)
         assert torch.equal(kept2.cpu(), want) and done.tolist() == [1] * len(sizes), device
 
 
@@ -299,11 +296,10 @@ def test_ragged_table_out_of_bounds_raises_before_any_work(field, value, match):
     sizes = [(20, 2, 5), (33, 1, 4)]
     adj, order, table, _, _ = ragged_case(sizes, ["random", "random"], g)
     table[1, getattr(ragged, field.upper())] = value
-    for method in ("walk", "rounds"):
-        kept = torch.full((12,), -7, dtype=torch.int64)
-        with pytest.raises(ValueError, match=f"image 1 has {match}"):
-            mis.greedy_mis_ragged(adj, order, table, kept, 34, method=method)
-        assert (kept == -7).all()
+    kept = torch.full((12,), -7, dtype=torch.int64)
+    with pytest.raises(ValueError, match=f"image 1 has {match}"):
+        mis.greedy_mis_ragged(adj, order, table, kept, 34)
+    assert (kept == -7).all()
 
 
 def test_ragged_order_must_be_a_permutation_per_image():

@@ -285,5 +285,5 @@ def test_lazy_prefix_really_splits(monkeypatch):
     rows = graph.GraphRows(x, order, 5, (1, 10, 15))
     rows.rows(0, 64)
     done = torch.full((2,), -1, dtype=torch.int32, device=DEVICE)
-    mis.greedy_mis(rows.adj, rows.order, 5, 20, method="rounds", rows_ready=64, done=done)
+    mis.greedy_mis(rows.adj, rows.order, 5, 20, rows_ready=64, done=done)
     assert done.tolist() == [1, 0]

@@ -59,16 +59,14 @@ def select(tokens, order, norms, n_pivots: int, k: int, grid, params: PruneOptio
     stride), the rank order int64 [B, N] and the float32 norms [B, N] (n_pivots < k: the
     dispatcher takes the plain top-k itself)."""
     g = GraphRows(tokens, order, n_pivots, grid, params, norms=norms)
-    method = "rounds"  # Luby rounds: the CUDA kernel on a GPU, its CPU twin under the interpreter
     ends = row_ranges(g.c, k - n_pivots, g.block, g.waves)
     g.rows(0, ends[0])
     if len(ends) == 1:
-        return mis.greedy_mis(g.adj, g.order, n_pivots, k, method=method)
+        return mis.greedy_mis(g.adj, g.order, n_pivots, k)
     done = torch.empty(order.shape[0], dtype=torch.int32, device=order.device)
-    kept = mis.greedy_mis(g.adj, g.order, n_pivots, k, method=method, rows_ready=ends[0],
-                          done=done)
+    kept = mis.greedy_mis(g.adj, g.order, n_pivots, k, rows_ready=ends[0], done=done)
     for start, end in zip(ends, ends[1:]):  # done is read (skip) before it is rewritten
         g.rows(start, end, skip=done)
-        mis.greedy_mis(g.adj, g.order, n_pivots, k, method=method, rows_ready=end,
-                       skip=done, done=done, kept=kept)
+        mis.greedy_mis(g.adj, g.order, n_pivots, k, rows_ready=end, skip=done, done=done,
+                       kept=kept)
     return kept

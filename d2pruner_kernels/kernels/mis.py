@@ -1,5 +1,5 @@
 """The MIS stage (docs/spec.md, steps 5-7) on the compiled extension: the Python side of
-csrc/ (the CUDA kernel, the CPU walk and the CPU twin of the CUDA kernel).
+csrc/ (the CUDA kernel on CUDA tensors, its CPU twin `mis_rounds_cpu` on CPU tensors).
 
 Python checks device, dtype, contiguity and shapes here, before the raw pointers cross into
 C++ (which checks its scalar arguments again, and the values of a CPU `order`).
@@ -47,23 +47,22 @@ def _check(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int) -> Non
 
 
 def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
-               method: str = "auto", return_rounds: bool = False, rows_ready: int | None = None,
+               return_rounds: bool = False, rows_ready: int | None = None,
                skip: torch.Tensor | None = None, done: torch.Tensor | None = None,
                kept: torch.Tensor | None = None):
     """Kept token indices int64 [B, k], ascending, from the packed graph and the rank order.
 
-    method: "auto" (CUDA rounds on a GPU, the sequential walk on CPU), "walk" (CPU),
-    "rounds" (CPU twin of the CUDA kernel, or the CUDA kernel itself for CUDA tensors).
-    With return_rounds, also returns int32 [B] Luby rounds (0 for the walk).
+    The CUDA kernel for CUDA tensors, its CPU twin (the same windows, rounds and rules) for
+    CPU tensors. With return_rounds, also returns int32 [B] Luby rounds.
 
-    Lazy graphs (method "rounds" or a GPU): only rows [0, rows_ready) of adj exist yet. An
+    Lazy graphs: only rows [0, rows_ready) of adj exist yet. An
     image whose m members settle within them is written to `kept` and marked done[b] = 1,
     else done[b] = 0 and its row of `kept` is left alone; images with skip[b] != 0 are not
     touched at all. skip / done: int32 [B] on the same device, possibly one tensor (an
     image's skip is read before its done is written).
 
     `order` must be a permutation of 0..N-1 per image. CPU tensors: the C++ side checks
-    every image not skipped before any work (O(B N), small next to the walk) and raises
+    every image not skipped before any work (O(B N), small next to the rounds) and raises
     ValueError naming `order`. CUDA tensors are not read on the host (no sync): the kernel
     skips token ids outside [0, N) (duplicates collapse) and writes -1 in the entries of
     kept[b] it cannot fill, so no access leaves a buffer and the output is defined.
@@ -88,34 +87,27 @@ def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     ptrs = (adj.data_ptr(), order.data_ptr(), kept.data_ptr(), ptr(rounds), b, n, n_pivots, k,
             rows_ready, ptr(skip), ptr(done), 0, 0, 0, 0)  # 0: no ragged table (dense batch)
-    whole = rows_ready == c and skip is None and done is None
-    _launch(ptrs, order.device, n, method, whole)
+    _launch(ptrs, order.device, n)
     return (kept, rounds) if return_rounds else kept
 
 
-def _launch(ptrs, device: torch.device, n_tokens: int, method: str, whole: bool) -> None:
-    """One call of the extension: the CUDA kernel, its CPU twin or the CPU walk."""
+def _launch(ptrs, device: torch.device, n_tokens: int) -> None:
+    """One call of the extension: the CUDA kernel, or its CPU twin."""
     if device.type == "cuda":
         if not _C.with_cuda:
             raise RuntimeError("d2pruner_kernels._C was built without CUDA (no nvcc at build time)")
         if n_tokens > MAX_CUDA_TOKENS:
             raise ValueError(f"the CUDA MIS kernel supports N <= {MAX_CUDA_TOKENS}, got N={n_tokens}")
-        if method == "walk":
-            raise ValueError("method='walk' runs on CPU tensors only")
         stream = torch.cuda.current_stream(device).cuda_stream
         _C.mis_rounds_cuda(*ptrs, device.index, stream)
-    elif method == "rounds":
+    elif device.type == "cpu":
         _C.mis_rounds_cpu(*ptrs)
-    elif method in ("auto", "walk"):
-        if not whole:
-            raise ValueError("the CPU walk needs the whole graph: use method='rounds'")
-        _C.mis_walk_cpu(*ptrs)
-    else:
-        raise ValueError(f"method must be 'auto', 'walk' or 'rounds', got {method!r}")
+    else:  # the C++ twin reads host memory only
+        raise ValueError(f"the compiled MIS takes CPU or CUDA tensors, got {device}")
 
 
 def greedy_mis_ragged(adj: torch.Tensor, order: torch.Tensor, table: torch.Tensor,
-                      kept: torch.Tensor, max_tokens: int, *, method: str = "rounds",
+                      kept: torch.Tensor, max_tokens: int, *,
                       skip: torch.Tensor | None = None, done: torch.Tensor | None = None,
                       rounds: torch.Tensor | None = None) -> torch.Tensor:
     """The MIS of a ragged batch (prune_varlen) in one call: image b's kept ids, ascending,
@@ -125,7 +117,7 @@ def greedy_mis_ragged(adj: torch.Tensor, order: torch.Tensor, table: torch.Tenso
     int64 [total], each image's rank order (local ids 0..N_b-1) at its token_offset;
     table: int64 [B, ragged.FIELDS] (kernels/ragged.py), max_tokens >= every N_b; kept:
     int64 [sum k_b]. Rows [0, min(row_end_b, C_b)) of each graph are ready (lazy graphs:
-    done / skip as in greedy_mis); method "walk" (CPU) reads whole graphs. The C++ side
+    done / skip as in greedy_mis). The C++ side
     checks every row of a CPU table against the buffers' lengths, and every order, before
     any work (ValueError); the CUDA kernel skips an image whose row does not fit."""
     from .ragged import FIELDS  # no Triton needed: plain ints
@@ -151,5 +143,5 @@ def greedy_mis_ragged(adj: torch.Tensor, order: torch.Tensor, table: torch.Tenso
     ptrs = (adj.data_ptr(), order.data_ptr(), kept.data_ptr(), ptr(rounds), b, max_tokens, 0,
             max_tokens, 0, ptr(skip), ptr(done), table.data_ptr(), order.numel(), kept.numel(),
             adj.numel())
-    _launch(ptrs, dev, max_tokens, method, skip is None and done is None)
+    _launch(ptrs, dev, max_tokens)
     return kept
