@@ -9,6 +9,11 @@ module's own config restored for the call (flash-attention reads the implementat
 from it). Every other module keeps the shared config, so the model's masks are still built
 for the base implementation.
 
+The base implementation is read from the shared config at every call, not fixed at
+install: `model.set_attn_implementation(...)` after apply() changes the shared configs
+(never our copy), and the tapped module follows it like every other module; an
+implementation outside SUPPORTED raises at the call.
+
 The trap this avoids: an attention function registered under a new name receives
 `mask=None` (left padding silently ignored) unless a mask function is registered under the
 same name in `AttentionMaskInterface`. Masks are built from the language model's config,
@@ -66,12 +71,13 @@ def _tapped_attention(module, query, key, value, attention_mask, **kwargs):
     if tap is None:  # a config copied from a tapped module, on a module we never tapped
         raise RuntimeError(f"{type(module).__name__} runs the d2pruner attention wrapper but "
                            f"is not tapped (was its config copied from a pruned model?)")
+    function = tap.sync()  # the implementation the model uses now
     if tap.callback is not None:
         tap.callback(query, key, kwargs)
     own = module.config
     module.config = tap.config  # the base implementation sees the model's own config
     try:
-        return tap.function(module, query, key, value, attention_mask, **kwargs)
+        return function(module, query, key, value, attention_mask, **kwargs)
     finally:
         module.config = own
 
@@ -90,18 +96,31 @@ class Tap:
     def __init__(self, module, what: str):
         if ATTR in module.__dict__:
             raise RuntimeError(f"{what} is already tapped by another pruner")
-        self.module = module
-        self.config = module.config
+        self.module, self.what = module, what
+        self.config = module.config  # the shared config: set_attn_implementation changes it
         self.impl = base_implementation(self.config, what)
         self.function = _base_function(module, self.impl)
         self.callback = None
+        self._own = None
         self._installed = False
+
+    def sync(self):
+        """The base function of the implementation the shared config names now (raises
+        ValueError for one outside SUPPORTED); our copy of the config is renamed to match."""
+        impl = base_implementation(self.config, self.what)
+        if impl != self.impl:
+            function = _base_function(self.module, impl)
+            if self._own is not None:
+                self._own._attn_implementation = _register(impl)
+            self.impl, self.function = impl, function
+        return self.function
 
     def install(self) -> "Tap":
         own = copy.copy(self.config)  # shallow: every setting shared, only the name differs
         own._attn_implementation = _register(self.impl)
         self.module.__dict__[ATTR] = self
         self.module.config = own
+        self._own = own
         self._installed = True
         return self
 
@@ -109,4 +128,5 @@ class Tap:
         if self._installed:
             self.module.config = self.config
             self.module.__dict__.pop(ATTR, None)
+            self._own = None
             self._installed = False

@@ -19,8 +19,10 @@ Every prefill (a forward with no cache or an empty one) with image tokens:
    the layers from K on get a mask over [kept prompt | new tokens] instead of the full
    one (positions, cos/sin and layers below K are untouched).
 
-Masks are built with transformers' own mask functions for the model's attention
-implementation (AttentionMaskInterface), from a 2-D validity mask of the kept positions.
+Masks are built with transformers' own mask functions for the attention implementation
+the model uses at the call (AttentionMaskInterface; read at every forward, so
+`set_attn_implementation` after apply() is followed), from a 2-D validity mask of the kept
+positions.
 """
 from __future__ import annotations
 
@@ -70,9 +72,7 @@ class InLLM(Hooks):
         super().__init__()
         self.adapter, self.layer, self.selector = adapter, layer, selector
         self.on_kept, self.collect = on_kept, collect
-        lm = adapter.language_model
-        self.impl = _attention.base_implementation(lm.config, "the language model")
-        self.mask_fn = _attention.mask_function(self.impl)
+        self._implementation()  # an unsupported one raises at apply()
         self._outer = None
         self._fwd = None
         self._record = None
@@ -94,6 +94,13 @@ class InLLM(Hooks):
 
     def _forget(self) -> None:
         self._outer = self._fwd = self._record = None
+
+    def _implementation(self) -> None:
+        """The attention implementation the language model uses now, and its mask function
+        (read at every forward: the model may have switched since apply())."""
+        lm = self.adapter.language_model
+        self.impl = _attention.base_implementation(lm.config, "the language model")
+        self.mask_fn = _attention.mask_function(self.impl)
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -118,6 +125,7 @@ class InLLM(Hooks):
         if emb is None:
             return None
         batch, length = emb.shape[:2]
+        self._implementation()
         if not is_prefill(cache):
             rec = self._record
             if rec is not None and rec.cache() is cache:
