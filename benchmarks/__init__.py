@@ -1,4 +1,4 @@
-"""Benchmarks of d2pruner_kernels against its peers and the hardware floor (README.md, "Speed").
+"""Benchmarks of d2pruner_kernels against its peers and the hardware floor (docs/design.md §7).
 Every timing goes through `d2pruner_kernels.timing`.
 
     pytest benchmarks/ --benchmark-only      per-stage and end-to-end timings

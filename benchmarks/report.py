@@ -8,7 +8,7 @@
 --sync-check   only run prune() once under torch.cuda.set_sync_debug_mode("error") and
                report pass/fail (exit status 1 on fail); the full report includes it too.
 
-Floor of a shape (README.md, "Speed"): the largest of
+Floor of a shape (docs/design.md §7): the largest of
     bytes  = tokens + attention read once + output written, over the measured copy bandwidth
     flops  = B * C^2 * D (the lower triangle of the candidate Gram matrix, 2 flops per MAC),
              over the measured matmul peak (bf16 on GPU, fp32 on CPU)

@@ -1,6 +1,12 @@
-"""The kernels, one module per stage beside its twin in `reference/`: Triton (scores.py,
-rank.py with the norms, graph.py, attention.py; lazy_graph.py chains graph and MIS over
-row ranges) and the compiled MIS (mis.py, the Python side of csrc/).
+"""The kernels, one module per stage beside its twin in `reference/`:
+
+- Triton: scores.py (step 1), rank.py (step 2, with the feature norms), graph.py (step 4,
+  packed bits; dot.py is its matrix product), attention.py (attention_scores);
+- the compiled MIS (steps 5-7): mis.py, the Python side of csrc/;
+- the paths that chain them: lazy_graph.py (steps 4-7 on a GPU, the graph in row ranges),
+  varlen.py (prune_varlen on a GPU, one launch per stage; ragged.py builds its table and
+  ragged_jit.py reads it inside the Triton kernels), cpu_walk.py (steps 4-7 on a CPU, the
+  windowed members-only walk, with csrc/walk_cpu.cpp).
 
 `dispatch.py` decides which of them runs; the Triton modules are imported only when a
 Triton stage runs, so the package works without Triton or without the compiled extension
