@@ -68,6 +68,11 @@ def test_switching_the_implementation_after_apply(family, where, start, switch):
             assert all(a is not None for a in got.attentions)
             for a, b in zip(got.attentions, want.attentions, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            if where == "vision":  # the tapped CLIP layer runs eager too
+                with torch.no_grad():
+                    clip = model.model.vision_tower(inputs["pixel_values"],
+                                                    output_attentions=True).attentions
+                assert len(clip) == 2 and all(a is not None for a in clip)
         model.set_attn_implementation(start)  # and back again: as before the first switch
         again, again_kept, _ = run(model, inputs, pruner)
         assert torch.equal(again.logits, before.logits)
