@@ -173,6 +173,98 @@ def test_a_model_dropped_without_remove_is_freed(family, where):
     assert dead() is None
 
 
+# -- a family added through the public adapter interface (issue 21, item 15) --------------------
+
+def _tiny_internvl():
+    from transformers import (InternVLConfig, InternVLForConditionalGeneration,
+                              InternVLVisionConfig, Qwen2Config)
+    vision = InternVLVisionConfig(image_size=112, patch_size=14, hidden_size=32,
+                                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    text = Qwen2Config(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tiny.IMAGE,
+                         image_seq_length=16)  # 112 / 14 = 8, pixel shuffle 0.5: 4 x 4 per tile
+    torch.manual_seed(0)
+    return InternVLForConditionalGeneration(cfg).eval()
+
+
+def _internvl_adapter():
+    """The example of hf.register_adapter's docstring, as written there."""
+    class InternVLAdapter(hf.LlavaAdapter):
+        family = "internvl"
+
+        def __init__(self, model):
+            hf.Adapter.__init__(self, model)
+            cfg = model.config
+            side = int(cfg.vision_config.image_size[0] // cfg.vision_config.patch_size[0]
+                       * cfg.downsample_ratio)
+            self.outer, self.language_model = model.model, model.model.language_model
+            self.image_token_id = cfg.image_token_id
+            self.grid, self.tokens_per_image = (side, side), side * side
+
+        def check(self, where):
+            if where != "llm":
+                raise ValueError("InternVL: where='llm' only")
+    return InternVLAdapter
+
+
+def test_register_adapter_adds_a_family():
+    from transformers import InternVLForConditionalGeneration
+    model = _tiny_internvl()
+    ids = torch.tensor([[1, 5] + [tiny.IMAGE] * 32 + [9, 6]])  # one image of two tiles
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 112, 112,
+                                                             generator=torch.Generator().manual_seed(1))}
+    with pytest.raises(TypeError, match=r"got InternVLForConditionalGeneration\. To add a family, "
+                       r"write an adapter and call hf\.register_adapter\("
+                       r"InternVLForConditionalGeneration, adapter\): see "
+                       r"help\(hf\.register_adapter\) and docs/integration\.md"):
+        hf.apply(model, 4)
+    adapter = _internvl_adapter()
+    assert hf.register_adapter(InternVLForConditionalGeneration, adapter) is None
+    try:
+        with torch.no_grad():
+            plain = model(**inputs, output_hidden_states=True)
+        with hf.apply(model, 4) as pruner:  # layer 2: features enter decoder layer 2
+            assert repr(pruner).startswith("Pruner(InternVLForConditionalGeneration, k=4")
+            with torch.no_grad():
+                logits = model(**inputs).logits
+            assert logits.shape[1] == ids.shape[1] - 2 * 12
+            assert [[len(k) for k in sample] for sample in pruner.kept] == [[4, 4]]
+            assert pruner.grids == [[(4, 4), (4, 4)]]
+            features = plain.hidden_states[2][0]
+            for i, start in enumerate((2, 18)):
+                want = d2p.prune(features[start:start + 16], pruner.importance[0][i], (4, 4), 4)
+                assert torch.equal(pruner.kept[0][i], want.cpu())
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            assert out.shape[1] == ids.shape[1] + 2
+        with pytest.raises(ValueError, match=r"InternVL: where='llm' only"):
+            hf.apply(model, 4, where="vision")
+        with hf.apply(model, 1.0):  # keep-all: the unpruned model, exactly
+            with torch.no_grad():
+                assert torch.equal(model(**inputs).logits, plain.logits)
+        prior = hf.calibrate_prior(model, [inputs], progress=False)
+        assert prior.grid == (4, 4) and prior.count == 2
+    finally:
+        assert hf.register_adapter(InternVLForConditionalGeneration, None) is adapter
+    with pytest.raises(TypeError, match=r"To add a family"):
+        hf.apply(model, 4)
+
+
+def test_register_adapter_refuses_what_is_not_a_model_class_or_an_adapter():
+    from transformers import InternVLForConditionalGeneration
+    with pytest.raises(TypeError, match=r"model_class must be a torch.nn.Module subclass"):
+        hf.register_adapter(_tiny_internvl(), hf.LlavaAdapter)
+    with pytest.raises(TypeError, match=r"model_class must be a torch.nn.Module subclass"):
+        hf.register_adapter("InternVLForConditionalGeneration", hf.LlavaAdapter)
+    with pytest.raises(TypeError, match=r"adapter must be a subclass of "
+                       r"d2pruner_kernels.hf.Adapter \(or None"):
+        hf.register_adapter(InternVLForConditionalGeneration, lambda model: None)
+    with pytest.raises(TypeError, match=r"adapter must be a subclass"):
+        hf.register_adapter(InternVLForConditionalGeneration, hf.LlavaAdapter(llava()))
+    assert hf.register_adapter(InternVLForConditionalGeneration, None) is None
+
+
 # -- misuse found at the prefill -----------------------------------------------------------------
 
 def test_an_int_k_above_an_images_tokens_keeps_that_image_whole():

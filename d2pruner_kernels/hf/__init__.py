@@ -10,7 +10,9 @@ Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration (one (t, 
 per image, any size). `where="llm"` prunes inside the language model at decoder layer
 `layer` (the paper's setting); `where="vision"` (LLaVA) prunes the projected image features
 so that the LLM gets a shorter prompt. `calibrate_prior` computes a model's positional
-prior from the same importance rows; `draw_kept` draws what was kept.
+prior from the same importance rows; `draw_kept` draws what was kept. Another family:
+write an `Adapter` (or reuse `LlavaAdapter` / `Qwen2VLAdapter`) and `register_adapter` it.
+What users run into (use_cache=False, beams, non-square pictures): docs/integration.md.
 
 Uses transformers' extension points only (AttentionInterface / AttentionMaskInterface and
 forward hooks with kwargs): no model code is copied or patched. Requires the `hf` extra:
@@ -26,7 +28,11 @@ if int(_transformers.__version__.split(".")[0]) < 5:
                       f"5.16.1, 5.19 and 5.24), found {_transformers.__version__}: "
                       f"pip install 'd2pruner_kernels[hf]'")
 
-from ._pruner import Pruner, apply, calibrate_prior
+from ._common import Adapter
+from ._pruner import Pruner, apply, calibrate_prior, register_adapter
+from .llava import LlavaAdapter
+from .qwen2_vl import Qwen2VLAdapter
 from ..draw import draw_kept
 
-__all__ = ["apply", "calibrate_prior", "Pruner", "draw_kept"]
+__all__ = ["apply", "calibrate_prior", "Pruner", "draw_kept", "register_adapter", "Adapter",
+           "LlavaAdapter", "Qwen2VLAdapter"]

@@ -9,7 +9,7 @@ import torch
 
 from ..options import PruneOptions
 from ..prior import PositionalPrior
-from ._common import Stop
+from ._common import Adapter, Stop
 from ._llm import InLLM
 from ._select import Selector
 from ._vision import OnVision
@@ -32,13 +32,94 @@ def _active(model):
     return pruner if pruner is not None and pruner.active else None
 
 
+_REGISTERED: dict = {}  # model class -> Adapter subclass (register_adapter); classes only
+
+
+def register_adapter(model_class, adapter):
+    """Teaches `apply()` and `calibrate_prior()` a model family: models of `model_class`
+    (or a subclass) get `adapter(model)`. Returns the adapter registered before for that
+    class (None if none); `adapter=None` removes the registration. A registered class wins
+    over the built-in ones (LLaVA, Qwen2-VL) and a subclass's over its base's.
+
+    adapter: a subclass of `hf.Adapter` (or of `hf.LlavaAdapter` / `hf.Qwen2VLAdapter` to
+    reuse theirs), constructed with the model; it tells the machinery where things are:
+
+      family           a short name (repr, messages)
+      outer            the module whose forward takes input_ids / inputs_embeds (the
+                       image placeholders are visible there), e.g. model.model
+      language_model   the decoder: .layers (each with .self_attn, dispatching through
+                       transformers' AttentionInterface) and .config
+      image_token_id   the placeholder token of an image in input_ids
+      tokens_per_image the LLM tokens of one image where the model fixes it (LLaVA: 576),
+                       with `grid` its (H, W); None where it depends on the input (Qwen)
+      check(where)     raise ValueError if the model's configuration cannot be pruned
+                       `where` ("llm" or "vision"); called by apply() before anything is
+                       installed
+      images(sample, runs, lm_kwargs, outer) -> [(start, end, grid)]
+                       the images of one sample in token order, from the runs of
+                       placeholders [(start, end)] of that sample; LlavaAdapter cuts each
+                       run into blocks of tokens_per_image on `grid`, Qwen2VLAdapter reads
+                       each run's (t, h, w) from the M-RoPE positions in lm_kwargs
+      check_images(spans, outer)   optional cross-check of the whole batch
+      image_mask(input_ids, inputs_embeds)   optional: bool [B, L] of placeholders
+    where="vision" also needs `projector` (the module whose output is the image features,
+    [n_images, tokens_per_image, D]) and `vision_attention()` -> (the attention module whose
+    CLS row is the importance, its layer index): see LlavaAdapter.
+
+    Example, InternVL (one 16 x 16 grid of tokens per 448-px tile after pixel shuffle;
+    LLaVA's way of cutting runs into images, so its adapter is reused):
+
+        from transformers import InternVLForConditionalGeneration
+        from d2pruner_kernels import hf
+
+        class InternVLAdapter(hf.LlavaAdapter):
+            family = "internvl"
+
+            def __init__(self, model):
+                hf.Adapter.__init__(self, model)
+                cfg = model.config
+                side = int(cfg.vision_config.image_size[0] // cfg.vision_config.patch_size[0]
+                           * cfg.downsample_ratio)
+                self.outer, self.language_model = model.model, model.model.language_model
+                self.image_token_id = cfg.image_token_id
+                self.grid, self.tokens_per_image = (side, side), side * side
+
+            def check(self, where):
+                if where != "llm":
+                    raise ValueError("InternVL: where='llm' only")
+
+        hf.register_adapter(InternVLForConditionalGeneration, InternVLAdapter)
+        pruner = hf.apply(model, 64)     # each tile (thumbnail included) keeps 64 of 256
+
+    More in docs/integration.md.
+    """
+    if not (isinstance(model_class, type) and issubclass(model_class, torch.nn.Module)):
+        raise TypeError(f"model_class must be a torch.nn.Module subclass (the model's class), "
+                        f"got {model_class!r}")
+    if adapter is not None and not (isinstance(adapter, type) and issubclass(adapter, Adapter)):
+        raise TypeError(f"adapter must be a subclass of d2pruner_kernels.hf.Adapter (or None "
+                        f"to remove the registration), got {adapter!r}")
+    before = _REGISTERED.pop(model_class, None)
+    if adapter is not None:
+        _REGISTERED[model_class] = adapter
+    return before
+
+
 def _adapter(model):
+    for cls in type(model).__mro__:
+        if cls in _REGISTERED:
+            return _REGISTERED[cls](model)
     for cls in ADAPTERS:
         if cls.matches(model):
             return cls(model)
     names = "LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, " \
             "Qwen2_5_VLForConditionalGeneration"
-    raise TypeError(f"d2pruner_kernels.hf supports {names}; got {type(model).__name__}")
+    extra = f", and what is registered ({', '.join(c.__name__ for c in _REGISTERED)})" \
+        if _REGISTERED else ""
+    raise TypeError(f"d2pruner_kernels.hf supports {names}{extra}; got "
+                    f"{type(model).__name__}. To add a family, write an adapter and call "
+                    f"hf.register_adapter({type(model).__name__}, adapter): see "
+                    f"help(hf.register_adapter) and docs/integration.md")
 
 
 def _check_layer(layer, n_layers: int) -> int:
