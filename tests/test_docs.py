@@ -182,3 +182,35 @@ def test_option_tables_show_prune_options_defaults():
         assert set(rows) == set(fields), (page.name, set(rows) ^ set(fields))
         for name, default in fields.items():
             assert rows[name] == default, (page.name, name, rows[name], default)
+
+
+def _table(text: str, first_header: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the markdown table whose first column is `first_header`."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    start = next(i for i, ln in enumerate(lines) if ln.split("|")[1].strip() == first_header)
+    cells = lambda ln: [c.strip() for c in ln.strip().strip("|").split("|")]  # noqa: E731
+    rows = []
+    for ln in lines[start + 2:]:
+        if set(ln) <= set("|-: "):
+            break
+        rows.append(cells(ln))
+    return cells(lines[start]), rows
+
+
+def test_readme_speed_table_is_the_recorded_report():
+    """The README's GPU table is a selection of cells of the generated report, unchanged."""
+    readme = _text(ROOT / "README.md")
+    report = _text(ROOT / "benchmarks" / "results" / "h200_report.md")
+    head, rows = _table(readme.split("## Speed", 1)[1], "shape")
+    rhead, rrows = _table(report, "shape")
+    by_shape = {r[0]: r for r in rrows}
+    assert len(rows) >= 5
+    commit = re.search(r"commit (\w+)", report).group(1)
+    date = re.search(r"date: (\d{4}-\d\d-\d\d)", report).group(1)
+    speed = _one_line(readme.split("## Speed", 1)[1])
+    assert f"commit {commit}" in speed and date in speed and "H200" in speed
+    for row in rows:
+        want = by_shape[row[0]]
+        for name, cell in zip(head, row):
+            assert name in rhead, name
+            assert cell == want[rhead.index(name)], (row[0], name, cell)
