@@ -3,10 +3,14 @@
     prune(tokens, attn, grid_hw, k, **options) -> int64 indices, ascending
     prune_varlen(tokens, attn, cu_seqlens, grids, k, **options) -> (keep, cu_keep)
 
-The stages are public too (debiased_scores, rank_order, similarity_graph, greedy_mis), as
-are attention_scores (attention rows from Q and K) and PositionalPrior; the pure-torch
-twins live in `d2pruner_kernels.reference`, the packed adjacency layout in
-`d2pruner_kernels.layout`, the options in `d2pruner_kernels.options` (PruneOptions).
+The options of both are one frozen PruneOptions (`d2pruner_kernels.options`), passed as
+`options=` or as its fields. The stages are public too (debiased_scores, rank_order,
+similarity_graph, greedy_mis), as are attention_scores (attention rows from Q and K) and
+PositionalPrior; the pure-torch twins live in `d2pruner_kernels.reference`, the packed
+adjacency layout in `d2pruner_kernels.layout`. Imported on demand: `d2pruner_kernels.hf`
+(transformers models), `d2pruner_kernels.vllm_plugin` (vLLM), `d2pruner_kernels.draw`
+(draw_kept), `d2pruner_kernels.testing` (inputs and parity checks for any backend).
+README.md and docs/guide.md show their use, docs/spec.md what is computed.
 """
 from . import layout, reference
 from .attention_scores import attention_scores
