@@ -188,24 +188,19 @@ def _tiny_internvl():
     return InternVLForConditionalGeneration(cfg).eval()
 
 
-def _internvl_adapter():
-    """The example of hf.register_adapter's docstring, as written there."""
-    class InternVLAdapter(hf.LlavaAdapter):
-        family = "internvl"
-
-        def __init__(self, model):
-            hf.Adapter.__init__(self, model)
-            cfg = model.config
-            side = int(cfg.vision_config.image_size[0] // cfg.vision_config.patch_size[0]
-                       * cfg.downsample_ratio)
-            self.outer, self.language_model = model.model, model.model.language_model
-            self.image_token_id = cfg.image_token_id
-            self.grid, self.tokens_per_image = (side, side), side * side
-
-        def check(self, where):
-            if where != "llm":
-                raise ValueError("InternVL: where='llm' only")
-    return InternVLAdapter
+def _docs_example():
+    """Runs the example of docs/integration.md as written (it registers InternVLAdapter) and
+    returns the adapter; hf.register_adapter's docstring shows the same class."""
+    import re
+    blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "docs", "integration.md"))
+                        .read(), re.S)
+    assert len(blocks) == 1
+    namespace = {}
+    exec(compile(blocks[0], "docs/integration.md", "exec"), namespace)
+    body = blocks[0][blocks[0].index("class InternVLAdapter"):]
+    for line in body.splitlines():
+        assert line.strip() in hf.register_adapter.__doc__, line
+    return namespace["InternVLAdapter"]
 
 
 def test_register_adapter_adds_a_family():
@@ -219,8 +214,8 @@ def test_register_adapter_adds_a_family():
                        r"InternVLForConditionalGeneration, adapter\): see "
                        r"help\(hf\.register_adapter\) and docs/integration\.md"):
         hf.apply(model, 4)
-    adapter = _internvl_adapter()
-    assert hf.register_adapter(InternVLForConditionalGeneration, adapter) is None
+    adapter = _docs_example()  # registers it
+    assert hf.register_adapter(InternVLForConditionalGeneration, adapter) is adapter
     try:
         with torch.no_grad():
             plain = model(**inputs, output_hidden_states=True)
@@ -263,6 +258,50 @@ def test_register_adapter_refuses_what_is_not_a_model_class_or_an_adapter():
     with pytest.raises(TypeError, match=r"adapter must be a subclass"):
         hf.register_adapter(InternVLForConditionalGeneration, hf.LlavaAdapter(llava()))
     assert hf.register_adapter(InternVLForConditionalGeneration, None) is None
+
+
+# -- what docs/integration.md says users will meet (issue 21, item 14) ---------------------------
+
+def test_generate_without_a_cache_prunes_at_every_step():
+    model = llava()
+    inputs = tiny.llava_inputs(model, [[5, 6], [7]])
+    with hf.apply(model, 64) as pruner:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+            last = [k.clone() for sample in pruner.kept for k in sample]
+            # the same as three pruned prefills, each over the whole sequence so far
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            for _ in range(3):
+                logits = model(input_ids=ids, attention_mask=mask,
+                               pixel_values=inputs["pixel_values"], use_cache=False).logits
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                step = [k.clone() for sample in pruner.kept for k in sample]
+            assert torch.equal(ids, out)
+            assert all(torch.equal(a, b) for a, b in zip(step, last))
+            # the final step's prefill read the attention of a generated token, not the
+            # prompt's last one: its selection differs from the cached run's
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            assert any(not torch.equal(a, b) for a, b in
+                       zip(last, [k for sample in pruner.kept for k in sample]))
+
+
+@pytest.mark.parametrize("expand", [{"num_beams": 3, "num_return_sequences": 2},
+                                    {"do_sample": True, "num_return_sequences": 2}])
+def test_beams_and_returned_sequences_give_one_kept_entry_per_expanded_row(expand):
+    model = llava()
+    inputs = tiny.llava_inputs(model, [[5, 6], [7]])
+    with hf.apply(model, 64) as pruner:
+        with torch.no_grad():
+            model(**inputs)
+            per_sample = pruner.kept
+            torch.manual_seed(0)
+            model.generate(**inputs, max_new_tokens=2, **expand)
+    n = expand.get("num_beams", expand["num_return_sequences"])
+    assert len(pruner.kept) == 2 * n
+    for b in range(2):
+        for j in range(n):
+            assert torch.equal(pruner.kept[b * n + j][0], per_sample[b][0])
 
 
 # -- misuse found at the prefill -----------------------------------------------------------------

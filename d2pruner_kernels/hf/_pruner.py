@@ -154,6 +154,16 @@ class Pruner:
     grids: the same nesting, each image's grid in LLM tokens ((H, W), or (t, h, w) for Qwen).
     importance: the same nesting, each image's raw importance row (float32 CPU [N]: the
            attention the pruner read, before the prior), what `calibrate_prior` averages.
+
+    The outer list is over the rows of the batch the prefill saw: after generate() with
+    num_beams=n (or num_return_sequences=n when sampling), n rows per sample, rows
+    b*n ... b*n + n - 1 for sample b, with identical selections. generate(use_cache=False)
+    makes every step a prefill of the whole sequence, pruned again (where="llm": from the
+    attention of the newest token, so the selection and the tokens can differ from the
+    cached run); these then hold the last step's. To draw a selection over a picture that
+    the processor cropped (LLaVA-1.5: the central square), use draw_kept(..., crop="center").
+    The pruner references its model (keeping the pruner keeps the model); nothing else the
+    package holds does. More in docs/integration.md.
     """
 
     def __init__(self, model, adapter, k, where, layer, selector):
