@@ -252,10 +252,15 @@ def test_cpp_bounds_checks():
     members, coords = torch.zeros(1, m, d), torch.zeros(1, m, 3, dtype=torch.int64)
     taken = torch.zeros(b, n, dtype=torch.uint8)
 
-    def call(pos, order=order, image=image, count=count, sizes=(b, 1, s, d, n, 0, m, 1, 2, 3)):
-        _C.walk_window_cpu(cos.data_ptr(), rows.data_ptr(), pos.data_ptr(), order.data_ptr(),
-                           image.data_ptr(), members.data_ptr(), coords.data_ptr(),
-                           count.data_ptr(), taken.data_ptr(), *sizes, 2, 1, 1.0, 0.0, 0.8)
+    def call(pos, order=order, image=image, count=count, **sizes):
+        sizes = dict(dict(batch=b, active=1, survivors=s, dim=d, n_tokens=n, n_pivots=0, m=m,
+                          grid_t=1, grid_h=2, grid_w=3), **sizes)
+        _C.walk_window_cpu(cos=cos.data_ptr(), rows=rows.data_ptr(), pos=pos.data_ptr(),
+                           order=order.data_ptr(), image=image.data_ptr(),
+                           members=members.data_ptr(), coords=coords.data_ptr(),
+                           count=count.data_ptr(), taken=taken.data_ptr(), radius=2,
+                           temporal_radius=1, cos_weight=1.0, spatial_weight=0.0, threshold=0.8,
+                           **sizes)
 
     ok = torch.tensor([[0, 1]])
     for bad_pos in ([[0, 6]], [[-2, 0]]):
@@ -268,9 +273,9 @@ def test_cpp_bounds_checks():
     with pytest.raises(ValueError, match="count"):
         call(ok, count=torch.tensor([3]))
     with pytest.raises(ValueError, match="sizes"):
-        call(ok, sizes=(b, 2, s, d, n, 0, m, 1, 2, 3))   # more active slots than images
+        call(ok, active=2)  # more active slots than images
     with pytest.raises(ValueError, match="sizes"):
-        call(ok, sizes=(b, 1, s, d, n, 0, m, 1, 2, 4))   # grid of 8 cells for N = 6
+        call(ok, grid_w=4)  # a grid of 8 cells for N = 6
     assert not taken.any() and not count.any()
     call(ok)  # both taken (cosine 0 < 0.8)
     assert count.tolist() == [2] and taken[0, :2].tolist() == [1, 1]

@@ -171,6 +171,29 @@ def test_bad_arguments_raise_before_the_launch(bad, error, match):
         mis.greedy_mis(adj, order, n_p, k)
 
 
+def test_call_parameters_are_checked_when_made_and_passed_by_keyword():
+    """_C.MisArgs (the one struct every MIS launch takes) refuses inconsistent sizes when it
+    is made, before any launch can read a buffer, and takes keywords only."""
+    from d2pruner_kernels import _C
+    ok = dict(adj=0, order=0, kept=0, batch=2, n_tokens=8, n_pivots=2, k=5, rows_ready=6)
+    a = _C.MisArgs.dense(**ok)
+    assert (a.batch, a.n_tokens, a.n_pivots, a.k, a.rows_ready, a.is_ragged) == (2, 8, 2, 5, 6, False)
+    for bad in (dict(k=1), dict(k=9), dict(n_pivots=-1), dict(rows_ready=7), dict(rows_ready=-1),
+                dict(n_tokens=0), dict(batch=-1)):
+        with pytest.raises(ValueError, match="inconsistent sizes"):
+            _C.MisArgs.dense(**dict(ok, **bad))
+    with pytest.raises(TypeError):
+        _C.MisArgs.dense(0, 0, 0, 2, 8, 2, 5, 6)
+    ragged = dict(adj=0, order=0, kept=0, table=8, batch=2, max_tokens=40, order_len=50,
+                  kept_len=9, adj_words=70)
+    r = _C.MisArgs.ragged(**ragged)
+    assert (r.batch, r.n_tokens, r.is_ragged) == (2, 40, True)
+    for bad, match in ((dict(table=0), "table"), (dict(kept_len=-1), "lengths"),
+                       (dict(max_tokens=0), "sizes")):
+        with pytest.raises(ValueError, match=match):
+            _C.MisArgs.ragged(**dict(ragged, **bad))
+
+
 # -- ragged batches (prune_varlen): per-image sizes from a table, packed buffers ------------
 
 def ragged_case(sizes, kinds, g, p=0.2, row_ends=None):

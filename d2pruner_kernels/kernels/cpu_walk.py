@@ -161,10 +161,12 @@ def select(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int,
     cand = order[:, n_pivots:]
     flat = _row_source(tokens)
     limits = torch.tensor([params.temporal_radius, params.radius, params.radius])
-    scalars = (b, n, n_pivots, m, *grid, params.radius, params.temporal_radius,
-               params.cos_weight, params.spatial_weight, params.sim_threshold)
-
     taken = torch.zeros(b, c, dtype=torch.uint8)  # 1 at the members' candidate positions
+    fixed = dict(order=order.data_ptr(), taken=taken.data_ptr(), batch=b, n_tokens=n,
+                 n_pivots=n_pivots, m=m, grid_t=grid[0], grid_h=grid[1], grid_w=grid[2],
+                 radius=params.radius, temporal_radius=params.temporal_radius,
+                 cos_weight=params.cos_weight, spatial_weight=params.spatial_weight,
+                 threshold=params.sim_threshold)  # the same for every window
     image = torch.arange(b)                        # active slot -> image
     members = torch.empty(b, m, d)                 # unit rows; NaN past each count (C++)
     mcoords = torch.empty(b, m, 3, dtype=torch.int64)
@@ -193,10 +195,10 @@ def select(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int,
             pos = torch.arange(lo, hi).expand(act, -1).contiguous()
         if s:
             cos = _lower_cosines(xs)
-            _C.walk_window_cpu(cos.data_ptr(), xs.data_ptr(), pos.data_ptr(), order.data_ptr(),
-                               image.data_ptr(), members.data_ptr(), mcoords.data_ptr(),
-                               count.data_ptr(), taken.data_ptr(), scalars[0], act, s, d,
-                               *scalars[1:])
+            _C.walk_window_cpu(cos=cos.data_ptr(), rows=xs.data_ptr(), pos=pos.data_ptr(),
+                               image=image.data_ptr(), members=members.data_ptr(),
+                               coords=mcoords.data_ptr(), count=count.data_ptr(), active=act,
+                               survivors=s, dim=d, **fixed)
         windows += 1
         visited += act * (hi - lo)
         macs += act * ((hi - lo) * m_max + s * s) * d

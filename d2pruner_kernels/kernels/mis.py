@@ -2,7 +2,8 @@
 csrc/ (the CUDA kernel on CUDA tensors, its CPU twin `mis_rounds_cpu` on CPU tensors).
 
 Python checks device, dtype, contiguity and shapes here, before the raw pointers cross into
-C++ (which checks its scalar arguments again, and the values of a CPU `order`).
+C++ by keyword as one `_C.MisArgs` (which checks the sizes when it is made; the CPU twin checks
+the values of `order` and of a ragged table before any work).
 """
 from __future__ import annotations
 
@@ -84,24 +85,29 @@ def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
           or kept.device != order.device):
         raise ValueError(f"kept must be a contiguous int64 [{b}, {k}] tensor on {order.device}")
     rounds = torch.empty(b, dtype=torch.int32, device=order.device) if return_rounds else None
-    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-    ptrs = (adj.data_ptr(), order.data_ptr(), kept.data_ptr(), ptr(rounds), b, n, n_pivots, k,
-            rows_ready, ptr(skip), ptr(done), 0, 0, 0, 0)  # 0: no ragged table (dense batch)
-    _launch(ptrs, order.device, n)
+    args = _C.MisArgs.dense(adj=adj.data_ptr(), order=order.data_ptr(), kept=kept.data_ptr(),
+                            batch=b, n_tokens=n, n_pivots=n_pivots, k=k, rows_ready=rows_ready,
+                            rounds=_address(rounds), skip=_address(skip), done=_address(done))
+    _launch(args, order.device)
     return (kept, rounds) if return_rounds else kept
 
 
-def _launch(ptrs, device: torch.device, n_tokens: int) -> None:
-    """One call of the extension: the CUDA kernel, or its CPU twin."""
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _launch(args, device: torch.device) -> None:
+    """One call of the extension (args: a checked _C.MisArgs): the CUDA kernel on the
+    current stream of `device`, or its CPU twin."""
     if device.type == "cuda":
         if not _C.with_cuda:
             raise RuntimeError("d2pruner_kernels._C was built without CUDA (no nvcc at build time)")
-        if n_tokens > MAX_CUDA_TOKENS:
-            raise ValueError(f"the CUDA MIS kernel supports N <= {MAX_CUDA_TOKENS}, got N={n_tokens}")
-        stream = torch.cuda.current_stream(device).cuda_stream
-        _C.mis_rounds_cuda(*ptrs, device.index, stream)
+        if args.n_tokens > MAX_CUDA_TOKENS:
+            raise ValueError(f"the CUDA MIS kernel supports N <= {MAX_CUDA_TOKENS}, "
+                             f"got N={args.n_tokens}")
+        _C.mis_rounds_cuda(args, device.index, torch.cuda.current_stream(device).cuda_stream)
     elif device.type == "cpu":
-        _C.mis_rounds_cpu(*ptrs)
+        _C.mis_rounds_cpu(args)
     else:  # the C++ twin reads host memory only
         raise ValueError(f"the compiled MIS takes CPU or CUDA tensors, got {device}")
 
@@ -139,9 +145,10 @@ def greedy_mis_ragged(adj: torch.Tensor, order: torch.Tensor, table: torch.Tenso
     for name, t in (("skip", skip), ("done", done), ("rounds", rounds)):
         if t is not None and (t.dtype != torch.int32 or t.shape != (b,) or t.device != dev):
             raise ValueError(f"{name} must be int32 [{b}] on {dev}")
-    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-    ptrs = (adj.data_ptr(), order.data_ptr(), kept.data_ptr(), ptr(rounds), b, max_tokens, 0,
-            max_tokens, 0, ptr(skip), ptr(done), table.data_ptr(), order.numel(), kept.numel(),
-            adj.numel())
-    _launch(ptrs, dev, max_tokens)
+    args = _C.MisArgs.ragged(adj=adj.data_ptr(), order=order.data_ptr(), kept=kept.data_ptr(),
+                             table=table.data_ptr(), batch=b, max_tokens=max_tokens,
+                             order_len=order.numel(), kept_len=kept.numel(),
+                             adj_words=adj.numel(), rounds=_address(rounds),
+                             skip=_address(skip), done=_address(done))
+    _launch(args, dev)
     return kept
