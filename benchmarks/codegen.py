@@ -33,6 +33,7 @@ from d2pruner_kernels.options import PruneOptions
 from .shapes import PIVOT_RATIO
 
 ARCHS = (90, 80)
+DENSE_GRAPH = "_graph_kernel|_slice_kernel|_sum_slices_kernel"  # whichever the launch takes
 SMS = {90: 132, 80: 108}  # H100 / H200, A100: the split-K and lazy-range decisions follow them
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.int64: "i64", torch.int32: "i32"}
@@ -50,11 +51,17 @@ class Recorder:
 
 def specialise(fn, args, kwargs):
     """The ASTSource the JIT would build: ints of value 1 become constants, pointers and
-    ints divisible by 16 carry tt.divisibility=16, constexpr kwargs are constants."""
+    ints divisible by 16 carry tt.divisibility=16, constexpr arguments are constants.
+    Arguments come by position or by keyword, as the launch wrappers pass them."""
     kwargs = dict(kwargs)
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    sig, const, attrs = {}, dict(kwargs), {}
-    for i, (name, v) in enumerate(zip(fn.arg_names, args)):
+    bound = dict(zip(fn.arg_names, args), **kwargs)
+    sig, const, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        v = bound[name]
+        if param.is_constexpr:
+            const[name] = v
+            continue
         if isinstance(v, torch.Tensor):
             sig[name], aligned = "*" + TYPES[v.dtype], v.data_ptr() % 16 == 0
         elif isinstance(v, bool):
@@ -130,18 +137,18 @@ def launches():
         ("scores, H=32", scores, "_debiased_scores_kernel",
          lambda: scores.debiased_scores(attn, prior, PruneOptions().eps)),
         ("rank + norms", rank, "_rank_norms_kernel", lambda: rank.rank_and_norms(s, x)),
-        ("graph bf16", graph, "_similarity_graph_kernel", graph_rows(x, 1)),
-        ("graph bf16 split-K", graph, "_similarity_graph_kernel", graph_rows(x, 4)),
-        ("graph bf16 4 slices", graph, "_similarity_graph_kernel",
+        ("graph bf16", graph, DENSE_GRAPH, graph_rows(x, 1)),
+        ("graph bf16 split-K", graph, DENSE_GRAPH, graph_rows(x, 4)),
+        ("graph bf16 4 slices", graph, DENSE_GRAPH,
          graph_rows(x, 4, split_launch=False)),  # a batch: one program adds its slices
-        ("graph bf16 spatial", graph, "_similarity_graph_kernel", graph_rows(x, 1, beta=0.3)),
-        ("graph fp32", graph, "_similarity_graph_kernel", graph_rows(x32, 1)),
-        ("graph bf16 skip", graph, "_similarity_graph_kernel", graph_rows(x, 1, skip=True)),
+        ("graph bf16 spatial", graph, DENSE_GRAPH, graph_rows(x, 1, beta=0.3)),
+        ("graph fp32", graph, DENSE_GRAPH, graph_rows(x32, 1)),
+        ("graph bf16 skip", graph, DENSE_GRAPH, graph_rows(x, 1, skip=True)),
         ("rank + norms ragged", rank, "_rank_norms_kernel", ragged_rank()),
-        ("graph bf16 ragged", graph, "_similarity_graph_kernel", ragged_graph()),
-        ("graph bf16 ragged spatial", graph, "_similarity_graph_kernel", ragged_graph(0.3)),
-        ("graph fp32 ragged", graph, "_similarity_graph_kernel", ragged_graph(tokens=xr.float())),
-        ("graph bf16 ragged skip", graph, "_similarity_graph_kernel", ragged_graph(skip=True)),
+        ("graph bf16 ragged", graph, "_ragged_graph_kernel", ragged_graph()),
+        ("graph bf16 ragged spatial", graph, "_ragged_graph_kernel", ragged_graph(0.3)),
+        ("graph fp32 ragged", graph, "_ragged_graph_kernel", ragged_graph(tokens=xr.float())),
+        ("graph bf16 ragged skip", graph, "_ragged_graph_kernel", ragged_graph(skip=True)),
         ("attention rows", attention, "_lse_partials_kernel|_span_probs_kernel",
          lambda: attention.attention_scores(q, k, (34, 34 + 2880), 128 ** -0.5)),
     ]
@@ -174,8 +181,7 @@ def report(arch: int = 90) -> list[dict]:
                 src, options = specialise(r.fn, args, kwargs)
                 kernel = triton.compile(src, target=target, options=options)
                 ptx = kernel.asm["ptx"]
-                phase = f" phase {kwargs['PHASE']}" if "PHASE" in kwargs else ""
-                rows.append(dict(arch=arch, label=label + phase, kernel=n,
+                rows.append(dict(arch=arch, label=label, kernel=n,
                                  **resources(kernel.asm["cubin"]),
                                  smem=kernel.metadata.shared,
                                  cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),

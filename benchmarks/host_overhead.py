@@ -31,7 +31,9 @@ def glue_us(calls: int) -> float:
     # a PositionalPrior: checked once when made, so no per-call value check (which a CPU
     # tensor prior gets and a GPU one does not) is timed
     prior = d2p.PositionalPrior((24, 24)).update(torch.rand(576) + 0.5)
-    with mock.patch.object(graph, "_similarity_graph_kernel", _NoLaunch()), \
+    with mock.patch.object(graph, "_graph_kernel", _NoLaunch()), \
+            mock.patch.object(graph, "_slice_kernel", _NoLaunch()), \
+            mock.patch.object(graph, "_sum_slices_kernel", _NoLaunch()), \
             mock.patch.object(rank, "_rank_norms_kernel", _NoLaunch()), \
             mock.patch.object(scores, "_debiased_scores_kernel", _NoLaunch()), \
             mock.patch.object(mis._C, "mis_rounds_cpu", lambda *args: None), \

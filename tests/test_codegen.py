@@ -22,26 +22,34 @@ def compiled():
                          capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
-    return {(r["arch"], r["label"]): r for r in json.loads(out.stdout)}
+    return {(r["arch"], r["label"], r["kernel"]): r for r in json.loads(out.stdout)}
 
 
 @pytest.mark.parametrize("arch", [90, 80])
 def test_every_kernel_compiles_without_spills(compiled, arch):
-    labels = {label for a, label in compiled if a == arch}
-    assert {"scores, H=32", "rank + norms", "graph bf16 phase 0", "graph bf16 split-K phase 1",
-            "graph bf16 split-K phase 2", "graph bf16 4 slices phase 0", "graph bf16 spatial phase 0",
-            "graph fp32 phase 0", "rank + norms ragged", "graph bf16 ragged phase 0",
-            "graph bf16 ragged spatial phase 0", "graph fp32 ragged phase 0"} <= labels
-    for (a, label), r in compiled.items():
+    launches = {(label, kernel) for a, label, kernel in compiled if a == arch}
+    assert {("scores, H=32", "_debiased_scores_kernel"), ("rank + norms", "_rank_norms_kernel"),
+            ("graph bf16", "_graph_kernel"), ("graph bf16 split-K", "_slice_kernel"),
+            ("graph bf16 split-K", "_sum_slices_kernel"), ("graph bf16 4 slices", "_graph_kernel"),
+            ("graph bf16 spatial", "_graph_kernel"), ("graph fp32", "_graph_kernel"),
+            ("rank + norms ragged", "_rank_norms_kernel"),
+            ("graph bf16 ragged", "_ragged_graph_kernel"),
+            ("graph bf16 ragged spatial", "_ragged_graph_kernel"),
+            ("graph fp32 ragged", "_ragged_graph_kernel"),
+            ("attention rows", "_lse_partials_kernel"),
+            ("attention rows", "_span_probs_kernel")} <= launches
+    for (a, label, kernel), r in compiled.items():
         if a == arch:
-            assert r["stack"] == 0 and r["local"] == 0, f"sm_{arch} {label} spills: {r}"
+            assert r["stack"] == 0 and r["local"] == 0, f"sm_{arch} {label} {kernel} spills: {r}"
 
 
-@pytest.mark.parametrize("label", ["graph bf16 phase 0", "graph bf16 split-K phase 1",
-                                   "graph bf16 4 slices phase 0", "graph bf16 ragged phase 0"])
-def test_graph_k_loop_is_pipelined_onto_the_tensor_cores(compiled, label):
-    r = compiled[(90, label)]
+@pytest.mark.parametrize("label,kernel", [("graph bf16", "_graph_kernel"),
+                                          ("graph bf16 split-K", "_slice_kernel"),
+                                          ("graph bf16 4 slices", "_graph_kernel"),
+                                          ("graph bf16 ragged", "_ragged_graph_kernel")])
+def test_graph_k_loop_is_pipelined_onto_the_tensor_cores(compiled, label, kernel):
+    r = compiled[(90, label, kernel)]
     assert r["cp_async"] > 0 and r["wgmma"] > 0, r
     assert r["smem"] >= 3 * 2 * 64 * 64 * 2, f"three stages of two 64x64 bf16 tiles: {r}"
-    r = compiled[(80, label)]
+    r = compiled[(80, label, kernel)]
     assert r["cp_async"] > 0 and r["mma_sync"] > 0, r

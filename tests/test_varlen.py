@@ -236,7 +236,10 @@ class Launches:
         self.counts = collections.Counter()
         for stage, module, name in (("scores", scores, "_debiased_scores_kernel"),
                                     ("rank", rank, "_rank_norms_kernel"),
-                                    ("graph", graph, "_similarity_graph_kernel")):
+                                    ("graph", graph, "_ragged_graph_kernel"),
+                                    ("dense graph", graph, "_graph_kernel"),
+                                    ("dense graph", graph, "_slice_kernel"),
+                                    ("dense graph", graph, "_sum_slices_kernel")):
             monkeypatch.setattr(module, name, self._kernel(stage, getattr(module, name)))
         for name in ("mis_rounds_cpu", "mis_rounds_cuda", "mis_walk_cpu"):
             if hasattr(mis_kernel._C, name):

@@ -39,6 +39,24 @@ def _bit_or(a, b):
 
 
 @triton.jit
+def _tile(order_img, n_pivots, row_block, col_block, row_end, C, N, BLOCK: tl.constexpr):
+    """The tile prologue every graph kernel shares (flash-attention's BlockInfo): once a
+    program knows its image (order_img: its rank order) and its tile, its candidate rows and
+    columns, which of them exist, and their token ids. The ids are clamped into [0, N):
+    whatever `order` holds (it is not checked on a GPU), every gather stays inside tokens
+    and norms."""
+    rows = row_block * BLOCK + tl.arange(0, BLOCK)
+    cols = col_block * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < row_end  # row_end <= C: the rows asked for
+    col_ok = cols < C
+    ti = tl.load(order_img + n_pivots + rows, mask=row_ok, other=0)
+    tj = tl.load(order_img + n_pivots + cols, mask=col_ok, other=0)
+    ti = tl.minimum(tl.maximum(ti, 0), N - 1).to(tl.int32)  # now < N: 32 bits suffice
+    tj = tl.minimum(tl.maximum(tj, 0), N - 1).to(tl.int32)
+    return rows, cols, row_ok, col_ok, ti, tj
+
+
+@triton.jit
 def _k_step(xi, xj, k0, k_hi, offs_k, row_ok, col_ok, EVEN_K: tl.constexpr):
     """The row and column tiles of one K step [k0, k0 + BLOCK_K), zero past k_hi."""
     if EVEN_K:
@@ -52,150 +70,32 @@ def _k_step(xi, xj, k0, k_hi, offs_k, row_ok, col_ok, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _similarity_graph_kernel(
-        x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, ws_ptr, meta_ptr,
-        N, C, row_end, D, n_pivots, row_block_start, k_chunk, n_tiles, n_images,
-        stride_xb, stride_xn, stride_nb, stride_ob, n_words, grid_h, grid_w, radius,
-        temporal_radius, cos_weight, spatial_weight, sim_threshold,
-        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-        UPCAST: tl.constexpr, HAS_SKIP: tl.constexpr,
-        SPATIAL: tl.constexpr, SPLITS: tl.constexpr, PHASE: tl.constexpr,
-        RAGGED: tl.constexpr, SUM_BITS: tl.constexpr):
-    # K is cut into SPLITS slices of k_chunk (a choice of the image's shape), each summed
-    # from zero, then added in slice order. PHASE 0: a program does every slice in turn,
-    # then the epilogue. Split-K, for launches whose tiles cannot fill the GPU: PHASE 1
-    # programs each reduce one slice into a float32 workspace tile, PHASE 2 adds them in
-    # slice order and runs the epilogue. Both paths run the same float operations, so an
-    # image's edges do not depend on which one built them (nor on the batch around it).
-    #
-    # RAGGED (prune_varlen; PHASE 0 only): a packed batch, grid (tiles of this range, 1, 1).
-    # The program's image comes from the table's TILE_START column, its tile from its
-    # index among the image's tiles of rows [ROW_BEGIN, ROW_END) (lower triangle, row-major,
-    # so no program is idle); N, n_pivots, C, the grid and the K slices are the image's
-    # own (the slices it gets alone: the same float operations as its own prune()); the
-    # tokens, norms and order are read at its token offset, its graph written at its
-    # adjacency offset in its own layout [C_b, words(C_b)].
-    if RAGGED:
-        pid = tl.program_id(0)
-        img = ragged_jit.image_of(meta_ptr, ragged_jit.TILE_START, pid, n_images)
-        b = img.to(tl.int64)
-        meta = ragged_jit.row_of(meta_ptr, img)
-        N = ragged_jit.field32(meta, ragged_jit.TOKENS)
-        n_pivots = ragged_jit.field32(meta, ragged_jit.PIVOTS)
-        C = N - n_pivots
-        n_words = (C + 31) // 32
-        row_end = ragged_jit.field32(meta, ragged_jit.ROW_END)
-        first_block = ragged_jit.field32(meta, ragged_jit.ROW_BEGIN) // BLOCK
-        g = first_block * (first_block + 1) // 2 + (pid - ragged_jit.field32(meta, ragged_jit.TILE_START))
-        # row_block = the r with r (r + 1) / 2 <= g < (r + 1) (r + 2) / 2: the float32 root
-        # is off by at most one for any g of a graph the MIS takes (r < 4096), then corrected
-        r = ((tl.sqrt(8.0 * g.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
-        r = tl.where((r + 1) * (r + 2) // 2 <= g, r + 1, r)
-        r = tl.where(r * (r + 1) // 2 > g, r - 1, r)
-        row_block = r
-        col_block = g - r * (r + 1) // 2
-        split = 0
-        grid_h = ragged_jit.field32(meta, ragged_jit.GRID_H)
-        grid_w = ragged_jit.field32(meta, ragged_jit.GRID_W)
-        k_chunk = ragged_jit.field32(meta, ragged_jit.SLICE_STEPS) * BLOCK_K  # stored in K steps
-        base = tl.load(meta + ragged_jit.TOKEN_OFFSET)  # int64
-        x_img = x_ptr + base * stride_xn
-        norm_img = norm_ptr + base
-        order_img = order_ptr + base
-        adj_img = adj_ptr + tl.load(meta + ragged_jit.ADJ_OFFSET)
-    else:
-        if PHASE == 1:  # grid axis 0: column block x K slice
-            col_block = tl.program_id(0) // SPLITS
-            split = tl.program_id(0) % SPLITS
-        else:
-            col_block = tl.program_id(0)
-            split = 0
-        row_block = row_block_start + tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        if col_block > row_block:  # only j < i is stored
-            return
-    if HAS_SKIP:  # lazy graphs: this image's selection is already settled
-        if tl.load(skip_ptr + b) != 0:
-            return
-    rows = row_block * BLOCK + tl.arange(0, BLOCK)
-    cols = col_block * BLOCK + tl.arange(0, BLOCK)
-    row_ok = rows < row_end  # row_end <= C: the rows asked for
-    col_ok = cols < C
-    # Token ids of the candidates in rank order; their feature rows are gathered. The ids
-    # are clamped into [0, N): whatever `order` holds (it is not checked on a GPU), every
-    # gather stays inside tokens and norms.
-    if RAGGED:
-        ti = tl.load(order_img + n_pivots + rows, mask=row_ok, other=0)
-        tj = tl.load(order_img + n_pivots + cols, mask=col_ok, other=0)
-    else:
-        ti = tl.load(order_ptr + b * stride_ob + n_pivots + rows, mask=row_ok, other=0)
-        tj = tl.load(order_ptr + b * stride_ob + n_pivots + cols, mask=col_ok, other=0)
-    ti = tl.minimum(tl.maximum(ti, 0), N - 1).to(tl.int32)  # now < N: 32 bits suffice
-    tj = tl.minimum(tl.maximum(tj, 0), N - 1).to(tl.int32)
-    # This tile's float32 partials in the workspace [B, SPLITS, n_tiles, BLOCK, BLOCK]
-    # (offsets in 64 bits: b is int64).
-    tile = row_block * (row_block + 1) // 2 + col_block
-    in_tile = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+def _slice_dots(xi, xj, k_lo, k_hi, offs_k, row_ok, col_ok, BLOCK: tl.constexpr,
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
+    """The tile's dot products over one K slice [k_lo, k_hi), summed from zero."""
+    part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        a, c = _k_step(xi, xj, k0, k_hi, offs_k, row_ok, col_ok, EVEN_K)
+        part = exact_dot(a, tl.trans(c), part, UPCAST)
+    return part
 
-    if PHASE == 2:
-        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        for s in range(SPLITS):
-            slot = (b * SPLITS + s) * n_tiles + tile
-            acc += tl.load(ws_ptr + slot * (BLOCK * BLOCK) + in_tile)
-    else:
-        offs_k = tl.arange(0, BLOCK_K)
-        if RAGGED:
-            xi = x_img + ti.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
-            xj = x_img + tj.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
-        else:
-            xi = x_ptr + b * stride_xb + ti.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
-            xj = x_ptr + b * stride_xb + tj.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
-        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        if RAGGED:
-            # The image's own slices, in order, in one loop over K whose bounds are kernel
-            # arguments (bounds read from the table would keep the loads from being
-            # pipelined): a slice's last step adds its sum to acc and restarts it from zero,
-            # the very float operations of the dense loops below. k_chunk is a multiple of
-            # BLOCK_K, so no step straddles two slices and the K mask is the same.
-            part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                a, c = _k_step(xi, xj, k0, D, offs_k, row_ok, col_ok, EVEN_K)
-                part = exact_dot(a, tl.trans(c), part, UPCAST)
-                if ((k0 + BLOCK_K) % k_chunk == 0) | (k0 + BLOCK_K >= D):
-                    acc += part  # 0 + part first: part's value (and edges: -0.0 >= t iff +0.0 >= t)
-                    part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        else:
-            for s in range(split, split + 1 if PHASE == 1 else SPLITS):
-                k_lo = s * k_chunk  # k_chunk: a multiple of BLOCK_K
-                k_hi = tl.minimum(D, k_lo + k_chunk)
-                part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-                for k0 in range(k_lo, k_hi, BLOCK_K):
-                    a, c = _k_step(xi, xj, k0, k_hi, offs_k, row_ok, col_ok, EVEN_K)
-                    part = exact_dot(a, tl.trans(c), part, UPCAST)
-                if SPLITS == 1:
-                    acc = part
-                else:
-                    acc += part
-        if PHASE == 1:
-            slot = (b * SPLITS + split) * n_tiles + tile
-            tl.store(ws_ptr + slot * (BLOCK * BLOCK) + in_tile, acc)
-            return
 
-    # Epilogue: cosine, spatial term, threshold, then 32 columns -> one int32 word.
-    if RAGGED:
-        ni = tl.maximum(tl.load(norm_img + ti, mask=row_ok, other=1.0), 1e-12)
-        nj = tl.maximum(tl.load(norm_img + tj, mask=col_ok, other=1.0), 1e-12)
-    else:
-        ni = tl.maximum(tl.load(norm_ptr + b * stride_nb + ti, mask=row_ok, other=1.0), 1e-12)
-        nj = tl.maximum(tl.load(norm_ptr + b * stride_nb + tj, mask=col_ok, other=1.0), 1e-12)
+@triton.jit
+def _store_edges(acc, norm_img, adj_img, row0, ti, tj, rows, cols, row_ok, col_ok, col_block,
+                 n_words, grid_h, grid_w, radius, temporal_radius, cos_weight, spatial_weight,
+                 sim_threshold, BLOCK: tl.constexpr, SPATIAL: tl.constexpr,
+                 SUM_BITS: tl.constexpr):
+    """The epilogue: cosine, spatial term, threshold, then 32 columns -> one int32 word,
+    stored in row row0 + i of adj_img (the image's packed [C, n_words] adjacency, or the
+    batch's with row0 = b * C)."""
+    ni = tl.maximum(tl.load(norm_img + ti, mask=row_ok, other=1.0), 1e-12)
+    nj = tl.maximum(tl.load(norm_img + tj, mask=col_ok, other=1.0), 1e-12)
     cos = acc / ni[:, None] / nj[None, :]
     if SPATIAL:
-        hw = grid_h * grid_w
-        ti32 = ti  # token ids in [0, N), int32: the grid arithmetic in 32 bits
-        tj32 = tj
-        dy = tl.abs((ti32 // grid_w % grid_h)[:, None] - (tj32 // grid_w % grid_h)[None, :])
-        dx = tl.abs((ti32 % grid_w)[:, None] - (tj32 % grid_w)[None, :])
-        dt = tl.abs((ti32 // hw)[:, None] - (tj32 // hw)[None, :])
+        hw = grid_h * grid_w  # token ids in [0, N), int32: the grid arithmetic in 32 bits
+        dy = tl.abs((ti // grid_w % grid_h)[:, None] - (tj // grid_w % grid_h)[None, :])
+        dx = tl.abs((ti % grid_w)[:, None] - (tj % grid_w)[None, :])
+        dt = tl.abs((ti // hw)[:, None] - (tj // hw)[None, :])
         near = (dy <= radius) & (dx <= radius) & (dt <= temporal_radius)
         f = cos_weight * cos + spatial_weight * near.to(tl.float32)
     else:  # beta = 0: f = 1 * cos + 0 * sp is cos itself (NaN stays NaN), no grid work
@@ -208,11 +108,176 @@ def _similarity_graph_kernel(
     else:
         words = tl.reduce(bits, 2, _bit_or)
     word_idx = col_block * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
-    if RAGGED:
-        out = adj_img + rows[:, None] * n_words + word_idx[None, :]
-    else:
-        out = adj_ptr + (b * C + rows[:, None]) * n_words + word_idx[None, :]
+    out = adj_img + (row0 + rows[:, None]) * n_words + word_idx[None, :]
     tl.store(out, words, mask=row_ok[:, None] & (word_idx[None, :] < n_words))
+
+
+# K is cut into SPLITS slices of slice_steps K steps (slice_len = slice_steps * BLOCK_K
+# elements; a choice of the image's shape: its split_count), each summed from zero, then
+# added in slice order. _graph_kernel: a program does every slice of its tile in turn, then
+# the epilogue. Split-K, for launches whose tiles cannot fill the GPU: _slice_kernel
+# programs each reduce one slice into a float32 workspace tile, _sum_slices_kernel adds
+# them in slice order and runs the epilogue. Both paths run the same float operations, so
+# an image's edges do not depend on which one built them (nor on the batch around it).
+# Dense grids: (column blocks [x SPLITS], row blocks from row_block_start, images); only
+# tiles with j-block <= i-block work.
+
+@triton.jit
+def _graph_kernel(x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, N, C, row_end, D, n_pivots,
+                  row_block_start, slice_len, stride_xb, stride_xn, stride_nb, stride_ob,
+                  n_words, grid_h, grid_w, radius, temporal_radius, cos_weight,
+                  spatial_weight, sim_threshold, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr, UPCAST: tl.constexpr, HAS_SKIP: tl.constexpr,
+                  SPATIAL: tl.constexpr, SPLITS: tl.constexpr, SUM_BITS: tl.constexpr):
+    col_block = tl.program_id(0)
+    row_block = row_block_start + tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    if col_block > row_block:  # only j < i is stored
+        return
+    if HAS_SKIP:  # lazy graphs: this image's selection is already settled
+        if tl.load(skip_ptr + b) != 0:
+            return
+    rows, cols, row_ok, col_ok, ti, tj = _tile(order_ptr + b * stride_ob, n_pivots, row_block,
+                                               col_block, row_end, C, N, BLOCK)
+    offs_k = tl.arange(0, BLOCK_K)
+    xi = x_ptr + b * stride_xb + ti.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
+    xj = x_ptr + b * stride_xb + tj.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for s in range(0, SPLITS):
+        k_lo = s * slice_len
+        part = _slice_dots(xi, xj, k_lo, tl.minimum(D, k_lo + slice_len), offs_k, row_ok,
+                           col_ok, BLOCK, BLOCK_K, EVEN_K, UPCAST)
+        if SPLITS == 1:
+            acc = part
+        else:
+            acc += part
+    _store_edges(acc, norm_ptr + b * stride_nb, adj_ptr, b * C, ti, tj, rows, cols, row_ok,
+                 col_ok, col_block, n_words, grid_h, grid_w, radius, temporal_radius,
+                 cos_weight, spatial_weight, sim_threshold, BLOCK, SPATIAL, SUM_BITS)
+
+
+@triton.jit
+def _slice_kernel(x_ptr, order_ptr, skip_ptr, ws_ptr, N, C, row_end, D, n_pivots,
+                  row_block_start, slice_len, n_tiles, stride_xb, stride_xn, stride_ob,
+                  BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                  UPCAST: tl.constexpr, HAS_SKIP: tl.constexpr, SPLITS: tl.constexpr):
+    """Split-K, first launch: one K slice of one tile into its float32 workspace tile
+    ([B, SPLITS, n_tiles, BLOCK, BLOCK], offsets in 64 bits: b is int64)."""
+    col_block = tl.program_id(0) // SPLITS
+    split = tl.program_id(0) % SPLITS
+    row_block = row_block_start + tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    if col_block > row_block:
+        return
+    if HAS_SKIP:
+        if tl.load(skip_ptr + b) != 0:
+            return
+    rows, cols, row_ok, col_ok, ti, tj = _tile(order_ptr + b * stride_ob, n_pivots, row_block,
+                                               col_block, row_end, C, N, BLOCK)
+    offs_k = tl.arange(0, BLOCK_K)
+    xi = x_ptr + b * stride_xb + ti.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
+    xj = x_ptr + b * stride_xb + tj.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
+    tile = row_block * (row_block + 1) // 2 + col_block
+    in_tile = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for s in range(split, split + 1):  # this form compiles to the fewest registers (sm_80)
+        k_lo = s * slice_len
+        acc += _slice_dots(xi, xj, k_lo, tl.minimum(D, k_lo + slice_len), offs_k, row_ok,
+                           col_ok, BLOCK, BLOCK_K, EVEN_K, UPCAST)
+    slot = (b * SPLITS + split) * n_tiles + tile
+    tl.store(ws_ptr + slot * (BLOCK * BLOCK) + in_tile, acc)
+
+
+@triton.jit
+def _sum_slices_kernel(norm_ptr, order_ptr, adj_ptr, skip_ptr, ws_ptr, N, C, row_end,
+                       n_pivots, row_block_start, n_tiles, stride_nb, stride_ob, n_words,
+                       grid_h, grid_w, radius, temporal_radius, cos_weight, spatial_weight,
+                       sim_threshold, BLOCK: tl.constexpr, HAS_SKIP: tl.constexpr,
+                       SPATIAL: tl.constexpr, SPLITS: tl.constexpr, SUM_BITS: tl.constexpr):
+    """Split-K, second launch: a tile's slices added in slice order, then the epilogue."""
+    col_block = tl.program_id(0)
+    row_block = row_block_start + tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    if col_block > row_block:
+        return
+    if HAS_SKIP:
+        if tl.load(skip_ptr + b) != 0:
+            return
+    rows, cols, row_ok, col_ok, ti, tj = _tile(order_ptr + b * stride_ob, n_pivots, row_block,
+                                               col_block, row_end, C, N, BLOCK)
+    tile = row_block * (row_block + 1) // 2 + col_block
+    in_tile = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for s in range(SPLITS):
+        slot = (b * SPLITS + s) * n_tiles + tile
+        acc += tl.load(ws_ptr + slot * (BLOCK * BLOCK) + in_tile)
+    _store_edges(acc, norm_ptr + b * stride_nb, adj_ptr, b * C, ti, tj, rows, cols, row_ok,
+                 col_ok, col_block, n_words, grid_h, grid_w, radius, temporal_radius,
+                 cos_weight, spatial_weight, sim_threshold, BLOCK, SPATIAL, SUM_BITS)
+
+
+@triton.jit
+def _ragged_graph_kernel(x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, table_ptr, n_images, D,
+                         stride_xn, radius, temporal_radius, cos_weight, spatial_weight,
+                         sim_threshold, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                         EVEN_K: tl.constexpr, UPCAST: tl.constexpr, HAS_SKIP: tl.constexpr,
+                         SPATIAL: tl.constexpr, SUM_BITS: tl.constexpr):
+    """A packed batch (prune_varlen), grid (tiles of this range,). The program's image
+    comes from the table's TILE_START column, its tile from its index among the image's
+    tiles of rows [ROW_BEGIN, ROW_END) (lower triangle, row-major, so no program is idle);
+    N, n_pivots, C, the grid and the K slices are the image's own (the slices it gets
+    alone: the same float operations as its own prune()); the tokens, norms and order are
+    read at its token offset, its graph written at its adjacency offset in its own layout
+    [C_b, words(C_b)]."""
+    pid = tl.program_id(0)
+    img = ragged_jit.image_of(table_ptr, ragged_jit.TILE_START, pid, n_images)
+    b = img.to(tl.int64)
+    meta = ragged_jit.row_of(table_ptr, img)
+    N = ragged_jit.field32(meta, ragged_jit.TOKENS)
+    n_pivots = ragged_jit.field32(meta, ragged_jit.PIVOTS)
+    C = N - n_pivots
+    n_words = (C + 31) // 32
+    row_end = ragged_jit.field32(meta, ragged_jit.ROW_END)
+    first_block = ragged_jit.field32(meta, ragged_jit.ROW_BEGIN) // BLOCK
+    tile_start = ragged_jit.field32(meta, ragged_jit.TILE_START)
+    g = first_block * (first_block + 1) // 2 + (pid - tile_start)
+    # row_block = the r with r (r + 1) / 2 <= g < (r + 1) (r + 2) / 2: the float32 root
+    # is off by at most one for any g of a graph the MIS takes (r < 4096), then corrected
+    r = ((tl.sqrt(8.0 * g.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    r = tl.where((r + 1) * (r + 2) // 2 <= g, r + 1, r)
+    r = tl.where(r * (r + 1) // 2 > g, r - 1, r)
+    row_block = r
+    col_block = g - r * (r + 1) // 2
+    grid_h = ragged_jit.field32(meta, ragged_jit.GRID_H)
+    grid_w = ragged_jit.field32(meta, ragged_jit.GRID_W)
+    slice_len = ragged_jit.field32(meta, ragged_jit.SLICE_STEPS) * BLOCK_K
+    base = tl.load(meta + ragged_jit.TOKEN_OFFSET)  # int64
+    if HAS_SKIP:  # lazy graphs: this image's selection is already settled
+        if tl.load(skip_ptr + b) != 0:
+            return
+    rows, cols, row_ok, col_ok, ti, tj = _tile(order_ptr + base, n_pivots, row_block,
+                                               col_block, row_end, C, N, BLOCK)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_img = x_ptr + base * stride_xn
+    xi = x_img + ti.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
+    xj = x_img + tj.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
+    # The image's own slices, in order, in one loop over K whose bounds are kernel
+    # arguments (bounds read from the table would keep the loads from being pipelined): a
+    # slice's last step adds its sum to acc and restarts it from zero, the very float
+    # operations of _graph_kernel. slice_len is a multiple of BLOCK_K, so no step
+    # straddles two slices and the K mask is the same.
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        a, c = _k_step(xi, xj, k0, D, offs_k, row_ok, col_ok, EVEN_K)
+        part = exact_dot(a, tl.trans(c), part, UPCAST)
+        if ((k0 + BLOCK_K) % slice_len == 0) | (k0 + BLOCK_K >= D):
+            acc += part  # 0 + part first: part's value (and edges: -0.0 >= t iff +0.0 >= t)
+            part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    adj_img = adj_ptr + tl.load(meta + ragged_jit.ADJ_OFFSET)
+    _store_edges(acc, norm_ptr + base, adj_img, 0, ti, tj, rows, cols, row_ok, col_ok,
+                 col_block, n_words, grid_h, grid_w, radius, temporal_radius, cos_weight,
+                 spatial_weight, sim_threshold, BLOCK, SPATIAL, SUM_BITS)
 
 
 def split_count(tiles: int, k_steps: int, device: torch.device) -> int:
@@ -284,7 +349,7 @@ class GraphRows:
         k_steps = cdiv(d, self.block_k)
         self.splits = self.cfg.pop("SPLITS", None) or split_count(self.n_tiles, k_steps,
                                                                   tokens.device)
-        self.k_chunk = cdiv(k_steps, self.splits) * self.block_k
+        self.slice_steps = cdiv(k_steps, self.splits)  # K steps per slice
         self.split_launch = self.cfg.pop("SPLIT_LAUNCH", None)  # None: `launch_slices`
         self.ws = None  # allocated by the first split-K launch
         # the whole graph's tiles per SM (the interpreter has no SMs: inf); a split-K
@@ -306,27 +371,37 @@ class GraphRows:
         first, last = start // self.block, cdiv(end, self.block)  # row blocks [first, last)
         if last <= first:
             return
-        grid, p = self.grid, self.params
         x, adj, b = self.x, self.adj, self.x.shape[0]
         split = self._split(b * (last * (last + 1) - first * (first + 1)) // 2)  # its tiles
         if split and self.ws is None:
             self.ws = torch.empty(b * self.splits * self.n_tiles * self.block ** 2,
                                   dtype=torch.float32, device=x.device)
-        args = (x, self.norms, self.order, adj, adj if skip is None else skip,
-                self.ws if split else adj, adj,  # no ragged table (never read)
-                x.shape[1], self.c, end, x.shape[2], self.n_pivots, first, self.k_chunk, self.n_tiles,
-                1, x.stride(0), x.stride(1), self.norms.stride(0), self.order.stride(0),
-                adj.shape[2], grid[1], grid[2], p.radius, p.temporal_radius, p.cos_weight,
-                p.spatial_weight, p.sim_threshold)
-        flags = dict(HAS_SKIP=skip is not None, SPLITS=self.splits, RAGGED=False, **self.flags,
+        p = self.params
+        sizes = dict(N=x.shape[1], C=self.c, row_end=end, n_pivots=self.n_pivots,
+                     row_block_start=first, stride_ob=self.order.stride(0))
+        flags = dict(BLOCK=self.block, HAS_SKIP=skip is not None, SPLITS=self.splits,
                      **self.cfg)
+        dots = dict(x_ptr=x, D=x.shape[2], slice_len=self.slice_steps * self.block_k,
+                    stride_xb=x.stride(0), stride_xn=x.stride(1),
+                    **{f: self.flags[f] for f in ("BLOCK_K", "EVEN_K", "UPCAST")})
+        edges = dict(norm_ptr=self.norms, adj_ptr=adj, stride_nb=self.norms.stride(0),
+                     n_words=adj.shape[2], grid_h=self.grid[1], grid_w=self.grid[2],
+                     radius=p.radius, temporal_radius=p.temporal_radius,
+                     cos_weight=p.cos_weight, spatial_weight=p.spatial_weight,
+                     sim_threshold=p.sim_threshold,
+                     **{f: self.flags[f] for f in ("SPATIAL", "SUM_BITS")})
+        skip_ptr = adj if skip is None else skip  # never read without HAS_SKIP
         with launch_device(x.device):  # grid: column blocks [0, last) x row blocks x images
             if not split:
-                _similarity_graph_kernel[(last, last - first, b)](*args, PHASE=0, **flags)
+                _graph_kernel[(last, last - first, b)](
+                    order_ptr=self.order, skip_ptr=skip_ptr, **sizes, **dots, **edges, **flags)
             else:
-                _similarity_graph_kernel[(last * self.splits, last - first, b)](
-                    *args, PHASE=1, **flags)
-                _similarity_graph_kernel[(last, last - first, b)](*args, PHASE=2, **flags)
+                _slice_kernel[(last * self.splits, last - first, b)](
+                    order_ptr=self.order, skip_ptr=skip_ptr, ws_ptr=self.ws,
+                    n_tiles=self.n_tiles, **sizes, **dots, **flags)
+                _sum_slices_kernel[(last, last - first, b)](
+                    order_ptr=self.order, skip_ptr=skip_ptr, ws_ptr=self.ws,
+                    n_tiles=self.n_tiles, **sizes, **edges, **flags)
 
 
 def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
@@ -350,19 +425,19 @@ def ragged_rows(tokens: torch.Tensor, norms: torch.Tensor, order: torch.Tensor,
     its ADJ_OFFSET). tokens [total, D] (unit last stride), norms float32 [total], order int64
     [total] (local ids at each TOKEN_OFFSET), table: this range's [B, FIELDS] on the device,
     `tiles` its programs (the TILE_START prefix's total). config: default_config of the
-    tokens (the table's K_CHUNK is a multiple of its BLOCK_K). Images with skip[b] != 0 are
-    left alone. Always in-program K slices (PHASE 0): no workspace, no second launch."""
+    tokens (the table's SLICE_STEPS count its BLOCK_K). Images with skip[b] != 0 are left
+    alone. Always in-program K slices: no workspace, no second launch."""
     if tiles == 0:
         return
     cfg = dict(config)
     block, block_k = cfg.pop("BLOCK"), cfg.pop("BLOCK_K")
-    total, d = tokens.shape
+    d = tokens.shape[1]
     p = params
-    flags = dict(BLOCK=block, HAS_SKIP=skip is not None, SPLITS=1, PHASE=0, RAGGED=True,
-                 **tile_flags(tokens.dtype, d, block_k, p), **cfg)
     with launch_device(tokens.device):
-        _similarity_graph_kernel[(tiles, 1, 1)](
-            tokens, norms, order, adj, adj if skip is None else skip, adj, table,
-            total, 0, 0, d, 0, 0, 0, 0, table.shape[0], 0, tokens.stride(0), 0, 0, 0, 0, 0,
-            p.radius, p.temporal_radius, p.cos_weight, p.spatial_weight, p.sim_threshold,
-            **flags)
+        _ragged_graph_kernel[(tiles,)](
+            x_ptr=tokens, norm_ptr=norms, order_ptr=order, adj_ptr=adj,
+            skip_ptr=adj if skip is None else skip, table_ptr=table, n_images=table.shape[0],
+            D=d, stride_xn=tokens.stride(0), radius=p.radius,
+            temporal_radius=p.temporal_radius, cos_weight=p.cos_weight,
+            spatial_weight=p.spatial_weight, sim_threshold=p.sim_threshold, BLOCK=block,
+            HAS_SKIP=skip is not None, **tile_flags(tokens.dtype, d, block_k, p), **cfg)
