@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "NOTES.md"]
 DESIGN = ROOT / "docs" / "design.md"
 # where every file must be named in design.md §8 (and the top-level files it lists)
-LISTED_TREES = ("d2pruner_kernels", "csrc", "docs", "examples", "benchmarks", "tests", ".ci")
+LISTED_TREES = ("d2pruner_kernels", "csrc", "docs", "examples", "benchmarks", "tests", ".ci",
+                "tools")
 
 
 def _text(path: Path) -> str:
