@@ -215,3 +215,20 @@ def test_readme_speed_table_is_the_recorded_report():
         for name, cell in zip(head, row):
             assert name in rhead, name
             assert cell == want[rhead.index(name)], (row[0], name, cell)
+
+
+def test_code_names_the_docs_quote_exist():
+    """Every `snake_case`, `CamelCase` or `UPPER_CASE` name the user and design pages quote
+    is still in the code (a rename leaves no stale name behind in the docs)."""
+    sources = [p for tree in LISTED_TREES for p in map(ROOT.joinpath, _files(tree))
+               if p.suffix in (".py", ".h", ".cpp", ".cu", ".sh", "")]
+    code = "\n".join(_text(p) for p in sources + [ROOT / "Makefile", ROOT / "pyproject.toml"])
+    words = set(re.findall(r"\w+", code))
+    checked = 0
+    for page in ("README.md", "docs/guide.md", "docs/design.md", "docs/speed.md"):
+        for name in set(re.findall(r"`([A-Za-z_][\w.]*)(?:\(\))?`", _text(ROOT / page))):
+            last = name.split(".")[-1]
+            if "_" in last or re.search(r"[a-z][A-Z]", last) or last.isupper():
+                assert last in words, f"{page} quotes `{name}`, which the code no longer has"
+                checked += 1
+    assert checked >= 50
