@@ -18,9 +18,11 @@ from .options import PruneOptions
 from .prior import PositionalPrior
 from .prune import prune
 from .stages import debiased_scores, greedy_mis, rank_order, similarity_graph
+from .token_layout import TokenLayout
 from .varlen import prune_varlen
 
 __all__ = ["prune", "prune_varlen", "debiased_scores", "rank_order", "similarity_graph",
-           "greedy_mis", "attention_scores", "PositionalPrior", "PruneOptions", "layout",
+           "greedy_mis", "attention_scores", "PositionalPrior", "PruneOptions", "TokenLayout",
+           "layout",
            "reference"]
 __version__ = "0.1.0"

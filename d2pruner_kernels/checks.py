@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .layout import num_words
+from .token_layout import TokenLayout, check_layout
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BACKENDS = ("auto", "reference", "kernels")
@@ -79,17 +80,32 @@ def check_float(name: str, v, lo: float, hi: float) -> float:
 def grid_dims(name: str, grid) -> tuple[int, ...]:
     """(H, W) or (T, H, W) of positive ints, as given."""
     if not isinstance(grid, (tuple, list, torch.Size)) or len(grid) not in (2, 3):
-        raise TypeError(f"{name} must be a tuple (H, W) or (T, H, W), got {grid!r}")
+        raise TypeError(f"{name} must be a tuple (H, W) or (T, H, W) or a TokenLayout, got "
+                        f"{grid!r}")
     return tuple(check_int(f"{name} entries", g, lo=1) for g in grid)
 
 
-def check_grid(grid_hw, n: int) -> tuple[int, int, int]:
-    """Returns the grid as (T, H, W); a 2-D grid has T = 1."""
-    dims = grid_dims("grid_hw", grid_hw)
-    cells = math.prod(dims)
-    if cells != n:
-        raise ValueError(f"grid {dims} has {cells} cells but tokens has N={n}")
-    return as_3d(dims)
+def grid_or_layout(name: str, grid):
+    """A grid as the stages take it: (T, H, W), or a TokenLayout of several pieces or tiles
+    (one raster piece is its (T, H, W))."""
+    if isinstance(grid, TokenLayout):
+        check_layout(name, grid)
+        return grid.raster() or grid
+    return as_3d(grid_dims(name, grid))
+
+
+def cells(grid) -> int:
+    """N of a (T, H, W) grid or a TokenLayout."""
+    return grid.cells if isinstance(grid, TokenLayout) else math.prod(grid)
+
+
+def check_grid(grid_hw, n: int, name: str = "grid_hw"):
+    """Returns the grid as (T, H, W) (a 2-D grid has T = 1), or a TokenLayout."""
+    grid = grid_or_layout(name, grid_hw)
+    if cells(grid) != n:
+        shown = grid_hw if isinstance(grid_hw, TokenLayout) else tuple(grid_hw)
+        raise ValueError(f"grid {shown} has {cells(grid)} cells but tokens has N={n}")
+    return grid
 
 
 def as_3d(grid) -> tuple[int, int, int]:
@@ -211,19 +227,16 @@ def check_permutation(order: torch.Tensor) -> None:
                          f"image {i} repeats token {dup}")
 
 
-def check_graph_inputs(tokens, order, n_pivots, grid) -> tuple[int, int, int]:
+def check_graph_inputs(tokens, order, n_pivots, grid):
     """similarity_graph's tokens [B, N, D], order int64 [B, N], n_pivots in [0, N] and
-    grid (product N): metadata only. Returns the grid as (T, H, W)."""
+    grid (N cells): metadata only. Returns the grid as (T, H, W) or a TokenLayout."""
     check_tensor("tokens", tokens, (3,))
     b, n, _ = tokens.shape
     check_order(order, b, n, tokens.device)
     n_pivots = check_int("n_pivots", n_pivots)
     if n_pivots > n:
         raise ValueError(f"n_pivots must be in [0, N={n}], got {n_pivots}")
-    dims = grid_dims("grid", grid)
-    if math.prod(dims) != n:
-        raise ValueError(f"grid {dims} has {math.prod(dims)} cells but tokens has N={n}")
-    return as_3d(dims)
+    return check_grid(grid, n, "grid")
 
 
 def check_mis_inputs(adjacency, order, n_pivots, k) -> None:

@@ -31,6 +31,7 @@ from .checks import check_backend
 from .kernels import cpu_walk, interpreting
 from .kernels import mis as mis_kernel
 from .options import PruneOptions
+from .token_layout import TokenLayout
 from .reference import attention as reference_attention
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -121,7 +122,7 @@ def rank(scores_: torch.Tensor, backend: str) -> torch.Tensor:
 
 def graph(tokens, order, n_pivots: int, grid, opts: PruneOptions) -> torch.Tensor:
     """Step 4: packed int32 [B, C, words] (see `layout`)."""
-    if use_triton(opts.backend, tokens.device):
+    if use_triton(opts.backend, tokens.device) and not isinstance(grid, TokenLayout):
         return _triton("graph").similarity_graph(tokens, order, n_pivots, grid, opts)
     return reference.similarity_graph(tokens, order, n_pivots, grid, opts)
 
@@ -139,10 +140,11 @@ def select(tokens, attn, prior, grid, k: int, n_pivots: int, opts: PruneOptions)
     device, backend = tokens.device, opts.backend
     # Decide the path before any kernel runs ('kernels' raises here if it cannot run).
     fused = use_triton(backend, device) and use_compiled_mis(backend, device, tokens.shape[1])
+    raster = not isinstance(grid, TokenLayout)  # the graph kernels and the walk take grids
     s = scores(attn, prior, opts.eps, backend)
     if n_pivots == k:  # no supplements: plain top-k, no graph needed
         return torch.sort(rank(s, backend)[:, :k], dim=1).values
-    if fused:  # rank + norms in one launch, then the graph in row ranges + MIS
+    if fused and raster:  # rank + norms in one launch, then the graph in row ranges + MIS
         tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()  # one copy at most
         kernel = _rank_kernel(s)
         if kernel is not None:
@@ -151,7 +153,7 @@ def select(tokens, attn, prior, grid, k: int, n_pivots: int, opts: PruneOptions)
             order, norms = reference.rank_order(s), _triton("rank").rank_and_norms(None, tokens)[1]
         return _triton("lazy_graph").select(tokens, order, norms, n_pivots, k, grid, opts)
     order = rank(s, backend)
-    if use_cpu_walk(backend, device):  # steps 4-7 without the graph
+    if use_cpu_walk(backend, device) and raster:  # steps 4-7 without the graph
         return cpu_walk.select(tokens, order, n_pivots, k, grid, opts)
     return mis(graph(tokens, order, n_pivots, grid, opts), order, n_pivots, k, backend)
 
@@ -171,6 +173,7 @@ def select_varlen(tokens, attn, images, grids, ks, n_pivots, priors, packed_prio
     uniform = len(set(grids)) == 1 and len(set(ks)) == 1
     # Decide the path before any kernel runs ('kernels' raises here if it cannot run).
     fused = (not uniform and use_triton(backend, device)
+             and not any(isinstance(g, TokenLayout) for g in grids)
              and use_compiled_mis(backend, device, max(e - s for s, e in images)))
     if fused:
         prior = packed_prior

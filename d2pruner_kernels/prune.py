@@ -18,6 +18,7 @@ from . import dispatch
 from .checks import as_3d, check_prune_inputs, pivot_count, resolve_k
 from .options import PruneOptions, of, takes_options
 from .prior import PositionalPrior
+from .token_layout import TokenLayout, layout_prior
 
 
 @takes_options()
@@ -28,7 +29,8 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
     tokens: [B, N, D] or [N, D] features (fp16 / bf16 / fp32).
     attn:   [B, N] or [B, H, N] (or unbatched [N] / [H, N]) importance; heads are averaged.
             A row of a full attention map is a view: attn_full[:, :, row, start:end].
-    grid_hw: (H, W) or (T, H, W), product N.  k: int in [1, N] or ratio in (0, 1].
+    grid_hw: (H, W) or (T, H, W), product N, or a TokenLayout of N tokens (tiles,
+            thumbnails, anyres pieces: token_layout.py).  k: int in [1, N] or ratio in (0, 1].
     options: a PruneOptions, and/or its fields as keywords (prior, pivot_ratio,
             sim_threshold, spatial_weight, radius, temporal_radius, eps, check_finite,
             backend; options.py has their defaults and meaning). The keywords win.
@@ -44,7 +46,9 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
     batched, n, grid = check_prune_inputs(tokens, attn, grid_hw,
                                           None if prior_obj is not None else prior,
                                           opts.check_finite)
-    if prior_obj is not None:  # calibrated for this grid; one device copy, cached
+    if prior_obj is not None and isinstance(grid, TokenLayout):  # spread over its pieces
+        prior = layout_prior(prior_obj, grid, tokens.device)
+    elif prior_obj is not None:  # calibrated for this grid; one device copy, cached
         if as_3d(prior_obj.grid) != grid:
             raise ValueError(f"prior is calibrated for grid {tuple(prior_obj.grid)}, "
                              f"got grid_hw {tuple(grid_hw)}")
@@ -54,6 +58,9 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
         tokens, attn = tokens.unsqueeze(0), attn.unsqueeze(0)
     n_pivots = pivot_count(opts.pivot_ratio, k)
     if torch.compiler.is_compiling():
+        if isinstance(grid, TokenLayout):
+            raise ValueError("a TokenLayout grid is not supported under torch.compile yet: "
+                             "compile around prune() or pass a (T, H, W) grid")
         out = _prune_op(tokens, attn, prior, list(grid), k, n_pivots, opts.sim_threshold,
                         opts.spatial_weight, opts.radius, opts.temporal_radius, opts.eps,
                         opts.backend)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import layout, reference
-from .checks import as_3d
+from .checks import grid_or_layout
 
 
 def clustered_tokens(b: int, n: int, d: int, *, clusters: int = 6, noise: float = 0.35,
@@ -42,7 +42,9 @@ def fused_similarity64(tokens, order, n_pivots, grid, beta, radius=2, temporal_r
     cand = order[:, n_pivots:]
     xc = torch.gather(xh, 1, cand.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     cos = xc @ xc.transpose(1, 2)
-    t, y, xx = (c[cand] for c in reference.grid_coords(tokens.shape[1], grid, tokens.device))
+    *tyx, temporal_radius = reference.grid_coords(tokens.shape[1], grid, temporal_radius,
+                                                  tokens.device)
+    t, y, xx = (c[cand] for c in tyx)
     near = lambda a, r: (a.unsqueeze(2) - a.unsqueeze(1)).abs() <= r  # noqa: E731
     sp = (near(y, radius) & near(xx, radius) & near(t, temporal_radius)).double()
     return (1 - beta) * cos + beta * sp
@@ -63,7 +65,7 @@ def band_free(draw, n_pivots, grid, beta=0.0, radius=2, temporal_radius=1, theta
     for i in range(tries):
         tokens, attn, prior = draw(i)
         order = reference.rank_order(reference.debiased_scores(attn, prior))
-        if band_margin(tokens, order, n_pivots, as_3d(grid), theta, beta, radius,
+        if band_margin(tokens, order, n_pivots, grid_or_layout("grid", grid), theta, beta, radius,
                        temporal_radius) > 1e-5:
             return tokens, attn, prior
     raise AssertionError(f"no input outside the parity band in {tries} draws")

@@ -15,14 +15,15 @@ exactly, on every backend. Every misuse raises before any work, naming the image
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from . import dispatch
-from .checks import as_3d, check_tensor, grid_dims, pivot_count, resolve_k, shape_str
+from .checks import (cells, check_tensor, grid_dims, grid_or_layout, pivot_count, resolve_k,
+                     shape_str)
 from .options import PruneOptions, of, takes_options
 from .prior import PositionalPrior
+from .token_layout import TokenLayout, check_layout, layout_prior
 
 INT_DTYPES = (torch.int32, torch.int64)
 
@@ -39,7 +40,8 @@ def _grid_list(grids) -> list[tuple[int, ...]]:
                         f"[B, 2] / [B, 3], got {type(grids).__name__}")
     if len(grids) == 0:  # docs/spec.md §9: an empty batch is a ValueError, as in prune()
         raise ValueError("grids is empty: an empty batch (B=0)")
-    return [grid_dims(f"grids[{i}]", g) for i, g in enumerate(grids)]
+    return [check_layout(f"grids[{i}]", g) if isinstance(g, TokenLayout)
+            else grid_dims(f"grids[{i}]", g) for i, g in enumerate(grids)]
 
 
 def _budgets(k, lengths: list[int]) -> list[int]:
@@ -110,7 +112,8 @@ def _priors(prior, grids, offsets, total: int, device) -> list:
     if prior is None:
         return [None] * len(grids)
     if isinstance(prior, PositionalPrior):
-        return [prior.for_grid(g)._device_tensor(device=device) for g in grids]  # cached
+        return [layout_prior(prior, g, device) if isinstance(g, TokenLayout)  # cached
+                else prior.for_grid(g)._device_tensor(device=device) for g in grids]
     check_tensor("prior", prior, (1,))
     if prior.shape[0] != total:
         raise ValueError(f"prior must be packed like tokens: [total] = [{total}], got "
@@ -156,8 +159,8 @@ def prune_varlen(tokens: torch.Tensor, attn: torch.Tensor, cu_seqlens: torch.Ten
     tokens: [total, D] packed features (fp16 / bf16 / fp32).
     attn:   [total] or [H, total], packed the same way.
     cu_seqlens: int32 / int64 [B + 1], 0, non-decreasing, last = total (host or device).
-    grids:  a list of B grids (H, W) / (T, H, W), each with the product of its segment's
-            length, or an int tensor [B, 2] / [B, 3].
+    grids:  a list of B grids (H, W) / (T, H, W) or TokenLayouts, each with its segment's
+            length of cells, or an int tensor [B, 2] / [B, 3].
     k:      an int or a ratio for every image, or a list / int tensor of B budgets.
             (grids and k are host values: a CUDA tensor of either is read, which syncs.)
     options: a PruneOptions and/or its fields as keywords, as for prune(); here prior is
@@ -172,7 +175,7 @@ def prune_varlen(tokens: torch.Tensor, attn: torch.Tensor, cu_seqlens: torch.Ten
     if attn.shape[-1] != total:
         raise ValueError(f"attn has {attn.shape[-1]} packed tokens but tokens has {total}")
     grids = _grid_list(grids)
-    lengths = [math.prod(g) for g in grids]
+    lengths = [cells(g) for g in grids]
     offsets = _check_offsets(cu_seqlens, total, grids, lengths, opts.check_finite)
     ks = _budgets(k, lengths)
     prior = opts.prior
@@ -182,7 +185,8 @@ def prune_varlen(tokens: torch.Tensor, attn: torch.Tensor, cu_seqlens: torch.Ten
 
     # all checks done: the work (dispatch.select_varlen decides how it runs)
     n_pivots = [pivot_count(opts.pivot_ratio, kb) for kb in ks]
-    keep = dispatch.select_varlen(tokens, attn, images, [as_3d(g) for g in grids], ks, n_pivots,
+    keep = dispatch.select_varlen(tokens, attn, images,
+                                  [grid_or_layout("grids", g) for g in grids], ks, n_pivots,
                                   priors, prior if isinstance(prior, torch.Tensor) else None,
                                   opts)
     cu_keep = [0]

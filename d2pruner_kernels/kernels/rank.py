@@ -45,7 +45,7 @@ def _sort_key(s, idx, ok, N):
 
 
 @triton.jit
-def _rank_norms_kernel(s_ptr, order_ptr, x_ptr, norm_ptr, meta_ptr, N, D, rank_programs,
+def _rank_norms_kernel(s_ptr, order_ptr, x_ptr, norm_ptr, table_ptr, N, D, rank_programs,
                        n_images, stride_sb, stride_ob, stride_xb, stride_xn, stride_nb,
                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                        NORM_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RAGGED: tl.constexpr):
@@ -57,8 +57,8 @@ def _rank_norms_kernel(s_ptr, order_ptr, x_ptr, norm_ptr, meta_ptr, N, D, rank_p
     b = tl.program_id(1).to(tl.int64)
     if pid < rank_programs:
         if RAGGED:
-            img = ragged_jit.image_of(meta_ptr, ragged_jit.RANK_START, pid, n_images)
-            row = ragged_jit.row_of(meta_ptr, img)
+            img = ragged_jit.image_of(table_ptr, ragged_jit.RANK_START, pid, n_images)
+            row = ragged_jit.row_of(table_ptr, img)
             first = pid - ragged_jit.field32(row, ragged_jit.RANK_START)
             N = ragged_jit.field32(row, ragged_jit.TOKENS)
             s_row = s_ptr + tl.load(row + ragged_jit.TOKEN_OFFSET)  # int64 offsets
@@ -129,10 +129,12 @@ def rank_and_norms(scores: torch.Tensor | None, tokens: torch.Tensor | None):
 
     with launch_device(dev):
         _rank_norms_kernel[(rank_programs + norm_programs, b)](
-            arg(scores), arg(order), arg(tokens), arg(norms), ref, n, d, rank_programs, 1,
-            stride(scores, 0), stride(order, 0), stride(tokens, 0), stride(tokens, 1),
-            stride(norms, 0), BLOCK_I=block_i, BLOCK_J=BLOCK_J, NORM_ROWS=norm_rows,
-            BLOCK_D=min(2048, next_pow2(d)), RAGGED=False, num_warps=4)
+            s_ptr=arg(scores), order_ptr=arg(order), x_ptr=arg(tokens), norm_ptr=arg(norms),
+            table_ptr=ref, N=n, D=d, rank_programs=rank_programs, n_images=1,
+            stride_sb=stride(scores, 0), stride_ob=stride(order, 0),
+            stride_xb=stride(tokens, 0), stride_xn=stride(tokens, 1),
+            stride_nb=stride(norms, 0), BLOCK_I=block_i, BLOCK_J=BLOCK_J,
+            NORM_ROWS=norm_rows, BLOCK_D=min(2048, next_pow2(d)), RAGGED=False, num_warps=4)
     return order, norms
 
 
@@ -162,9 +164,10 @@ def rank_and_norms_ragged(scores: torch.Tensor, tokens: torch.Tensor | None,
     d = 1 if tokens is None else tokens.shape[1]
     with launch_device(dev):
         _rank_norms_kernel[(rank_programs + norm_programs, 1)](
-            scores, order, scores if tokens is None else tokens,
-            scores if norms is None else norms, table, total, d, rank_programs, table.shape[0],
-            0, 0, 0, 0 if tokens is None else tokens.stride(0), 0, BLOCK_I=rank_block(),
-            BLOCK_J=BLOCK_J, NORM_ROWS=norm_rows, BLOCK_D=min(2048, next_pow2(d)),
-            RAGGED=True, num_warps=4)
+            s_ptr=scores, order_ptr=order, x_ptr=scores if tokens is None else tokens,
+            norm_ptr=scores if norms is None else norms, table_ptr=table, N=total, D=d,
+            rank_programs=rank_programs, n_images=table.shape[0], stride_sb=0, stride_ob=0,
+            stride_xb=0, stride_xn=0 if tokens is None else tokens.stride(0), stride_nb=0,
+            BLOCK_I=rank_block(), BLOCK_J=BLOCK_J, NORM_ROWS=norm_rows,
+            BLOCK_D=min(2048, next_pow2(d)), RAGGED=True, num_warps=4)
     return order, norms

@@ -59,7 +59,9 @@ def debiased_scores(attn: torch.Tensor, prior: torch.Tensor | None,
         spb, spn = prior.expand(b, n).stride()  # [N] and [1, N] broadcast: batch stride 0
     grid = (cdiv(n, BLOCK_N), b)
     with launch_device(attn.device):
-        _debiased_scores_kernel[grid](a, p, out, n, h, *a.stride(), spb, spn, eps,
-                                      HAS_PRIOR=prior is not None, BLOCK=BLOCK_N,
-                                      UNROLL=min(HEADS_UNROLLED, next_pow2(h)))
+        sab, sah, san = a.stride()
+        _debiased_scores_kernel[grid](
+            attn_ptr=a, prior_ptr=p, out_ptr=out, N=n, H=h, stride_ab=sab, stride_ah=sah,
+            stride_an=san, stride_pb=spb, stride_pn=spn, eps=eps, HAS_PRIOR=prior is not None,
+            BLOCK=BLOCK_N, UNROLL=min(HEADS_UNROLLED, next_pow2(h)))
     return out
