@@ -151,9 +151,15 @@ def test_rounds_stop_early_with_a_small_budget():
 
 @pytest.mark.parametrize("bad,error,match", [
     ("dtype", TypeError, "adjacency must be int32"), ("shape", ValueError, "adjacency must be"),
-    ("order_dtype", TypeError, "order int64"), ("sizes", ValueError, "n_pivots <= k"),
-    ("noncontig", ValueError, "contiguous")])
-def test_bad_arguments_raise_before_the_launch(bad, error, match):
+    ("order_dtype", TypeError, "order must be int64"), ("sizes", ValueError, "n_pivots <= k")])
+def test_bad_arguments_raise_at_the_stage_before_the_launch(bad, error, match, monkeypatch):
+    """The public stage checks the arguments (checks.check_mis_inputs) before the compiled MIS
+    is called; kernels.mis does not check them again."""
+    from d2pruner_kernels import stages
+
+    def launch(*args):
+        raise AssertionError("the compiled MIS was launched")
+    monkeypatch.setattr(mis._C, "mis_rounds_cpu", launch)
     e = graph("random", 40, torch.Generator().manual_seed(0))
     adj, order = layout.pack_lower(e[None]), torch.arange(45)[None]
     n_p, k = 5, 12
@@ -165,10 +171,22 @@ def test_bad_arguments_raise_before_the_launch(bad, error, match):
         order = order.to(torch.int32)
     elif bad == "sizes":
         k = 4  # fewer kept than pivots (the adjacency shape stays right)
-    elif bad == "noncontig":
-        order = torch.arange(90).view(45, 2).T[:1]
     with pytest.raises(error, match=match):
-        mis.greedy_mis(adj, order, n_p, k)
+        stages.greedy_mis(adj, order, n_p, k, backend="kernels")
+
+
+def test_strided_views_are_read_as_their_values():
+    """A non-contiguous adjacency or order (views with the right shapes) gives the reference's
+    answer: the C++ side reads a dense copy, never the views' storage as if it were dense."""
+    g = torch.Generator().manual_seed(3)
+    edges = torch.stack([graph("random", 40, g, p=0.2) for _ in range(2)])
+    adj = layout.pack_lower(edges)
+    order = torch.stack([torch.randperm(45, generator=g) for _ in range(2)])
+    adj_view = torch.stack([adj, torch.full_like(adj, -1)], dim=1)[:, 0]  # every other image
+    order_view = torch.stack([order, torch.zeros_like(order)], dim=2)[..., 0]  # stride 2
+    assert not adj_view.is_contiguous() and not order_view.is_contiguous()
+    want = reference.greedy_mis(adj, order, 5, 12)
+    assert torch.equal(mis.greedy_mis(adj_view, order_view, 5, 12), want)
 
 
 def test_call_parameters_are_checked_when_made_and_passed_by_keyword():

@@ -11,8 +11,6 @@ import functools
 
 import torch
 
-from ..layout import num_words
-
 try:
     from .. import _C
 except ImportError:  # extension not built: the reference is used instead
@@ -31,30 +29,17 @@ def cuda_available() -> bool:
     return _C is not None and _C.with_cuda and _C.cuda_device_count() > 0
 
 
-def _check(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int) -> None:
-    if adj.dtype != torch.int32 or order.dtype != torch.int64:
-        raise TypeError(f"adjacency must be int32 and order int64, got {adj.dtype} and {order.dtype}")
-    if adj.device != order.device:
-        raise ValueError(f"adjacency is on {adj.device} but order is on {order.device}")
-    b, n = order.shape
-    c = n - n_pivots
-    if not 0 <= n_pivots <= k <= n:
-        raise ValueError(f"need 0 <= n_pivots <= k <= N, got n_pivots={n_pivots}, k={k}, N={n}")
-    if tuple(adj.shape) != (b, c, num_words(c)):
-        raise ValueError(f"adjacency must be [B, C, words] = [{b}, {c}, {num_words(c)}], "
-                         f"got {list(adj.shape)}")
-    if not (adj.is_contiguous() and order.is_contiguous()):
-        raise ValueError("adjacency and order must be contiguous")
-
-
 def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
                return_rounds: bool = False, rows_ready: int | None = None,
                skip: torch.Tensor | None = None, done: torch.Tensor | None = None,
                kept: torch.Tensor | None = None):
     """Kept token indices int64 [B, k], ascending, from the packed graph and the rank order.
 
-    The CUDA kernel for CUDA tensors, its CPU twin (the same windows, rounds and rules) for
-    CPU tensors. With return_rounds, also returns int32 [B] Luby rounds.
+    adj: int32 [B, C, words(C)], order: int64 [B, N], 0 <= n_pivots <= k <= N, one device:
+    what checks.check_mis_inputs holds the public stage to (not checked again here; the
+    sizes are checked by _C.MisArgs). The CUDA kernel for CUDA tensors, its CPU twin (the
+    same windows, rounds and rules) for CPU tensors. With return_rounds, also returns int32
+    [B] Luby rounds.
 
     Lazy graphs: only rows [0, rows_ready) of adj exist yet. An
     image whose m members settle within them is written to `kept` and marked done[b] = 1,
@@ -70,12 +55,10 @@ def greedy_mis(adj: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int, *,
     """
     if _C is None:
         raise RuntimeError("d2pruner_kernels._C is not built; use backend='reference'")
-    _check(adj, order, n_pivots, k)
+    adj, order = adj.contiguous(), order.contiguous()  # the C++ side reads them densely
     b, n = order.shape
-    c = n - n_pivots
-    rows_ready = c if rows_ready is None else rows_ready
-    if not 0 <= rows_ready <= c:
-        raise ValueError(f"rows_ready must be in [0, C={c}], got {rows_ready}")
+    rows_ready = n - n_pivots if rows_ready is None else rows_ready
+    # The lazy protocol's buffers (no public stage takes them): written or read per image.
     for name, t in (("skip", skip), ("done", done)):
         if t is not None and (t.dtype != torch.int32 or t.shape != (b,) or t.device != order.device):
             raise ValueError(f"{name} must be int32 [{b}] on {order.device}")
