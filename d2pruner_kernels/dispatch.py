@@ -97,6 +97,12 @@ def describe(device: torch.device, n_tokens: int) -> str:
             f"MIS: {compiled if mis else 'torch reference'}")
 
 
+def kernels_take(grid, opts: PruneOptions) -> bool:
+    """Whether the graph kernels and the CPU walk take this graph: (T, H, W) grids with the
+    weighted fusion, so far. Otherwise step 4 is the reference's (then the compiled MIS)."""
+    return not isinstance(grid, TokenLayout) and opts.fusion == "weighted"
+
+
 # -- the stages (inputs already validated) --------------------------------------------------
 
 def scores(attn, prior, eps: float, backend: str) -> torch.Tensor:
@@ -122,7 +128,7 @@ def rank(scores_: torch.Tensor, backend: str) -> torch.Tensor:
 
 def graph(tokens, order, n_pivots: int, grid, opts: PruneOptions) -> torch.Tensor:
     """Step 4: packed int32 [B, C, words] (see `layout`)."""
-    if use_triton(opts.backend, tokens.device) and not isinstance(grid, TokenLayout):
+    if use_triton(opts.backend, tokens.device) and kernels_take(grid, opts):
         return _triton("graph").similarity_graph(tokens, order, n_pivots, grid, opts)
     return reference.similarity_graph(tokens, order, n_pivots, grid, opts)
 
@@ -139,21 +145,22 @@ def select(tokens, attn, prior, grid, k: int, n_pivots: int, opts: PruneOptions)
     (opts.prior may be the PositionalPrior it came from)."""
     device, backend = tokens.device, opts.backend
     # Decide the path before any kernel runs ('kernels' raises here if it cannot run).
-    fused = use_triton(backend, device) and use_compiled_mis(backend, device, tokens.shape[1])
-    raster = not isinstance(grid, TokenLayout)  # the graph kernels and the walk take grids
+    kernels_usable = (use_triton(backend, device)
+                      and use_compiled_mis(backend, device, tokens.shape[1]))
+    graph_kernels = kernels_take(grid, opts)
     s = scores(attn, prior, opts.eps, backend)
     if n_pivots == k:  # no supplements: plain top-k, no graph needed
         return torch.sort(rank(s, backend)[:, :k], dim=1).values
-    if fused and raster:  # rank + norms in one launch, then the graph in row ranges + MIS
+    if kernels_usable and graph_kernels:  # rank + norms in one launch, graph ranges + MIS
         tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()  # one copy at most
         kernel = _rank_kernel(s)
         if kernel is not None:
             order, norms = kernel.rank_and_norms(s, tokens)
         else:
             order, norms = reference.rank_order(s), _triton("rank").rank_and_norms(None, tokens)[1]
-        return _triton("lazy_graph").select(tokens, order, norms, n_pivots, k, grid, opts)
+        return _triton("lazy_graph").kept_ids(tokens, order, norms, n_pivots, k, grid, opts)
     order = rank(s, backend)
-    if use_cpu_walk(backend, device) and raster:  # steps 4-7 without the graph
+    if use_cpu_walk(backend, device) and graph_kernels:  # steps 4-7 without the graph
         return cpu_walk.select(tokens, order, n_pivots, k, grid, opts)
     return mis(graph(tokens, order, n_pivots, grid, opts), order, n_pivots, k, backend)
 
@@ -172,15 +179,15 @@ def select_varlen(tokens, attn, images, grids, ks, n_pivots, priors, packed_prio
     device, backend = tokens.device, opts.backend
     uniform = len(set(grids)) == 1 and len(set(ks)) == 1
     # Decide the path before any kernel runs ('kernels' raises here if it cannot run).
-    fused = (not uniform and use_triton(backend, device)
-             and not any(isinstance(g, TokenLayout) for g in grids)
-             and use_compiled_mis(backend, device, max(e - s for s, e in images)))
-    if fused:
+    one_ragged_batch = (not uniform and use_triton(backend, device)
+                        and all(kernels_take(g, opts) for g in grids)
+                        and use_compiled_mis(backend, device, max(e - s for s, e in images)))
+    if one_ragged_batch:
         prior = packed_prior
         if prior is None and priors[0] is not None:
             prior = torch.cat(priors)  # a PositionalPrior per grid, packed: one small copy
-        return _triton("varlen").select(tokens, attn, prior, images, grids, ks, n_pivots,
-                                        opts, opts.eps)
+        return _triton("varlen").prune_ragged(tokens, attn, prior, images, grids, ks,
+                                              n_pivots, opts)
     if uniform:
         n = images[0][1] - images[0][0]
         x = tokens.reshape(b, n, tokens.shape[-1])              # a view: segments are back to back

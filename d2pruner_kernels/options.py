@@ -12,6 +12,9 @@ entry point to the kernels, which read the graph fields under the same names:
     edge(i, j)  iff  (1 - spatial_weight) * cos_ij + spatial_weight * near_ij >= sim_threshold
     near_ij     iff  max(|dy|, |dx|) <= radius  and  |dt| <= temporal_radius
 
+(fusion="weighted", the default; fusion="binarized" is the other reading of the paper's
+rule, docs/spec.md §12.)
+
 Validation here needs no device. What depends on the device (backend="kernels" needs Triton
 and a CUDA device) is checked where the tensors are known, at the call.
 
@@ -46,6 +49,9 @@ class PruneOptions:
     eps: float = 1e-7             # added to the prior before dividing
     check_finite: bool = False    # read the values for NaN / Inf (a sync on a GPU)
     backend: str = "auto"         # "auto", "reference" or "kernels" (dispatch.py)
+    fusion: str = "weighted"      # how the two terms make an edge (docs/spec.md §12):
+    #   "weighted"   (1 - spatial_weight) * cos + spatial_weight * near >= sim_threshold
+    #   "binarized"  (1 - spatial_weight) * [cos > sim_threshold] + spatial_weight * [near] > 0.5
 
     def __post_init__(self):  # validated once, where the object is made
         for name, check in _CHECKS.items():
@@ -72,6 +78,15 @@ def _check_backend(backend):
     return backend
 
 
+FUSIONS = ("weighted", "binarized")
+
+
+def _check_fusion(fusion):
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    return fusion
+
+
 # Each field's check (and normalisation: ints to floats, radii clamped), applied when an
 # object is made and to the fields a replace() changes.
 _CHECKS = {
@@ -84,6 +99,7 @@ _CHECKS = {
     "eps": lambda v: check_float("eps", v, 0.0, float("inf")),
     "check_finite": lambda v: check_bool("check_finite", v),
     "backend": _check_backend,
+    "fusion": _check_fusion,
 }
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(PruneOptions))
 DEFAULTS = PruneOptions()

@@ -33,7 +33,7 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
             thumbnails, anyres pieces: token_layout.py).  k: int in [1, N] or ratio in (0, 1].
     options: a PruneOptions, and/or its fields as keywords (prior, pivot_ratio,
             sim_threshold, spatial_weight, radius, temporal_radius, eps, check_finite,
-            backend; options.py has their defaults and meaning). The keywords win.
+            backend, fusion; options.py has their defaults and meaning). The keywords win.
     prior:  [N] or [B, N] positive positional prior (or a PositionalPrior), None = no debiasing.
     Returns [B, k] (or [k]) on the input's device.
     """
@@ -63,7 +63,7 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
                              "compile around prune() or pass a (T, H, W) grid")
         out = _prune_op(tokens, attn, prior, list(grid), k, n_pivots, opts.sim_threshold,
                         opts.spatial_weight, opts.radius, opts.temporal_radius, opts.eps,
-                        opts.backend)
+                        opts.backend, opts.fusion)
     else:
         out = dispatch.select(tokens, attn, prior, grid, k, n_pivots, opts)
     return out if batched else out[0]
@@ -74,13 +74,14 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
 def _prune_op(tokens: torch.Tensor, attn: torch.Tensor, prior: Optional[torch.Tensor],
               grid: List[int], k: int, n_pivots: int, sim_threshold: float,
               spatial_weight: float, radius: int, temporal_radius: int, eps: float,
-              backend: str) -> torch.Tensor:
+              backend: str, fusion: str) -> torch.Tensor:
     opts = PruneOptions(sim_threshold=sim_threshold, spatial_weight=spatial_weight,
-                        radius=radius, temporal_radius=temporal_radius, eps=eps, backend=backend)
+                        radius=radius, temporal_radius=temporal_radius, eps=eps, backend=backend,
+                        fusion=fusion)
     return dispatch.select(tokens, attn, prior, tuple(grid), k, n_pivots, opts)
 
 
 @_prune_op.register_fake
 def _(tokens, attn, prior, grid, k, n_pivots, sim_threshold, spatial_weight, radius,
-      temporal_radius, eps, backend):
+      temporal_radius, eps, backend, fusion):
     return tokens.new_empty((tokens.shape[0], k), dtype=torch.int64)

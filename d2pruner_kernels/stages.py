@@ -17,7 +17,8 @@ from . import dispatch
 from .checks import (check_backend, check_graph_inputs, check_mis_inputs, check_permutation)
 from .options import DEFAULTS, PruneOptions, of, takes_options
 
-GRAPH_OPTIONS = ("sim_threshold", "spatial_weight", "radius", "temporal_radius", "backend")
+GRAPH_OPTIONS = ("sim_threshold", "spatial_weight", "radius", "temporal_radius", "backend",
+                 "fusion")
 
 
 def _attn_view(attn: torch.Tensor, query_row: int | None, key_span) -> torch.Tensor:

@@ -48,6 +48,7 @@ def test_options_object_and_keywords_select_the_same():
     ("eps", -1e-9, ValueError, r"eps must be in \[0.0, inf\]"),
     ("check_finite", 1, TypeError, r"check_finite must be a bool, got int 1"),
     ("backend", "cuda", ValueError, r"backend must be one of \('auto', 'reference', 'kernels'\)"),
+    ("fusion", "or", ValueError, r"fusion must be one of \('weighted', 'binarized'\), got 'or'"),
     ("prior", [1.0], TypeError, r"prior must be None, a tensor or a PositionalPrior, got list"),
 ])
 def test_each_field_is_checked_where_the_object_is_made_naming_it(field, value, error, match):
@@ -99,3 +100,31 @@ def test_resolve_k_misuse(k, error, match):
     if k != 10:  # at_most only lifts the upper bound
         with pytest.raises(error, match=match):
             resolve_k(k, 9, at_most=True)
+
+
+@pytest.mark.parametrize("beta, rule", [
+    (0.3, lambda similar, near: similar),           # the semantic term alone decides
+    (0.5, lambda similar, near: similar & near),    # "spatial neighbour AND cos > theta"
+    (0.7, lambda similar, near: near),              # the spatial term alone decides
+])
+@pytest.mark.parametrize("backend", ["auto", "reference", "kernels"])
+def test_binarized_fusion_is_the_other_reading(beta, rule, backend):
+    """fusion="binarized": (1 - beta) [cos > theta] + beta [near] > 0.5 (docs/spec.md §12),
+    held to the edges computed here by hand, and prune() to the greedy walk over them."""
+    g = torch.Generator().manual_seed(int(beta * 10))
+    x = torch.randn(1, 30, 8, generator=g) + 1.5 * torch.randn(1, 1, 8, generator=g)
+    order = torch.randperm(30, generator=g)[None]
+    opts = PruneOptions(spatial_weight=beta, sim_threshold=0.7, radius=1, fusion="binarized",
+                        backend=backend)
+    graph = d2p.similarity_graph(x, order, 0, (5, 6), options=opts)
+    xn = torch.nn.functional.normalize(x[0].double(), dim=-1)
+    cand = order[0]
+    cos = (xn @ xn.T)[cand][:, cand]
+    yx = torch.stack([cand // 6, cand % 6], 1)
+    near = ((yx[:, None] - yx[None]).abs() <= 1).all(-1)
+    want = rule(cos > 0.7, near) & ~torch.eye(30, dtype=torch.bool)
+    assert want.any() and not want.all()
+    assert torch.equal(d2p.layout.unpack_lower(graph, 30)[0], torch.tril(want, -1))
+    weighted = d2p.similarity_graph(x, order, 0, (5, 6), options=opts.replace(fusion="weighted"))
+    if beta == 0.5:  # at beta = 0.5 the weighted rule is "near AND cos >= 0.4": other edges
+        assert not torch.equal(graph, weighted)

@@ -27,7 +27,8 @@ def similarity_edges(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
     """Dense bool [B, C, C] edges among the C = N - n_pivots candidates, rank order.
     grid: (T, H, W) or a TokenLayout.
 
-    f_ij = (1 - beta) * cos_ij + beta * sp_ij; edge iff f_ij >= theta and i != j.
+    f_ij = (1 - beta) * cos_ij + beta * sp_ij; edge iff f_ij >= theta and i != j
+    (fusion="binarized": binarized_edges).
     """
     b, n, _ = tokens.shape
     cand = order[:, n_pivots:]                                   # [B, C] token ids
@@ -39,9 +40,21 @@ def similarity_edges(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
     t, y, xx = (c[cand] for c in tyx)
     near = lambda a, r: (a.unsqueeze(2) - a.unsqueeze(1)).abs() <= r  # noqa: E731
     sp = near(y, params.radius) & near(xx, params.radius) & near(t, temporal_radius)
-    f = params.cos_weight * cos + params.spatial_weight * sp.float()
     eye = torch.eye(cand.shape[1], dtype=torch.bool, device=tokens.device)
+    if params.fusion == "binarized":
+        return binarized_edges(cos, sp, params) & ~eye
+    f = params.cos_weight * cos + params.spatial_weight * sp.float()
     return (f >= params.sim_threshold) & ~eye
+
+
+def binarized_edges(cos: torch.Tensor, near: torch.Tensor, params: PruneOptions) -> torch.Tensor:
+    """fusion="binarized": (1 - beta) [cos > theta] + beta [near] > 0.5, that is
+    cos > theta (beta < 0.5), cos > theta and near (beta = 0.5), near (beta > 0.5)."""
+    beta = params.spatial_weight
+    if beta > 0.5:
+        return near.clone()
+    similar = cos > params.sim_threshold  # NaN: False
+    return similar & near if beta == 0.5 else similar
 
 
 def similarity_graph(tokens, order, n_pivots, grid, params: PruneOptions = DEFAULTS) -> torch.Tensor:
