@@ -399,3 +399,67 @@ def test_inputs_embeds_and_videos():
     assert out.logits.shape[1] == int(keep.sum()) == inputs["input_ids"].shape[1] - 48
     tokens, logits = reference(model, inputs, keep, steps=1)
     torch.testing.assert_close(out.logits[0], logits[0][0, keep[0]], rtol=1e-4, atol=1e-4)
+
+
+# -- continuing from a cache, beam search, several sequences (issue 21, items 2 and 4) ----------
+
+def _continue(model, first, inputs, steps, cache=None, **kw):
+    mask = torch.cat([inputs["attention_mask"],
+                      torch.ones(first.sequences.shape[0], steps, dtype=torch.long)], 1)
+    with torch.no_grad():
+        return model.generate(input_ids=first.sequences, attention_mask=mask,
+                              past_key_values=first.past_key_values if cache is None else cache,
+                              max_new_tokens=steps,
+                              do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_generate_continues_from_a_returned_cache(family):
+    """generate, then generate(input_ids=out.sequences, past_key_values=...): the tokens and
+    logits of generating in one go. LLaVA with another prompt's generate in between (Qwen's
+    own rope_deltas are the last prefill's, unpruned too: none there); a pruned cache the
+    pruner did not fill (a copy) is refused, naming the cache."""
+    import copy
+    model = model_for(family)
+    inputs, samples = batched(family, model)
+    if samples:
+        inputs = fix_pixels(inputs, samples)
+    with hf.apply(model, budget(family)):
+        with torch.no_grad():
+            whole = model.generate(**inputs, max_new_tokens=2 * STEPS, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+        first = generate(model, inputs)
+        if family == "llava":
+            generate(model, single(family, model))  # another conversation in between
+        second = _continue(model, first, inputs, STEPS)
+        assert torch.equal(second.sequences, whole.sequences)
+        for a, b in zip(second.logits, whole.logits[STEPS:], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        one = single(family, model)  # every sample pruned: layers from K hold fewer tokens
+        lone = generate(model, one)
+        with pytest.raises(ValueError, match=r"continues from a pruned cache \(past_key_values"):
+            _continue(model, lone, one, STEPS, cache=copy.deepcopy(lone.past_key_values))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_beam_search_and_several_sequences(family):
+    """Keep-all is the unpruned model under beam search; at a small k each expanded row is
+    its sample pruned alone (pruner.kept one entry per expanded row) and beam search over
+    the batch gives each sample's beams alone."""
+    model = model_for(family)
+    inputs = single(family, model)
+    kw = dict(max_new_tokens=STEPS, num_beams=3, num_return_sequences=2, do_sample=False,
+              output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        base = model.generate(**inputs, **kw)
+        with hf.apply(model, 576 if family == "llava" else 1.0):
+            assert torch.equal(model.generate(**inputs, **kw).sequences, base.sequences)
+        with hf.apply(model, budget(family)) as pruner:
+            model(**inputs)
+            alone = pruner.kept
+            got = model.generate(**inputs, **kw)
+            assert len(pruner.kept) == 3  # num_beams rows for the one sample
+            for row in pruner.kept:
+                assert all(torch.equal(a, b) for a, b in zip(row, alone[0], strict=True))
+    assert got.sequences.shape == base.sequences.shape

@@ -160,3 +160,86 @@ def test_vision_left_padded_batch_equals_each_sample_alone():
         for step in range(STEPS):
             torch.testing.assert_close(gen.logits[step][b], g.logits[step][0],
                                        rtol=1e-4, atol=1e-4)
+
+
+# -- continuing from a cache, beam search, several sequences (issue 21, items 2 and 4) ----------
+
+def _continue(model, first, inputs, steps, cache=None, **kw):
+    mask = torch.cat([inputs["attention_mask"],
+                      torch.ones(first.sequences.shape[0], steps, dtype=torch.long)], 1)
+    with torch.no_grad():
+        return model.generate(input_ids=first.sequences, attention_mask=mask,
+                              past_key_values=first.past_key_values if cache is None else cache,
+                              max_new_tokens=steps,
+                              do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, **kw)
+
+
+def test_vision_continues_from_a_returned_cache():
+    """The documented chat pattern: generate, then generate(input_ids=out.sequences,
+    past_key_values=out.past_key_values): the same tokens and logits as generating in one
+    go, with another prompt's generate in between; a cache the pruner did not fill that
+    leaves image placeholders to feed, or new images after a cache, are refused clearly."""
+    model = model_for()
+    inputs = tiny.llava_inputs(model, [[5, 6, 7], [8]], images_per_sample=[1, 2])
+    other = tiny.llava_inputs(model, [[9, 10]], seed=7)
+    with hf.apply(model, K, where="vision"):
+        with torch.no_grad():
+            whole = model.generate(**inputs, max_new_tokens=2 * STEPS, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+        first = generate(model, inputs)
+        generate(model, other)  # another conversation in between
+        import copy
+        copied = copy.deepcopy(first.past_key_values)
+        second = _continue(model, first, inputs, STEPS)
+        assert torch.equal(second.sequences, whole.sequences)
+        for a, b in zip(second.logits, whole.logits[STEPS:], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match=r"continues from a cache \(past_key_values"):
+            _continue(model, first, inputs, STEPS, cache=copied)  # not the pruner's object
+        again = generate(model, inputs)
+        turn = tiny.llava_inputs(model, [[11], [12]], seed=3)  # a new image after the cache
+        ids = torch.cat([again.sequences, turn["input_ids"]], 1)
+        mask = torch.ones_like(ids)
+        with pytest.raises(ValueError, match=r"prunes images in a prefill only.*image placeholders"):
+            with torch.no_grad():
+                model.generate(input_ids=ids, attention_mask=mask,
+                               past_key_values=again.past_key_values, max_new_tokens=1,
+                               pixel_values=turn["pixel_values"])
+
+
+@pytest.mark.parametrize("search", [dict(num_beams=3, num_return_sequences=2),
+                                    dict(num_beams=1, num_return_sequences=2, do_sample=True)])
+def test_vision_beam_search_and_several_sequences(search):
+    """At keep-all the pruned model is the unpruned one; at K it is the unpruned model fed
+    the shortened prompt (the reference's inputs_embeds); pruner.kept has one entry per
+    expanded row."""
+    model = model_for()
+    inputs = tiny.llava_inputs(model, [[5, 6, 7], [8]], images_per_sample=[1, 2])
+    full = inputs["input_ids"].shape[1]
+    kw = dict(max_new_tokens=STEPS, output_scores=True, return_dict_in_generate=True,
+              **({"do_sample": False} if "do_sample" not in search else {}), **search)
+
+    def gen(**given):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return model.generate(**given, **kw)
+
+    base = gen(**inputs)
+    with hf.apply(model, N, where="vision"):
+        assert torch.equal(gen(**inputs).sequences, base.sequences)
+    kept, feats, _ = vision_selection(model_for("eager"), inputs["pixel_values"])
+    embeds, mask, _ = shortened(model, inputs, kept, feats)
+    want = gen(inputs_embeds=embeds, attention_mask=mask)
+    with hf.apply(model, K, where="vision") as pruner:
+        got = gen(**inputs)
+    assert torch.equal(got.sequences[:, full:], want.sequences)
+    if "sequences_scores" in want:
+        torch.testing.assert_close(got.sequences_scores, want.sequences_scores,
+                                   rtol=1e-4, atol=1e-4)
+    expand = search.get("num_beams", 1) * (search["num_return_sequences"]
+                                           if search.get("num_beams", 1) == 1 else 1)
+    assert [len(s) for s in pruner.kept] == [1] * expand + [2] * expand
+    for row in range(expand):
+        assert torch.equal(pruner.kept[row][0], kept[0])
+        assert torch.equal(pruner.kept[expand + row][1], kept[2])

@@ -109,11 +109,63 @@ def left_packed(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Hooks:
     """The forward hooks and the attention tap of one pruning mode: `install()` puts them on
-    (all or none: a failure takes off what was put on), `remove()` takes them all off."""
+    (all or none: a failure takes off what was put on), `remove()` takes them all off.
+
+    Labels: a forward given `labels=` that prunes returns logits for the kept sequence only,
+    so the top model's pre-hook takes the labels out of its call and its post-hook computes
+    the loss with the model's own `loss_function` on the labels gathered at the kept
+    positions (`self._gather = (idx [B, L'], slot [B, L'])`, set by the mode when it prunes;
+    filler slots get -100), the way the model would have on an unpruned sequence."""
+
+    adapter = None
 
     def __init__(self):
         self._handles = []
         self._tap = None
+        self._labels = None
+        self._gather = None
+
+    def _install_labels(self, h: list) -> None:
+        model = self.adapter.model
+        h.append(model.register_forward_pre_hook(self._labels_pre, with_kwargs=True))
+        h.append(model.register_forward_hook(self._labels_post, with_kwargs=True,
+                                             always_call=True))
+
+    def _labels_pre(self, module, args, kwargs):
+        self._labels = self._gather = None
+        labels = kwargs.get("labels")
+        if labels is None:
+            return None
+        if kwargs.get("shift_labels") is not None:
+            raise ValueError("a pruned forward gathers labels= at the kept positions; pass "
+                             "labels=, not shift_labels=")
+        extra = {key: kwargs[key] for key in ("num_items_in_batch", "ignore_index")
+                 if kwargs.get(key) is not None}
+        self._labels = (labels, extra)
+        return args, dict(kwargs, labels=None)
+
+    def _labels_post(self, module, args, kwargs, output):
+        pending, self._labels = self._labels, None
+        gather, self._gather = self._gather, None
+        if pending is None or output is None:
+            return None
+        labels, extra = pending
+        logits = output["logits"] if isinstance(output, dict) else output[0]
+        if gather is not None:
+            idx, slot = gather
+            labels = labels.to(idx.device).gather(1, idx).masked_fill(
+                ~slot, extra.get("ignore_index", -100))
+        if tuple(labels.shape) != tuple(logits.shape[:2]):
+            raise ValueError(f"labels {list(labels.shape)} do not cover the logits "
+                             f"{list(logits.shape[:2])} of this forward (a pruned forward "
+                             f"gathers them in a prefill; logits_to_keep or a forward that "
+                             f"continues from a cache cannot be given labels)")
+        text = getattr(module.config, "text_config", module.config)
+        loss = module.loss_function(logits=logits, labels=labels.to(logits.device),
+                                    vocab_size=text.vocab_size, **extra)
+        if isinstance(output, dict):  # a ModelOutput: loss is its first field
+            return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
+        return (loss,) + tuple(output)
 
     def install(self) -> None:
         try:
@@ -131,6 +183,7 @@ class Hooks:
         self._handles.clear()
         if self._tap is not None:
             self._tap.remove()
+        self._labels = self._gather = None
         self._forget()
 
     def _forget(self) -> None:  # a mode drops its per-forward state here

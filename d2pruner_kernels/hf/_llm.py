@@ -51,10 +51,9 @@ class _Prefill:
 
 
 class _Record:
-    """What decoding from a pruned cache needs."""
+    """What decoding from a pruned cache needs (kept per cache, the cache held weakly)."""
 
-    def __init__(self, cache, length, length_c, valid_c):
-        self.cache = weakref.ref(cache)
+    def __init__(self, length, length_c, valid_c):
         self.length, self.length_c, self.valid_c = length, length_c, valid_c
 
 
@@ -75,7 +74,7 @@ class InLLM(Hooks):
         self._implementation()  # an unsupported one raises at apply()
         self._outer = None
         self._fwd = None
-        self._record = None
+        self._records = weakref.WeakKeyDictionary()  # cache -> _Record
 
     # -- install / remove ------------------------------------------------------------------
 
@@ -91,9 +90,12 @@ class InLLM(Hooks):
         for i in range(k, len(layers)):
             h.append(layers[i].register_forward_pre_hook(
                 functools.partial(self._layer_pre, i), with_kwargs=True))
+        if self.collect is None:
+            self._install_labels(h)
 
     def _forget(self) -> None:
-        self._outer = self._fwd = self._record = None
+        self._outer = self._fwd = None
+        self._records = weakref.WeakKeyDictionary()
 
     def _implementation(self) -> None:
         """The attention implementation the language model uses now, and its mask function
@@ -127,12 +129,13 @@ class InLLM(Hooks):
         batch, length = emb.shape[:2]
         self._implementation()
         if not is_prefill(cache):
-            rec = self._record
-            if rec is not None and rec.cache() is cache:
+            rec = self._records.get(cache)
+            if rec is not None:
                 self._fwd = _Decode(rec, cache.get_seq_length(), kwargs.get("attention_mask"),
                                     length)
+            else:
+                self._check_unknown(cache)
             return None
-        self._record = None
         outer, self._outer = self._outer, None
         if outer is None or tuple(outer["image"].shape) != (batch, length):
             return None  # called without the outer model: no placeholders to find
@@ -227,10 +230,25 @@ class InLLM(Hooks):
         self._tap.callback = None
         if isinstance(f, _Prefill) and f.kept is not None:
             if f.replace is not None and f.cache is not None:
-                self._record = _Record(f.cache, f.length, f.idx.shape[1], f.valid_c)
+                self._records[f.cache] = _Record(f.length, f.idx.shape[1], f.valid_c)
             self.on_kept(f.kept, [[g for _, _, g in spans] for spans in f.spans],
                          [[row.cpu() for row in rows] for rows in f.rows])
         return None
+
+    def _check_unknown(self, cache) -> None:
+        """A cache this pruner did not fill whose layers from K on hold fewer tokens than
+        layer 0 was pruned elsewhere (another pruner, or a copy or crop of ours): its masks
+        cannot be rebuilt."""
+        try:
+            held = [cache.get_seq_length(i) for i in (0, self.layer)]
+        except (IndexError, TypeError, AttributeError):
+            return
+        if held[0] != held[1]:
+            raise ValueError(f"this forward continues from a pruned cache (past_key_values: "
+                             f"layer 0 holds {held[0]} tokens, layer {self.layer} {held[1]}) "
+                             f"that this pruner did not fill or no longer recognises (a copy, "
+                             f"a crop, another pruner's): continue from the cache object the "
+                             f"pruned generate or forward returned, under the same pruner")
 
     # -- the work --------------------------------------------------------------------------
 
@@ -263,6 +281,7 @@ class InLLM(Hooks):
             return  # every token kept (k = N): the forward runs untouched
         idx, slot = left_packed(keep)
         f.idx = idx
+        self._gather = (idx, slot)
         f.valid_c = f.valid.gather(1, idx) & slot
         cos, sin = kwargs["position_embeddings"]
         replace = {"position_embeddings": (gather_seq(cos, idx, -2), gather_seq(sin, idx, -2)),

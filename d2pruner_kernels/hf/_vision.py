@@ -12,9 +12,24 @@ image instead of N, in a shorter prompt with contiguous positions.
    padding on the left (pad token, attention_mask 0); position_ids, when given, become
    those of the shorter prompt. While decoding from that cache, attention_mask and
    position_ids are mapped the same way; generate() never notices.
+
+Images encoded outside the forward (generate() encodes them before the prefill, then
+repeats them for num_beams / num_return_sequences by counting placeholders against
+features): the projector keeps all N features there and remembers each image's selection;
+the prefill finds each image of the `mm_encoder_outputs` it is given among those it encoded
+(by value, whatever the repetition) and hands the LLM its k kept features.
+
+Continuing from a returned cache (`generate(input_ids=out.sequences,
+past_key_values=out.past_key_values)`): the cache holds the shortened prompt, so generate
+cuts the sequence by the cache's shorter length and the forward gets the prompt's tail back;
+the record of that cache (one per cache the pruner filled, held weakly) knows how many
+unpruned positions the cache covers, and only the really new tokens go on. Image
+placeholders in a forward that continues from a cache are refused: images are pruned in a
+prefill only.
 """
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
@@ -30,7 +45,14 @@ class _Record:
         self.removed = removed          # int64 [B]: tokens dropped per sample
         self.prompt_mask = prompt_mask  # [B, L'] the shortened prompt's mask (dtype as given)
         self.had_mask = had_mask
-        self.cache = None
+
+
+class _Encoded:
+    """Images the projector saw outside a forward (generate's encoding before the prefill):
+    their full projected features, their selections and importance rows."""
+
+    def __init__(self, feats, keep, rows):
+        self.feats, self.keep, self.rows = feats, keep, rows
 
 
 class OnVision(Hooks):
@@ -44,7 +66,9 @@ class OnVision(Hooks):
         self._rows = None
         self._pending = None   # kept indices of the images the projector just pruned
         self._fwd = None       # (record or None, image counts per sample) of this forward
-        self._record = None
+        self._records = weakref.WeakKeyDictionary()  # cache -> _Record
+        self._inside = False   # within the outer model's forward
+        self._encoded = None   # _Encoded: images encoded outside a forward
 
     def _install(self, h: list) -> None:
         a = self.adapter
@@ -58,9 +82,12 @@ class OnVision(Hooks):
             h.append(a.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
             h.append(a.outer.register_forward_hook(self._outer_post, with_kwargs=True,
                                                    always_call=True))
+            self._install_labels(h)
 
     def _forget(self) -> None:
-        self._rows = self._pending = self._fwd = self._record = None
+        self._rows = self._pending = self._fwd = self._encoded = None
+        self._records = weakref.WeakKeyDictionary()
+        self._inside = False
 
     # -- the vision tower ------------------------------------------------------------------
 
@@ -87,20 +114,53 @@ class OnVision(Hooks):
         rows = self._features(args[0])
         keep = self.selector.select_batched(output.detach(), rows, self.adapter.grid,
                                             "LLaVA image")
+        if not self._inside:  # encoded before the prefill: generate repeats them by count
+            self._encoded = _Encoded(output.detach(), keep, rows)
+            return None
         self._pending = list(zip(keep.cpu(), rows.cpu()))
         return output.gather(1, keep.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
+
+    def _encoded_features(self, kwargs: dict, n_images: int):
+        """kwargs with mm_encoder_outputs' image features cut to the k kept per image (each
+        image found among those encoded outside the forward), or None when not given."""
+        mm = kwargs.get("mm_encoder_outputs")
+        image = mm.get("image") if isinstance(mm, dict) else None
+        feats = getattr(image, "pooler_output", None)
+        if feats is None:
+            return None
+        enc = self._encoded
+        given = list(feats)
+        if len(given) != n_images:
+            raise ValueError(f"mm_encoder_outputs holds {len(given)} images but the prompt "
+                             f"holds {n_images}")
+        if enc is None:
+            raise ValueError("where='vision': the image features in mm_encoder_outputs were "
+                             "not encoded under this pruner (encode them after apply(), e.g. "
+                             "with model.get_image_features, or pass pixel_values)")
+        out, pending = [], []
+        for j, f in enumerate(given):
+            i = next((i for i in range(enc.feats.shape[0])
+                      if f.shape == enc.feats[i].shape and torch.equal(f.detach(),
+                                                                       enc.feats[i])), None)
+            if i is None:
+                raise ValueError(f"where='vision': image {j} of mm_encoder_outputs is none of "
+                                 f"the images encoded under this pruner (encode them after "
+                                 f"apply(), or pass pixel_values)")
+            out.append(f[enc.keep[i].to(f.device)])
+            pending.append((enc.keep[i].cpu(), enc.rows[i].cpu()))
+        self._pending = pending
+        image = copy.copy(image)
+        image.pooler_output = torch.stack(out) if isinstance(feats, torch.Tensor) else out
+        return dict(kwargs, mm_encoder_outputs={**mm, "image": image})
 
     # -- the prompt ------------------------------------------------------------------------
 
     def _outer_pre(self, module, args, kwargs):
         self._fwd = None
+        self._inside = True
         cache = get_cache(kwargs)
         if not is_prefill(cache):
-            rec = self._record
-            if rec is None or rec.cache is None or rec.cache() is not cache:
-                return None
-            return args, self._decode(rec, kwargs)
-        self._record = None
+            return self._continue(cache, args, kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
         if ids is None and emb is None:
@@ -116,9 +176,13 @@ class OnVision(Hooks):
             for s, _, _ in spans:
                 keep[b, s + self.k:s + self.n] = False
         self._fwd = (None, counts)
+        encoded = self._encoded_features(kwargs, sum(counts))
+        if encoded is not None:
+            kwargs = encoded
         if drop == 0 or bool(keep.all()):
-            return None
+            return None if encoded is None else (args, kwargs)
         idx, slot = left_packed(keep)
+        self._gather = (idx, slot)
         filler = ~slot
         new = dict(kwargs)
         if ids is not None:
@@ -149,9 +213,61 @@ class OnVision(Hooks):
             new["position_ids"] = (pos.expand(batch, -1).gather(1, idx) - before).masked_fill(
                 filler, 0)
         rec = _Record(length, removed, prompt_mask, isinstance(mask, torch.Tensor))
-        rec.cache = weakref.ref(cache) if cache is not None else None
         self._fwd = (rec, counts)
         return args, new
+
+    def _continue(self, cache, args, kwargs):
+        """A forward that continues from a cache: mapped onto the shortened prompt when the
+        pruner filled that cache; image placeholders are refused (pruned in a prefill only)."""
+        rec = self._records.get(cache) if cache is not None else None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        if ids is None and emb is None:
+            return None
+        if rec is not None:
+            args, kwargs = self._new_tokens(rec, cache, args, kwargs)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            emb = kwargs.get("inputs_embeds")
+        n_images = int(self.adapter.image_mask(ids, emb).sum())
+        if n_images:
+            raise ValueError(f"where='vision' prunes images in a prefill only: this forward "
+                             f"continues from a cache (past_key_values, "
+                             f"{cache.get_seq_length()} tokens) and carries {n_images} image "
+                             f"placeholders. Start a new prefill (no past_key_values) for a "
+                             f"prompt with new images; to continue a pruned conversation, pass "
+                             f"the cache object the pruned generate returned, unchanged")
+        if rec is None:
+            return None
+        return args, self._decode(rec, kwargs)
+
+    def _new_tokens(self, rec: _Record, cache, args, kwargs):
+        """generate() cuts a continued sequence by the cache's length, which is shorter than
+        the unpruned positions it covers: keep only the tokens the cache does not hold."""
+        mask = kwargs.get("attention_mask")
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            return args, kwargs  # no way to tell: the tokens given are the new ones
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        given = (ids if ids is not None else emb).shape[1]
+        held = cache.get_seq_length()
+        covered = rec.length + held - rec.prompt_mask.shape[1]  # unpruned positions held
+        new = mask.shape[1] - covered
+        if new == given:
+            return args, kwargs
+        if new < 1 or given != new + rec.length - rec.prompt_mask.shape[1]:
+            raise ValueError(f"attention_mask has {mask.shape[1]} columns and {given} new "
+                             f"tokens were given, but the pruned cache covers {covered} "
+                             f"positions of the unpruned sequence ({held} tokens held): "
+                             f"expected {covered} + the new tokens")
+        kwargs = dict(kwargs)
+        for name in ("input_ids", "inputs_embeds", "position_ids", "token_type_ids"):
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor):
+                dim = 1 if name == "inputs_embeds" else value.dim() - 1
+                kwargs[name] = value.narrow(dim, value.shape[dim] - new, new)
+        if "input_ids" not in kwargs and args:
+            args = (args[0][:, -new:],) + tuple(args[1:])
+        return args, kwargs
 
     def _decode(self, rec: _Record, kwargs: dict) -> dict:
         new = dict(kwargs)
@@ -172,7 +288,9 @@ class OnVision(Hooks):
 
     def _outer_post(self, module, args, kwargs, output):
         fwd, self._fwd = self._fwd, None
+        self._inside = False
         if fwd is None:
+            self._pending = None
             return None
         rec, counts = fwd
         pending, self._pending = self._pending, None
@@ -192,8 +310,7 @@ class OnVision(Hooks):
         if rec is not None:
             cache = output_cache(output)
             if cache is not None:
-                rec.cache = weakref.ref(cache)
-                self._record = rec
+                self._records[cache] = rec
         return None
 
     def _pad_id(self) -> int:
