@@ -217,13 +217,13 @@ from d2pruner_kernels.options import PruneOptions  # noqa: E402
 
 
 @pytest.fixture
-def fused():
+def kernels_varlen():
     """The kernels backend's ragged path, with fresh plans (tests that change the graph's
     configuration must not reuse a table built under another)."""
-    from d2pruner_kernels.kernels import varlen as kernels_varlen
-    kernels_varlen._cache.clear()
-    yield kernels_varlen
-    kernels_varlen._cache.clear()
+    from d2pruner_kernels.kernels import varlen
+    varlen._cache.clear()
+    yield varlen
+    varlen._cache.clear()
 
 
 class Launches:
@@ -300,7 +300,7 @@ SMALL = [(4, 5), (5, 6), (2, 3, 4), (6, 6)]  # mixed 2-D and 3-D grids
 
 
 @pytest.mark.parametrize("large", [False, True])
-def test_fused_path_is_one_launch_per_stage(monkeypatch, fused, large):
+def test_fused_path_is_one_launch_per_stage(monkeypatch, kernels_varlen, large):
     """64 small images of mixed 2-D / 3-D grids, budgets k_b = 1, N_b and between (and a
     16 x 16 image among them, whose graph takes the lazy prefix: two row ranges): scores,
     rank and the graph's row ranges are one launch each for the whole batch, the MIS one
@@ -317,16 +317,16 @@ def test_fused_path_is_one_launch_per_stage(monkeypatch, fused, large):
     launches = Launches(monkeypatch)
     keep, _ = prune_varlen(x, a, cu, grids, ks, backend="kernels")
     assert torch.equal(keep, want)
-    (plan,) = fused._cache.values()
+    (plan,) = kernels_varlen._cache.values()
     ranges = plan.ranges  # on a GPU: 1 while the batch's tiles fit one wave on the SMs
     assert ranges == (2 if large and DEVICE.type == "cpu" else 1)
     assert launches.counts == {"scores": 1, "rank": 1, "graph": ranges, "mis": ranges}
     assert plan.table.shape == (ranges, 64, 16)
     again, _ = prune_varlen(x, a, cu, grids, ks, backend="kernels")
-    assert torch.equal(again, keep) and len(fused._cache) == 1
+    assert torch.equal(again, keep) and len(kernels_varlen._cache) == 1
 
 
-def test_fused_top_k_only_needs_no_graph(monkeypatch, fused):
+def test_fused_top_k_only_needs_no_graph(monkeypatch, kernels_varlen):
     grids = [(3, 4), (5, 5), (2, 2, 3)]
     x, a, cu = packed(grids, 8, 2, seed=21)
     ks = [5, 25, 1]
@@ -338,7 +338,7 @@ def test_fused_top_k_only_needs_no_graph(monkeypatch, fused):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_fused_every_dtype_spatial_and_prior(fused, dtype):
+def test_fused_every_dtype_spatial_and_prior(kernels_varlen, dtype):
     """β > 0 (the grid of each image in the graph kernel), a 3-D grid with its frames, a
     packed prior, pivot_ratio 0 (a pure MIS) on some budgets."""
     grids = [(6, 7), (2, 4, 5), (9, 9), (5, 11), (3, 3, 3), (1, 1)]
@@ -350,7 +350,7 @@ def test_fused_every_dtype_spatial_and_prior(fused, dtype):
     fused_check(x, a, cu, grids, ks, ks, pivot_ratio=0.0)
 
 
-def test_fused_mixed_pivots_per_image(fused):
+def test_fused_mixed_pivots_per_image(kernels_varlen):
     """n_pivots_b = k_b (top-k only, no graph rows) beside images with supplements, through
     dispatch.select_varlen itself (prune_varlen has one pivot ratio for all), against
     dispatch.select image by image."""
@@ -367,7 +367,7 @@ def test_fused_mixed_pivots_per_image(fused):
     assert torch.equal(got, want)
 
 
-def test_fused_k_slices_as_each_image_gets_alone(monkeypatch, fused):
+def test_fused_k_slices_as_each_image_gets_alone(monkeypatch, kernels_varlen):
     """Each image's dot products summed in the K slices it gets in its own prune() (there,
     on a CPU: split-K launches; in the ragged launch: in-program slices), bit for bit. The
     slice count is forced per image size (on a GPU it depends on the image's tiles)."""
@@ -386,7 +386,8 @@ def test_fused_k_slices_as_each_image_gets_alone(monkeypatch, fused):
 
 
 @pytest.mark.parametrize("max_n", [None, 40])
-def test_fused_rank_ties_nan_and_images_above_the_rank_kernel(monkeypatch, fused, max_n):
+def test_fused_rank_ties_nan_and_images_above_the_rank_kernel(monkeypatch, kernels_varlen,
+                                                              max_n):
     """NaN attention (score -inf, ranks last) and exact ties (to the smaller index) in some
     images; with the rank kernel's limit lowered below some images, the whole batch is
     ranked by one padded torch.sort, -inf pads behind each image's -inf scores."""
@@ -401,22 +402,22 @@ def test_fused_rank_ties_nan_and_images_above_the_rank_kernel(monkeypatch, fused
     ks = [30, 12, 40, 9]
     fused_check(x, a, cu, grids, ks, ks)
     if max_n is not None:
-        (plan,) = fused._cache.values()
+        (plan,) = kernels_varlen._cache.values()
         assert plan.sort_rank
 
 
-def test_only_the_kernels_take_the_fused_path(monkeypatch, fused):
+def test_only_the_kernels_take_the_fused_path(monkeypatch, kernels_varlen):
     """The reference and the CPU 'auto' path run image by image."""
     def never(*args, **kwargs):
         raise AssertionError("the fused path ran")
-    monkeypatch.setattr(fused, "select", never)
+    monkeypatch.setattr(kernels_varlen, "prune_ragged", never)
     x, a, cu = packed(MIXED, 16, 2, seed=26)
     for backend in ("reference",) + (("auto",) if DEVICE.type == "cpu" else ()):
         keep, _ = prune_varlen(x, a, cu, MIXED, 9, backend=backend)
         assert torch.equal(keep, torch.cat(per_image(x, a, cu, MIXED, [9] * 5, backend=backend)))
 
 
-def test_fused_equals_the_reference_on_band_free_inputs(fused, monkeypatch):
+def test_fused_equals_the_reference_on_band_free_inputs(kernels_varlen, monkeypatch):
     """The fused kernels against the plain-torch reference (not only against the per-image
     kernels): each image drawn outside the parity band, where every backend must agree."""
     from d2pruner_kernels.testing import band_free
@@ -434,15 +435,16 @@ def test_fused_equals_the_reference_on_band_free_inputs(fused, monkeypatch):
         attns.append(a[0])
     x, a = torch.cat(xs).to(DEVICE), torch.cat(attns, dim=1).to(DEVICE)
     cu = torch.tensor([0] + [math.prod(g) for g in grids]).cumsum(0)
-    calls, select = [], fused.select
-    monkeypatch.setattr(fused, "select", lambda *args: calls.append(1) or select(*args))
+    calls, prune_ragged = [], kernels_varlen.prune_ragged
+    monkeypatch.setattr(kernels_varlen, "prune_ragged",
+                        lambda *args: calls.append(1) or prune_ragged(*args))
     keep, _ = prune_varlen(x, a, cu, grids, ks, backend="kernels")
     assert calls == [1]  # the fused path ran
     assert torch.equal(keep, torch.cat(per_image(x, a, cu, grids, ks, backend="reference")))
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU")
-def test_fused_on_gpu_never_syncs_and_replays_from_a_cuda_graph(fused):
+def test_fused_on_gpu_never_syncs_and_replays_from_a_cuda_graph(kernels_varlen):
     """A new layout and a cached one, cu_seqlens on the GPU too, under
     set_sync_debug_mode('error'); then captured once and replayed on new values."""
     grids = [(24, 24), (16, 20), (2, 8, 8), (10, 10)]
@@ -451,7 +453,7 @@ def test_fused_on_gpu_never_syncs_and_replays_from_a_cuda_graph(fused):
     cu = cu.to(DEVICE)
     want = grouped(x, a, cu.cpu(), grids, ks, backend="kernels")
     prune_varlen(x, a, cu, grids, ks, backend="kernels")  # Triton compiles on first use
-    fused._cache.clear()
+    kernels_varlen._cache.clear()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

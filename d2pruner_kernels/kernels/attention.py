@@ -33,9 +33,9 @@ clamped to [-1, L - 1] (INT32_MAX / INT64_MAX mean "all keys", no overflow in
 <= 1; a huge scale amplifies rounding past the float32 range otherwise). With a given
 lse the exponent is formed in natural units (scale * <q, k> - lse), then converted.
 
-The dot products run in the input dtype with float32 accumulation (`dot.exact_dot`: exact
-products, never tf32). Head dims that are
-not powers of two (80, 96) are padded to the next one with masked loads.
+The dot products run in the input dtype with float32 accumulation (`dot.dot_fp32_acc`,
+never tf32). Head dims that are not powers of two (80, 96) are padded to the next one with
+masked loads.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ import triton.language as tl
 import torch
 
 from . import cdiv, interpreting, launch_device, next_pow2, sm_count
-from .dot import exact_dot, upcast
+from .dot import dot_fp32_acc, upcast
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): base-2 logits (kernels and host)
 
@@ -88,7 +88,7 @@ def _real_keys(mask_ptr, b, keys, key_ok, sm_b, sm_l):
 
 @triton.jit
 def _logits2(q, kt, qk_scale2, UPCAST: tl.constexpr):
-    return exact_dot(q, kt, None, UPCAST) * qk_scale2
+    return dot_fp32_acc(q, kt, None, UPCAST) * qk_scale2
 
 
 @triton.jit
@@ -200,7 +200,7 @@ def _span_probs_kernel(
             seen = seen & (keys[None, :] <= pos[:, None])
         if HAS_LSE:  # the difference in natural units, then base 2: FlashAttention's lse
             # comes from scale * dot, so a large scale does not amplify rounding here
-            e2 = (exact_dot(q, kt, None, UPCAST) * scale - lse_n[:, None]) * LOG2E
+            e2 = (dot_fp32_acc(q, kt, None, UPCAST) * scale - lse_n[:, None]) * LOG2E
         else:
             e2 = _logits2(q, kt, qk_scale2, UPCAST) - lse2[:, None]
         # A probability is <= 1: e2 <= 0 up to rounding, which a huge scale (1e8) can

@@ -1,7 +1,8 @@
-"""The one matrix product of the Triton kernels: exact products, float32 accumulation.
+"""The one matrix product of the Triton kernels: products in the input dtype, float32 sums.
 
-bf16 / fp16 products are exact in the float32 accumulator of the tensor cores; float32
-inputs take true-fp32 "ieee" dots, never tf32 (for 16-bit inputs "ieee" changes nothing).
+bf16 / fp16 products are exact in the float32 accumulator of the tensor cores (the sums
+round as float32 sums do, in the order the hardware adds them); float32 inputs take
+true-fp32 "ieee" dots, never tf32 (for 16-bit inputs "ieee" changes nothing).
 Under the interpreter a bf16 dot is wrong (triton#11584), so there it goes through float32.
 """
 from __future__ import annotations
@@ -15,8 +16,8 @@ from . import interpreting
 
 
 @triton.jit
-def exact_dot(a, b, acc, UPCAST: tl.constexpr):
-    """a @ b (+ acc, which may be None), accumulated in float32."""
+def dot_fp32_acc(a, b, acc, UPCAST: tl.constexpr):
+    """a @ b (+ acc, which may be None), accumulated in float32, never tf32."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -24,5 +25,5 @@ def exact_dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 def upcast(dtype: torch.dtype) -> bool:
-    """exact_dot's UPCAST for inputs of `dtype`."""
+    """dot_fp32_acc's UPCAST for inputs of `dtype`."""
     return interpreting() and dtype == torch.bfloat16

@@ -7,9 +7,8 @@ For candidates i, j (rank positions among the non-pivots, token ids t_i = order[
     f_ij   = (1 - beta) * cos_ij + beta * sp_ij;   edge iff f_ij >= theta and j < i
 
 One program per BLOCK x BLOCK tile of the strict lower triangle: the raw dot products run
-on the tensor cores in the input dtype (`dot.exact_dot`: exact products, float32 sums,
-never tf32), the norms come from one
-float32 pass before (`rank.py`), and the epilogue fuses the normalisation, the spatial
+on the tensor cores in the input dtype with float32 sums, never tf32 (`dot.dot_fp32_acc`),
+the norms come from one float32 pass before (`rank.py`), and the epilogue fuses the normalisation, the spatial
 term, the threshold and the bit packing. Only the packed bits reach memory (layout:
 ../layout.py); tiles above the diagonal are never launched work, their words stay
 unwritten. Batches with fewer tiles than SMs split K over programs (`split_count`,
@@ -29,7 +28,7 @@ from ..layout import num_words
 from ..options import DEFAULTS, PruneOptions
 from . import cdiv, interpreting, launch_device, next_pow2, sm_count
 from . import ragged_jit
-from .dot import exact_dot, upcast
+from .dot import dot_fp32_acc, upcast
 from .rank import rank_and_norms
 
 
@@ -76,7 +75,7 @@ def _slice_dots(xi, xj, k_lo, k_hi, offs_k, row_ok, col_ok, BLOCK: tl.constexpr,
     part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         a, c = _k_step(xi, xj, k0, k_hi, offs_k, row_ok, col_ok, EVEN_K)
-        part = exact_dot(a, tl.trans(c), part, UPCAST)
+        part = dot_fp32_acc(a, tl.trans(c), part, UPCAST)
     return part
 
 
@@ -270,7 +269,7 @@ def _ragged_graph_kernel(x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, table_pt
     part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         a, c = _k_step(xi, xj, k0, D, offs_k, row_ok, col_ok, EVEN_K)
-        part = exact_dot(a, tl.trans(c), part, UPCAST)
+        part = dot_fp32_acc(a, tl.trans(c), part, UPCAST)
         if ((k0 + BLOCK_K) % slice_len == 0) | (k0 + BLOCK_K >= D):
             acc += part  # 0 + part first: part's value (and edges: -0.0 >= t iff +0.0 >= t)
             part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)

@@ -54,8 +54,9 @@ def row_ranges(c: int, m: int, block: int, waves: float = math.inf) -> list[int]
     return ends
 
 
-def select(tokens, order, norms, n_pivots: int, k: int, grid, params: PruneOptions) -> torch.Tensor:
-    """Kept token ids int64 [B, k], ascending, from the features [B, N, D] (unit last
+def kept_ids(tokens, order, norms, n_pivots: int, k: int, grid,
+             params: PruneOptions) -> torch.Tensor:
+    """Steps 4-7: kept token ids int64 [B, k], ascending, from the features [B, N, D] (unit last
     stride), the rank order int64 [B, N] and the float32 norms [B, N] (n_pivots < k: the
     dispatcher takes the plain top-k itself)."""
     g = GraphRows(tokens, order, n_pivots, grid, params, norms=norms)

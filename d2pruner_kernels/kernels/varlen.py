@@ -125,9 +125,9 @@ def _sorted_order(s: torch.Tensor, p: Plan) -> torch.Tensor:
     return idx[img, local]  # image b's rank r at its token offset + r
 
 
-def select(tokens: torch.Tensor, attn: torch.Tensor, prior: torch.Tensor | None, images,
-           grids, ks, n_pivots, params: PruneOptions, eps: float) -> torch.Tensor:
-    """Kept positions int64 [sum k_b] into the packed tokens, each image's ascending, images
+def prune_ragged(tokens: torch.Tensor, attn: torch.Tensor, prior: torch.Tensor | None, images,
+                 grids, ks, n_pivots, params: PruneOptions) -> torch.Tensor:
+    """Steps 1-7 of a ragged batch: kept positions int64 [sum k_b] into the packed tokens, each image's ascending, images
     in order. tokens [total, D], attn [total] / [H, total], prior packed [total] or None;
     images (start, end), grids (T, H, W), ks, n_pivots: host lists, validated."""
     x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()  # one copy at most
@@ -135,7 +135,7 @@ def select(tokens: torch.Tensor, attn: torch.Tensor, prior: torch.Tensor | None,
     p = plan(images, grids, ks, n_pivots, d, x.dtype, x.device)
     table = p.table
     # 1: per-token math; the packed batch is one image of `total` tokens to the kernel
-    s = scores.debiased_scores(attn.unsqueeze(0), prior, eps)[0]
+    s = scores.debiased_scores(attn.unsqueeze(0), prior, params.eps)[0]
     # 2: rank order (+ the norms the graph needs), each image among its own tokens
     feats = x if p.needs_graph else None
     if p.sort_rank:
