@@ -102,7 +102,9 @@ def stages_body(records: list[dict]) -> list[str]:
 
 
 TABLES = {"report": ("prune() against its peers and the hardware floor", report_body),
-          "stages": ("per-stage GPU timings", stages_body)}
+          "stages": ("per-stage GPU timings", stages_body),
+          "varlen": ("prune_varlen against dense prune() and a loop of prune(); odd D "
+                     "(benchmarks.varlen_ab)", stages_body)}
 
 
 def markdown(run: list[dict], generated_by: str | None = None) -> str:
