@@ -67,7 +67,7 @@ PYBIND11_MODULE(_C, m) {
                   py::arg("order_len"), py::arg("kept_len"), py::arg("adj_words"),
                   py::arg("rounds") = 0, py::arg("skip") = 0, py::arg("done") = 0,
                   "A ragged batch: packed adj / order / kept, each image at the offsets of "
-                  "its row of table [batch, ragged_fields['stride']].")
+                  "its row of table [batch, ragged_fields['FIELDS']].")
       .def_readonly("batch", &d2p::MisArgs::batch)
       .def_readonly("n_tokens", &d2p::MisArgs::n_tokens)
       .def_readonly("n_pivots", &d2p::MisArgs::n_pivots)
@@ -102,15 +102,12 @@ PYBIND11_MODULE(_C, m) {
      py::arg("cos_weight"), py::arg("spatial_weight"), py::arg("threshold"),
      "One window of the graph-free CPU walk (kernels/cpu_walk.py), by keyword: the fields "
      "of csrc/walk_cpu.h's WalkWindowArgs.");
-  m.attr("ragged_fields") = py::dict(  // the ragged table's layout (kernels/ragged.py)
-      py::arg("stride") = static_cast<int>(d2p::kRaggedFields),
-      py::arg("token_offset") = static_cast<int>(d2p::kTokenOffset),
-      py::arg("tokens") = static_cast<int>(d2p::kTokens),
-      py::arg("pivots") = static_cast<int>(d2p::kPivots),
-      py::arg("keep") = static_cast<int>(d2p::kKeep),
-      py::arg("keep_offset") = static_cast<int>(d2p::kKeepOffset),
-      py::arg("adj_offset") = static_cast<int>(d2p::kAdjOffset),
-      py::arg("row_end") = static_cast<int>(d2p::kRowEnd));
+  py::dict ragged_fields;  // every field of csrc/mis.h's D2P_RAGGED_FIELDS, by its ragged.py name
+#define D2P_RAGGED_ENTRY(cpp_name, py_name, column) \
+  ragged_fields[#py_name] = static_cast<int>(d2p::cpp_name);
+  D2P_RAGGED_FIELDS(D2P_RAGGED_ENTRY)
+#undef D2P_RAGGED_ENTRY
+  m.attr("ragged_fields") = ragged_fields;
 #ifdef D2P_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("mis_rounds_cuda", [](const d2p::MisArgs& a, int device, uintptr_t stream) {

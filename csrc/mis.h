@@ -8,17 +8,25 @@
 namespace d2p {
 
 // Ragged batches (prune_varlen): one row of kRaggedFields int64 per image, giving its own sizes
-// and its places in the packed buffers. The graph and rank launches read the same table
-// (d2pruner_kernels/kernels/ragged.py names the fields, the same numbers).
+// and its places in the packed buffers. The graph and rank launches read the same table.
+// Each field the MIS reads, as (C++ name, its name in d2pruner_kernels/kernels/ragged.py,
+// column): written once here, exposed by bindings.cpp as _C.ragged_fields, and held to
+// ragged.py's numbers by tests/test_mis_kernel.py. The other columns (ROW_BEGIN, TILE_START,
+// ...) are the Triton launches' (ragged.py).
+#define D2P_RAGGED_FIELDS(X)                                                              \
+  X(kTokenOffset, TOKEN_OFFSET, 0) /* its first token in the packed order (local ids) */  \
+  X(kTokens, TOKENS, 1)            /* N_b */                                              \
+  X(kPivots, PIVOTS, 2)            /* n_pivots_b */                                       \
+  X(kKeep, KEEP, 3)                /* k_b */                                              \
+  X(kKeepOffset, KEEP_OFFSET, 4)   /* where its k_b kept ids go (token offset added) */   \
+  X(kAdjOffset, ADJ_OFFSET, 5)     /* first word of its [C_b, words(C_b)] adjacency */    \
+  X(kRowEnd, ROW_END, 7)           /* rows [0, min(row_end, C_b)) of its graph ready */   \
+  X(kRaggedFields, FIELDS, 16)     /* the row stride */
+
 enum RaggedField : int {
-  kTokenOffset = 0,  // its first token in the packed order (which holds local ids 0..N_b-1)
-  kTokens = 1,       // N_b
-  kPivots = 2,       // n_pivots_b
-  kKeep = 3,         // k_b
-  kKeepOffset = 4,   // where its k_b kept ids go in the packed kept (token offset added)
-  kAdjOffset = 5,    // first word of its [C_b, words(C_b)] adjacency in the packed adj
-  kRowEnd = 7,       // rows [0, min(row_end, C_b)) of its graph are ready
-  kRaggedFields = 16,  // row stride; the other fields are for the Triton launches
+#define D2P_RAGGED_ENUM(cpp_name, py_name, column) cpp_name = column,
+  D2P_RAGGED_FIELDS(D2P_RAGGED_ENUM)
+#undef D2P_RAGGED_ENUM
 };
 
 struct Ragged {

@@ -217,27 +217,18 @@ def test_call_parameters_are_checked_when_made_and_passed_by_keyword():
 def ragged_case(sizes, kinds, g, p=0.2, row_ends=None):
     """Packed adjacency / order / table for images of (C_b, n_p_b, m_b), in that order:
     each image's graph in its own [C_b, words(C_b)] layout at its offset, its order (local
-    ids) at its token offset. Returns adj, order, table, the per-image edges and orders."""
+    ids) at its token offset, the table from ragged.build_table (rows [0, row_ends[b]) of
+    image b ready; default all). Returns adj, order, table, the per-image edges and orders."""
     from d2pruner_kernels.kernels import ragged
-    adjs, orders, rows, edges, local = [], [], [], [], []
-    tok = keep = words = 0
-    for i, ((c, n_p, m), kind) in enumerate(zip(sizes, kinds)):
-        n, k = c + n_p, n_p + m
-        e = graph(kind, c, g, p)
-        o = torch.randperm(n, generator=g)
-        a = layout.pack_lower(e[None])[0].flatten()
-        r = [0] * ragged.FIELDS
-        r[ragged.TOKEN_OFFSET], r[ragged.TOKENS], r[ragged.PIVOTS], r[ragged.KEEP] = tok, n, n_p, k
-        r[ragged.KEEP_OFFSET], r[ragged.ADJ_OFFSET] = keep, words
-        r[ragged.ROW_END] = c if row_ends is None else row_ends[i]
-        rows.append(r)
-        adjs.append(a)
-        orders.append(o)
-        edges.append(e)
-        local.append(o)
-        tok, keep, words = tok + n, keep + k, words + a.numel()
-    return (torch.cat(adjs), torch.cat(orders), torch.tensor(rows, dtype=torch.int64), edges,
-            local)
+    edges = [graph(kind, c, g, p) for (c, _, _), kind in zip(sizes, kinds)]
+    orders = [torch.randperm(c + n_p, generator=g) for c, n_p, _ in sizes]
+    adj = torch.cat([layout.pack_lower(e[None])[0].flatten() for e in edges])
+    ends = [c for c, _, _ in sizes] if row_ends is None else row_ends
+    built = ragged.build_table([c + n_p for c, n_p, _ in sizes], [n_p for _, n_p, _ in sizes],
+                               [n_p + m for _, n_p, m in sizes],
+                               ranges=[[(0, end) for end in ends]])
+    assert built.adj_words == adj.numel() and built.total_tokens == sum(map(len, orders))
+    return adj, torch.cat(orders), torch.tensor(built.rows[0], dtype=torch.int64), edges, orders
 
 
 def ragged_want(sizes, edges, orders):
@@ -255,11 +246,19 @@ def run_ragged(adj, order, table, sizes, device="cpu", **kw):
                                  max_tokens, **kw)
 
 
-def test_ragged_table_layout_is_the_extensions():
+def test_ragged_fields_are_the_same_numbers_in_cpp_and_python():
+    """Every field constant of csrc/mis.h's ragged table (all of them, through _C) has the
+    number of the field of that name in kernels/ragged.py, the layout the builder and the
+    Triton launches use."""
     from d2pruner_kernels import _C
     from d2pruner_kernels.kernels import ragged
-    want = {name: getattr(ragged, name.upper()) for name in _C.ragged_fields if name != "stride"}
-    assert _C.ragged_fields == dict(want, stride=ragged.FIELDS)
+    cpp = _C.ragged_fields
+    assert {"TOKEN_OFFSET", "TOKENS", "PIVOTS", "KEEP", "KEEP_OFFSET", "ADJ_OFFSET", "ROW_END",
+            "FIELDS"} <= set(cpp)
+    python = {name: getattr(ragged, name, None) for name in cpp}
+    assert python == cpp
+    columns = [cpp[name] for name in cpp if name != "FIELDS"]
+    assert len(set(columns)) == len(columns) and max(columns) < cpp["FIELDS"]
 
 
 @settings(max_examples=300, deadline=None)
