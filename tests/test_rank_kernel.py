@@ -61,16 +61,19 @@ def test_rank_order_stage_backends_agree_and_big_n_falls_back(monkeypatch):
     want = reference.rank_order(s)
     assert torch.equal(d2p.rank_order(s, backend="kernels"), want)
     monkeypatch.setattr(rank_module(), "MAX_N", 100)  # past the limit: torch.sort ranks
+    ranked, rank_and_norms = [], rank_module().rank_and_norms
+    monkeypatch.setattr(rank_module(), "rank_and_norms", lambda scores, tokens: (
+        ranked.append(scores is not None) or rank_and_norms(scores, tokens)))
     assert torch.equal(d2p.rank_order(s, backend="kernels"), want)
+    assert ranked == []  # the dispatcher sorted, the kernel never ranked
     x = torch.randn(2, 300, 9, generator=g).to(DEVICE)
-    with pytest.raises(ValueError, match=r"the rank kernel takes N <= 100 tokens, got N=300"):
-        rank_module().rank_and_norms(s, x)  # the kernel refuses; the dispatcher sorts instead
     _, norms = rank_module().rank_and_norms(None, x)  # the norms still from the kernel
     torch.testing.assert_close(norms, torch.linalg.vector_norm(x, dim=-1), rtol=2e-6, atol=0)
     # prune()'s fused path past the limit: torch.sort ranks, the kernels do the rest
     a = torch.rand(2, 300, generator=g).to(DEVICE)
     assert torch.equal(d2p.prune(x, a, (15, 20), 40, backend="kernels"),
                        d2p.prune(x, a, (15, 20), 40, backend="reference"))
+    assert True not in ranked  # the kernel made norms only
 
 
 def test_rank_order_of_other_dtypes_and_shapes_is_torch_sort():

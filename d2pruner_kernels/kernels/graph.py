@@ -324,10 +324,7 @@ class GraphRows:
 
     def __init__(self, tokens, order, n_pivots: int, grid, params: PruneOptions = DEFAULTS,
                  config=None, norms=None):
-        b, n, d = tokens.shape
-        if tuple(order.shape) != (b, n) or not 0 <= n_pivots <= n:  # the kernel's bounds
-            raise ValueError(f"order must be [B, N] = [{b}, {n}] and 0 <= n_pivots <= N, got "
-                             f"order {list(order.shape)}, n_pivots={n_pivots}")
+        b, n, d = tokens.shape  # order [B, N], 0 <= n_pivots <= N: checks.check_graph_inputs
         self.x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
         self.order = order if order.stride(-1) == 1 else order.contiguous()
         # float32 |x_n|, from the rank launch when prune() made it, else one pass here
