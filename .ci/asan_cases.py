@@ -99,10 +99,10 @@ if cpu_walk.available():  # the graph-free walk's C++ window resolver
     x = torch.randn(2, 96, 16, generator=g)
     order = torch.stack([torch.randperm(96, generator=g) for _ in range(2)])
     params = PruneOptions(sim_threshold=0.3, spatial_weight=0.5, radius=2**70)
-    got = cpu_walk.select(x, order, 10, 40, (1, 8, 12), params)
+    got = cpu_walk.greedy_mis_without_graph(x, order, 10, 40, (1, 8, 12), params)
     graph = reference.similarity_graph(x, order, 10, (1, 8, 12), params)
     if not torch.equal(got, reference.greedy_mis(graph, order, 10, 40)):
-        failures.append("cpu_walk.select: wrong answer")
+        failures.append("cpu_walk.greedy_mis_without_graph: wrong answer")
 
 print(f"asan_cases.py: _C from {_C.__file__}")
 if failures:

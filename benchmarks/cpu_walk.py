@@ -51,8 +51,10 @@ def walk_stats(shape: Shape, i) -> dict:
     """The walk's counters (visited per image, windows) on one input."""
     stats = {}
     order = rank_order(debiased_scores(i.attn, i.prior))
-    cpu_walk.select(i.tokens, order, shape.n_pivots, shape.k_int, as_3d(shape.grid),
-                    PruneOptions(temporal_radius=shape.temporal_radius), stats=stats)
+    cpu_walk.greedy_mis_without_graph(i.tokens, order, shape.n_pivots, shape.k_int,
+                                      as_3d(shape.grid),
+                                      PruneOptions(temporal_radius=shape.temporal_radius),
+                                      stats=stats)
     return stats
 
 

@@ -161,7 +161,7 @@ def select(tokens, attn, prior, grid, k: int, n_pivots: int, opts: PruneOptions)
         return _triton("lazy_graph").kept_ids(tokens, order, norms, n_pivots, k, grid, opts)
     order = rank(s, backend)
     if use_cpu_walk(backend, device) and graph_kernels:  # steps 4-7 without the graph
-        return cpu_walk.select(tokens, order, n_pivots, k, grid, opts)
+        return cpu_walk.greedy_mis_without_graph(tokens, order, n_pivots, k, grid, opts)
     return mis(graph(tokens, order, n_pivots, grid, opts), order, n_pivots, k, backend)
 
 

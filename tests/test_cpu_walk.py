@@ -37,7 +37,7 @@ def want(tokens, order, n_p, k, grid, p):
 def check(tokens, order, n_p, k, grid, p, stats=None):
     """select == reference exactly (the input must be outside the parity band)."""
     assert outside_band(tokens, order, n_p, grid, p), "test input inside the parity band"
-    got = cpu_walk.select(tokens, order, n_p, k, grid, p, stats=stats)
+    got = cpu_walk.greedy_mis_without_graph(tokens, order, n_p, k, grid, p, stats=stats)
     assert got.dtype == torch.int64 and got.shape == (tokens.shape[0], k)
     assert torch.equal(got, want(tokens, order, n_p, k, grid, p))
     return got
@@ -100,7 +100,8 @@ def test_many_windows_and_survivor_cap(monkeypatch):
             for name, v in caps.items():
                 mp.setattr(cpu_walk, name, v)
             stats = {}
-            got = cpu_walk.select(x, order, 0, 40, (1, 12, 12), p, stats=stats)
+            got = cpu_walk.greedy_mis_without_graph(x, order, 0, 40, (1, 12, 12), p,
+                                                    stats=stats)
         assert torch.equal(got, expected), caps
         assert stats["windows"] > 10
 
@@ -145,7 +146,7 @@ def test_all_nan_and_all_zero_rows():  # side cases, not the main inputs
                     (0.0, PruneOptions(sim_threshold=-0.5))]:
         x = torch.full((2, 30, 4), fill)
         for k in (2, 10, 30):
-            got = cpu_walk.select(x, order, 2, k, (1, 5, 6), p)
+            got = cpu_walk.greedy_mis_without_graph(x, order, 2, k, (1, 5, 6), p)
             assert torch.equal(got, want(x, order, 2, k, (1, 5, 6), p))
 
 
@@ -181,7 +182,8 @@ def test_batch_equals_each_image():
     assert outside_band(x, order, 10, (1, 15, 20), p)
     got = check(x, order, 10, 60, (1, 15, 20), p)
     for i in range(3):
-        one = cpu_walk.select(x[i:i + 1], order[i:i + 1], 10, 60, (1, 15, 20), p)
+        one = cpu_walk.greedy_mis_without_graph(x[i:i + 1], order[i:i + 1], 10, 60,
+                                                (1, 15, 20), p)
         assert torch.equal(one, got[i:i + 1])
 
 
@@ -191,7 +193,7 @@ def test_strided_inputs_unchanged():
     base = x.transpose(1, 2).contiguous().transpose(1, 2)   # [B, N, D] with D-stride N
     strided_order = order.T.contiguous().T
     before = (base.clone(), strided_order.clone())
-    got = cpu_walk.select(base, strided_order, 4, 30, (1, 9, 9), p)
+    got = cpu_walk.greedy_mis_without_graph(base, strided_order, 4, 30, (1, 9, 9), p)
     assert torch.equal(got, want(x, order, 4, 30, (1, 9, 9), p))
     assert torch.equal(base, before[0]) and torch.equal(strided_order, before[1])
     assert not base.is_contiguous() and not strided_order.is_contiguous()
@@ -199,7 +201,8 @@ def test_strided_inputs_unchanged():
 
 def test_deterministic():
     x, order = band_free(2, (1, 16, 16), 32, 2, PruneOptions(), 20)
-    runs = [cpu_walk.select(x, order, 20, 60, (1, 16, 16), PruneOptions()) for _ in range(3)]
+    runs = [cpu_walk.greedy_mis_without_graph(x, order, 20, 60, (1, 16, 16), PruneOptions())
+            for _ in range(3)]
     assert all(torch.equal(r, runs[0]) for r in runs)
 
 
@@ -230,17 +233,17 @@ def test_what_reaches_the_cpp_resolver_is_checked():
     x, order = torch.randn(1, 12, 4), rank(1, 12, 0)
     p = PruneOptions()
     with pytest.raises(ValueError, match="order must be int64"):
-        cpu_walk.select(x, order.int(), 1, 4, (1, 3, 4), p)
+        cpu_walk.greedy_mis_without_graph(x, order.int(), 1, 4, (1, 3, 4), p)
     with pytest.raises(ValueError, match="order must be int64"):
-        cpu_walk.select(x, order[:, :10], 1, 4, (1, 3, 4), p)
+        cpu_walk.greedy_mis_without_graph(x, order[:, :10], 1, 4, (1, 3, 4), p)
     with pytest.raises(ValueError, match="CPU tensors"):
-        cpu_walk.select(x.to("meta"), order, 1, 4, (1, 3, 4), p)
+        cpu_walk.greedy_mis_without_graph(x.to("meta"), order, 1, 4, (1, 3, 4), p)
     with pytest.raises(ValueError, match="inconsistent sizes"):
-        cpu_walk.select(x, order, 1, 4, (1, 3, 5), p)
+        cpu_walk.greedy_mis_without_graph(x, order, 1, 4, (1, 3, 5), p)
     bad = order.clone()
     bad[0, 7] = 12  # out of range: torch indexing or the C++ bounds check refuses it
     with pytest.raises((IndexError, ValueError)):
-        cpu_walk.select(x, bad, 1, 4, (1, 3, 4), p)
+        cpu_walk.greedy_mis_without_graph(x, bad, 1, 4, (1, 3, 4), p)
 
 
 def test_cpp_bounds_checks():
@@ -294,11 +297,12 @@ MEMORY_SCRIPT = textwrap.dedent("""
     grid = (1, 128, 128)
     n_p = int(0.7 * k + 1e-6)
     for x in (distinct, clique):  # warm up allocator and MKL buffers on a small input
-        cpu_walk.select(x[:, :1024], torch.arange(1024).unsqueeze(0), 70, 100, (1, 32, 32), PruneOptions())
+        cpu_walk.greedy_mis_without_graph(x[:, :1024], torch.arange(1024).unsqueeze(0), 70, 100,
+                                          (1, 32, 32), PruneOptions())
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for x in (distinct, clique):
         stats = {}
-        cpu_walk.select(x, order, n_p, k, grid, PruneOptions(), stats=stats)
+        cpu_walk.greedy_mis_without_graph(x, order, n_p, k, grid, PruneOptions(), stats=stats)
         print(stats["windows"], stats["members"][0], file=sys.stderr)
     print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
 """)

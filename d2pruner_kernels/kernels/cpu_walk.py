@@ -1,10 +1,10 @@
 """Steps 4-7 (docs/spec.md) on a CPU without building the candidate graph.
 
-    select(tokens, order, n_pivots, k, grid, params) -> int64 [B, k], ascending
+    greedy_mis_without_graph(tokens, order, n_pivots, k, grid, params) -> int64 [B, k]
 
-computes exactly what the reference's `greedy_mis(similarity_graph(...))` computes: pivots =
-order[:, :n_pivots]; the greedy walk over the candidates order[:, n_pivots:] in rank order,
-taking a candidate unless an edge
+(ascending) computes exactly what the reference's `greedy_mis(similarity_graph(...))`
+computes, hence the name: pivots = order[:, :n_pivots]; the greedy walk over the candidates
+order[:, n_pivots:] in rank order, taking a candidate unless an edge
 
     f_ij = (1 - beta) * cos_ij + beta * near_ij >= theta      (float32, NaN: no edge)
 
@@ -116,8 +116,9 @@ def _next_window(counts, visited, m):
     return math.ceil(_SLACK * need) + _PAD
 
 
-def select(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int,
-           grid: tuple[int, int, int], params, *, stats: dict | None = None) -> torch.Tensor:
+def greedy_mis_without_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int, k: int,
+                             grid: tuple[int, int, int], params, *,
+                             stats: dict | None = None) -> torch.Tensor:
     """Kept token ids, int64 [B, k] ascending: pivots, greedy-walk members, fill (module doc).
 
     tokens: CPU [B, N, D] fp16/bf16/fp32, any strides; order: int64 [B, N], a permutation of
