@@ -166,22 +166,25 @@ class Check:
         with open(log, "a") as f:
             f.write(f"$ {' '.join(map(str, step.cmd))}\n")
             f.flush()
-            p = subprocess.Popen([str(c) for c in step.cmd], cwd=REPO, env=env, stdout=f,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                p = subprocess.Popen([str(c) for c in step.cmd], cwd=REPO, env=env, stdout=f,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as e:  # e.g. no compute-sanitizer on this machine
+                f.write(f"[gpu_check] cannot start: {e}\n")
+                return 127, False
             grace = 10 if limit > 30 else 0  # SIGINT first: pytest writes summary + junit
             try:
                 return p.wait(timeout=limit - grace), False
             except subprocess.TimeoutExpired:
                 pass
-            if grace:
-                os.killpg(p.pid, signal.SIGINT)
+            for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, None)):
+                if p.poll() is not None or (sig == signal.SIGINT and not grace):
+                    continue
                 try:
-                    p.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, sig)
+                    p.wait(timeout=wait)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
                     pass
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
             f.write(f"\n[gpu_check] TIMED OUT after {limit:.0f} s\n")
             return p.returncode, True
 
@@ -220,9 +223,10 @@ class Check:
                  f"- tools: {f.get('tools', '?')}",
                  f"- commit: {self.commit or f.get('commit', '?')}; budget {self.budget:.0f} s, "
                  f"elapsed {time.time() - self.t0:.0f} s", "",
-                 "| step | status | s | what |", "|---|---|---|---|"]
+                 "| step | status | s | what | first line of its result |", "|---|---|---|---|---|"]
         for r in self.results:
-            lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} | {r.what} |")
+            first = (r.detail[0] if r.detail else "").replace("|", "/")[:100]
+            lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} | {r.what} | {first} |")
         for r in self.results:
             if r.detail:
                 lines += ["", f"**{r.name}** ({r.status})", ""] + [f"    {d}" for d in r.detail[:40]]
@@ -273,7 +277,8 @@ def log_detail(path: Path) -> list[str]:
     """The lines of a log worth a glance: sanitizer summaries, answers, errors, timings."""
     keys = ("ERROR SUMMARY", "RACECHECK SUMMARY", "Hazard", "all answers right", "Traceback",
             "Error:", "error:", "TIMED OUT", "registers", "spill", " | ours ", "-> ", "with_cuda",
-            "collected", "tests collected", "Invalid", "Uninitialized", "Race reported")
+            "collected", "tests collected", "Invalid", "Uninitialized", "Race reported",
+            "cannot start")
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
@@ -366,11 +371,18 @@ def build_step(check: Check):
                      f"-Dpybind11_DIR={pybind}", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={dest}",
                      f"-DCMAKE_CUDA_ARCHITECTURES={arch}", "-DCMAKE_CUDA_FLAGS=-Xptxas=-v"]
         detail = [f"cmake + ninja, sm_{arch}, into {'a scratch folder (dry)' if check.dry else 'd2pruner_kernels/'}"]
+        nvcc = shutil.which("nvcc") or next((c for c in ("/usr/local/cuda/bin/nvcc",
+                                                         "/usr/local/cuda-13.0/bin/nvcc")
+                                             if os.path.exists(c)), None)
+        cmake_env = dict(os.environ, **({"CUDACXX": nvcc} if nvcc else {}))
+        if not nvcc:
+            detail.append("no nvcc found: _C would be built without CUDA")
         for what, cmd in (("configure", configure),
                           ("build", ["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2)])):
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
-            r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=140)
+            r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                               timeout=max(10.0, min(140.0, check.left() - 5)), env=cmake_env)
             if r.returncode:
                 tail = [ln.strip()[:200] for ln in (check.logs / "build.log").read_text(
                     errors="replace").splitlines()[-12:]]
@@ -463,7 +475,7 @@ def steps(check: Check, names: list[str]) -> list[Step]:
                               cmd=[sys.executable, "-m", "benchmarks.varlen_ab",
                                    "--record", str(check.out / "history.jsonl"),
                                    "--out", str(check.logs / "varlen.md"), *(["--quick"] if dry else [])],
-                              what="prune_varlen vs dense prune() / a loop of prune(); D 1176"),
+                              what="prune_varlen vs dense prune() / a loop of prune(); D 1176; attention positions"),
         "racecheck": lambda: sanitizer(check, "racecheck", "racecheck", "mis"),
         "memcheck": lambda: sanitizer(check, "memcheck", "memcheck", "full", ["--leak-check", "no"]),
         "synccheck": lambda: sanitizer(check, "synccheck", "synccheck", "mis"),

@@ -11,6 +11,8 @@ and 8), each row checked for the same answer before it is timed:
                  spills on sm_90) against D = 1152 and against D = 1176 zero-padded to 1184
                  (the padding copy timed with it; zeros change no dot product or norm, so the
                  indices are the same: asserted).
+  attention      attention_scores at a Qwen2-VL prefill row, plain and with the padding mask
+                 and int64 / int32 q_positions (48 -> ~130 registers on sm_90 with int64).
 
     python -m benchmarks.varlen_ab [--quick] [--reps R] [--out FILE] [--record [FILE]]
 
@@ -152,13 +154,38 @@ def odd_feature_dim(bench: Bench) -> None:
                       note="the padding copy included")
 
 
+def attention_positions(bench: Bench) -> None:
+    """attention_scores at a Qwen2-VL-7B prefill row (Hq 28 / Hk 4, d 128, bf16, a batch of 4
+    left-padded to 1500 keys): plain, with the padding mask and int64 q_positions (about 130
+    registers against 48 on sm_90), and with int32 positions: whether the positions' dtype
+    is worth a cast."""
+    from d2pruner_kernels import attention_scores
+    b, hq, hk, d, n_keys = (2, 4, 2, 32, 60) if bench.quick else (4, 28, 4, 128, 1500)
+    span = (n_keys // 4, n_keys // 4 + n_keys // 2)
+    dev = bench.device
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(b, hq, 1, d, device=dev, generator=g).to(dtype)
+    k = torch.randn(b, hk, n_keys, d, device=dev, generator=g).to(dtype)
+    mask = torch.arange(n_keys, device=dev)[None] >= torch.tensor([0, 7, 30, 3][:b], device=dev)[:, None]
+    pos64 = torch.full((b, 1), n_keys - 1, device=dev)
+    shape = f"B={b} Hq={hq} Hk={hk} d={d} L={n_keys} span={span[1] - span[0]}"
+    plain = bench.row("attention_scores", shape, lambda: attention_scores(q, k, key_span=span,
+                                                                          backend="kernels"))
+    for name, pos in (("int64", pos64), ("int32", pos64.int())):
+        t = bench.row(f"attention_scores + mask + {name} q_positions", shape,
+                      lambda: attention_scores(q, k, key_span=span, key_padding_mask=mask,
+                                               q_positions=pos, backend="kernels"))
+        print(f"  -> {ratio_note(plain, t, 'this')}", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.varlen_ab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU dry run)")
     parser.add_argument("--reps", type=int, default=50)
-    parser.add_argument("--only", nargs="*", choices=["equal", "mixed", "odd"],
-                        default=["equal", "mixed", "odd"])
+    parser.add_argument("--only", nargs="*", choices=["equal", "mixed", "odd", "attention"],
+                        default=["equal", "mixed", "odd", "attention"])
     tables.add_output_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,6 +200,8 @@ def main(argv=None) -> int:
         mixed_batch(bench)
     if "odd" in args.only:
         odd_feature_dim(bench)
+    if "attention" in args.only:
+        attention_positions(bench)
     tables.finish(rec, args)
     return 0
 
