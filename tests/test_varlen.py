@@ -222,8 +222,10 @@ def kernels_varlen():
     configuration must not reuse a table built under another)."""
     from d2pruner_kernels.kernels import varlen
     varlen._cache.clear()
+    varlen._captured.clear()
     yield varlen
     varlen._cache.clear()
+    varlen._captured.clear()
 
 
 class Launches:
@@ -544,3 +546,106 @@ def test_ragged_table_lays_images_back_to_back():
         same = [f for f in range(ragged.FIELDS)
                 if f not in (ragged.ROW_BEGIN, ragged.ROW_END, ragged.TILE_START)]
         assert [a[f] for f in same] == [b[f] for f in same]
+
+
+def test_a_layout_first_met_inside_a_capture_raises_before_any_work(monkeypatch, kernels_varlen):
+    """Building a plan pins and copies host memory, which a CUDA graph capture forbids: a
+    layout not planned before the capture raises, naming the fix; a planned one is served
+    from the cache without building anything."""
+    dev = torch.device("cuda", 0)  # only the plan's key sees it: nothing touches a GPU
+    layout = ([(0, 20), (20, 50)], [(1, 4, 5), (1, 5, 6)], [5, 9], [3, 6], 16, torch.float16)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    built = []
+    monkeypatch.setattr(kernels_varlen, "Plan", lambda *args: built.append(args))
+    with pytest.raises(RuntimeError, match=r"for the first time inside a CUDA graph capture.*"
+                                           r"Run the same layout once before capturing"):
+        kernels_varlen.plan(*layout, dev)
+    assert built == [] and not kernels_varlen._cache
+    key = tuple(tuple(v) for v in layout[:4]) + (16, torch.float16, dev)
+    kernels_varlen._cache[key] = planned = object()
+    assert kernels_varlen.plan(*layout, dev) is planned and built == []
+
+
+def _gpu_layout():
+    grids = [(24, 24), (16, 20), (2, 8, 8), (10, 10)]
+    ks = [64, 80, 32, 10]
+    x, a, cu = packed(grids, 64, 4, seed=30, dtype=torch.bfloat16)
+    return grids, ks, x, a, cu
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU (two CUDA streams)")
+def test_cached_plan_on_a_second_stream_waits_for_its_copy(kernels_varlen):
+    """The plan's table is copied on the stream that built it, here queued behind ~0.1 s
+    of sleep; a second stream reusing the cached plan at once must wait for that copy
+    (an event, no host sync), else its kernels read the table before it arrives."""
+    grids, ks, x, a, cu = _gpu_layout()
+    want = grouped(x, a, cu, grids, ks, backend="kernels")
+    prune_varlen(x, a, cu, grids, ks, backend="kernels")  # Triton compiles on first use
+    kernels_varlen._cache.clear()
+    first, second = torch.cuda.Stream(), torch.cuda.Stream()
+    for stream in (first, second):
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(first):
+        torch.cuda._sleep(200_000_000)  # the copy waits behind this on `first`
+        out_first, _ = prune_varlen(x, a, cu, grids, ks, backend="kernels")
+    with torch.cuda.stream(second):  # the cached plan, its copy still queued on `first`
+        out_second, _ = prune_varlen(x, a, cu, grids, ks, backend="kernels")
+    torch.cuda.synchronize()
+    assert len(kernels_varlen._cache) == 1
+    assert torch.equal(out_first, want) and torch.equal(out_second, want)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU (CUDA graph capture)")
+def test_captured_replay_outlives_the_plan_cache(kernels_varlen):
+    """Warm-up, then capture: the graph copies the table from the plan's pinned rows at
+    each replay, and that plan is kept for good: clearing the cache, freeing cached pinned
+    and device memory and reusing it cannot change what a replay reads."""
+    grids, ks, x, a, cu = _gpu_layout()
+    cu = cu.to(DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the warm-up builds the plan on the side stream
+        prune_varlen(x, a, cu, grids, ks, backend="kernels")
+    torch.cuda.current_stream().wait_stream(side)
+    xs, as_ = x.clone(), a.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, _ = prune_varlen(xs, as_, cu, grids, ks, backend="kernels")
+    assert len(kernels_varlen._captured) == 1
+    kernels_varlen._cache.clear()
+    for i in range(kernels_varlen.CACHE_SIZE + 2):  # other layouts through the cache
+        gi = [(2 + i // 8, 5 + i % 8), (3, 3)]
+        xi, ai, cui = packed(gi, 64, 2, seed=100 + i, dtype=torch.bfloat16)
+        prune_varlen(xi, ai, cui, gi, [7, 4], backend="kernels")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    junk = [torch.full((16, 4096), -1, dtype=torch.int64).pin_memory() for _ in range(8)]
+    x2, a2, _ = packed(grids, 64, 4, seed=31, dtype=torch.bfloat16)
+    xs.copy_(x2)
+    as_.copy_(a2)
+    g.replay()
+    torch.cuda.synchronize()
+    del junk
+    assert torch.equal(out, grouped(x2, a2, cu.cpu(), grids, ks, backend="kernels"))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU (CUDA graph capture)")
+def test_first_use_inside_a_capture_fails_clearly_and_leaves_the_stream_usable(kernels_varlen):
+    grids, ks, x, a, cu = _gpu_layout()
+    want = grouped(x, a, cu, grids, ks, backend="kernels")
+    prune_varlen(x, a, cu, grids, ks, backend="kernels")  # Triton compiles on first use
+    kernels_varlen._cache.clear()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="for the first time inside a CUDA graph capture"):
+        with torch.cuda.graph(g):
+            prune_varlen(x, a, cu, grids, ks, backend="kernels")
+    assert not kernels_varlen._cache and not kernels_varlen._captured
+    keep, _ = prune_varlen(x, a, cu, grids, ks, backend="kernels")  # eager, then capture
+    assert torch.equal(keep, want)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, _ = prune_varlen(x, a, cu, grids, ks, backend="kernels")
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)

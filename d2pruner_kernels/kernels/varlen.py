@@ -11,8 +11,8 @@ one launch per stage for the whole batch, whatever the images' sizes, grids and 
 
 Every size the launches need comes from the ragged table (kernels/ragged.py), built on the
 host from the validated lists and copied to the device once; it is cached per layout, so
-a repeated layout (a serving bucket, a CUDA-graph replay) copies nothing. Nothing reads a
-device value on the host: no sync. The result equals the per-image prune() exactly: each
+a repeated layout (a serving bucket) copies nothing. Nothing reads a device value on the
+host: no sync. Streams and CUDA graphs: see `plan` and `device_table`. The result equals the per-image prune() exactly: each
 image's rank order, norms and K slices are computed as they are for it alone, and the MIS
 is exact whatever rows it is given (lazy_graph.py).
 """
@@ -29,7 +29,7 @@ from . import cdiv, graph, lazy_graph, mis, ragged, rank, scores, sm_count
 
 CACHE_SIZE = 64  # layouts whose tables stay on the device (LRU)
 _cache: collections.OrderedDict = collections.OrderedDict()
-_captured: dict = {}  # plans read during CUDA-graph capture: never dropped (see plan())
+_captured: dict = {}  # plans read during CUDA-graph capture: never dropped (device_table)
 
 
 def _tri(r: int) -> int:
@@ -40,7 +40,8 @@ class Plan:
     """The launches of one ragged layout, decided on the host from the sizes alone."""
 
     def __init__(self, images, grids, ks, n_pivots, d: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, key=None):
+        self.key = key  # its cache key (plan())
         self.batch = len(images)
         self.config = graph.default_config(dtype, d)
         block, block_k = self.config["BLOCK"], self.config["BLOCK_K"]
@@ -76,45 +77,73 @@ class Plan:
         self.rank_programs, self.range_tiles = built.rank_programs, built.range_tiles
         table = built.rows
         host = torch.tensor(table, dtype=torch.int64)  # [R, B, FIELDS]
+        self.stream = self.copied = None
         if device.type == "cuda":  # pinned: the copy is asynchronous (and capturable)
             host = host.pin_memory()
         self.host = host  # kept alive with the plan: a captured copy reads it at each replay
         self.table = host.to(device, non_blocking=True)
-        self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        if device.type == "cuda":  # the copy is queued on this stream; others wait for it
+            self.stream = torch.cuda.current_stream(device)
+            self.copied = torch.cuda.Event()
+            self.copied.record(self.stream)
 
 
 def plan(images, grids, ks, n_pivots, d: int, dtype: torch.dtype, device: torch.device) -> Plan:
-    """The Plan of this layout, cached (LRU): a layout seen before copies nothing.
+    """The Plan of this layout, cached (LRU): a layout seen before builds and copies nothing.
 
-    A table is read-only. Read on another stream than the one it was copied on, it is
-    recorded on that stream (Tensor.record_stream), so dropping it from the cache never
-    frees memory a queued kernel still reads. A table read while a CUDA graph is being
-    captured is kept for good (`_captured`): the graph reads it at every replay (and,
-    when it was built during the capture, copies into it from its pinned host rows)."""
+    A plan is built outside CUDA-graph capture only: building one pins host memory (the
+    pinned allocator may query events, which a capture forbids) and copies it. A layout
+    first met inside a capture raises before any work; run it once before capturing (the
+    warm-up torch.cuda.graph asks for anyway)."""
     key = (tuple(images), tuple(grids), tuple(ks), tuple(n_pivots), d, dtype, device)
     p = _captured.get(key)
-    if p is None:
-        p = _cache.get(key)
-        if p is None:
-            p = _cache[key] = Plan(images, grids, ks, n_pivots, d, dtype, device)
-            if len(_cache) > CACHE_SIZE:
-                _cache.popitem(last=False)
-        else:
-            _cache.move_to_end(key)
-    if device.type == "cuda":
-        stream = torch.cuda.current_stream(device)
-        if stream != p.stream:
-            p.table.record_stream(stream)
-        if torch.cuda.is_current_stream_capturing():
-            _captured[key] = p
+    if p is not None:
+        return p
+    p = _cache.get(key)
+    if p is not None:
+        _cache.move_to_end(key)
+        return p
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "prune_varlen(backend='kernels') met this batch layout (image sizes, grids and "
+            "budgets) for the first time inside a CUDA graph capture: its ragged table "
+            "cannot be built and copied during a capture. Run the same layout once before "
+            "capturing (a warm-up call), then capture")
+    p = _cache[key] = Plan(images, grids, ks, n_pivots, d, dtype, device, key)
+    if len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
     return p
 
 
-def _sorted_order(s: torch.Tensor, p: Plan) -> torch.Tensor:
+def device_table(p: Plan) -> torch.Tensor:
+    """The plan's table [R, B, FIELDS] as the current stream may read it, without a host
+    sync (and capturable):
+
+    * on the stream that copied it: the table itself;
+    * on another stream: that stream first waits for the copy (an event recorded after
+      it), and the table is recorded on it (Tensor.record_stream), so dropping the plan from
+      the cache never frees memory a queued kernel still reads;
+    * inside a CUDA graph capture: a copy of the plan's pinned host rows made inside the
+      graph, so each replay orders its own copy before its kernels, whatever stream built
+      the plan (a capture may not wait on work recorded outside it); the plan, whose
+      pinned rows that copy reads, is kept for good (`_captured`), outliving every graph."""
+    if p.stream is None:  # CPU (the interpreter)
+        return p.table
+    if torch.cuda.is_current_stream_capturing():
+        _captured[p.key] = p
+        return p.host.to(p.table.device, non_blocking=True)
+    stream = torch.cuda.current_stream(p.table.device)
+    if stream != p.stream:
+        stream.wait_event(p.copied)
+        p.table.record_stream(stream)
+    return p.table
+
+
+def _sorted_order(s: torch.Tensor, p: Plan, table: torch.Tensor) -> torch.Tensor:
     """Rank orders of images above rank.MAX_N tokens: one stable descending torch.sort of
     the scores padded to [B, max N] with -inf. Pads come after every token of their row,
     -inf scores included (their index is larger), so row b starts with image b's order."""
-    t = p.table[0]
+    t = table[0]
     dev = s.device
     img = torch.repeat_interleave(torch.arange(p.batch, device=dev), t[:, ragged.TOKENS],
                                   output_size=p.total)  # output_size: no sync
@@ -127,19 +156,19 @@ def _sorted_order(s: torch.Tensor, p: Plan) -> torch.Tensor:
 
 def prune_ragged(tokens: torch.Tensor, attn: torch.Tensor, prior: torch.Tensor | None, images,
                  grids, ks, n_pivots, params: PruneOptions) -> torch.Tensor:
-    """Steps 1-7 of a ragged batch: kept positions int64 [sum k_b] into the packed tokens, each image's ascending, images
-    in order. tokens [total, D], attn [total] / [H, total], prior packed [total] or None;
+    """Steps 1-7 of a ragged batch: kept positions int64 [sum k_b] into the packed tokens,
+    each image's ascending, images in order. tokens [total, D], attn [total] / [H, total], prior packed [total] or None;
     images (start, end), grids (T, H, W), ks, n_pivots: host lists, validated."""
     x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()  # one copy at most
     total, d = x.shape
     p = plan(images, grids, ks, n_pivots, d, x.dtype, x.device)
-    table = p.table
+    table = device_table(p)
     # 1: per-token math; the packed batch is one image of `total` tokens to the kernel
     s = scores.debiased_scores(attn.unsqueeze(0), prior, params.eps)[0]
     # 2: rank order (+ the norms the graph needs), each image among its own tokens
     feats = x if p.needs_graph else None
     if p.sort_rank:
-        order = _sorted_order(s, p)
+        order = _sorted_order(s, p, table)
         norms = rank.rank_and_norms(None, x.unsqueeze(0))[1][0] if feats is not None else None
     else:
         order, norms = rank.rank_and_norms_ragged(s, feats, table[0], p.rank_programs)
