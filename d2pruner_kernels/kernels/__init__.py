@@ -1,12 +1,18 @@
 """The kernels, one module per stage beside its twin in `reference/`:
 
-- Triton: scores.py (step 1), rank.py (step 2, with the feature norms), graph.py (step 4,
-  packed bits; dot.py is its matrix product), attention.py (attention_scores);
-- the compiled MIS (steps 5-7): mis.py, the Python side of csrc/;
-- the paths that chain them: lazy_graph.py (steps 4-7 on a GPU, the graph in row ranges),
-  varlen.py (prune_varlen on a GPU, one launch per stage; ragged.py builds its table and
-  ragged_jit.py reads it inside the Triton kernels), cpu_walk.py (steps 4-7 on a CPU, the
-  windowed members-only walk, with csrc/walk_cpu.cpp).
+    scores.py      Triton: step 1, debiased importance scores
+    rank.py        Triton: step 2, the rank order by counting, with the feature norms
+    graph.py       Triton: step 4, the similarity graph as packed bits (dense, split-K,
+                   ragged)
+    lazy_graph.py  steps 4-7: the graph in row ranges, the MIS after each
+    mis.py         steps 5-7: the compiled MIS (the Python side of csrc/: CUDA kernel,
+                   C++ twin)
+    cpu_walk.py    steps 4-7 on a CPU without a graph: the windowed members-only walk
+    varlen.py      steps 1-7 of a ragged batch (prune_varlen): one launch per stage
+    ragged.py      the ragged table's fields and its one row builder (plain ints)
+    ragged_jit.py  the ragged table as the Triton kernels read it
+    attention.py   Triton: attention_scores (the importance rows of a model's attention)
+    dot.py         the Triton kernels' one matrix product
 
 `dispatch.py` decides which of them runs; the Triton modules are imported only when a
 Triton stage runs, so the package works without Triton or without the compiled extension
