@@ -525,6 +525,10 @@ def main(argv=None) -> int:
     check.write()
     bad = [r for r in check.results if r.status != "PASS" and (args.dry or r.status != "SKIPPED")]
     print("\n" + (out / "summary.md").read_text(), flush=True)
+    # last, where a caller that keeps only the end of the output sees it: the steps again
+    print(f"steps on {check.facts.get('device_name', '?')}:")
+    for r in check.results:
+        print(f"  {r.name:10} {r.status:8} {r.seconds:5.0f} s  {(r.detail[0] if r.detail else '')[:110]}")
     check.close()
     print(f"gpu_check: {len(check.results) - len(bad)}/{len(check.results)} steps passed"
           + (f"; not passed: {', '.join(f'{r.name} ({r.status})' for r in bad)}" if bad else "")
