@@ -1,13 +1,17 @@
 """prune_varlen against its contract: each image's block equals prune() on that image's
 slice plus the image's offset, exactly, on every backend; misuse raises before any work,
 naming the image."""
+import collections
 import math
 
 import pytest
 import torch
 
 import d2pruner_kernels as d2p
-from d2pruner_kernels import PositionalPrior, prune, prune_varlen
+from d2pruner_kernels import PositionalPrior, dispatch, prune, prune_varlen
+from d2pruner_kernels.checks import as_3d, pivot_count
+from d2pruner_kernels.kernels import mis as mis_kernel
+from d2pruner_kernels.options import PruneOptions
 from helpers import DEVICE, clustered_tokens, distinct_attention
 
 BACKENDS = ["reference", "kernels"]
@@ -207,13 +211,6 @@ def test_exported():
 
 
 # -- the fused ragged path (kernels backend): one launch per stage, equal to each image's prune
-
-import collections  # noqa: E402
-
-from d2pruner_kernels import dispatch  # noqa: E402
-from d2pruner_kernels.checks import as_3d, pivot_count  # noqa: E402
-from d2pruner_kernels.kernels import mis as mis_kernel  # noqa: E402
-from d2pruner_kernels.options import PruneOptions  # noqa: E402
 
 
 @pytest.fixture
