@@ -85,8 +85,9 @@ def test_unsupported_models_and_configurations():
     text = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
                                         num_hidden_layers=2, num_attention_heads=2))
     with pytest.raises(TypeError, match=r"supports LlavaForConditionalGeneration, "
-                       r"Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration; "
-                       r"got LlamaForCausalLM"):
+                       r"Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, "
+                       r"LlavaNextForConditionalGeneration, "
+                       r"LlavaOnevisionForConditionalGeneration; got LlamaForCausalLM"):
         hf.apply(text, 8)
     with pytest.raises(ValueError, match=r"where='vision' is for LLaVA \(a CLS row\); "
                        r"Qwen2VLForConditionalGeneration has none"):

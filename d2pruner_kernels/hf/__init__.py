@@ -7,10 +7,13 @@
 
 Supported: LlavaForConditionalGeneration (LLaVA-1.5 style: one (H, W) patch grid per image),
 Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration (one (t, h, w) grid
-per image, any size). `where="llm"` prunes inside the language model at decoder layer
-`layer` (the paper's setting); `where="vision"` (LLaVA) prunes the projected image features
-so that the LLM gets a shorter prompt. `calibrate_prior` computes a model's positional
-prior from the same importance rows; `draw_kept` draws what was kept. Another family:
+per image, any size), LlavaNextForConditionalGeneration and
+LlavaOnevisionForConditionalGeneration (anyres: each image a TokenLayout, base image + the
+high-resolution map with its newline tokens; where="llm" only). `where="llm"` prunes
+inside the language model at decoder layer `layer` (the paper's setting); `where="vision"`
+(LLaVA) prunes the projected image features so that the LLM gets a shorter prompt.
+`calibrate_prior` computes a model's positional prior from the same importance rows;
+`draw_kept` draws what was kept. Another family:
 write an `Adapter` (or reuse `LlavaAdapter` / `Qwen2VLAdapter`) and `register_adapter` it.
 What users run into (use_cache=False, beams, non-square pictures): docs/integration.md.
 
@@ -31,8 +34,10 @@ if int(_transformers.__version__.split(".")[0]) < 5:
 from ._common import Adapter
 from ._pruner import Pruner, apply, calibrate_prior, register_adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from ..draw import draw_kept
 
 __all__ = ["apply", "calibrate_prior", "Pruner", "draw_kept", "register_adapter", "Adapter",
-           "LlavaAdapter", "Qwen2VLAdapter"]
+           "LlavaAdapter", "Qwen2VLAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter"]

@@ -14,9 +14,11 @@ from ._llm import InLLM
 from ._select import Selector
 from ._vision import OnVision
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS = (LlavaAdapter, Qwen2VLAdapter)
+ADAPTERS = (LlavaAdapter, Qwen2VLAdapter, LlavaNextAdapter, LlavaOnevisionAdapter)
 WHERE = ("llm", "vision")
 # model -> weakref to its Pruner. Nothing here keeps a model alive: the key is weak, and the
 # value must not hold the model (a Pruner does, so it is held weakly). The model's own hooks
@@ -113,7 +115,8 @@ def _adapter(model):
         if cls.matches(model):
             return cls(model)
     names = "LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, " \
-            "Qwen2_5_VLForConditionalGeneration"
+            "Qwen2_5_VLForConditionalGeneration, LlavaNextForConditionalGeneration, " \
+            "LlavaOnevisionForConditionalGeneration"
     extra = f", and what is registered ({', '.join(c.__name__ for c in _REGISTERED)})" \
         if _REGISTERED else ""
     raise TypeError(f"d2pruner_kernels.hf supports {names}{extra}; got "

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..checks import check_k, resolve_k
+from ..checks import cells, check_k, resolve_k
 from ..options import PruneOptions, of
 from ..prior import PositionalPrior
 from ..prune import prune
@@ -72,7 +72,7 @@ class Selector:
                       labels: list) -> list[torch.Tensor]:
         """Packed images tokens [total, D], attn [total] -> each image's kept indices
         (local, int64, ascending), one prune_varlen call."""
-        lengths = [math.prod(g) for g in grids]
+        lengths = [cells(g) for g in grids]  # a grid or a TokenLayout
         ks = [self.budget(n, lab) for n, lab in zip(lengths, labels)]
         offsets = [0]
         for n in lengths:

@@ -5,6 +5,9 @@ for the tests and the examples: real transformers classes at toy widths, fp32, C
     inputs = llava_inputs(model, [[5, 6], [7]])    # one image per prompt, left-padded
     model = tiny_qwen2_vl()                    # or tiny_qwen2_vl(v2_5=True)
     inputs = qwen_inputs(model, [[(16, 16)], [(12, 20), (8, 8)]])   # images per sample, in patches
+    model = tiny_llava_next()                  # CLIP 112/14: 8x8 base, tiles of 112 px
+    inputs = anyres_inputs(model, [[(100, 180)], [(150, 60)]])      # (height, width) per image
+    model = tiny_llava_onevision()             # SigLIP 112/14, anyres_max_9
 """
 from __future__ import annotations
 
@@ -129,4 +132,107 @@ def qwen_inputs(model, images: list, texts=None, seed: int = 0, videos=None) -> 
         patches = sum(t * h * w for t, h, w in vgrids)
         out["pixel_values_videos"] = torch.randn(patches, 3 * tp * p * p, generator=g)
         out["video_grid_thw"] = torch.tensor(vgrids, dtype=torch.long)
+    return out
+
+
+# -- LLaVA-NeXT / LLaVA-OneVision (anyres) --------------------------------------------------------
+
+ANYRES_PINPOINTS = [[112, 224], [224, 112], [224, 224], [112, 336], [336, 112], [448, 448]]
+
+
+def tiny_llava_next(layers: int = 4, seed: int = 0, attn_implementation: str = "sdpa"):
+    """LlavaNextForConditionalGeneration: CLIP 112/14 (an 8 x 8 base image, tiles of 112 px
+    on ANYRES_PINPOINTS, 2 layers, width 32) and a Llama decoder of `layers` layers."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration)
+    vision = CLIPVisionConfig(image_size=112, patch_size=14, hidden_size=32,
+                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=LlamaConfig(**_llama_text(layers)),
+                          image_token_id=IMAGE, image_grid_pinpoints=ANYRES_PINPOINTS,
+                          image_seq_length=64)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return LlavaNextForConditionalGeneration(cfg).eval()
+
+
+def tiny_llava_onevision(layers: int = 4, seed: int = 0, attn_implementation: str = "sdpa"):
+    """LlavaOnevisionForConditionalGeneration: SigLIP 112/14 (8 x 8 base, no CLS, 'full'
+    features), ANYRES_PINPOINTS, anyres_max_9 (a 448 x 448 canvas, 32 x 32 patches, is
+    downscaled to 24 x 24), a Qwen2 decoder of `layers` layers."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              Qwen2Config, SiglipVisionConfig)
+    vision = SiglipVisionConfig(image_size=112, patch_size=14, hidden_size=32,
+                                intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                vision_use_head=False)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=Qwen2Config(**_llama_text(layers)),
+                               image_token_id=IMAGE, video_token_id=VIDEO,
+                               image_grid_pinpoints=ANYRES_PINPOINTS, vision_feature_layer=-1,
+                               vision_feature_select_strategy="full")
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
+def anyres_map(model, size, patched: bool = True) -> tuple[int, int]:
+    """(H, W) of the high-resolution map the LLM gets for an image of size (height, width),
+    by the processors' arithmetic (LlavaNextProcessor / LlavaOnevisionProcessor
+    _get_unpadded_features), not the model's: (0, 0) when the image is not patched (a
+    OneVision image in a multi-image sample)."""
+    import math
+    from transformers.image_processing_utils import select_best_resolution
+    if not patched:
+        return 0, 0
+    cfg = model.config
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    height, width = size
+    best_h, best_w = select_best_resolution([height, width], cfg.image_grid_pinpoints)
+    cur_h = side * (best_h // cfg.vision_config.image_size)
+    cur_w = side * (best_w // cfg.vision_config.image_size)
+    if width / height > cur_w / cur_h:
+        cur_h -= 2 * ((cur_h - int(round(height * (cur_w / width), 7))) // 2)
+    else:
+        cur_w -= 2 * ((cur_w - int(round(width * (cur_h / height), 7))) // 2)
+    aspect = getattr(cfg, "vision_aspect_ratio", None)
+    if aspect is not None:
+        ratio = math.sqrt(cur_h * cur_w / (int(aspect.strip("anyres_max_")) * side ** 2))
+        if ratio > 1.1:
+            cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
+    return cur_h, cur_w
+
+
+def anyres_inputs(model, sizes: list, texts=None, seed: int = 0) -> dict:
+    """Left-padded LLaVA-NeXT / OneVision prompts: sample b is [1, 4] + for each image of
+    sizes[b] ((height, width) in pixels) its placeholders (base side^2 + H * (W + 1), or
+    side^2 + 1 for a OneVision image in a multi-image sample) and token 9, then texts[b];
+    random pixel_values [images, max patches, 3, S, S] (zero-padded as the processor pads),
+    image_sizes, and batch_num_images for OneVision."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    cfg = model.config
+    onevision = hasattr(cfg, "vision_aspect_ratio")
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    texts = texts or [[5, 6, 7]] * len(sizes)
+    rows, flat, patches = [], [], []
+    for sample, text in zip(sizes, texts):
+        row = [1, 4]
+        patched = not onevision or len(sample) == 1
+        for size in sample:
+            h, w = anyres_map(model, size, patched)
+            row += [IMAGE] * (side * side + h * (w + 1) + (0 if patched else 1)) + [9]
+            flat.append(list(size))
+            patches.append(image_size_to_num_patches(size, cfg.image_grid_pinpoints,
+                                                     cfg.vision_config.image_size)
+                           if patched else 1)
+        rows.append(row + list(text))
+    ids, mask = _left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if flat:
+        g = torch.Generator().manual_seed(seed)
+        s = cfg.vision_config.image_size
+        pix = torch.zeros(len(flat), max(patches), 3, s, s)
+        for i, n in enumerate(patches):
+            pix[i, :n] = torch.randn(n, 3, s, s, generator=g)
+        out["pixel_values"] = pix
+        out["image_sizes"] = torch.tensor(flat, dtype=torch.long)
+        if onevision:
+            out["batch_num_images"] = torch.tensor([len(x) for x in sizes], dtype=torch.long)
     return out

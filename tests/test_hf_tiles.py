@@ -1,0 +1,379 @@
+"""d2pruner_kernels.hf on tiled images (issue 23): LLaVA-NeXT and LLaVA-OneVision (anyres:
+base image + high-resolution map with newline tokens), on tiny random models built from
+configs (fp32, CPU, nothing downloaded), held to references written here.
+
+Each image's expected layout comes from the processors' arithmetic (tiny.anyres_map, from
+image_sizes), not from the adapter (which reads the newline tokens in the prompt). The
+reference runs every decoder layer on the full sequence with an explicit mask that hides
+the pruned image tokens as keys from layer K on, and decodes greedily by recomputing the
+whole sequence at every step (no cache).
+"""
+import pytest
+
+pytest.importorskip("transformers", reason="the hf extra is not installed: "
+                    "pip install 'transformers>=5.16.1,<6' -c <(echo torch==2.13.0)")
+
+import torch  # noqa: E402
+
+import d2pruner_kernels as d2p  # noqa: E402
+from d2pruner_kernels import TokenLayout, hf  # noqa: E402
+from d2pruner_kernels.hf import tiny  # noqa: E402
+
+LAYER = 2
+STEPS = 3
+FAMILIES = ("llava_next", "llava_onevision")
+_MODELS = {}
+
+
+def model_for(family, impl="sdpa"):
+    key = (family, impl)
+    if key not in _MODELS:
+        build = {"llava_next": tiny.tiny_llava_next,
+                 "llava_onevision": tiny.tiny_llava_onevision}[family]
+        _MODELS[key] = build(attn_implementation=impl)
+    return _MODELS[key]
+
+
+# Samples: images of different aspect ratios (tall, wide, large); OneVision's second sample
+# holds two images (each its base + one newline); the last sample has no image.
+SIZES = {"llava_next": [[(100, 180)], [(150, 60), (60, 300)], []],
+         "llava_onevision": [[(400, 400)], [(100, 180), (150, 60)], []]}
+TEXTS = [[5, 6, 7, 8, 9], [11], [12, 13]]
+
+
+def batched(family, model):
+    return tiny.anyres_inputs(model, SIZES[family], texts=TEXTS)
+
+
+def alone(family, model):
+    """Each sample of batched() alone, with the same pixels."""
+    full = batched(family, model)
+    out, i = [], 0
+    for sizes, text in zip(SIZES[family], TEXTS):
+        s = tiny.anyres_inputs(model, [sizes], texts=[text])
+        if sizes:
+            s["pixel_values"] = full["pixel_values"][i:i + len(sizes)]
+            i += len(sizes)
+        out.append(s)
+    return out
+
+
+def single(family, model):
+    return tiny.anyres_inputs(model, SIZES[family][:1], texts=TEXTS[:1])
+
+
+def expected(model, inputs):
+    """Per sample [(start, end, TokenLayout)], from input_ids and image_sizes only."""
+    cfg = model.config
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    sizes = iter(inputs.get("image_sizes", torch.zeros(0, 2)).tolist())
+    counts = inputs.get("batch_num_images")
+    out = []
+    for b, row in enumerate(inputs["input_ids"].tolist()):
+        patched = counts is None or int(counts[b]) == 1
+        found, i = [], 0
+        while i < len(row):
+            if row[i] != tiny.IMAGE:
+                i += 1
+                continue
+            j = i
+            while j < len(row) and row[j] == tiny.IMAGE:
+                j += 1
+            h, w = tiny.anyres_map(model, tuple(next(sizes)), patched)
+            layout = TokenLayout.grid(side, side) + (TokenLayout.grid(h, w + 1) if h else
+                                                     TokenLayout.grid(1, 1))
+            assert layout.cells == j - i
+            found.append((i, j, layout))
+            i = j
+        out.append(found)
+    return out
+
+
+def keep_mask(model, inputs, kept):
+    keep = torch.ones(inputs["input_ids"].shape, dtype=torch.bool)
+    for b, sample in enumerate(expected(model, inputs)):
+        assert len(kept[b]) == len(sample)
+        for (s, e, _), k in zip(sample, kept[b]):
+            keep[b, s:e] = False
+            keep[b, s + k] = True
+    return keep
+
+
+def reference(model, inputs, keep, steps=STEPS):
+    """(greedy tokens [B, steps], per step logits [B, n, V]) with pruned keys hidden."""
+    got = {}
+    lm = model.model.language_model
+    hook = lm.register_forward_pre_hook(lambda mod, a, kw: got.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        hook.remove()
+    emb = got["inputs_embeds"]
+    b, n = emb.shape[:2]
+    pos = got.get("position_ids")
+    pos = torch.arange(n).expand(b, -1) if pos is None else pos
+    valid = inputs["attention_mask"].bool()
+    low = torch.finfo(emb.dtype).min
+    tokens, logits_steps = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            n = emb.shape[1]
+            full = torch.ones(n, n, dtype=torch.bool).tril() & valid[:, None, :]
+            pruned = full & keep[:, None, :]
+            h, pe = emb, lm.rotary_emb(emb, pos)
+            for i, lay in enumerate(lm.layers):
+                m = torch.where(full if i < LAYER else pruned, 0.0, low)[:, None]
+                out = lay(h, attention_mask=m, position_embeddings=pe, use_cache=False)
+                h = out[0] if isinstance(out, tuple) else out
+            logits = model.lm_head(lm.norm(h))
+            logits_steps.append(logits)
+            nxt = logits[:, -1].argmax(-1)
+            tokens.append(nxt)
+            emb = torch.cat([emb, model.get_input_embeddings()(nxt)[:, None]], 1)
+            pos = torch.cat([pos, pos.amax(-1, keepdim=True) + 1], -1)
+            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool)], 1)
+            keep = torch.cat([keep, torch.ones(b, 1, dtype=torch.bool)], 1)
+    return torch.stack(tokens, 1), logits_steps
+
+
+def generate(model, inputs, **kw):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=STEPS, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, **kw)
+
+
+def entering(model, inputs, eager=False):
+    """(hidden states entering decoder layer LAYER, eager attention [B, Hq, L, L] of layer
+    LAYER - 1 or None) of an unpruned forward."""
+    got = {}
+    hook = model.model.language_model.layers[LAYER].register_forward_pre_hook(
+        lambda mod, args: got.setdefault("h", args[0]))
+    try:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=False, output_attentions=eager)
+    finally:
+        hook.remove()
+    return got["h"], out.attentions[LAYER - 1] if eager else None
+
+
+# -- the layout ------------------------------------------------------------------------------
+
+def test_the_tiny_models_give_the_layouts_the_tests_expect():
+    """The placeholder counts tiny.anyres_inputs computes are the model's (a forward
+    accepts them), and the layouts span what the issue names: a wide, a tall and a
+    downscaled (anyres_max_9) map, the lone newline of a multi-image OneVision sample."""
+    got = {f: [[lay.describe() for *_, lay in s] for s in expected(model_for(f),
+                                                                   batched(f, model_for(f)))]
+           for f in FAMILIES}
+    assert got == {"llava_next": [["8x8 + 8x15"], ["8x8 + 16x7", "8x8 + 4x25"], []],
+                   "llava_onevision": [["8x8 + 24x25"], ["8x8 + 1x1", "8x8 + 1x1"], []]}
+
+
+# -- keep-all and restore ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_is_the_unpruned_model(family):
+    model = model_for(family)
+    inputs = batched(family, model)
+    with torch.no_grad():
+        base = model(**inputs).logits
+    base_gen = generate(model, inputs)
+    with hf.apply(model, 1.0) as pruner:
+        with torch.no_grad():
+            got = model(**inputs).logits
+        assert pruner.grids == [[lay for *_, lay in s] for s in expected(model, inputs)]
+        gen = generate(model, inputs)
+    assert torch.equal(got, base)
+    assert torch.equal(gen.sequences, base_gen.sequences)
+    for a, b in zip(gen.logits, base_gen.logits, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remove_restores_bit_identical_outputs(family):
+    model = model_for(family)
+    inputs = single(family, model)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    before_gen = generate(model, inputs).sequences
+    pruner = hf.apply(model, 0.25)
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    assert pruned.shape[1] < before.shape[1]
+    pruner.remove()
+    pruner.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+    assert torch.equal(generate(model, inputs).sequences, before_gen)
+
+
+# -- the selection -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kept_is_prune_on_the_eager_row_and_the_hidden_states(family):
+    """kept == prune(hidden states entering layer K, eager row of layer K - 1, the layout),
+    per image of a left-padded batch; kept indexes the image's tokens in sequence order,
+    newline tokens included. spatial_weight=0.9: an edge is exactly a spatial neighbour in
+    the layout (random features are never similar enough to matter), so the test sees the
+    layout's edges."""
+    opts = {"spatial_weight": 0.9}
+    model = model_for(family, "eager")
+    inputs = batched(family, model)
+    hidden, attn = entering(model, inputs, eager=True)
+    last = [int(torch.nonzero(m).max()) for m in inputs["attention_mask"]]
+    with hf.apply(model, 0.25, **opts) as pruner:
+        with torch.no_grad():
+            model(**inputs)
+    newline_kept = layout_mattered = 0
+    for b, sample in enumerate(expected(model, inputs)):
+        assert len(pruner.kept[b]) == len(sample)
+        for i, (s, e, layout) in enumerate(sample):
+            row = attn[b, :, last[b], s:e].mean(0)
+            torch.testing.assert_close(pruner.importance[b][i], row, rtol=1e-5, atol=1e-8)
+            want = d2p.prune(hidden[b, s:e], row, layout, 0.25, **opts)
+            assert torch.equal(pruner.kept[b][i], want), (b, i)
+            assert pruner.grids[b][i] == layout
+            flat = d2p.prune(hidden[b, s:e], row, (1, e - s), 0.25, **opts)  # a line
+            layout_mattered += not torch.equal(want, flat)
+            newline_kept += len(set(pruner.kept[b][i].tolist()) & newlines(layout))
+    assert pruner.kept[2] == [] and pruner.grids[2] == []
+    assert newline_kept > 0  # newline tokens compete for the budget and some win
+    assert layout_mattered > 0  # the layout's spatial edges changed some image's selection
+
+
+def newlines(layout):
+    """The local indices of an anyres layout's newline tokens: the last column of its
+    second piece."""
+    base, newline_map = layout.pieces
+    _, h, w1 = newline_map.grid
+    return {base.cells + r * w1 + w1 - 1 for r in range(h)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_positional_prior_is_spread_over_the_pieces(family):
+    model = model_for(family)
+    inputs = single(family, model)
+    prior = d2p.PositionalPrior((8, 8))
+    prior.update(torch.linspace(1.0, 3.0, 64))
+    with hf.apply(model, 0.25, prior=prior) as pruner:
+        with torch.no_grad():
+            model(**inputs)
+    hidden, _ = entering(model, inputs)
+    (s, e, layout), = expected(model, inputs)[0]
+    row = pruner.importance[0][0]
+    want = d2p.prune(hidden[0, s:e], row, layout, 0.25, prior=prior)
+    assert torch.equal(pruner.kept[0][0], want)
+    assert not torch.equal(want, d2p.prune(hidden[0, s:e], row, layout, 0.25))
+
+
+# -- against the reference -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_and_generate_equal_the_reference(family, impl):
+    model = model_for(family, impl)
+    inputs = single(family, model)
+    with hf.apply(model, 0.25) as pruner:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        kept = pruner.kept
+        gen = generate(model, inputs)
+        assert all(torch.equal(a, b) for a, b in zip(pruner.kept[0], kept[0], strict=True))
+    keep = keep_mask(model, inputs, kept)
+    n_kept = int(keep.sum())
+    full = inputs["input_ids"].shape[1]
+    cache = getattr(out, "cache", None) or out.past_key_values
+    lengths = [cache.get_seq_length(i) for i in range(len(model.model.language_model.layers))]
+    assert lengths == [full] * LAYER + [n_kept] * (len(lengths) - LAYER)
+    tokens, logits = reference(model, inputs, keep)
+    assert out.logits.shape[1] == n_kept < full
+    torch.testing.assert_close(out.logits[0], logits[0][0, keep[0]], rtol=1e-4, atol=1e-4)
+    assert torch.equal(gen.sequences[:, full:], tokens)
+    for step, got in enumerate(gen.logits):  # cached decoding == uncached recomputation
+        torch.testing.assert_close(got, logits[step][:, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_equals_each_sample_alone(family):
+    """Samples whose images have different aspect ratios and token counts (OneVision: one
+    anyres image beside a two-image sample) in one left-padded batch."""
+    model = model_for(family)
+    inputs = batched(family, model)
+    samples = alone(family, model)
+    with hf.apply(model, 0.25) as pruner:
+        gen = generate(model, inputs)
+        kept = pruner.kept
+        single_runs = []
+        for s in samples:
+            single_runs.append((generate(model, s), pruner.kept[0]))
+    full = inputs["input_ids"].shape[1]
+    for b, (g, k) in enumerate(single_runs):
+        assert len(kept[b]) == len(k) == len(SIZES[family][b])
+        for mine, theirs in zip(kept[b], k):
+            assert torch.equal(mine, theirs), b
+        n = samples[b]["input_ids"].shape[1]
+        assert torch.equal(gen.sequences[b, full:], g.sequences[0, n:]), b
+        for step in range(STEPS):
+            torch.testing.assert_close(gen.logits[step][b], g.logits[step][0],
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_images_back_to_back_and_the_single_patch_branch():
+    """LLaVA-NeXT's single-patch branch (base + one newline; get_image_features never takes
+    it in transformers 5.x, pre-encoded features can) right after an anyres image in one
+    run of placeholders: cut into two images, the lone newline a 1x1 piece of its own."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    model = model_for("llava_next")
+    inner = model.model
+    g = torch.Generator().manual_seed(3)
+    d = model.config.text_config.hidden_size
+    h, w = tiny.anyres_map(model, (100, 180))
+    nl = inner.image_newline.detach()
+    first = torch.cat([torch.randn(64, d, generator=g)]
+                      + [torch.cat([torch.randn(w, d, generator=g), nl[None]]) for _ in range(h)])
+    second = torch.cat([torch.randn(64, d, generator=g), nl[None]])
+    n = first.shape[0] + second.shape[0]
+    ids = torch.tensor([[1, 4] + [tiny.IMAGE] * n + [9, 5, 6]])
+    enc = {"image": BaseModelOutputWithPooling(pooler_output=[first, second])}
+    with hf.apply(model, 16) as pruner:
+        with torch.no_grad():
+            model(input_ids=ids, mm_encoder_outputs=enc)
+    assert pruner.grids == [[TokenLayout.grid(8, 8) + TokenLayout.grid(h, w + 1),
+                             TokenLayout.grid(8, 8) + TokenLayout.grid(1, 1)]]
+    assert [len(k) for k in pruner.kept[0]] == [16, 16]
+
+
+# -- misuse ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_misuse_raises_at_apply(family):
+    model = model_for(family)
+    with pytest.raises(ValueError, match=r"tiles its images: use where='llm'"):
+        hf.apply(model, 16, where="vision")
+    with pytest.raises(ValueError, match=r"layer must be in \[1, 3\]"):
+        hf.apply(model, 16, layer=4)
+    with pytest.raises(ValueError, match=r"k must be an int >= 1"):
+        hf.apply(model, 0)
+    with pytest.raises(TypeError, match=r"unknown prune option"):
+        hf.apply(model, 16, foo=1)
+    with hf.apply(model, 16):  # nothing was left installed by the refusals
+        pass
+    if family == "llava_next":
+        model.config.vision_feature_select_strategy = "full"
+        try:
+            with pytest.raises(ValueError, match=r"vision_feature_select_strategy='full' keeps "
+                               r"the CLS token"):
+                hf.apply(model, 16)
+        finally:
+            model.config.vision_feature_select_strategy = "default"
+
+
+def test_image_tokens_that_are_not_an_anyres_image_raise():
+    model = model_for("llava_next")
+    ids = torch.tensor([[1] + [tiny.IMAGE] * 70 + [9, 5]])  # placeholders, no features
+    with hf.apply(model, 16):
+        with pytest.raises(ValueError, match=r"sample 0, image 0 \(tokens from 1\): no "
+                           r"image_newline token after the base image"):
+            with torch.no_grad():
+                model(input_ids=ids)
