@@ -293,7 +293,11 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span, scale: float,
         mask = key_padding_mask
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         sm_b, sm_l = mask.stride()
-    strides = (*q.stride()[:3], *k.stride()[:3], sp_b, sp_r, sm_b, sm_l)
+    strides = dict(zip(("sq_b", "sq_h", "sq_r"), q.stride()[:3]),
+                   **dict(zip(("sk_b", "sk_h", "sk_l"), k.stride()[:3])),
+                   sp_b=sp_b, sp_r=sp_r, sm_b=sm_b, sm_l=sm_l)
+    inputs = dict(q_ptr=q, k_ptr=k, pos_ptr=pos, mask_ptr=mask, D=d, NQ=nq, G=g, R=rows,
+                  HQ=hq, HK=hk, qk_scale2=qk_scale2)
     m_blocks = cdiv(rows, block_m)
 
     if lse is None:
@@ -307,8 +311,8 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span, scale: float,
         part_l = torch.empty_like(part_m)
         with launch_device(q.device):
             _lse_partials_kernel[(n_chunks, b * hk, m_blocks)](
-                q, k, pos, mask, part_m, part_l, n_keys, d, nq, g, rows, hq, hk, chunk,
-                n_chunks, qk_scale2, *strides, BLOCK_N=block_n, **flags, **cfg)
+                m_ptr=part_m, l_ptr=part_l, L=n_keys, chunk=chunk, n_chunks=n_chunks,
+                **inputs, **strides, BLOCK_N=block_n, **flags, **cfg)
         lse_arg, block_c = part_m, next_pow2(n_chunks)  # lse_arg never read
     else:
         lse_arg = lse.contiguous()
@@ -325,10 +329,11 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_span, scale: float,
     out = torch.empty(shape, dtype=torch.float32, device=q.device)
     with launch_device(q.device):
         _span_probs_kernel[(span_blocks, b, groups)](
-            q, k, pos, mask, spans, lse_arg, part_m, part_l, out, start, n_span, n_out, d, nq,
-            g, rows, hq, hk, heads_per_prog, n_chunks, float(scale), qk_scale2,
-            1.0 / (hq * nq), *strides, HAS_LSE=lse is not None, PER_SAMPLE=per_sample,
-            BLOCK_C=block_c, BLOCK_N=block_ns, **flags, **cfg)
+            spans_ptr=spans, lse_ptr=lse_arg, m_ptr=part_m, l_ptr=part_l, out_ptr=out,
+            span_start=start, n_span=n_span, n_out=n_out, heads_per_prog=heads_per_prog,
+            n_chunks=n_chunks, scale=float(scale), inv_rows=1.0 / (hq * nq), **inputs,
+            **strides, HAS_LSE=lse is not None, PER_SAMPLE=per_sample, BLOCK_C=block_c,
+            BLOCK_N=block_ns, **flags, **cfg)
     if per_sample:
         return out[0] if groups == 1 else out.sum(dim=0)
     return out[:, 0] if groups == 1 else out.sum(dim=1)  # a fixed order: deterministic
