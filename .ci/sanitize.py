@@ -177,15 +177,22 @@ def full_varlen(tiny):
     ks = [9, 4, 8] if tiny else [64, 80, 32, 10, 15]
     x, a, prior, cu = packed(grids, 32 if tiny else 64, 4, dtype, seed=11)
     want = per_image(x, a, cu, grids, ks, prior)
-    for waves, what in ((lazy_graph.LAZY_MIN_WAVES, "1 range"), (-1.0, "2 ranges (lazy prefix)")):
+    from d2pruner_kernels.kernels import varlen as kv
+    for waves, ranges in ((lazy_graph.LAZY_MIN_WAVES, 1), (-1.0, 2)):
         t0 = time.time()
+        cache = getattr(kv, "_cache", None)  # the plans, to see which path ran
+        if cache is not None:
+            cache.clear()
         with patched(lazy_graph, "LAZY_MIN_WAVES", waves):
             keep, cu_keep = prune_varlen(x, a, cu.to(DEV), grids, ks, prior=prior,
                                          backend="kernels")
         sync()
-        assert torch.equal(keep, want), f"prune_varlen, {what}"
+        assert torch.equal(keep, want), f"prune_varlen, {ranges} row range(s)"
         assert cu_keep.tolist() == [0] + torch.tensor(ks).cumsum(0).tolist()
-        say(f"prune_varlen {len(grids)} images, {what}", t0)
+        ran = sorted({p.ranges for p in cache.values()}) if cache is not None else "?"
+        if GPU and not tiny:  # (a CPU plan always takes the prefix; tiny images fit in it)
+            assert ran in ([ranges], "?"), f"expected {ranges} row range(s), the plan has {ran}"
+        say(f"prune_varlen {len(grids)} images, row ranges {ran}", t0)
     t0 = time.time()
     with patched(rank, "MAX_N", 20 if tiny else 300):  # images above it: one padded sort
         keep, _ = prune_varlen(x, a, cu.to(DEV), grids, ks, prior=prior, backend="kernels")
