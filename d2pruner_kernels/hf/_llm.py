@@ -84,6 +84,7 @@ class InLLM(Hooks):
         self._tap = _attention.Tap(layers[k - 1].self_attn, f"decoder layer {k - 1}")
         self._tap.install()
         h.append(a.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
+        h.append(a.outer.register_forward_hook(self._outer_post, always_call=True))
         h.append(a.language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         h.append(a.language_model.register_forward_hook(self._lm_post, with_kwargs=True,
                                                         always_call=True))
@@ -117,6 +118,10 @@ class InLLM(Hooks):
         self._outer = {"image": self.adapter.image_mask(ids, emb),
                        "attention_mask": kwargs.get("attention_mask"),
                        "image_grid_thw": kwargs.get("image_grid_thw")}
+        return None
+
+    def _outer_post(self, module, args, output):
+        self._outer = None  # also when the forward raised before the language model ran
         return None
 
     def _lm_pre(self, module, args, kwargs):

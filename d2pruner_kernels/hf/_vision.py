@@ -13,11 +13,12 @@ image instead of N, in a shorter prompt with contiguous positions.
    those of the shorter prompt. While decoding from that cache, attention_mask and
    position_ids are mapped the same way; generate() never notices.
 
-Images encoded outside the forward (generate() encodes them before the prefill, then
-repeats them for num_beams / num_return_sequences by counting placeholders against
-features): the projector keeps all N features there and remembers each image's selection;
-the prefill finds each image of the `mm_encoder_outputs` it is given among those it encoded
-(by value, whatever the repetition) and hands the LLM its k kept features.
+Images are encoded before the prefill (generate() does it, then repeats them for
+num_beams / num_return_sequences by counting placeholders against features; a forward given
+pixel_values has them encoded by the same public get_image_features in its pre-hook): the
+projector keeps all N features and remembers each image's selection; the prefill finds each
+image of the `mm_encoder_outputs` it is given among those encoded (by value, whatever the
+repetition) and hands the LLM its k kept features.
 
 Continuing from a returned cache (`generate(input_ids=out.sequences,
 past_key_values=out.past_key_values)`): the cache holds the shortened prompt, so generate
@@ -67,7 +68,6 @@ class OnVision(Hooks):
         self._pending = None   # kept indices of the images the projector just pruned
         self._fwd = None       # (record or None, image counts per sample) of this forward
         self._records = weakref.WeakKeyDictionary()  # cache -> _Record
-        self._inside = False   # within the outer model's forward
         self._encoded = None   # _Encoded: images encoded outside a forward
 
     def _install(self, h: list) -> None:
@@ -87,7 +87,6 @@ class OnVision(Hooks):
     def _forget(self) -> None:
         self._rows = self._pending = self._fwd = self._encoded = None
         self._records = weakref.WeakKeyDictionary()
-        self._inside = False
 
     # -- the vision tower ------------------------------------------------------------------
 
@@ -114,11 +113,10 @@ class OnVision(Hooks):
         rows = self._features(args[0])
         keep = self.selector.select_batched(output.detach(), rows, self.adapter.grid,
                                             "LLaVA image")
-        if not self._inside:  # encoded before the prefill: generate repeats them by count
-            self._encoded = _Encoded(output.detach(), keep, rows)
-            return None
-        self._pending = list(zip(keep.cpu(), rows.cpu()))
-        return output.gather(1, keep.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
+        # all N features go on (generate repeats them by counting placeholders); the
+        # prefill cuts each image to its k
+        self._encoded = _Encoded(output.detach(), keep, rows)
+        return None
 
     def _encoded_features(self, kwargs: dict, n_images: int):
         """kwargs with mm_encoder_outputs' image features cut to the k kept per image (each
@@ -157,7 +155,6 @@ class OnVision(Hooks):
 
     def _outer_pre(self, module, args, kwargs):
         self._fwd = None
-        self._inside = True
         cache = get_cache(kwargs)
         if not is_prefill(cache):
             return self._continue(cache, args, kwargs)
@@ -176,6 +173,16 @@ class OnVision(Hooks):
             for s, _, _ in spans:
                 keep[b, s + self.k:s + self.n] = False
         self._fwd = (None, counts)
+        mm = kwargs.get("mm_encoder_outputs") or {}
+        if kwargs.get("pixel_values") is not None and mm.get("image") is None:
+            # encode here, through the model's own get_image_features, as generate() does
+            # before the prefill: one path for both
+            image = module.get_image_features(
+                pixel_values=kwargs["pixel_values"],
+                vision_feature_layer=kwargs.get("vision_feature_layer"),
+                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                image_sizes=kwargs.get("image_sizes"), return_dict=True)
+            kwargs = dict(kwargs, pixel_values=None, mm_encoder_outputs={**mm, "image": image})
         encoded = self._encoded_features(kwargs, sum(counts))
         if encoded is not None:
             kwargs = encoded
@@ -288,7 +295,6 @@ class OnVision(Hooks):
 
     def _outer_post(self, module, args, kwargs, output):
         fwd, self._fwd = self._fwd, None
-        self._inside = False
         if fwd is None:
             self._pending = None
             return None
