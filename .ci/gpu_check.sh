@@ -3,7 +3,7 @@
 # dry run on a CPU (CI). Steps, budgets and what comes back in $OUT: .ci/gpu_check.py.
 #
 #   call 1 (timeout_s 560):              bash .ci/gpu_check.sh --commit <hash>
-#   call 2 (same warm machine, at once): bash .ci/gpu_check.sh --plan call2 --budget 180 --commit <hash>
+#   call 2 (same warm machine, at once): bash .ci/gpu_check.sh --plan call2 --budget 170 --commit <hash>
 #   CI, no GPU:                          PYTHON=.venv/bin/python bash .ci/gpu_check.sh --dry --out DIR
 #
 # The build is CMake + ninja straight into d2pruner_kernels/ (no pip, whatever the machine's
