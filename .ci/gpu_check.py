@@ -94,6 +94,7 @@ class Step:
     env: dict = dataclasses.field(default_factory=dict)
     junit: str | None = None            # pytest's junit file, parsed after the run
     what: str = ""
+    grace: float | None = None          # SIGINT this long before the limit (default 10 s)
 
 
 @dataclasses.dataclass
@@ -175,7 +176,8 @@ class Check:
             except OSError as e:  # e.g. no compute-sanitizer on this machine
                 f.write(f"[gpu_check] cannot start: {e}\n")
                 return 127, False
-            grace = 10 if limit > 30 else 0  # SIGINT first: pytest writes summary + junit
+            # SIGINT first: pytest stops, prints its summary and writes its junit file
+            grace = step.grace if step.grace is not None else 10 if limit > 30 else 0
             try:
                 return p.wait(timeout=limit - grace), False
             except subprocess.TimeoutExpired:
@@ -256,6 +258,8 @@ def junit_detail(path: Path, dry: bool) -> list[str]:
     except ET.ParseError as e:
         return [f"junit unreadable: {e}"]
     cases = list(root.iter("testcase"))
+    cut = [c for c in cases if c.get("name") is None]  # the test a SIGINT stopped: no name
+    cases = [c for c in cases if c.get("name") is not None]
     failed, skipped = [], {}
     for c in cases:
         name = f"{c.get('classname', '').split('.')[-1]}::{c.get('name')}"
@@ -266,8 +270,9 @@ def junit_detail(path: Path, dry: bool) -> list[str]:
             reason = (e.get("message") or "").strip()[:120]
             skipped[reason] = skipped.get(reason, 0) + 1
     n_skip = sum(skipped.values())
-    out = [f"{len(cases)} tests: {len(cases) - len(failed) - n_skip} passed, {len(failed)} failed, "
-           f"{n_skip} skipped"]
+    out = [f"{len(cases) + len(cut)} tests: {len(cases) - len(failed) - n_skip} passed, "
+           f"{len(failed)} failed, {n_skip} skipped"
+           + (f", {len(cut)} interrupted (the tests after it did not run)" if cut else "")]
     out += failed[:30]
     out += [f"skipped x{n}: {why}" for why, n in sorted(skipped.items(), key=lambda x: -x[1])[:8]]
     slow = sorted(cases, key=lambda c: -float(c.get("time", 0)))[:8]

@@ -423,6 +423,25 @@ def test_gpu_check_reads_junit_and_fills_the_commit_of_history_rows(tmp_path):
         (tmp_path / "summary.md").read_text()
 
 
+def test_gpu_check_interrupts_pytest_at_its_limit_and_keeps_its_report(tmp_path):
+    """A test step past its limit gets SIGINT first: pytest stops, writes its junit file
+    and summary (what ran, what failed), then the step reports TIMEOUT with those counts."""
+    gc = _driver()
+    (tmp_path / "test_s.py").write_text("import time\ndef test_a():\n    assert False\n"
+                                        "def test_b():\n    time.sleep(60)\n")
+    check = gc.Check(tmp_path, budget=60, dry=False, commit=None)
+    step = gc.Step("tests", 0, 8, cmd=[sys.executable, "-m", "pytest", str(tmp_path / "test_s.py"),
+                                       "-p", "no:cacheprovider", "--junitxml",
+                                       str(tmp_path / "junit_tests.xml")],
+                   junit="junit_tests.xml", grace=5)
+    r = check.run(step)
+    check.close()
+    assert r.status == "TIMEOUT" and r.seconds < 20
+    assert r.detail[1] == ("2 tests: 0 passed, 1 failed, 0 skipped, 1 interrupted (the tests "
+                           "after it did not run)"), r.detail
+    assert any("FAILURE test_s::test_a" in d for d in r.detail)
+
+
 def test_gpu_check_fallback_per_test_timeout(tmp_path):
     """Without pytest-timeout the driver loads itself as a plugin: a test past its limit
     fails (and says so) while the others run."""
