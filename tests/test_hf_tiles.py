@@ -1,9 +1,12 @@
 """d2pruner_kernels.hf on tiled images (issue 23): LLaVA-NeXT and LLaVA-OneVision (anyres:
-base image + high-resolution map with newline tokens), on tiny random models built from
-configs (fp32, CPU, nothing downloaded), held to references written here.
+base image + high-resolution map with newline tokens) and InternVL (tiles stitched + a
+thumbnail), on tiny random models built from configs (fp32, CPU, nothing downloaded), held
+to references written here.
 
-Each image's expected layout comes from the processors' arithmetic (tiny.anyres_map, from
-image_sizes), not from the adapter (which reads the newline tokens in the prompt). The
+Each image's expected layout comes from the processors' arithmetic (tiny.anyres_map and
+tiny.internvl_tiles, from image_sizes; for InternVL's rows x cols the processor's own
+get_optimal_tiled_canvas), not from the adapter (which reads the newline tokens in the
+prompt for anyres, and searches the processor's settings for InternVL). The
 reference runs every decoder layer on the full sequence with an explicit mask that hides
 the pruned image tokens as keys from layer K on, and decodes greedily by recomputing the
 whole sequence at every step (no cache).
@@ -21,7 +24,7 @@ from d2pruner_kernels.hf import tiny  # noqa: E402
 
 LAYER = 2
 STEPS = 3
-FAMILIES = ("llava_next", "llava_onevision")
+FAMILIES = ("llava_next", "llava_onevision", "internvl")
 _MODELS = {}
 
 
@@ -29,7 +32,8 @@ def model_for(family, impl="sdpa"):
     key = (family, impl)
     if key not in _MODELS:
         build = {"llava_next": tiny.tiny_llava_next,
-                 "llava_onevision": tiny.tiny_llava_onevision}[family]
+                 "llava_onevision": tiny.tiny_llava_onevision,
+                 "internvl": tiny.tiny_internvl}[family]
         _MODELS[key] = build(attn_implementation=impl)
     return _MODELS[key]
 
@@ -37,12 +41,19 @@ def model_for(family, impl="sdpa"):
 # Samples: images of different aspect ratios (tall, wide, large); OneVision's second sample
 # holds two images (each its base + one newline); the last sample has no image.
 SIZES = {"llava_next": [[(100, 180)], [(150, 60), (60, 300)], []],
-         "llava_onevision": [[(400, 400)], [(100, 180), (150, 60)], []]}
+         "llava_onevision": [[(400, 400)], [(100, 180), (150, 60)], []],
+         # 2 x 3 tiles, then 3 x 1 tiles beside a one-tile image (no thumbnail)
+         "internvl": [[(200, 300)], [(300, 100), (80, 80)], []]}
+
+
+def make(family, model, sizes, texts):
+    build = tiny.internvl_inputs if family == "internvl" else tiny.anyres_inputs
+    return build(model, sizes, texts=texts)
 TEXTS = [[5, 6, 7, 8, 9], [11], [12, 13]]
 
 
 def batched(family, model):
-    return tiny.anyres_inputs(model, SIZES[family], texts=TEXTS)
+    return make(family, model, SIZES[family], TEXTS)
 
 
 def alone(family, model):
@@ -50,20 +61,31 @@ def alone(family, model):
     full = batched(family, model)
     out, i = [], 0
     for sizes, text in zip(SIZES[family], TEXTS):
-        s = tiny.anyres_inputs(model, [sizes], texts=[text])
+        s = make(family, model, [sizes], [text])
         if sizes:
-            s["pixel_values"] = full["pixel_values"][i:i + len(sizes)]
-            i += len(sizes)
+            n = s["pixel_values"].shape[0]  # images (anyres) or tiles (InternVL)
+            s["pixel_values"] = full["pixel_values"][i:i + n]
+            i += n
         out.append(s)
     return out
 
 
 def single(family, model):
-    return tiny.anyres_inputs(model, SIZES[family][:1], texts=TEXTS[:1])
+    return make(family, model, SIZES[family][:1], TEXTS[:1])
+
+
+def canvas(size, max_patches=12):
+    """(rows, cols): InternVL's processor's canvas (get_optimal_tiled_canvas -> cols, rows)."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+        get_optimal_tiled_canvas)
+    cols, rows = get_optimal_tiled_canvas(tuple(size), (112, 112), 1, max_patches)
+    return rows, cols
 
 
 def expected(model, inputs):
     """Per sample [(start, end, TokenLayout)], from input_ids and image_sizes only."""
+    if type(model).__name__.startswith("InternVL"):
+        return expected_internvl(model, inputs)
     cfg = model.config
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
     sizes = iter(inputs.get("image_sizes", torch.zeros(0, 2)).tolist())
@@ -83,6 +105,31 @@ def expected(model, inputs):
             layout = TokenLayout.grid(side, side) + (TokenLayout.grid(h, w + 1) if h else
                                                      TokenLayout.grid(1, 1))
             assert layout.cells == j - i
+            found.append((i, j, layout))
+            i = j
+        out.append(found)
+    return out
+
+
+def expected_internvl(model, inputs):
+    sizes = iter(inputs.get("image_sizes", torch.zeros(0, 2)).tolist())
+    out = []
+    for row in inputs["input_ids"].tolist():
+        found, i = [], 0
+        while i < len(row):
+            if row[i] != tiny.IMAGE:
+                i += 1
+                continue
+            j = i
+            while j < len(row) and row[j] == tiny.IMAGE:
+                j += 1
+            size = tuple(next(sizes))
+            tiles = tiny.internvl_tiles(model, size)
+            if tiles == 1:
+                layout = TokenLayout.grid(4, 4)
+            else:
+                layout = TokenLayout.tiles(*canvas(size), (4, 4)) + TokenLayout.grid(4, 4)
+            assert layout.cells == j - i == 16 * tiles
             found.append((i, j, layout))
             i = j
         out.append(found)
@@ -167,7 +214,9 @@ def test_the_tiny_models_give_the_layouts_the_tests_expect():
                                                                    batched(f, model_for(f)))]
            for f in FAMILIES}
     assert got == {"llava_next": [["8x8 + 8x15"], ["8x8 + 16x7", "8x8 + 4x25"], []],
-                   "llava_onevision": [["8x8 + 24x25"], ["8x8 + 1x1", "8x8 + 1x1"], []]}
+                   "llava_onevision": [["8x8 + 24x25"], ["8x8 + 1x1", "8x8 + 1x1"], []],
+                   "internvl": [["2x3 tiles of 4x4 + 4x4"], ["3x1 tiles of 4x4 + 4x4", "4x4"],
+                                []]}
 
 
 # -- keep-all and restore ----------------------------------------------------------------------
@@ -236,9 +285,11 @@ def test_kept_is_prune_on_the_eager_row_and_the_hidden_states(family):
             assert pruner.grids[b][i] == layout
             flat = d2p.prune(hidden[b, s:e], row, (1, e - s), 0.25, **opts)  # a line
             layout_mattered += not torch.equal(want, flat)
-            newline_kept += len(set(pruner.kept[b][i].tolist()) & newlines(layout))
+            if family != "internvl":
+                newline_kept += len(set(pruner.kept[b][i].tolist()) & newlines(layout))
     assert pruner.kept[2] == [] and pruner.grids[2] == []
-    assert newline_kept > 0  # newline tokens compete for the budget and some win
+    # newline tokens compete for the budget and some win
+    assert newline_kept > 0 if family != "internvl" else newline_kept == 0
     assert layout_mattered > 0  # the layout's spatial edges changed some image's selection
 
 
@@ -254,8 +305,9 @@ def newlines(layout):
 def test_a_positional_prior_is_spread_over_the_pieces(family):
     model = model_for(family)
     inputs = single(family, model)
-    prior = d2p.PositionalPrior((8, 8))
-    prior.update(torch.linspace(1.0, 3.0, 64))
+    side = 4 if family == "internvl" else 8  # a prior for one tile / the base image
+    prior = d2p.PositionalPrior((side, side))
+    prior.update(torch.linspace(1.0, 3.0, side * side))
     with hf.apply(model, 0.25, prior=prior) as pruner:
         with torch.no_grad():
             model(**inputs)
@@ -377,3 +429,61 @@ def test_image_tokens_that_are_not_an_anyres_image_raise():
                            r"image_newline token after the base image"):
             with torch.no_grad():
                 model(input_ids=ids)
+
+
+# -- InternVL: where the canvas comes from ------------------------------------------------------
+
+def test_internvl_needs_image_sizes_for_tiles_and_derives_the_canvas_as_the_processor():
+    model = model_for("internvl")
+    inputs = batched("internvl", model)
+    plain = {k: v for k, v in inputs.items() if k != "image_sizes"}
+    with hf.apply(model, 0.25):
+        with pytest.raises(ValueError, match=r"sample 0, image 0 \(tokens 3..114\): 6 tiles "
+                           r"and a thumbnail; the pruner needs each image's original size"):
+            with torch.no_grad():
+                model(**plain)
+        with pytest.raises(ValueError, match=r"image_sizes must be \[3, 2\] \(one \(height, "
+                           r"width\) per image of the batch, in order\), got shape \[2, 2\]"):
+            with torch.no_grad():
+                model(**plain, image_sizes=inputs["image_sizes"][:2])
+        wrong = inputs["image_sizes"].flip(0)  # (80, 80) first: 1 tile, not 6
+        with pytest.raises(ValueError, match=r"an image of size \(80, 80\) with 6 tiles of "
+                           r"112 px: no max_patches setting"):
+            with torch.no_grad():
+                model(**plain, image_sizes=wrong)
+        one_tile = tiny.internvl_inputs(model, [[(80, 80)]])  # one tile: no size needed
+        del one_tile["image_sizes"]
+        with torch.no_grad():
+            model(**one_tile)
+    # a processor run with max_patches=6 cuts (300, 400) into 2 x 3 tiles, not the 3 x 4 of
+    # the default 12: the adapter finds the setting that gives the prompt's tile count
+    six = tiny.internvl_inputs(model, [[(300, 400)]], max_patches=6)
+    assert tiny.internvl_tiles(model, (300, 400), 6) == 7
+    with hf.apply(model, 0.25) as pruner:
+        with torch.no_grad():
+            model(**six)
+    assert pruner.grids == [[TokenLayout.tiles(2, 3, (4, 4)) + TokenLayout.grid(4, 4)]]
+    assert canvas((300, 400), 6) == (2, 3) and canvas((300, 400)) == (3, 4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beams_give_each_expanded_row_its_sample_alone(family):
+    """generate(num_beams=2): each expanded row is its sample pruned alone, a sample of two
+    images included (InternVL: generate repeats image_sizes row by row, read back here)."""
+    model = model_for(family)
+    inputs = batched(family, model)
+    samples = alone(family, model)
+    with hf.apply(model, 0.25) as pruner:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
+        expanded = pruner.kept
+        singles = []
+        for s in samples:
+            with torch.no_grad():
+                model(**s)
+            singles.append(pruner.kept[0])
+    assert len(expanded) == 2 * len(samples)
+    for b, want in enumerate(singles):
+        for row in expanded[2 * b:2 * b + 2]:
+            assert len(row) == len(want)
+            assert all(torch.equal(x, y) for x, y in zip(row, want, strict=True)), b

@@ -9,7 +9,8 @@ Supported: LlavaForConditionalGeneration (LLaVA-1.5 style: one (H, W) patch grid
 Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration (one (t, h, w) grid
 per image, any size), LlavaNextForConditionalGeneration and
 LlavaOnevisionForConditionalGeneration (anyres: each image a TokenLayout, base image + the
-high-resolution map with its newline tokens; where="llm" only). `where="llm"` prunes
+high-resolution map with its newline tokens) and InternVLForConditionalGeneration (tiles
+stitched + thumbnail; pass image_sizes; where="llm" only). `where="llm"` prunes
 inside the language model at decoder layer `layer` (the paper's setting); `where="vision"`
 (LLaVA) prunes the projected image features so that the LLM gets a shorter prompt.
 `calibrate_prior` computes a model's positional prior from the same importance rows;
@@ -33,6 +34,7 @@ if int(_transformers.__version__.split(".")[0]) < 5:
 
 from ._common import Adapter
 from ._pruner import Pruner, apply, calibrate_prior, register_adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -40,4 +42,5 @@ from .qwen2_vl import Qwen2VLAdapter
 from ..draw import draw_kept
 
 __all__ = ["apply", "calibrate_prior", "Pruner", "draw_kept", "register_adapter", "Adapter",
-           "LlavaAdapter", "Qwen2VLAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter"]
+           "LlavaAdapter", "Qwen2VLAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
+           "InternVLAdapter"]

@@ -13,12 +13,14 @@ from ._common import Adapter, Stop
 from ._llm import InLLM
 from ._select import Selector
 from ._vision import OnVision
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS = (LlavaAdapter, Qwen2VLAdapter, LlavaNextAdapter, LlavaOnevisionAdapter)
+ADAPTERS = (LlavaAdapter, Qwen2VLAdapter, LlavaNextAdapter, LlavaOnevisionAdapter,
+            InternVLAdapter)
 WHERE = ("llm", "vision")
 # model -> weakref to its Pruner. Nothing here keeps a model alive: the key is weak, and the
 # value must not hold the model (a Pruner does, so it is held weakly). The model's own hooks
@@ -116,7 +118,7 @@ def _adapter(model):
             return cls(model)
     names = "LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, " \
             "Qwen2_5_VLForConditionalGeneration, LlavaNextForConditionalGeneration, " \
-            "LlavaOnevisionForConditionalGeneration"
+            "LlavaOnevisionForConditionalGeneration, InternVLForConditionalGeneration"
     extra = f", and what is registered ({', '.join(c.__name__ for c in _REGISTERED)})" \
         if _REGISTERED else ""
     raise TypeError(f"d2pruner_kernels.hf supports {names}{extra}; got "

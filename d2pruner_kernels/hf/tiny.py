@@ -8,6 +8,8 @@ for the tests and the examples: real transformers classes at toy widths, fp32, C
     model = tiny_llava_next()                  # CLIP 112/14: 8x8 base, tiles of 112 px
     inputs = anyres_inputs(model, [[(100, 180)], [(150, 60)]])      # (height, width) per image
     model = tiny_llava_onevision()             # SigLIP 112/14, anyres_max_9
+    model = tiny_internvl()                    # 112-px tiles of 4x4 tokens
+    inputs = internvl_inputs(model, [[(100, 300)], [(80, 80)]])     # image_sizes included
 """
 from __future__ import annotations
 
@@ -235,4 +237,61 @@ def anyres_inputs(model, sizes: list, texts=None, seed: int = 0) -> dict:
         out["image_sizes"] = torch.tensor(flat, dtype=torch.long)
         if onevision:
             out["batch_num_images"] = torch.tensor([len(x) for x in sizes], dtype=torch.long)
+    return out
+
+
+# -- InternVL (tiles + thumbnail) ------------------------------------------------------------------
+
+def tiny_internvl(layers: int = 4, seed: int = 0, attn_implementation: str = "sdpa"):
+    """InternVLForConditionalGeneration: 112-px tiles, patch 14, pixel shuffle 0.5 (4 x 4
+    tokens per tile; a real InternVL has 448 px and 16 x 16), a Qwen2 decoder of `layers`
+    layers."""
+    from transformers import (InternVLConfig, InternVLForConditionalGeneration,
+                              InternVLVisionConfig, Qwen2Config)
+    vision = InternVLVisionConfig(image_size=112, patch_size=14, hidden_size=32,
+                                  intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2)
+    cfg = InternVLConfig(vision_config=vision, text_config=Qwen2Config(**_llama_text(layers)),
+                         image_token_id=IMAGE, image_seq_length=16)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return InternVLForConditionalGeneration(cfg).eval()
+
+
+def internvl_tiles(model, size, max_patches: int = 12) -> int:
+    """The tiles InternVL's image processor makes of an image of size (height, width)
+    (GotOcr2ImageProcessorPil.get_number_of_image_patches: tiles + thumbnail, or 1)."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+        GotOcr2ImageProcessorPil)
+    px = model.config.vision_config.image_size
+    px = px[0] if isinstance(px, (list, tuple)) else px
+    proc = GotOcr2ImageProcessorPil(crop_to_patches=True, size={"height": px, "width": px},
+                                    max_patches=max_patches)
+    return proc.get_number_of_image_patches(size[0], size[1], {})
+
+
+def internvl_inputs(model, sizes: list, texts=None, seed: int = 0, max_patches: int = 12) -> dict:
+    """Left-padded InternVL prompts: sample b is [1, 4] + for each image of sizes[b]
+    ((height, width) in pixels) VISION_START (as <img>) + 16 placeholders per tile (the
+    thumbnail included) + VISION_END, then texts[b]; random pixel_values, one 112-px tile
+    per row, and image_sizes."""
+    per_tile = model.config.image_seq_length
+    texts = texts or [[5, 6, 7]] * len(sizes)
+    rows, flat, tiles = [], [], 0
+    for sample, text in zip(sizes, texts):
+        row = [1, 4]
+        for size in sample:
+            n = internvl_tiles(model, size, max_patches)
+            tiles += n
+            flat.append(list(size))
+            row += [VISION_START] + [IMAGE] * (per_tile * n) + [VISION_END]
+        rows.append(row + list(text))
+    ids, mask = _left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if flat:
+        px = model.config.vision_config.image_size
+        px = px[0] if isinstance(px, (list, tuple)) else px
+        g = torch.Generator().manual_seed(seed)
+        out["pixel_values"] = torch.randn(tiles, 3, px, px, generator=g)
+        out["image_sizes"] = torch.tensor(flat, dtype=torch.long)
     return out
