@@ -37,6 +37,7 @@ Steps (GPU; budgets in seconds, min/max):
     synccheck 15/45   synccheck on sanitize.py mis
     initcheck 30/80   initcheck on sanitize.py full (no caching allocator)
     stages    60/150  benchmarks.stage_times --record (per-stage timings)
+    report    60/240  benchmarks.report --record (the README's table; in no plan: name it)
 
 Plans: call1 = env build gpu_tests bench racecheck memcheck suite (BUDGET 540: run with
 timeout_s 560; the suite gets what is left, at least 60 s, and a suite cut short still
@@ -73,14 +74,14 @@ SUITE = ["tests/test_varlen.py", "tests/test_attention_kernel.py", "tests/test_m
          "tests/test_scores_kernel.py", "tests/test_prune.py", "tests/test_compile.py"]
 PLANS = {"call1": "env build gpu_tests bench racecheck memcheck suite",
          "call2": "env build synccheck initcheck stages"}
-PLANS["all"] = PLANS["call1"] + " " + " ".join(PLANS["call2"].split()[2:])
+PLANS["all"] = PLANS["call1"] + " " + " ".join(PLANS["call2"].split()[2:]) + " report"
 PLANS["rest"] = "env build suite"  # when call 1's suite ran out of time
 # the dry run: every step but synccheck / initcheck, whose bodies racecheck / memcheck run
 # (all steps are still built, so a broken one fails the dry run too)
 PLANS["dry"] = "env build gpu_tests bench racecheck memcheck suite stages"
 BUDGETS = {"env": (5, 30), "build": (20, 150), "gpu_tests": (60, 200), "bench": (40, 120),
            "racecheck": (20, 60), "memcheck": (40, 110), "suite": (60, 300),
-           "synccheck": (15, 45), "initcheck": (30, 80), "stages": (60, 150)}
+           "synccheck": (15, 45), "initcheck": (30, 80), "stages": (60, 150), "report": (60, 240)}
 TEST_TIMEOUT = 150  # seconds per test (pytest-timeout, else the fallback plugin below)
 
 
@@ -498,6 +499,11 @@ def steps(check: Check, names: list[str]) -> list[Step]:
                                     *(["--help"] if dry else ["--record", str(check.out / "history.jsonl"),
                                                               "--out", str(check.logs / "stages.md")])],
                                what="benchmarks.stage_times" + (" (dry: imports and --help; a GPU script)" if dry else "")),
+        "report": lambda: Step("report", *BUDGETS["report"],
+                               cmd=[sys.executable, "-m", "benchmarks.report",
+                                    *(["--help"] if dry else ["--record", str(check.out / "history.jsonl"),
+                                                              "--out", str(check.logs / "report.md")])],
+                               what="benchmarks.report" + (" (dry: imports and --help)" if dry else "")),
     }
     unknown = [n for n in names if n not in made]
     if unknown:
