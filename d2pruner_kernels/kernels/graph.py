@@ -318,6 +318,10 @@ def tile_flags(dtype: torch.dtype, d: int, block_k: int, params: PruneOptions) -
                 SPATIAL=params.spatial_weight != 0, SUM_BITS=interpreting())
 
 
+_SUM_FROM_DOTS = ("order_ptr", "N", "C", "n_pivots", "stride_ob", "BLOCK", "SPLITS",
+                  "num_warps", "num_stages")  # _sum_slices_kernel reads no features
+
+
 class GraphRows:
     """Launches the graph kernel over ranges of rows of one (tokens, order) pair, sharing
     the norms: the whole graph at once, or a prefix first and the rest later (lazy)."""
@@ -336,7 +340,6 @@ class GraphRows:
         self.adj = torch.empty(b, self.c, num_words(self.c), dtype=torch.int32,
                                device=tokens.device)
         self.n_pivots, self.grid, self.params = n_pivots, grid, params
-        self.flags = dict(BLOCK=self.block, **tile_flags(self.x.dtype, d, self.block_k, params))
         # K slices: fixed per image shape (its full triangle), so its edges are too. Each
         # launch decides whether they get programs of their own (split-K, with a float32
         # workspace of SPLITS x tiles x BLOCK^2 per image): the sums are the same.
@@ -348,6 +351,23 @@ class GraphRows:
         self.slice_steps = cdiv(k_steps, self.splits)  # K steps per slice
         self.split_launch = self.cfg.pop("SPLIT_LAUNCH", None)  # None: `launch_slices`
         self.ws = None  # allocated by the first split-K launch
+        # the launches' arguments that do not change between row ranges (by keyword): the
+        # dot products' (_graph_kernel, _slice_kernel) and the epilogue's (_graph_kernel,
+        # _sum_slices_kernel)
+        x, f = self.x, tile_flags(self.x.dtype, d, self.block_k, params)
+        self._dots = dict(order_ptr=self.order, N=n, C=self.c, n_pivots=n_pivots,
+                          stride_ob=self.order.stride(0), BLOCK=self.block,
+                          SPLITS=self.splits, **self.cfg, x_ptr=x, D=d,
+                          slice_len=self.slice_steps * self.block_k, stride_xb=x.stride(0),
+                          stride_xn=x.stride(1), BLOCK_K=f["BLOCK_K"], EVEN_K=f["EVEN_K"],
+                          UPCAST=f["UPCAST"])
+        self._edges = dict(norm_ptr=self.norms, adj_ptr=self.adj,
+                           stride_nb=self.norms.stride(0), n_words=self.adj.shape[2],
+                           grid_h=grid[1], grid_w=grid[2], radius=params.radius,
+                           temporal_radius=params.temporal_radius,
+                           cos_weight=params.cos_weight, spatial_weight=params.spatial_weight,
+                           sim_threshold=params.sim_threshold, SPATIAL=f["SPATIAL"],
+                           SUM_BITS=f["SUM_BITS"])
         # the whole graph's tiles per SM (the interpreter has no SMs: inf); a split-K
         # program does a slice of a tile, so tiles, not programs, measure the work
         self.waves = (b * self.n_tiles / sm_count(tokens.device)
@@ -372,32 +392,17 @@ class GraphRows:
         if split and self.ws is None:
             self.ws = torch.empty(b * self.splits * self.n_tiles * self.block ** 2,
                                   dtype=torch.float32, device=x.device)
-        p = self.params
-        sizes = dict(N=x.shape[1], C=self.c, row_end=end, n_pivots=self.n_pivots,
-                     row_block_start=first, stride_ob=self.order.stride(0))
-        flags = dict(BLOCK=self.block, HAS_SKIP=skip is not None, SPLITS=self.splits,
-                     **self.cfg)
-        dots = dict(x_ptr=x, D=x.shape[2], slice_len=self.slice_steps * self.block_k,
-                    stride_xb=x.stride(0), stride_xn=x.stride(1),
-                    **{f: self.flags[f] for f in ("BLOCK_K", "EVEN_K", "UPCAST")})
-        edges = dict(norm_ptr=self.norms, adj_ptr=adj, stride_nb=self.norms.stride(0),
-                     n_words=adj.shape[2], grid_h=self.grid[1], grid_w=self.grid[2],
-                     radius=p.radius, temporal_radius=p.temporal_radius,
-                     cos_weight=p.cos_weight, spatial_weight=p.spatial_weight,
-                     sim_threshold=p.sim_threshold,
-                     **{f: self.flags[f] for f in ("SPATIAL", "SUM_BITS")})
-        skip_ptr = adj if skip is None else skip  # never read without HAS_SKIP
+        rows = dict(row_end=end, row_block_start=first, HAS_SKIP=skip is not None,
+                    skip_ptr=adj if skip is None else skip)  # never read without HAS_SKIP
         with launch_device(x.device):  # grid: column blocks [0, last) x row blocks x images
             if not split:
-                _graph_kernel[(last, last - first, b)](
-                    order_ptr=self.order, skip_ptr=skip_ptr, **sizes, **dots, **edges, **flags)
+                _graph_kernel[(last, last - first, b)](**self._dots, **self._edges, **rows)
             else:
-                _slice_kernel[(last * self.splits, last - first, b)](
-                    order_ptr=self.order, skip_ptr=skip_ptr, ws_ptr=self.ws,
-                    n_tiles=self.n_tiles, **sizes, **dots, **flags)
+                ws = dict(ws_ptr=self.ws, n_tiles=self.n_tiles)
+                _slice_kernel[(last * self.splits, last - first, b)](**self._dots, **ws, **rows)
                 _sum_slices_kernel[(last, last - first, b)](
-                    order_ptr=self.order, skip_ptr=skip_ptr, ws_ptr=self.ws,
-                    n_tiles=self.n_tiles, **sizes, **edges, **flags)
+                    **{k: v for k, v in self._dots.items() if k in _SUM_FROM_DOTS},
+                    **self._edges, **ws, **rows)
 
 
 def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
