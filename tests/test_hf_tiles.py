@@ -221,14 +221,15 @@ def test_the_tiny_models_give_the_layouts_the_tests_expect():
 
 # -- keep-all and restore ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("k", [1.0, 10_000])  # an int k above an image's tokens: at most k
 @pytest.mark.parametrize("family", FAMILIES)
-def test_keep_all_is_the_unpruned_model(family):
+def test_keep_all_is_the_unpruned_model(family, k):
     model = model_for(family)
     inputs = batched(family, model)
     with torch.no_grad():
         base = model(**inputs).logits
     base_gen = generate(model, inputs)
-    with hf.apply(model, 1.0) as pruner:
+    with hf.apply(model, k) as pruner:
         with torch.no_grad():
             got = model(**inputs).logits
         assert pruner.grids == [[lay for *_, lay in s] for s in expected(model, inputs)]
@@ -487,3 +488,26 @@ def test_beams_give_each_expanded_row_its_sample_alone(family):
         for row in expanded[2 * b:2 * b + 2]:
             assert len(row) == len(want)
             assert all(torch.equal(x, y) for x, y in zip(row, want, strict=True)), b
+
+
+def test_calibrate_prior_over_tiles_and_pieces():
+    """InternVL: every tile and the thumbnail is one 4 x 4 map (the per-tile prior apply()
+    repeats over the tiles); anyres: base and map resampled to grid=(8, 8)."""
+    model = model_for("internvl")
+    inputs = single("internvl", model)
+    with hf.apply(model, 1.0) as pruner:
+        with torch.no_grad():
+            model(**inputs)
+        row = pruner.importance[0][0]
+    prior = hf.calibrate_prior(model, [inputs], progress=False)
+    assert prior.grid == (4, 4) and prior.count == 7  # 2 x 3 tiles + the thumbnail
+    torch.testing.assert_close(prior.as_tensor().double(),
+                               row.double().view(7, 16).mean(0), rtol=1e-6, atol=1e-9)
+
+    model = model_for("llava_next")
+    inputs = single("llava_next", model)
+    with pytest.raises(ValueError, match=r"image 1 has grid \(8, 15\) but the first image has "
+                       r"\(8, 8\): pass grid="):
+        hf.calibrate_prior(model, [inputs], progress=False)
+    prior = hf.calibrate_prior(model, [inputs], grid=(8, 8), progress=False)
+    assert prior.grid == (8, 8) and prior.count == 2

@@ -274,6 +274,11 @@ def calibrate_prior(model, batches, *, where: str = "llm", layer: int = 2, grid=
     grid:    None: every image must have the first image's grid (else ValueError); a grid:
              every image's row is resampled bilinearly to it first (align_corners=False,
              like PositionalPrior.resized; our extension, for Qwen's images of many sizes).
+             An image that is a TokenLayout (InternVL, LLaVA-NeXT / OneVision) counts as its
+             pieces, a tiled piece as its tiles, each a map of its own (ours): InternVL's
+             tiles and thumbnail give a per-tile prior, which apply() repeats over the
+             tiles; an anyres image's base and high-resolution map (newline column
+             included) need grid=..., e.g. the base image's.
     progress: a tqdm progress bar over the batches.
     """
     adapter, layer = _setup(model, where, layer)
@@ -283,17 +288,18 @@ def calibrate_prior(model, batches, *, where: str = "llm", layer: int = 2, grid=
     state = {"grid": target, "prior": None, "images": 0}
 
     def collect(rows, grids):
-        for row, g in zip(rows, grids):
-            state["images"] += 1
-            row = row.detach().to(torch.float64).cpu()
-            if state["grid"] is None:
-                state["grid"] = tuple(g)
-            want = state["grid"]
-            if target is None and tuple(g) != want:
-                raise ValueError(f"image {state['images'] - 1} has grid {tuple(g)} but the "
-                                 f"first image has {want}: pass grid=... to resample every "
-                                 f"image's row to one grid")
-            maps.append(_resample(row, tuple(g), want))
+        for image_row, image_grid in zip(rows, grids):
+            for row, g in _maps(image_row, image_grid):
+                state["images"] += 1
+                row = row.detach().to(torch.float64).cpu()
+                if state["grid"] is None:
+                    state["grid"] = tuple(g)
+                want = state["grid"]
+                if target is None and tuple(g) != want:
+                    raise ValueError(f"image {state['images'] - 1} has grid {tuple(g)} but the "
+                                     f"first image has {want}: pass grid=... to resample every "
+                                     f"image's row to one grid")
+                maps.append(_resample(row, tuple(g), want))
 
     selector = Selector(1, None, {})
     if where == "llm":
@@ -332,6 +338,24 @@ def calibrate_prior(model, batches, *, where: str = "llm", layer: int = 2, grid=
     if state["prior"] is None:
         raise ValueError("the batches held no image: nothing to calibrate")
     return state["prior"]
+
+
+def _maps(row: torch.Tensor, grid):
+    """(row, grid) pairs of one image: itself, or a TokenLayout's pieces, tiles one by one."""
+    from ..token_layout import TokenLayout
+    if not isinstance(grid, TokenLayout):
+        yield row, tuple(grid)
+        return
+    start = 0
+    for piece in grid.pieces:
+        if piece.tile is None:
+            yield row[start:start + piece.cells], (piece.grid if piece.grid[0] > 1
+                                                   else piece.grid[1:])
+        else:
+            per = piece.tile[0] * piece.tile[1]
+            for s in range(start, start + piece.cells, per):
+                yield row[s:s + per], tuple(piece.tile)
+        start += piece.cells
 
 
 def _resample(row: torch.Tensor, grid: tuple, want: tuple) -> torch.Tensor:
