@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from d2pruner_kernels import prune, prune_varlen, timing
 from d2pruner_kernels.checks import resolve_k
 
-from . import history, tables
+from . import history, shapes, tables
 from .ragged import GRIDS, QUICK_GRIDS, RATIO, packed_batch
-from .stage_times import inputs as llava_inputs
 
 TIMING = ("median of REPS calls after WARMUP warm-up calls, CUDA events around each, no L2 flush; "
           "eager = calls back to back, graph = replays of a CUDA graph of one call (a loop "
@@ -46,6 +45,18 @@ class Bench:
     def __init__(self, rec: history.Recorder, device: torch.device, reps: int, quick: bool):
         self.rec, self.device, self.reps, self.quick = rec, device, reps, quick
         self.graphs = device.type == "cuda" and not quick
+
+    def inputs(self, b, grid, d, seed=0):
+        """benchmarks.stage_times' recipe on this device: clustered features, softmax
+        attention over 32 heads, the smooth positional prior [N]; bf16 on a GPU, float32 on a
+        CPU (the interpreter's bf16 dot is wrong)."""
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        kw = dict(dtype=dtype, device=self.device, generator=g)
+        n = math.prod(grid)
+        x = shapes.clustered_tokens(b, n, d, clusters=64, noise=0.7, **kw)
+        heads = 4 if self.quick else 32
+        return x, shapes.attention(b, heads, n, **kw), shapes.positional_prior(grid, device=self.device)
 
     def seconds(self, fn, graph=False) -> float:
         if graph:
@@ -64,9 +75,10 @@ class Bench:
         return cells
 
 
-def ratio_note(ours: dict, other: dict, what: str) -> str:
-    parts = [f"{c.split()[-1]} {other[c] / ours[c]:.2f}x" for c in ours if c in other]
-    return f"{what} / this: " + ", ".join(parts)
+def ratio_note(base: dict, other: dict, what: str) -> str:
+    """`what`: other's time over base's, eager and (where timed) replayed."""
+    parts = [f"{c.split()[-1]} {other[c] / base[c]:.2f}x" for c in base if c in other]
+    return f"{what}: " + ", ".join(parts)
 
 
 def equal_images(bench: Bench, b: int) -> None:
@@ -74,12 +86,9 @@ def equal_images(bench: Bench, b: int) -> None:
     q = bench.quick
     grid, d, k = ((6, 6), 32, 8) if q else ((24, 24), 4096, 64)
     n = math.prod(grid)
-    if bench.device.type == "cuda":
-        x, a, prior = llava_inputs(b, grid, d)
-    else:  # the CPU dry run: float32 (the interpreter's bf16 dot is wrong), the same recipe
-        g = torch.Generator().manual_seed(0)
-        x, a, prior = torch.randn(b, n, d, generator=g), torch.rand(b, 4, n, generator=g), None
+    x, a, prior = bench.inputs(b, grid, d)
     xp, ap = x.reshape(b * n, d), a.transpose(0, 1).reshape(a.shape[1], b * n)
+    packed_prior = prior.repeat(b)  # prune_varlen's prior is packed like the tokens
     cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=x.device)
     grids = [grid] * b
 
@@ -87,7 +96,7 @@ def equal_images(bench: Bench, b: int) -> None:
         return prune(x, a, grid, k, prior=prior, backend="kernels")
 
     def ragged():
-        return prune_varlen(xp, ap, cu, grids, k, prior=prior, backend="kernels")
+        return prune_varlen(xp, ap, cu, grids, k, prior=packed_prior, backend="kernels")
 
     want = dense()
     keep, _ = ragged()
@@ -96,7 +105,7 @@ def equal_images(bench: Bench, b: int) -> None:
     shape = f"B={b} N={n} D={d} k={k} {str(x.dtype).replace('torch.', '')}"
     t_dense = bench.row("prune(), dense batch (equal images)", shape, dense)
     t_ragged = bench.row("prune_varlen (equal images)", shape, ragged)
-    print(f"  -> {ratio_note(t_dense, t_ragged, 'prune_varlen')}", flush=True)
+    print(f"  -> {ratio_note(t_dense, t_ragged, 'prune_varlen / dense prune()')}", flush=True)
     bench.rec.fact(f"prune_varlen / dense prune(), {shape}",
                    round(t_ragged["ours eager"] / t_dense["ours eager"], 3), "x",
                    note="eager" + (f"; graph {t_ragged['ours graph'] / t_dense['ours graph']:.3f}x"
@@ -124,7 +133,7 @@ def mixed_batch(bench: Bench) -> None:
              f"k={RATIO:.0%} ({sum(ks)} kept)")
     t_loop = bench.row("a loop of prune() (mixed batch)", shape, loop)
     t_ragged = bench.row("prune_varlen (mixed batch)", shape, ragged)
-    print(f"  -> {ratio_note(t_ragged, t_loop, 'loop')}", flush=True)
+    print(f"  -> {ratio_note(t_ragged, t_loop, 'loop of prune() / prune_varlen')}", flush=True)
     bench.rec.fact(f"loop of prune() / prune_varlen, {len(grids)} mixed images",
                    round(t_loop["ours eager"] / t_ragged["ours eager"], 3), "x", note="eager")
 
@@ -136,12 +145,7 @@ def odd_feature_dim(bench: Bench) -> None:
     odd, even = dims
     pad = -odd % 16
     for d in dims:
-        if bench.device.type == "cuda":
-            x, a, prior = llava_inputs(b, grid, d, seed=d)
-        else:
-            g = torch.Generator().manual_seed(d)
-            x, a, prior = torch.randn(b, math.prod(grid), d, generator=g), \
-                torch.rand(b, 4, math.prod(grid), generator=g), None
+        x, a, prior = bench.inputs(b, grid, d, seed=d)
         shape = f"B={b} N={math.prod(grid)} D={d} k={k} {str(x.dtype).replace('torch.', '')}"
         bench.row(f"prune(), D={d}", shape, lambda: prune(x, a, grid, k, prior=prior,
                                                         backend="kernels"))
@@ -176,7 +180,7 @@ def attention_positions(bench: Bench) -> None:
         t = bench.row(f"attention_scores + mask + {name} q_positions", shape,
                       lambda: attention_scores(q, k, key_span=span, key_padding_mask=mask,
                                                q_positions=pos, backend="kernels"))
-        print(f"  -> {ratio_note(plain, t, 'this')}", flush=True)
+        print(f"  -> {ratio_note(plain, t, f'mask + {name} positions / plain')}", flush=True)
 
 
 def main(argv=None) -> int:
