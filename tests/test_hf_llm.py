@@ -417,9 +417,10 @@ def _continue(model, first, inputs, steps, cache=None, **kw):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_generate_continues_from_a_returned_cache(family):
     """generate, then generate(input_ids=out.sequences, past_key_values=...): the tokens and
-    logits of generating in one go. LLaVA with another prompt's generate in between (Qwen's
-    own rope_deltas are the last prefill's, unpruned too: none there); a pruned cache the
-    pruner did not fill (a copy) is refused, naming the cache."""
+    logits of generating in one go, from the cache or a copy of it (a branch of the chat).
+    LLaVA with another prompt's generate in between (Qwen's own rope_deltas are the last
+    prefill's, unpruned too: none there). A cache pruned at another layer, or one pruned
+    with no mark, is refused, naming the cache."""
     import copy
     model = model_for(family)
     inputs, samples = batched(family, model)
@@ -432,14 +433,23 @@ def test_generate_continues_from_a_returned_cache(family):
         first = generate(model, inputs)
         if family == "llava":
             generate(model, single(family, model))  # another conversation in between
-        second = _continue(model, first, inputs, STEPS)
-        assert torch.equal(second.sequences, whole.sequences)
-        for a, b in zip(second.logits, whole.logits[STEPS:], strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-        one = single(family, model)  # every sample pruned: layers from K hold fewer tokens
+        copied = copy.deepcopy(first.past_key_values)
+        for cache in (None, copied):
+            second = _continue(model, first, inputs, STEPS, cache=cache)
+            assert torch.equal(second.sequences, whole.sequences)
+            for a, b in zip(second.logits, whole.logits[STEPS:], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    one = single(family, model)  # every sample pruned: layers from K hold fewer tokens
+    with hf.apply(model, budget(family), layer=1):
         lone = generate(model, one)
+    with hf.apply(model, budget(family)):
+        with pytest.raises(ValueError, match=r"cache \(past_key_values\) pruned with "
+                                             r"where='llm', layer=1"):
+            _continue(model, lone, one, STEPS)
+        bare = copy.deepcopy(lone.past_key_values)
+        vars(bare).pop("_d2pruner_layout")  # pruned, but with no mark to read
         with pytest.raises(ValueError, match=r"continues from a pruned cache \(past_key_values"):
-            _continue(model, lone, one, STEPS, cache=copy.deepcopy(lone.past_key_values))
+            _continue(model, lone, one, STEPS, cache=bare)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

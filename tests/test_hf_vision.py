@@ -190,13 +190,16 @@ def test_vision_continues_from_a_returned_cache():
         first = generate(model, inputs)
         generate(model, other)  # another conversation in between
         import copy
-        copied = copy.deepcopy(first.past_key_values)
-        second = _continue(model, first, inputs, STEPS)
-        assert torch.equal(second.sequences, whole.sequences)
-        for a, b in zip(second.logits, whole.logits[STEPS:], strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        copied = copy.deepcopy(first.past_key_values)  # a branch of the chat
+        for cache in (None, copied):
+            second = _continue(model, first, inputs, STEPS, cache=cache)
+            assert torch.equal(second.sequences, whole.sequences)
+            for a, b in zip(second.logits, whole.logits[STEPS:], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        bare = copy.deepcopy(first.past_key_values)
+        vars(bare).pop("_d2pruner_layout")  # pruned, but with no mark: the prompt's tail
         with pytest.raises(ValueError, match=r"continues from a cache \(past_key_values"):
-            _continue(model, first, inputs, STEPS, cache=copied)  # not the pruner's object
+            _continue(model, first, inputs, STEPS, cache=bare)
         again = generate(model, inputs)
         turn = tiny.llava_inputs(model, [[11], [12]], seed=3)  # a new image after the cache
         ids = torch.cat([again.sequences, turn["input_ids"]], 1)

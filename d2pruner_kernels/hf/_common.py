@@ -65,6 +65,24 @@ def output_cache(output):
     return None
 
 
+CACHE_ATTR = "_d2pruner_layout"
+
+
+def mark_cache(cache, layout) -> None:
+    """Writes on a cache what its pruned prefill left there (which positions it holds), so
+    that decoding from it, or from a copy of it (deepcopy carries the mark), maps masks and
+    positions onto what it holds. A prefill into the cache rewrites or clears the mark."""
+    if layout is None:
+        cache.__dict__.pop(CACHE_ATTR, None)
+    else:
+        cache.__dict__[CACHE_ATTR] = layout
+
+
+def cache_layout(cache):
+    """The mark `mark_cache` left on a cache, or None."""
+    return None if cache is None else getattr(cache, "__dict__", {}).get(CACHE_ATTR)
+
+
 def is_prefill(cache) -> bool:
     """A forward with no cache, or an empty one, is a prefill."""
     return cache is None or cache.get_seq_length() == 0

@@ -27,13 +27,13 @@ positions.
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 
 from ..attention_scores import attention_scores
 from . import _attention
-from ._common import Hooks, Stop, get_cache, gather_seq, is_prefill, left_packed, runs
+from ._common import (Hooks, Stop, cache_layout, get_cache, gather_seq, is_prefill,
+                      left_packed, mark_cache, runs)
 
 
 class _Prefill:
@@ -51,10 +51,11 @@ class _Prefill:
 
 
 class _Record:
-    """What decoding from a pruned cache needs (kept per cache, the cache held weakly)."""
+    """What decoding from a pruned cache needs (written on the cache: mark_cache)."""
 
-    def __init__(self, length, length_c, valid_c):
+    def __init__(self, length, length_c, valid_c, layer):
         self.length, self.length_c, self.valid_c = length, length_c, valid_c
+        self.layer = layer
 
 
 class _Decode:
@@ -74,7 +75,6 @@ class InLLM(Hooks):
         self._implementation()  # an unsupported one raises at apply()
         self._outer = None
         self._fwd = None
-        self._records = weakref.WeakKeyDictionary()  # cache -> _Record
 
     # -- install / remove ------------------------------------------------------------------
 
@@ -96,7 +96,6 @@ class InLLM(Hooks):
 
     def _forget(self) -> None:
         self._outer = self._fwd = None
-        self._records = weakref.WeakKeyDictionary()
 
     def _implementation(self) -> None:
         """The attention implementation the language model uses now, and its mask function
@@ -134,13 +133,22 @@ class InLLM(Hooks):
         batch, length = emb.shape[:2]
         self._implementation()
         if not is_prefill(cache):
-            rec = self._records.get(cache)
-            if rec is not None:
-                self._fwd = _Decode(rec, cache.get_seq_length(), kwargs.get("attention_mask"),
-                                    length)
-            else:
+            rec = cache_layout(cache)
+            if rec is None:
                 self._check_unknown(cache)
+                return None
+            if not isinstance(rec, _Record) or rec.layer != self.layer:
+                what = (f"where='llm', layer={rec.layer}" if isinstance(rec, _Record)
+                        else "where='vision'")
+                raise ValueError(f"this forward continues from a cache (past_key_values) "
+                                 f"pruned with {what}; this pruner is where='llm', "
+                                 f"layer={self.layer}: continue under the pruner that filled "
+                                 f"it")
+            self._fwd = _Decode(rec, cache.get_seq_length(), kwargs.get("attention_mask"),
+                                length)
             return None
+        if cache is not None:
+            mark_cache(cache, None)  # a prefill into it: an older mark no longer applies
         outer, self._outer = self._outer, None
         if outer is None or tuple(outer["image"].shape) != (batch, length):
             return None  # called without the outer model: no placeholders to find
@@ -235,15 +243,14 @@ class InLLM(Hooks):
         self._tap.callback = None
         if isinstance(f, _Prefill) and f.kept is not None:
             if f.replace is not None and f.cache is not None:
-                self._records[f.cache] = _Record(f.length, f.idx.shape[1], f.valid_c)
+                mark_cache(f.cache, _Record(f.length, f.idx.shape[1], f.valid_c, self.layer))
             self.on_kept(f.kept, [[g for _, _, g in spans] for spans in f.spans],
                          [[row.cpu() for row in rows] for rows in f.rows])
         return None
 
     def _check_unknown(self, cache) -> None:
-        """A cache this pruner did not fill whose layers from K on hold fewer tokens than
-        layer 0 was pruned elsewhere (another pruner, or a copy or crop of ours): its masks
-        cannot be rebuilt."""
+        """A cache with no mark whose layers from K on hold fewer tokens than layer 0 was
+        pruned elsewhere: its masks cannot be rebuilt."""
         try:
             held = [cache.get_seq_length(i) for i in (0, self.layer)]
         except (IndexError, TypeError, AttributeError):
@@ -251,9 +258,10 @@ class InLLM(Hooks):
         if held[0] != held[1]:
             raise ValueError(f"this forward continues from a pruned cache (past_key_values: "
                              f"layer 0 holds {held[0]} tokens, layer {self.layer} {held[1]}) "
-                             f"that this pruner did not fill or no longer recognises (a copy, "
-                             f"a crop, another pruner's): continue from the cache object the "
-                             f"pruned generate or forward returned, under the same pruner")
+                             f"that carries no d2pruner mark (pruned by something else, or "
+                             f"rebuilt from its tensors): its masks cannot be rebuilt; "
+                             f"continue from the cache the pruned generate or forward "
+                             f"returned (or a copy of it)")
 
     # -- the work --------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ repetition) and hands the LLM its k kept features.
 Continuing from a returned cache (`generate(input_ids=out.sequences,
 past_key_values=out.past_key_values)`): the cache holds the shortened prompt, so generate
 cuts the sequence by the cache's shorter length and the forward gets the prompt's tail back;
-the record of that cache (one per cache the pruner filled, held weakly) knows how many
+the mark the prefill left on that cache (mark_cache; a deepcopy carries it) knows how many
 unpruned positions the cache covers, and only the really new tokens go on. Image
 placeholders in a forward that continues from a cache are refused: images are pruned in a
 prefill only.
@@ -31,13 +31,13 @@ prefill only.
 from __future__ import annotations
 
 import copy
-import weakref
 
 import torch
 
 from ..attention_scores import attention_scores
 from . import _attention
-from ._common import Hooks, Stop, get_cache, is_prefill, left_packed, output_cache, runs
+from ._common import (Hooks, Stop, cache_layout, get_cache, is_prefill, left_packed,
+                      mark_cache, output_cache, runs)
 
 
 class _Record:
@@ -67,7 +67,6 @@ class OnVision(Hooks):
         self._rows = None
         self._pending = None   # kept indices of the images the projector just pruned
         self._fwd = None       # (record or None, image counts per sample) of this forward
-        self._records = weakref.WeakKeyDictionary()  # cache -> _Record
         self._encoded = None   # _Encoded: images encoded outside a forward
 
     def _install(self, h: list) -> None:
@@ -86,7 +85,6 @@ class OnVision(Hooks):
 
     def _forget(self) -> None:
         self._rows = self._pending = self._fwd = self._encoded = None
-        self._records = weakref.WeakKeyDictionary()
 
     # -- the vision tower ------------------------------------------------------------------
 
@@ -158,6 +156,8 @@ class OnVision(Hooks):
         cache = get_cache(kwargs)
         if not is_prefill(cache):
             return self._continue(cache, args, kwargs)
+        if cache is not None:
+            mark_cache(cache, None)  # a prefill into it: an older mark no longer applies
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
         if ids is None and emb is None:
@@ -226,7 +226,11 @@ class OnVision(Hooks):
     def _continue(self, cache, args, kwargs):
         """A forward that continues from a cache: mapped onto the shortened prompt when the
         pruner filled that cache; image placeholders are refused (pruned in a prefill only)."""
-        rec = self._records.get(cache) if cache is not None else None
+        rec = cache_layout(cache)
+        if rec is not None and not isinstance(rec, _Record):
+            raise ValueError("this forward continues from a cache (past_key_values) pruned "
+                             "with where='llm'; this pruner is where='vision': continue under "
+                             "the pruner that filled it")
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
         if ids is None and emb is None:
@@ -257,6 +261,10 @@ class OnVision(Hooks):
         emb = kwargs.get("inputs_embeds")
         given = (ids if ids is not None else emb).shape[1]
         held = cache.get_seq_length()
+        if held < rec.prompt_mask.shape[1]:
+            raise ValueError(f"the cache (past_key_values) holds {held} tokens, fewer than "
+                             f"the {rec.prompt_mask.shape[1]} of the pruned prompt it was "
+                             f"filled with (was it cropped?): start a new prefill")
         covered = rec.length + held - rec.prompt_mask.shape[1]  # unpruned positions held
         new = mask.shape[1] - covered
         if new == given:
@@ -313,10 +321,9 @@ class OnVision(Hooks):
                 kept.append([kb for kb, _ in pairs])
                 scores.append([row for _, row in pairs])
             self.on_kept(kept, [[self.adapter.grid] * c for c in counts], scores)
-        if rec is not None:
-            cache = output_cache(output)
-            if cache is not None:
-                self._records[cache] = rec
+        cache = output_cache(output) if output is not None else None
+        if cache is not None:
+            mark_cache(cache, rec)  # None: this prefill pruned nothing
         return None
 
     def _pad_id(self) -> int:
