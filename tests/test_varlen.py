@@ -240,7 +240,7 @@ class Launches:
                                     ("dense graph", graph, "_slice_kernel"),
                                     ("dense graph", graph, "_sum_slices_kernel")):
             monkeypatch.setattr(module, name, self._kernel(stage, getattr(module, name)))
-        for name in ("mis_rounds_cpu", "mis_rounds_cuda", "mis_walk_cpu"):
+        for name in ("mis_rounds_cpu", "mis_rounds_cuda"):
             if hasattr(mis_kernel._C, name):
                 monkeypatch.setattr(mis_kernel._C, name, self._call("mis", getattr(mis_kernel._C, name)))
 
