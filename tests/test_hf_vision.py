@@ -204,7 +204,8 @@ def test_vision_continues_from_a_returned_cache():
         turn = tiny.llava_inputs(model, [[11], [12]], seed=3)  # a new image after the cache
         ids = torch.cat([again.sequences, turn["input_ids"]], 1)
         mask = torch.ones_like(ids)
-        with pytest.raises(ValueError, match=r"prunes images in a prefill only.*image placeholders"):
+        with pytest.raises(ValueError,
+                           match=r"prunes images in a prefill only.*image placeholders"):
             with torch.no_grad():
                 model.generate(input_ids=ids, attention_mask=mask,
                                past_key_values=again.past_key_values, max_new_tokens=1,

@@ -48,6 +48,18 @@ class Adapter:
         return (inputs_embeds == token.to(inputs_embeds.dtype)).all(-1)
 
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_dtype(t: torch.Tensor, what: str) -> None:
+    """The model's activations must be a dtype prune() reads (it computes in float32 from
+    the input values): a model cast to float64 after apply() is refused at the call."""
+    if t.dtype not in DTYPES:
+        raise TypeError(f"d2pruner_kernels.hf: {what} runs in {t.dtype}; pruning reads "
+                        f"float16, bfloat16 or float32 activations (cast the model, e.g. "
+                        f"model.to(torch.float32))")
+
+
 def get_cache(kwargs: dict):
     """The cache a forward was given: `cache` (transformers >= 5.20) or `past_key_values`."""
     cache = kwargs.get("cache")

@@ -32,8 +32,8 @@ import torch
 
 from ..attention_scores import attention_scores
 from . import _attention
-from ._common import (Hooks, Stop, cache_layout, get_cache, gather_seq, is_prefill,
-                      left_packed, mark_cache, runs)
+from ._common import (Hooks, Stop, cache_layout, check_dtype, gather_seq, get_cache,
+                      is_prefill, left_packed, mark_cache, runs)
 
 
 class _Prefill:
@@ -193,6 +193,7 @@ class InLLM(Hooks):
         f = self._fwd
         if not isinstance(f, _Prefill) or f.rows is not None:
             return
+        check_dtype(query, "the language model")
         scale = kwargs.get("scaling")
         q, k = query.detach(), key.detach()
         # One call for the whole batch: each sample's last prompt token over the keys it

@@ -36,8 +36,8 @@ import torch
 
 from ..attention_scores import attention_scores
 from . import _attention
-from ._common import (Hooks, Stop, cache_layout, get_cache, is_prefill, left_packed,
-                      mark_cache, output_cache, runs)
+from ._common import (Hooks, Stop, cache_layout, check_dtype, get_cache, is_prefill,
+                      left_packed, mark_cache, output_cache, runs)
 
 
 class _Record:
@@ -90,6 +90,7 @@ class OnVision(Hooks):
 
     def _capture(self, query, key, kwargs):
         # CLS is token 0; the softmax runs over every key (CLS and patches), like the layer's
+        check_dtype(query, "the vision tower")
         self._rows = attention_scores(query.detach()[:, :, :1], key.detach(),
                                       key_span=(1, key.shape[2]), scale=kwargs.get("scaling"))
 
