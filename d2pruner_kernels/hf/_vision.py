@@ -49,8 +49,9 @@ class _Record:
 
 
 class _Encoded:
-    """Images the projector saw outside a forward (generate's encoding before the prefill):
-    their full projected features, their selections and importance rows."""
+    """The images the projector encoded last (before the prefill: by generate(), or by the
+    outer forward's pre-hook): their full projected features, selections and importance
+    rows."""
 
     def __init__(self, feats, keep, rows):
         self.feats, self.keep, self.rows = feats, keep, rows
@@ -65,9 +66,9 @@ class OnVision(Hooks):
         self.n = adapter.tokens_per_image
         self.k = selector.budget(self.n, "LLaVA image") if collect is None else self.n
         self._rows = None
-        self._pending = None   # kept indices of the images the projector just pruned
+        self._pending = None   # (kept, row) of each image the prefill just cut to k
         self._fwd = None       # (record or None, image counts per sample) of this forward
-        self._encoded = None   # _Encoded: images encoded outside a forward
+        self._encoded = None   # _Encoded: the images encoded last
 
     def _install(self, h: list) -> None:
         a = self.adapter
@@ -119,7 +120,7 @@ class OnVision(Hooks):
 
     def _encoded_features(self, kwargs: dict, n_images: int):
         """kwargs with mm_encoder_outputs' image features cut to the k kept per image (each
-        image found among those encoded outside the forward), or None when not given."""
+        image found, by value, among those encoded last), or None when not given."""
         mm = kwargs.get("mm_encoder_outputs")
         image = mm.get("image") if isinstance(mm, dict) else None
         feats = getattr(image, "pooler_output", None)
