@@ -85,13 +85,14 @@ PYBIND11_MODULE(_C, m) {
                               int survivors, int dim, int n_tokens, int n_pivots, int m,
                               int grid_t, int grid_h, int grid_w, int radius,
                               int temporal_radius, float cos_weight, float spatial_weight,
-                              float threshold) {
+                              float threshold, uintptr_t coord_table, int fusion) {
     const d2p::WalkWindowArgs a{
         pointer<const float>(cos), pointer<const float>(rows), pointer<const int64_t>(pos),
         pointer<const int64_t>(order), pointer<const int64_t>(image), pointer<float>(members),
         pointer<int64_t>(coords), pointer<int64_t>(count), pointer<uint8_t>(taken), batch,
         active, survivors, dim, n_tokens, n_pivots, m, grid_t, grid_h, grid_w, radius,
-        temporal_radius, cos_weight, spatial_weight, threshold};
+        temporal_radius, cos_weight, spatial_weight, threshold,
+        pointer<const int32_t>(coord_table), fusion};
     py::gil_scoped_release nogil;
     d2p::walk_window_cpu(a);  // validates the sizes and every index it reads
   }, py::kw_only(), py::arg("cos"), py::arg("rows"), py::arg("pos"), py::arg("order"),
@@ -100,8 +101,16 @@ PYBIND11_MODULE(_C, m) {
      py::arg("n_tokens"), py::arg("n_pivots"), py::arg("m"), py::arg("grid_t"),
      py::arg("grid_h"), py::arg("grid_w"), py::arg("radius"), py::arg("temporal_radius"),
      py::arg("cos_weight"), py::arg("spatial_weight"), py::arg("threshold"),
+     py::arg("coord_table") = 0, py::arg("fusion") = static_cast<int>(d2p::kWeighted),
      "One window of the graph-free CPU walk (kernels/cpu_walk.py), by keyword: the fields "
-     "of csrc/walk_cpu.h's WalkWindowArgs.");
+     "of csrc/walk_cpu.h's WalkWindowArgs (coord_table: 0 for the grid arithmetic; fusion: "
+     "a value of walk_fusions).");
+  py::dict walk_fusions;  // csrc/walk_cpu.h's WalkFusion, by name
+  walk_fusions["weighted"] = static_cast<int>(d2p::kWeighted);
+  walk_fusions["similar"] = static_cast<int>(d2p::kSimilar);
+  walk_fusions["similar_and_near"] = static_cast<int>(d2p::kSimilarAndNear);
+  walk_fusions["near"] = static_cast<int>(d2p::kNear);
+  m.attr("walk_fusions") = walk_fusions;
   py::dict ragged_fields;  // every field of csrc/mis.h's D2P_RAGGED_FIELDS, by its ragged.py name
 #define D2P_RAGGED_ENTRY(cpp_name, py_name, column) \
   ragged_fields[#py_name] = static_cast<int>(d2p::cpp_name);

@@ -20,7 +20,23 @@ namespace {
 
 struct Coord { int64_t t, y, x; };
 
+// The edge rule of `Fusion` (walk_cpu.h) for a cosine c and the spatial term near.
+template <int Fusion>
+inline bool edge(const WalkWindowArgs& a, float c, bool near) {
+  if constexpr (Fusion == kWeighted) {
+    // The reference's float32 expression; NaN (a NaN feature) compares false: no edge.
+    return a.cos_weight * c + a.spatial_weight * (near ? 1.0f : 0.0f) >= a.threshold;
+  } else if constexpr (Fusion == kSimilar) {
+    return c > a.threshold;  // NaN: false
+  } else if constexpr (Fusion == kSimilarAndNear) {
+    return near && c > a.threshold;
+  } else {
+    return near;
+  }
+}
+
 // Resolve image slot `s`: survivors in rank order against the members taken in this window.
+template <int Fusion>
 void resolve_one(const WalkWindowArgs& a, int s) {
   const int S = a.survivors, D = a.dim, C = a.n_tokens - a.n_pivots;
   const int64_t b = a.image[s];
@@ -36,8 +52,13 @@ void resolve_one(const WalkWindowArgs& a, int s) {
     if (pos[j] < 0) continue;
     const int64_t tok = order[a.n_pivots + pos[j]];
     if (tok < 0 || tok >= a.n_tokens) fail("token id in order out of range");
-    const int64_t hw = static_cast<int64_t>(a.grid_h) * a.grid_w;
-    xyz[j] = {tok / hw, tok / a.grid_w % a.grid_h, tok % a.grid_w};
+    if (a.coord_table) {  // tok is in [0, n_tokens): a row of the [n_tokens, 3] table
+      const int32_t* c3 = a.coord_table + static_cast<size_t>(tok) * 3;
+      xyz[j] = {c3[0], c3[1], c3[2]};
+    } else {
+      const int64_t hw = static_cast<int64_t>(a.grid_h) * a.grid_w;
+      xyz[j] = {tok / hw, tok / a.grid_w % a.grid_h, tok % a.grid_w};
+    }
   }
   const float* cos = a.cos + static_cast<size_t>(s) * S * S;
   std::vector<int> in_window;  // survivors taken in this window (indices j)
@@ -49,9 +70,7 @@ void resolve_one(const WalkWindowArgs& a, int s) {
       const bool near = std::llabs(xyz[j].t - xyz[q].t) <= a.temporal_radius &&
                         std::llabs(xyz[j].y - xyz[q].y) <= a.radius &&
                         std::llabs(xyz[j].x - xyz[q].x) <= a.radius;
-      // The reference's float32 expression; NaN (a NaN feature) compares false: no edge.
-      const float f = a.cos_weight * row[q] + a.spatial_weight * (near ? 1.0f : 0.0f);
-      if (f >= a.threshold) { blocked = true; break; }
+      if (edge<Fusion>(a, row[q], near)) { blocked = true; break; }
     }
     if (blocked) continue;
     in_window.push_back(j);
@@ -71,16 +90,23 @@ void resolve_one(const WalkWindowArgs& a, int s) {
 void walk_window_cpu(const WalkWindowArgs& a) {
   if (a.batch < 1 || a.active < 0 || a.active > a.batch || a.survivors < 0 || a.dim < 1 ||
       a.n_tokens < 1 || a.n_pivots < 0 || a.n_pivots >= a.n_tokens || a.m < 1 ||
-      a.m > a.n_tokens - a.n_pivots || a.grid_t < 1 || a.grid_h < 1 || a.grid_w < 1 ||
-      static_cast<int64_t>(a.grid_t) * a.grid_h * a.grid_w != a.n_tokens || a.radius < 0 ||
-      a.temporal_radius < 0)
+      a.m > a.n_tokens - a.n_pivots || a.radius < 0 || a.temporal_radius < 0)
     fail("inconsistent sizes");
+  // Without a coordinate table the grid arithmetic must cover exactly the N tokens.
+  if (!a.coord_table && (a.grid_t < 1 || a.grid_h < 1 || a.grid_w < 1 ||
+                         static_cast<int64_t>(a.grid_t) * a.grid_h * a.grid_w != a.n_tokens))
+    fail("inconsistent sizes (grid)");
+  if (a.fusion < 0 || a.fusion >= kWalkFusions) fail("unknown fusion rule");
   if (a.active == 0 || a.survivors == 0) return;
   if (!a.cos || !a.rows || !a.pos || !a.order || !a.image || !a.members || !a.coords ||
       !a.count || !a.taken)
     fail("null pointer");
   // Images are independent; one window's work is small (S^2 comparisons), so one thread.
-  for (int s = 0; s < a.active; ++s) resolve_one(a, s);
+  void (*resolve)(const WalkWindowArgs&, int) =
+      a.fusion == kWeighted ? resolve_one<kWeighted>
+      : a.fusion == kSimilar ? resolve_one<kSimilar>
+      : a.fusion == kSimilarAndNear ? resolve_one<kSimilarAndNear> : resolve_one<kNear>;
+  for (int s = 0; s < a.active; ++s) resolve(a, s);
   // NaN rows between each image's members and the most any image has: the next window's
   // GEMM reads that many member rows per image, and NaN cosines are no edges.
   int64_t most = 0;

@@ -98,9 +98,11 @@ def describe(device: torch.device, n_tokens: int) -> str:
 
 
 def kernels_take(grid, opts: PruneOptions) -> bool:
-    """Whether the graph kernels and the CPU walk take this graph: (T, H, W) grids with the
-    weighted fusion, so far. Otherwise step 4 is the reference's (then the compiled MIS)."""
-    return not isinstance(grid, TokenLayout) and opts.fusion == "weighted"
+    """Whether the Triton graph kernels take this graph: (T, H, W) grids and TokenLayouts (a
+    coordinate table: kernels/graph.py's COORDS), both fusions (FUSION), dense and ragged.
+    Otherwise step 4 is the reference's (then the compiled MIS). The CPU walk takes every
+    graph (TokenLayouts, both fusions)."""
+    return isinstance(grid, (tuple, TokenLayout)) and opts.fusion in ("weighted", "binarized")
 
 
 # -- the stages (inputs already validated) --------------------------------------------------
@@ -160,7 +162,7 @@ def select(tokens, attn, prior, grid, k: int, n_pivots: int, opts: PruneOptions)
             order, norms = reference.rank_order(s), _triton("rank").rank_and_norms(None, tokens)[1]
         return _triton("lazy_graph").kept_ids(tokens, order, norms, n_pivots, k, grid, opts)
     order = rank(s, backend)
-    if use_cpu_walk(backend, device) and graph_kernels:  # steps 4-7 without the graph
+    if use_cpu_walk(backend, device):  # steps 4-7 without the graph (any grid or layout)
         return cpu_walk.greedy_mis_without_graph(tokens, order, n_pivots, k, grid, opts)
     return mis(graph(tokens, order, n_pivots, grid, opts), order, n_pivots, k, backend)
 

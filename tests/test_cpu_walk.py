@@ -1,5 +1,6 @@
 """The graph-free CPU walk (kernels/cpu_walk.py + csrc/walk_cpu.cpp) against the reference
-graph + greedy MIS, exactly, on inputs with no candidate pair inside the parity band."""
+graph + greedy MIS, exactly, on inputs with no candidate pair inside the parity band: (T, H, W)
+grids and TokenLayouts, fusion "weighted" and "binarized"."""
 import math
 import subprocess
 import sys
@@ -9,10 +10,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from d2pruner_kernels import reference
-from d2pruner_kernels.checks import pivot_count
+from d2pruner_kernels import TokenLayout, dispatch, prune, reference
+from d2pruner_kernels.checks import cells, pivot_count
 from d2pruner_kernels.kernels import cpu_walk
-from d2pruner_kernels.options import PruneOptions
+from d2pruner_kernels.options import RADIUS_MAX, PruneOptions
 
 from helpers import clustered_tokens, distinct_attention, in_band
 
@@ -25,7 +26,11 @@ def rank(b, n, seed):
 
 
 def outside_band(tokens, order, n_p, grid, p):
-    return not in_band(tokens, order, n_p, grid, p.sim_threshold, p.spatial_weight, p.radius,
+    """No candidate pair within the parity band of theta: of f (weighted), of the cosine
+    (binarized: [cos > theta] is the only float compare; beta > 0.5 reads none, but the
+    band of the cosine is kept there too, a stricter draw)."""
+    beta = 0.0 if p.fusion == "binarized" else p.spatial_weight
+    return not in_band(tokens, order, n_p, grid, p.sim_threshold, beta, p.radius,
                        p.temporal_radius).any()
 
 
@@ -45,7 +50,7 @@ def check(tokens, order, n_p, k, grid, p, stats=None):
 
 def draw(b, grid, d, seed, dtype=torch.float32, clusters=6, noise=0.35):
     """Band-free clustered tokens and a rank order, for the default graph parameters."""
-    n = math.prod(grid)
+    n = cells(grid)
     for i in range(50):
         g = torch.Generator().manual_seed(1000 * seed + i)
         x = clustered_tokens(b, n, d, clusters=clusters, noise=noise, dtype=dtype, generator=g)
@@ -86,6 +91,169 @@ def test_video_grids(grid, temporal_radius, beta):
         n_p = pivot_count(0.5, k)
         x, order = band_free(2, grid, 12, k, p, n_p)
         check(x, order, n_p, k, grid, p)
+
+
+# TokenLayouts: InternVL tiles + thumbnail, LLaVA-NeXT base + high-resolution map with its
+# newline column (W + 1), several pieces of frames, a lone newline piece.
+LAYOUTS = {
+    "tiles+thumbnail": TokenLayout.tiles(2, 3, (4, 4)) + TokenLayout.grid(4, 4),
+    "base+newline map": TokenLayout.grid(5, 5) + TokenLayout.grid(4, 6 + 1),
+    "frames pieces": (TokenLayout.grid(3, 4, 5) + TokenLayout.grid(2, 3, 3)
+                      + TokenLayout.tiles(1, 2, (3, 2)) + TokenLayout.grid(1, 1)),
+    "tall tiles": TokenLayout.tiles(3, 1, (2, 5)) + TokenLayout.grid(2, 5),
+}
+
+
+def differs_somewhere(cases):
+    """At least one (want, other) pair differs: the inputs tell the two graphs apart, so a
+    walk that ignored what is under test would fail."""
+    return any(not torch.equal(a, b) for a, b in cases)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("temporal_radius", [0, 1, RADIUS_MAX])
+@pytest.mark.parametrize("fusion,beta", [("weighted", 0.0), ("weighted", 0.5),
+                                         ("weighted", 1.0), ("binarized", 0.5),
+                                         ("binarized", 0.7)])
+def test_layouts_match_reference(name, temporal_radius, fusion, beta):
+    layout = LAYOUTS[name]
+    n = layout.cells
+    p = PruneOptions(spatial_weight=beta, temporal_radius=temporal_radius, radius=1,
+                     fusion=fusion)
+    raster = (1, 1, n)  # the same tokens as one row: other spatial edges
+    versus = []
+    for k in (max(1, n // 6), n // 3, n // 2 + 1):
+        for rho in (0.0, 0.5):
+            n_p = pivot_count(rho, k)
+            x, order = band_free(2, layout, 8, k, p, n_p, clusters=10)
+            got = check(x, order, n_p, k, layout, p)
+            versus.append((got, want(x, order, n_p, k, raster, p)))
+    if beta:  # the layout's spatial edges change the answer on these inputs
+        assert differs_somewhere(versus)
+
+
+@pytest.mark.parametrize("grid", [(1, 9, 11), (3, 4, 5), LAYOUTS["tiles+thumbnail"],
+                                  LAYOUTS["base+newline map"]])
+@pytest.mark.parametrize("beta", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("theta", [0.8, 0.5, -0.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_binarized_matches_reference(grid, beta, theta, dtype):
+    p = PruneOptions(spatial_weight=beta, sim_threshold=theta, fusion="binarized")
+    n = cells(grid)
+    versus = []
+    for k in (max(1, n // 5), n // 2):
+        for rho in (0.0, 0.7):
+            n_p = pivot_count(rho, k)
+            x, order = band_free(3, grid, 12, 7 * k + n_p, p, n_p, dtype, clusters=8)
+            got = check(x, order, n_p, k, grid, p)
+            versus.append((got, want(x, order, n_p, k, grid, p.replace(fusion="weighted"))))
+    assert differs_somewhere(versus)  # the two readings differ on these inputs
+
+
+@pytest.mark.parametrize("grid", [(1, 10, 10), LAYOUTS["tiles+thumbnail"],
+                                  LAYOUTS["frames pieces"]])
+@pytest.mark.parametrize("fusion,beta", [("weighted", 0.5), ("binarized", 0.3),
+                                         ("binarized", 0.5), ("binarized", 0.7)])
+def test_nan_and_zero_rows_layouts_and_binarized(grid, fusion, beta):
+    """NaN rows (no edge by the cosine; beta > 0.5 binarized: still near), zero rows (cosine
+    0), exact duplicates, on layouts and both fusions."""
+    p = PruneOptions(spatial_weight=beta, sim_threshold=0.7, fusion=fusion, radius=1)
+    checked = 0
+    for seed in range(6):
+        x, order = next(draw(2, grid, 8, seed))
+        x[0, order[0, 3]] = float("nan")
+        x[0, order[0, 20], 2] = float("nan")
+        x[1, order[1, 5]] = 0.0
+        x[1, order[1, 7]] = 0.0
+        x[0, order[0, 10:16]] = x[0, order[0, 9]].clone()
+        x[1, order[1, 30:36]] = 3.0 * x[1, order[1, 29]].clone()
+        if not outside_band(x, order, 5, grid, p):
+            continue
+        for k in (20, 50):
+            check(x, order, 5, k, grid, p)
+        checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("fusion,beta", [("binarized", 0.7), ("binarized", 0.5),
+                                         ("binarized", 0.3), ("weighted", 0.5)])
+def test_layout_many_windows(monkeypatch, fusion, beta):
+    """Tiny caps on a layout: many windows, images leaving at different windows; under
+    beta > 0.5 binarized the member rows past an image's count (NaN padding) must not count
+    as members by their coordinates."""
+    layout = LAYOUTS["tiles+thumbnail"]
+    p = PruneOptions(spatial_weight=beta, fusion=fusion, radius=1)
+    g = torch.Generator().manual_seed(5)
+    n = layout.cells
+    x = torch.stack([torch.randn(1, 16, generator=g) + 0.02 * torch.randn(n, 16, generator=g),
+                     clustered_tokens(1, n, 16, generator=g)[0],
+                     torch.randn(n, 16, generator=g)])
+    order = rank(3, n, 5)
+    assert outside_band(x, order, 4, layout, p)
+    expected = want(x, order, 4, 40, layout, p)
+    for caps in [dict(_WINDOW_FLOATS=1, _MIN_WINDOW=1), dict(_SURVIVOR_FLOATS=1, _MIN_SURVIVORS=1),
+                 dict(_WINDOW_FLOATS=1, _MIN_WINDOW=5, _SURVIVOR_FLOATS=1, _MIN_SURVIVORS=3)]:
+        with monkeypatch.context() as mp:
+            for name, v in caps.items():
+                mp.setattr(cpu_walk, name, v)
+            stats = {}
+            got = cpu_walk.greedy_mis_without_graph(x, order, 4, 40, layout, p, stats=stats)
+        assert torch.equal(got, expected), caps
+        assert stats["windows"] > 10
+
+
+@pytest.mark.parametrize("grid", [LAYOUTS["tiles+thumbnail"], LAYOUTS["base+newline map"],
+                                  (12, 12)])
+@pytest.mark.parametrize("fusion,beta", [("weighted", 0.5), ("binarized", 0.5),
+                                         ("binarized", 0.7)])
+def test_prune_auto_runs_the_walk(monkeypatch, grid, fusion, beta):
+    """prune(backend="auto") on a CPU takes the walk for layouts and both fusions (no graph
+    built), and returns what backend="reference" returns."""
+    n, k = cells(grid), cells(grid) // 4
+    p = PruneOptions(spatial_weight=beta, fusion=fusion)
+    g = torch.Generator().manual_seed(3)
+    attn = distinct_attention(1, 2, n, generator=g)
+    order = reference.rank_order(reference.debiased_scores(attn))
+    n_p = pivot_count(p.pivot_ratio, k)
+    flat = grid if isinstance(grid, TokenLayout) else (1, *grid)
+    x = next(x for x in (clustered_tokens(1, n, 16, generator=g) for _ in range(50))
+             if outside_band(x, order, n_p, flat, p))
+    walked = []
+    real = cpu_walk.greedy_mis_without_graph
+    monkeypatch.setattr(cpu_walk, "greedy_mis_without_graph",
+                        lambda *a, **kw: walked.append(1) or real(*a, **kw))
+    monkeypatch.setattr(dispatch, "graph", lambda *a, **kw: pytest.fail("graph built"))
+    got = prune(x, attn, grid, k, options=p)
+    assert walked == [1]
+    monkeypatch.undo()
+    assert torch.equal(got, prune(x, attn, grid, k, options=p, backend="reference"))
+
+
+@pytest.mark.parametrize("grid", [(1, 6, 8), LAYOUTS["tiles+thumbnail"]])
+@pytest.mark.parametrize("theta", [0.0, 1.0])
+@pytest.mark.parametrize("windows", ["one", "many"])
+def test_cosine_exactly_at_theta(monkeypatch, grid, theta, windows):
+    """One-hot features: every cosine is exactly 0 or 1 (exact in any summation order), so
+    theta = 0 or 1 sits on the cosines themselves: an edge under "weighted" (>=), none under
+    binarized's [cos > theta] (>). The walk agrees with the reference on both sides, in the
+    C++ resolver (one window) and against earlier windows' members (one-candidate windows)."""
+    if windows == "many":
+        monkeypatch.setattr(cpu_walk, "_WINDOW_FLOATS", 1)
+        monkeypatch.setattr(cpu_walk, "_MIN_WINDOW", 1)
+    n = cells(grid)
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.one_hot(torch.randint(0, 5, (2, n), generator=g), 5).float()
+    order = rank(2, n, 0)
+    outs = {}
+    for fusion, beta in [("weighted", 0.0), ("binarized", 0.3), ("binarized", 0.5),
+                         ("weighted", 0.5)]:
+        p = PruneOptions(sim_threshold=theta, spatial_weight=beta, fusion=fusion, radius=1)
+        for k in (6, n // 2):
+            got = cpu_walk.greedy_mis_without_graph(x, order, 2, k, grid, p)
+            assert torch.equal(got, want(x, order, 2, k, grid, p)), (fusion, beta, k)
+            outs[fusion, beta, k] = got
+    assert any(not torch.equal(outs["weighted", 0.0, k], outs["binarized", 0.3, k])
+               for k in (6, n // 2))
 
 
 def test_many_windows_and_survivor_cap(monkeypatch):
@@ -206,19 +374,38 @@ def test_deterministic():
     assert all(torch.equal(r, runs[0]) for r in runs)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Extra pieces of a drawn layout: raster (T, H, W) grids and tiled pieces.
+PIECES = st.one_of(
+    st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6)).map(
+        lambda g: TokenLayout.grid(*g)),
+    st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4)).map(
+        lambda r: TokenLayout.tiles(r[0], r[1], (r[2], r[3]))))
+
+
+@settings(max_examples=160, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=st.integers(1, 3), t=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9),
+       pieces=st.lists(PIECES, max_size=3), base=st.booleans(),
        d=st.sampled_from([1, 2, 7, 32]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        rho=st.sampled_from([0.0, 0.3, 0.7, 1.0]), k_frac=st.floats(0.0, 1.0),
-       beta=st.sampled_from([0.0, 0.3, 0.5, 1.0]), theta=st.sampled_from([0.8, 0.5, 0.95, -0.2]),
-       radius=st.integers(0, 3), tr=st.integers(0, 2), clusters=st.integers(1, 8),
-       seed=st.integers(0, 2**16))
-def test_random(b, t, h, w, d, dtype, rho, k_frac, beta, theta, radius, tr, clusters, seed):
+       beta=st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0]),
+       theta=st.sampled_from([0.8, 0.5, 0.95, -0.2]), fusion=st.sampled_from(["weighted",
+                                                                             "binarized"]),
+       radius=st.integers(0, 3), tr=st.sampled_from([0, 1, 2, RADIUS_MAX]),
+       clusters=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_random(b, t, h, w, pieces, base, d, dtype, rho, k_frac, beta, theta, fusion, radius, tr,
+                clusters, seed):
+    """(T, H, W) grids, and TokenLayouts made of the grid (or not) and up to 3 drawn pieces."""
     grid = (t, h, w)
-    n = t * h * w
+    if pieces:
+        layouts = ([TokenLayout.grid(t, h, w)] if base else []) + pieces
+        grid = layouts[0]
+        for piece in layouts[1:]:
+            grid = grid + piece
+    n = cells(grid)
     k = max(1, min(n, round(k_frac * n)))
     n_p = pivot_count(rho, k)
-    p = PruneOptions(sim_threshold=theta, spatial_weight=beta, radius=radius, temporal_radius=tr)
+    p = PruneOptions(sim_threshold=theta, spatial_weight=beta, radius=radius, temporal_radius=tr,
+                     fusion=fusion)
     g = torch.Generator().manual_seed(seed)
     x = clustered_tokens(b, n, d, clusters=clusters, dtype=dtype, generator=g)
     order = rank(b, n, seed)
@@ -280,9 +467,27 @@ def test_cpp_bounds_checks():
         call(ok, active=2)  # more active slots than images
     with pytest.raises(ValueError, match="sizes"):
         call(ok, grid_w=4)  # a grid of 8 cells for N = 6
+    with pytest.raises(ValueError, match="fusion"):
+        call(ok, fusion=4)
+    with pytest.raises(ValueError, match="fusion"):
+        call(ok, fusion=-1)
+    table = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 0, 2], [9, 0, 0], [9, 0, 1], [9, 0, 2]],
+                         dtype=torch.int32)
+    with pytest.raises(ValueError, match="token id"):  # with a table too: ids checked first
+        call(ok, order=torch.tensor([[0, 6, 2, 3, 4, 5]]), coord_table=table.data_ptr(),
+             grid_t=0, grid_h=0, grid_w=0)
     assert not taken.any() and not count.any()
     call(ok)  # both taken (cosine 0 < 0.8)
     assert count.tolist() == [2] and taken[0, :2].tolist() == [1, 1]
+    # A coordinate table instead of the grid (grid sizes not read): binarized beta > 0.5
+    # ("near"): token 0 blocks its table neighbour 1, not token 3 (another piece along t).
+    for tok, blocked in [(1, True), (3, False)]:
+        taken.zero_(), count.zero_(), coords.zero_()
+        o = torch.tensor([[0, tok] + [i for i in range(n) if i not in (0, tok)]])
+        call(ok, order=o, coord_table=table.data_ptr(), grid_t=0, grid_h=0, grid_w=0,
+             fusion=_C.walk_fusions["near"])
+        assert count.tolist() == [1 if blocked else 2]
+        assert coords[0, :count[0]].tolist() == table[o[0, :2]][:count[0]].tolist()
 
 
 MEMORY_SCRIPT = textwrap.dedent("""

@@ -9,7 +9,10 @@ order[:, n_pivots:] in rank order, taking a candidate unless an edge
     f_ij = (1 - beta) * cos_ij + beta * near_ij >= theta      (float32, NaN: no edge)
 
 joins it to a member already taken, stopping at m = k - n_pivots members; the fill (first
-untaken candidates in rank order); the union, sorted.
+untaken candidates in rank order); the union, sorted. fusion="binarized" reads the edge as
+(1 - beta) [cos > theta] + beta [near] > 0.5 (reference/graph.py, binarized_edges). near is
+the (T, H, W) test on the grid's coordinates, or on a TokenLayout's table
+(TokenLayout.coords: pieces apart along t, so "same piece and near" is the same test).
 
 The walk only ever asks "does candidate v touch a member?", and there are at most m members,
 so it needs each visited candidate's cosines to the members, never the C x C graph. They are
@@ -20,7 +23,7 @@ computed a window of candidates at a time, all images of the batch in lockstep:
    edge to a member is blocked for good (members only ever come from earlier windows here);
 3. compact the survivors, cosines among them: a second, smaller GEMM [A, S, D] x [A, D, S];
 4. C++ (`_C.walk_window_cpu`) walks the survivors in rank order against the members taken
-   in this window, and appends the new members (unit rows, grid coordinates, rank position);
+   in this window, and appends the new members (unit rows, coordinates, rank position);
 5. images with m members leave; the next window starts where this one ended.
 
 Window policy (tuned on clustered inputs, where the walk visits ~1.1-1.3 m candidates): the
@@ -39,6 +42,7 @@ import math
 import torch
 
 from ..checks import as_3d
+from ..token_layout import TokenLayout
 
 try:
     from .. import _C
@@ -80,20 +84,44 @@ def _unit_rows(tokens, flat, image, ids):
 
 
 def _coords(ids, grid):
-    """(t, y, x) of token ids on the row-major (T, H, W) grid, int64 [..., 3]."""
+    """(t, y, x) of token ids, int64 [..., 3]: on the row-major (T, H, W) grid, or rows of
+    a TokenLayout's coordinate table (int64 [N, 3]) when `grid` is that table."""
+    if isinstance(grid, torch.Tensor):
+        return grid[ids]
     _, h, w = grid
     return torch.stack((ids // (h * w), ids // w % h, ids % w), dim=-1)
 
 
-def _blocked(x, ids, members, mcoords, m_max, grid, params, limits):
+def fusion_rule(params) -> str:
+    """The resolver's edge rule (a key of _C.walk_fusions, csrc/walk_cpu.h): "weighted", or
+    the binarized reading by beta: cos > theta (beta < 0.5), and near (beta == 0.5), near
+    alone (beta > 0.5), as reference/graph.py's binarized_edges decides it."""
+    if params.fusion == "weighted":
+        return "weighted"
+    beta = params.spatial_weight
+    return "near" if beta > 0.5 else "similar_and_near" if beta == 0.5 else "similar"
+
+
+def _blocked(x, ids, members, mcoords, count, m_max, grid, params, limits, rule):
     """bool [A, W]: window candidates with an edge to a member of an earlier window.
-    Member rows past an image's count are NaN: no edge."""
-    f = torch.bmm(x, members[:, :m_max].transpose(1, 2))  # [A, W, M] cosines
-    if params.spatial_weight:  # f = (1 - beta) cos + beta near, as the reference writes it
-        f.mul_(params.cos_weight)
-        gap = (_coords(ids, grid).unsqueeze(2) - mcoords[:, None, :m_max]).abs_()
-        f += params.spatial_weight * (gap <= limits).all(-1).float()
-    return (f >= params.sim_threshold).any(-1)
+    Member rows past an image's count are NaN (no edge by the cosine); the rule "near" reads
+    no cosine and masks them by `count`."""
+    if rule == "weighted" or rule == "similar":
+        f = torch.bmm(x, members[:, :m_max].transpose(1, 2))  # [A, W, M] cosines
+        if rule == "similar":
+            return (f > params.sim_threshold).any(-1)
+        if params.spatial_weight:  # f = (1 - beta) cos + beta near, as the reference writes it
+            f.mul_(params.cos_weight)
+            gap = (_coords(ids, grid).unsqueeze(2) - mcoords[:, None, :m_max]).abs_()
+            f += params.spatial_weight * (gap <= limits).all(-1).float()
+        return (f >= params.sim_threshold).any(-1)
+    gap = (_coords(ids, grid).unsqueeze(2) - mcoords[:, None, :m_max]).abs_()
+    edge = (gap <= limits).all(-1)                         # [A, W, M] near
+    if rule == "near":
+        edge &= (torch.arange(m_max) < count.unsqueeze(1)).unsqueeze(1)  # real members only
+    else:  # "similar_and_near"
+        edge &= torch.bmm(x, members[:, :m_max].transpose(1, 2)) > params.sim_threshold
+    return edge.any(-1)
 
 
 def _lower_cosines(xs):
@@ -122,12 +150,11 @@ def greedy_mis_without_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots
     """Kept token ids, int64 [B, k] ascending: pivots, greedy-walk members, fill (module doc).
 
     tokens: CPU [B, N, D] fp16/bf16/fp32, any strides; order: int64 [B, N], a permutation of
-    the tokens per image, best first; grid: (T, H, W) (or (H, W)) with T*H*W = N; params: a
-    PruneOptions. stats: a dict to receive "visited" (candidates read, summed over the
+    the tokens per image, best first; grid: (T, H, W) (or (H, W)) with T*H*W = N, or a
+    TokenLayout of N tokens; params: a PruneOptions (fusion "weighted" or "binarized"). stats: a dict to receive "visited" (candidates read, summed over the
     images), "windows", "gemm_macs" (multiply-adds of both GEMMs), per image "members" and
     "depth" (candidates the exact walk visits: 1 + position of the m-th member, or C).
     """
-    grid = as_3d(grid)
     b, n, d = tokens.shape
     # What the C++ resolver reads through raw pointers must be host memory of the right type
     # and shape (its sizes and every index it reads it checks itself); the rest was checked
@@ -144,13 +171,25 @@ def greedy_mis_without_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots
     order = order.contiguous()
     cand = order[:, n_pivots:]
     flat = _row_source(tokens)
-    limits = torch.tensor([params.temporal_radius, params.radius, params.radius])
+    rule = fusion_rule(params)
+    if isinstance(grid, TokenLayout):  # coordinates from its table (the C++ reads it raw)
+        table, temporal_radius = grid.coords(params.temporal_radius)
+        if table.dtype != torch.int32 or table.shape != (n, 3) or not table.is_contiguous():
+            raise ValueError(f"{grid!r}: coordinate table {table.dtype} {list(table.shape)}, "
+                             f"expected contiguous int32 [{n}, 3]")
+        where = dict(coord_table=table.data_ptr(), grid_t=0, grid_h=0, grid_w=0)
+        grid = table.long()  # _coords reads its rows
+    else:
+        grid, temporal_radius = as_3d(grid), params.temporal_radius
+        where = dict(grid_t=grid[0], grid_h=grid[1], grid_w=grid[2])
+    limits = torch.tensor([temporal_radius, params.radius, params.radius])
     taken = torch.zeros(b, c, dtype=torch.uint8)  # 1 at the members' candidate positions
     fixed = dict(order=order.data_ptr(), taken=taken.data_ptr(), batch=b, n_tokens=n,
-                 n_pivots=n_pivots, m=m, grid_t=grid[0], grid_h=grid[1], grid_w=grid[2],
-                 radius=params.radius, temporal_radius=params.temporal_radius,
+                 n_pivots=n_pivots, m=m, radius=params.radius, temporal_radius=temporal_radius,
                  cos_weight=params.cos_weight, spatial_weight=params.spatial_weight,
-                 threshold=params.sim_threshold)  # the same for every window
+                 threshold=params.sim_threshold, **where)  # the same for every window
+    if rule != "weighted":  # (the resolver's default)
+        fixed["fusion"] = _C.walk_fusions[rule]
     image = torch.arange(b)                        # active slot -> image
     members = torch.empty(b, m, d)                 # unit rows; NaN past each count (C++)
     mcoords = torch.empty(b, m, 3, dtype=torch.int64)
@@ -165,7 +204,8 @@ def greedy_mis_without_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots
         ids = cand[:, lo:hi] if act == b else cand[image, lo:hi]  # [A, W] rank order
         x = _unit_rows(tokens, flat, image, ids)                     # [A, W, D]
         if m_max:  # step 2; then step 3: the survivors, in rank order, padded to S
-            blocked = _blocked(x, ids, members, mcoords, m_max, grid, params, limits)
+            blocked = _blocked(x, ids, members, mcoords, count, m_max, grid, params, limits,
+                               rule)
             if int(blocked.sum(1).min()) < blocked.shape[1] - s_cap:  # cap: end the window
                 cut = int((torch.cumsum(~blocked, 1) <= s_cap).sum(1).min())  # at survivor s_cap
                 hi, x, blocked = lo + cut, x[:, :cut], blocked[:, :cut]
