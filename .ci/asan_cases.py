@@ -3,14 +3,14 @@ only): the reproducers of the "memory-safe on any input" issue for the compiled 
 that are not permutations: zeros, ids >= N, negative ids, 10**12), each of which must raise
 a ValueError naming `order`, then valid graphs through every CPU entry point (the twin of
 the CUDA rounds, with lazy row ranges, skip and done, dense and ragged; the graph-free
-window walk), so
+window walk on grids and on TokenLayouts' coordinate tables, under every fusion rule), so
 ASAN also watches the paths that do work. ASAN aborts the process on the first bad access;
 a wrong answer or a missing error exits 1."""
 import sys
 
 import torch
 
-from d2pruner_kernels import _C, reference
+from d2pruner_kernels import _C, TokenLayout, reference
 from d2pruner_kernels.kernels import cpu_walk, mis
 from d2pruner_kernels.options import PruneOptions
 from d2pruner_kernels.testing import random_graph
@@ -103,6 +103,67 @@ if cpu_walk.available():  # the graph-free walk's C++ window resolver
     graph = reference.similarity_graph(x, order, 10, (1, 8, 12), params)
     if not torch.equal(got, reference.greedy_mis(graph, order, 10, 40)):
         failures.append("cpu_walk.greedy_mis_without_graph: wrong answer")
+
+    # TokenLayouts (the resolver reads their int32 [N, 3] coordinate table) under every
+    # fusion rule, in one window and in one-candidate windows (members from earlier windows).
+    layouts = [TokenLayout.tiles(2, 3, (4, 4)) + TokenLayout.grid(4, 4),
+               TokenLayout.grid(5, 5) + TokenLayout.grid(4, 7) + TokenLayout.grid(1, 1),
+               TokenLayout.grid(2, 3, 4) + TokenLayout.tiles(1, 2, (3, 2))]
+    rules = [("weighted", 0.5), ("binarized", 0.3), ("binarized", 0.5), ("binarized", 0.7)]
+    for lay in layouts:
+        n = lay.cells
+        x = torch.randn(3, n, 8, generator=g)
+        x[0, 3] = float("nan")
+        x[1, 5] = 0.0
+        order = torch.stack([torch.randperm(n, generator=g) for _ in range(3)])
+        for fusion, beta in rules:
+            for tr in (0, 1, 2**31 - 1):
+                params = PruneOptions(sim_threshold=0.3, spatial_weight=beta, fusion=fusion,
+                                      radius=1, temporal_radius=tr)
+                want = reference.greedy_mis(reference.similarity_graph(x, order, 4, lay, params),
+                                            order, 4, n // 2)
+                for caps in ({}, {"_WINDOW_FLOATS": 1, "_MIN_WINDOW": 1}):
+                    saved = {name: getattr(cpu_walk, name) for name in caps}
+                    for name, v in caps.items():
+                        setattr(cpu_walk, name, v)
+                    try:
+                        got = cpu_walk.greedy_mis_without_graph(x, order, 4, n // 2, lay, params)
+                    finally:
+                        for name, v in saved.items():
+                            setattr(cpu_walk, name, v)
+                    if not torch.equal(got, want):
+                        failures.append(f"cpu_walk on {lay!r} {fusion} beta={beta} tr={tr} "
+                                        f"{caps}: wrong answer")
+
+    # The resolver called directly with a coordinate table: extreme int32 coordinates (the
+    # differences are taken in int64), and token ids outside the table's N rows refused.
+    n, d, s_ = 6, 2, 3
+    table = torch.tensor([[-2**31, 2**31 - 1, 0], [2**31 - 1, -2**31, 0], [0, 0, 0],
+                          [1, 1, 1], [2**31 - 1, 2**31 - 1, 2**31 - 1], [-2**31] * 3],
+                         dtype=torch.int32)
+    for bad_order, ok in [(torch.arange(n)[None], True), (torch.tensor([[0, 1, 6, 3, 4, 5]]), False),
+                          (torch.tensor([[0, 1, -1, 3, 4, 5]]), False),
+                          (torch.tensor([[0, 1, 2**40, 3, 4, 5]]), False)]:
+        for rule in _C.walk_fusions.values():
+            cos, rows = torch.zeros(1, s_, s_), torch.ones(1, s_, d)
+            members, coords = torch.zeros(1, 4, d), torch.zeros(1, 4, 3, dtype=torch.int64)
+            count, taken = torch.zeros(1, dtype=torch.int64), torch.zeros(1, n, dtype=torch.uint8)
+            pos, image = torch.tensor([[0, 1, 2]]), torch.zeros(1, dtype=torch.int64)
+            try:
+                _C.walk_window_cpu(cos=cos.data_ptr(), rows=rows.data_ptr(), pos=pos.data_ptr(),
+                                   order=bad_order.data_ptr(), image=image.data_ptr(),
+                                   members=members.data_ptr(), coords=coords.data_ptr(),
+                                   count=count.data_ptr(), taken=taken.data_ptr(), batch=1,
+                                   active=1, survivors=s_, dim=d, n_tokens=n, n_pivots=0, m=4,
+                                   grid_t=0, grid_h=0, grid_w=0, radius=2**31 - 1,
+                                   temporal_radius=2**31 - 1, cos_weight=0.5,
+                                   spatial_weight=0.5, threshold=0.3,
+                                   coord_table=table.data_ptr(), fusion=rule)
+                if not ok:
+                    failures.append(f"walk_window_cpu: no error for order {bad_order.tolist()}")
+            except ValueError:
+                if ok:
+                    failures.append(f"walk_window_cpu: error on a valid table call, rule {rule}")
 
 print(f"asan_cases.py: _C from {_C.__file__}")
 if failures:
