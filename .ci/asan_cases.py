@@ -141,7 +141,8 @@ if cpu_walk.available():  # the graph-free walk's C++ window resolver
     table = torch.tensor([[-2**31, 2**31 - 1, 0], [2**31 - 1, -2**31, 0], [0, 0, 0],
                           [1, 1, 1], [2**31 - 1, 2**31 - 1, 2**31 - 1], [-2**31] * 3],
                          dtype=torch.int32)
-    for bad_order, ok in [(torch.arange(n)[None], True), (torch.tensor([[0, 1, 6, 3, 4, 5]]), False),
+    for bad_order, ok in [(torch.arange(n)[None], True),
+                          (torch.tensor([[0, 1, 6, 3, 4, 5]]), False),
                           (torch.tensor([[0, 1, -1, 3, 4, 5]]), False),
                           (torch.tensor([[0, 1, 2**40, 3, 4, 5]]), False)]:
         for rule in _C.walk_fusions.values():

@@ -151,9 +151,10 @@ def greedy_mis_without_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots
 
     tokens: CPU [B, N, D] fp16/bf16/fp32, any strides; order: int64 [B, N], a permutation of
     the tokens per image, best first; grid: (T, H, W) (or (H, W)) with T*H*W = N, or a
-    TokenLayout of N tokens; params: a PruneOptions (fusion "weighted" or "binarized"). stats: a dict to receive "visited" (candidates read, summed over the
-    images), "windows", "gemm_macs" (multiply-adds of both GEMMs), per image "members" and
-    "depth" (candidates the exact walk visits: 1 + position of the m-th member, or C).
+    TokenLayout of N tokens; params: a PruneOptions (fusion "weighted" or "binarized").
+    stats: a dict to receive "visited" (candidates read, summed over the images), "windows",
+    "gemm_macs" (multiply-adds of both GEMMs), per image "members" and "depth" (candidates
+    the exact walk visits: 1 + position of the m-th member, or C).
     """
     b, n, d = tokens.shape
     # What the C++ resolver reads through raw pointers must be host memory of the right type
