@@ -70,7 +70,7 @@ GPU_TESTS = ["tests/test_gpu.py"]
 # every test file with a kernel path a GPU changes (CPU-only files are left out: test_cpu_walk,
 # test_reference, test_prior, test_demo, test_readme, the hf / vLLM / options files)
 SUITE = ["tests/test_varlen.py", "tests/test_attention_kernel.py", "tests/test_mis_kernel.py",
-         "tests/test_memory_safety.py", "tests/test_graph_kernel.py", "tests/test_rank_kernel.py",
+         "tests/test_stages.py", "tests/test_graph_kernel.py", "tests/test_rank_kernel.py",
          "tests/test_scores_kernel.py", "tests/test_prune.py", "tests/test_compile.py"]
 PLANS = {"call1": "env build gpu_tests bench racecheck memcheck suite",
          "call2": "env build synccheck initcheck stages"}

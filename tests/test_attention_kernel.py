@@ -4,15 +4,19 @@ per sample, the padding mask) against each sample's own eager attention on its r
 tokens; then the input checks."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
+import d2pruner_kernels as d2p
 from d2pruner_kernels.attention_scores import attention_scores
-from helpers import DEVICE, ON_GPU
+from d2pruner_kernels.kernels import interpreting
+from helpers import DEVICE, ON_GPU, run_json
 
 RTOL = 1e-5
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -388,3 +392,111 @@ def test_device_mismatch():
     with pytest.raises(ValueError, match=r"key_padding_mask is on meta but q is on"):
         attention_scores(q, k, key_span=(0, 20),
                          key_padding_mask=torch.ones(1, 20, dtype=torch.bool, device="meta"))
+
+
+# -- memory safety: offsets, positions and scales at their limits ------------------------------------------------------------------------
+
+def test_key_offsets_past_2_31_elements():
+    """k a strided view whose row index x row stride passes 2^31 elements (a fused QKV
+    buffer): the row offsets must be 64-bit. On the CPU the buffer is a sparse file mapped
+    in memory (only the rows read take pages)."""
+    got = run_json("""
+        import json, os, tempfile, torch
+        from d2pruner_kernels import attention_scores
+        from d2pruner_kernels.kernels import interpreting
+        L, d, stride = 4, 16, 2**30
+        n = (L - 1) * stride + d
+        if torch.cuda.is_available():
+            buf, backend = torch.zeros(n, dtype=torch.float16, device="cuda"), "kernels"
+        else:
+            fd, path = tempfile.mkstemp()
+            os.ftruncate(fd, 2 * n)
+            os.close(fd)
+            buf = torch.from_file(path, shared=True, size=n, dtype=torch.float16)
+            os.unlink(path)
+            backend = "kernels" if interpreting() else "reference"
+        k = buf.as_strided((1, 1, L, d), (0, 0, stride, 1))
+        g = torch.Generator().manual_seed(0)
+        k.copy_(torch.randn(1, 1, L, d, generator=g).half())
+        q = torch.randn(1, 2, 3, d, generator=g).half().to(buf.device)
+        kc = k.contiguous()
+        out = {}
+        for pos in (None, torch.tensor([0, 2, 3], device=buf.device)):
+            got = attention_scores(q, k, key_span=(1, L), q_positions=pos, backend=backend)
+            want = attention_scores(q, kc, key_span=(1, L), q_positions=pos, backend="reference")
+            out[str(pos is None)] = (got - want).abs().max().item()
+        print(json.dumps(out))
+    """)
+    assert all(v < 1e-4 for v in got.values()), got
+
+
+def _qk_small(seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, 3, 32, generator=g).to(dtype)
+    k = torch.randn(2, 2, 70, 32, generator=g).to(dtype)
+    return q.to(device), k.to(device)
+
+
+def _kernel_backend():
+    if not (ON_GPU or interpreting()):
+        pytest.skip("the Triton kernels need a GPU or the interpreter")
+    return "kernels"
+
+
+@pytest.mark.parametrize("dtype,value", [(torch.int32, 2**31 - 1), (torch.int64, INT64_MAX),
+                                         (torch.int64, 2**40), (torch.int64, INT64_MIN)])
+def test_extreme_q_positions(dtype, value):
+    """INT32_MAX / INT64_MAX made `max(pos) + 1` overflow: pass 1 read no key and the result
+    was unnormalised (sum 42.8 instead of 0.676)."""
+    backend = _kernel_backend()
+    device = "cuda" if ON_GPU else "cpu"
+    q, k = _qk_small(device=device)
+    pos = torch.tensor([value, 5, value], dtype=dtype, device=device)
+    got = d2p.attention_scores(q, k, key_span=(10, 60), q_positions=pos, backend=backend)
+    want = d2p.attention_scores(q, k, key_span=(10, 60), q_positions=pos, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e8, 1e10, 1e20])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_huge_scale_stays_finite(scale, with_lse):
+    """A huge softmax scale still gives probabilities: finite, in [0, 1], row sums <= 1, and
+    the reference's. With a given lse the result is ill-conditioned: exp(scale * <q, k> - lse)
+    moves by e^(+-50) with one ulp of a 1e9 logit, and the kernel, cuBLAS and the reference
+    (float64 logits rounded, on CUDA) each round the dot in their own order. So the
+    comparison takes its lse from the very logits both sides compute: inputs on a 1/8 grid
+    (every product and partial sum exact in float32, in any order: MMA, FMA, the
+    interpreter), the scale the power of two nearest `scale` (scale * <q, k> exact too, an
+    FMA contraction changes nothing), one largest logit per row, the lse in float64. On
+    random inputs with an lse from float64 logits only the bounds are checked."""
+    import math
+    backend = _kernel_backend()
+    device = "cuda" if ON_GPU else "cpu"
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float16):
+        q, k = _qk_small(seed=3, dtype=dtype, device=device)
+        if with_lse:
+            q8 = (torch.randint(-8, 9, q.shape, generator=g) / 8).to(device, dtype)
+            k8 = (torch.randint(-8, 9, k.shape, generator=g) / 8).to(device, dtype)
+            exact = 2.0 ** round(math.log2(scale))
+            logits = (q8.double() @ k8.double().repeat_interleave(2, 1).transpose(-1, -2)) * exact
+            assert torch.equal(logits.float().double(), logits)  # exact in float32
+            top2 = logits.topk(2, dim=-1).values
+            assert (top2[..., 0] > top2[..., 1]).all(), "ties at the top: sums would exceed 1"
+            lse8 = torch.logsumexp(logits, dim=-1).float()
+            kw8 = dict(key_span=(5, 60), scale=exact, lse=lse8)
+            got = d2p.attention_scores(q8, k8, backend=backend, **kw8)
+            torch.testing.assert_close(got, d2p.attention_scores(q8, k8, backend="reference", **kw8),
+                                       rtol=1e-4, atol=1e-5)
+            assert got.sum() > 0  # some largest logit lies in the span: not all zeros
+            # random inputs: bounds only (whatever the kernel's rounding, p = 2^min(e2, 0))
+            lse = torch.logsumexp((q.double() @ k.double().repeat_interleave(2, 1)
+                                   .transpose(-1, -2)) * scale, dim=-1).float()
+        else:
+            lse = None
+        got = d2p.attention_scores(q, k, key_span=(5, 60), scale=scale, lse=lse, backend=backend)
+        assert torch.isfinite(got).all() and (got >= 0).all() and (got <= 1).all()
+        assert (got.sum(1) <= 1 + 1e-5).all()
+        if lse is None:
+            want = d2p.attention_scores(q, k, key_span=(5, 60), scale=scale, backend="reference")
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -2,6 +2,7 @@
 calibration command line."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -10,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import d2pruner_kernels as d2p
 from d2pruner_kernels import prune
 from d2pruner_kernels.calibrate import main as calibrate_main
 from d2pruner_kernels.prior import PositionalPrior
+from helpers import run_json
 
 
 def _maps(*shape, seed=0, lo=0.05):
@@ -295,3 +298,94 @@ def test_compile_fullgraph_with_a_prior_object_cold():
     prior.update(_maps(40, 48, seed=7) * 50)  # new data: the compiled call follows it
     assert torch.equal(compiled(tokens, attn),
                        prune(tokens, attn, (6, 8), 12, prior=prior.as_tensor()))
+
+
+# -- PositionalPrior.load on malformed files ------------------------------------------------------------------
+
+def _prior_file(path, mean=None, **meta):
+    base = {"format": "d2pruner-positional-prior", "version": "1", "grid": "4,6",
+            "count": "3", "model": "", "layer": "", "query": "", "transforms": ""}
+    base.update(meta)
+    tensors = {"mean": torch.rand(24, dtype=torch.float64) + 0.5 if mean is None else mean}
+    save_file(tensors, str(path), metadata={k: v for k, v in base.items() if v is not None})
+    return path
+
+
+def test_a_huge_grid_is_refused_before_allocating(tmp_path):
+    path = _prior_file(tmp_path / "huge.safetensors", grid="20000,20000")
+    assert path.stat().st_size < 1000
+    got = run_json(f"""
+        import json, resource
+        from d2pruner_kernels.prior import PositionalPrior
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            PositionalPrior.load({str(path)!r})
+            err = None
+        except Exception as e:
+            err = [type(e).__name__, str(e)]
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print(json.dumps([err, grown // 1024]))
+    """)
+    (err, grown_mb) = got
+    assert err[0] == "ValueError" and str(path) in err[1] and "grid" in err[1], err
+    assert grown_mb < 200, f"load allocated {grown_mb} MB for a {path.stat().st_size}-byte file"
+
+
+@pytest.mark.parametrize("meta,field", [
+    (dict(grid="1000000,1000000"), "grid"),   # was the allocator's RuntimeError
+    (dict(grid="5"), "grid"),                 # was TypeError
+    (dict(grid="0,24"), "grid"),              # was ValueError without the path
+    (dict(grid="4,6,1,1"), "grid"),
+    (dict(grid="4, 6"), "grid"),
+    (dict(grid="-4,-6"), "grid"),
+    (dict(grid="4,x"), "grid"),
+    (dict(grid="9" * 5000 + ",1"), "grid"),
+    (dict(grid="3,6"), "grid"),               # 18 cells, the tensor has 24
+    (dict(grid=None), "grid"),
+    (dict(count="-1"), "count"),              # loaded, then update() divided by zero
+    (dict(count="0"), "count"),
+    (dict(count="1.5"), "count"),
+    (dict(count=None), "count"),
+    (dict(layer="one"), "layer"),
+    (dict(version="2"), "version"),
+])
+def test_malformed_metadata_names_the_path_and_the_field(tmp_path, meta, field):
+    path = _prior_file(tmp_path / "p.safetensors", **meta)
+    with pytest.raises(ValueError) as info:
+        PositionalPrior.load(path)
+    assert str(path) in str(info.value) and field in str(info.value), info.value
+
+
+@pytest.mark.parametrize("tensors,field", [
+    ({"mean": torch.rand(24, dtype=torch.float64) + 1, "extra": torch.zeros(3)}, "tensors"),
+    ({"mean": torch.rand(24) + 1}, "mean"),                        # float32
+    ({"mean": torch.rand(4, 6, dtype=torch.float64) + 1}, "mean"),  # 2-D
+    ({"mean": -torch.rand(24, dtype=torch.float64)}, "mean"),       # not positive
+    ({"mean": torch.full((24,), float("nan"), dtype=torch.float64)}, "mean"),
+])
+def test_malformed_tensors_name_the_path_and_the_field(tmp_path, tensors, field):
+    path = tmp_path / "p.safetensors"
+    save_file(tensors, str(path), metadata={"format": "d2pruner-positional-prior",
+                                            "version": "1", "grid": "4,6", "count": "3"})
+    with pytest.raises(ValueError) as info:
+        PositionalPrior.load(path)
+    assert str(path) in str(info.value) and field in str(info.value), info.value
+
+
+def test_a_good_file_still_loads(tmp_path):
+    prior = PositionalPrior((2, 3, 4), layer=-1).update(torch.rand(5, 24) + 0.1)
+    prior.save(tmp_path / "p.safetensors")
+    back = PositionalPrior.load(tmp_path / "p.safetensors", expected_grid=(2, 3, 4))
+    assert back.count == 5 and back.layer == -1 and torch.equal(back.mean, prior.mean)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # atomic save
+
+
+def test_as_tensor_hands_out_a_copy():
+    X = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(5))
+    A = torch.rand(2, 3, 16, generator=torch.Generator().manual_seed(6)) + 0.01
+    prior = PositionalPrior((4, 4)).update(torch.rand(3, 16) + 0.2)
+    want = d2p.prune(X, A, (4, 4), 6, prior=prior.mean.float())
+    t = prior.as_tensor()
+    t.fill_(-1.0)  # an in-place edit of what as_tensor() returned...
+    assert torch.equal(d2p.prune(X, A, (4, 4), 6, prior=prior), want)  # ...changes nothing
+    assert (prior.as_tensor() > 0).all()

@@ -1,12 +1,14 @@
 """prune(): the API contract, the error contract, and kernels == reference end to end."""
 
+import numpy as np
 import pytest
 import torch
 
 import d2pruner_kernels as d2p
 from d2pruner_kernels import prune
 from d2pruner_kernels.checks import pivot_count, resolve_k
-from helpers import DEVICE, band_free, clustered_tokens, distinct_attention
+from d2pruner_kernels.kernels import interpreting
+from helpers import DEVICE, ON_GPU, band_free, clustered_tokens, distinct_attention
 
 from d2pruner_kernels.reference import walk_depths as depths
 
@@ -157,7 +159,7 @@ def test_a_positional_prior_object_is_used_once_per_device():
     out = prune(X, A, GRID, 10, prior=prior)
     assert torch.equal(out, prune(X, A, GRID, 10, prior=prior.as_tensor()))
     # prune() uses one cached copy per device (no copy per call); as_tensor() hands out a
-    # fresh tensor, so editing it cannot change the cached one (tests/test_memory_safety.py)
+    # fresh tensor, so editing it cannot change the cached one (tests/test_prior.py)
     assert prior._device_tensor() is prior._device_tensor()
     assert prior.as_tensor() is not prior._device_tensor()
     cached = prior._device_tensor()
@@ -287,3 +289,61 @@ def test_lazy_prefix_really_splits(monkeypatch):
     done = torch.full((2,), -1, dtype=torch.int32, device=DEVICE)
     mis.greedy_mis(rows.adj, rows.order, 5, 20, rows_ready=64, done=done)
     assert done.tolist() == [1, 0]
+
+
+# -- small inputs at the edges of the contract (docs/spec.md §9)
+
+XS = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(5))
+AS = torch.rand(2, 3, 16, generator=torch.Generator().manual_seed(6)) + 0.01
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto", "kernels"])
+def test_a_huge_radius_means_the_whole_grid(backend):
+    if backend == "kernels" and not (ON_GPU or interpreting()):
+        pytest.skip("the Triton kernels need a GPU or the interpreter")
+    x, a = XS.to("cuda" if ON_GPU else "cpu"), AS.to("cuda" if ON_GPU else "cpu")
+    kw = dict(spatial_weight=0.5, sim_threshold=0.6, pivot_ratio=0.2, backend=backend)
+    want = d2p.prune(x, a, (4, 4), 8, radius=4, temporal_radius=4, **kw)
+    for r in (2**31, 2**63, 2**70):
+        assert torch.equal(d2p.prune(x, a, (4, 4), 8, radius=r, temporal_radius=r, **kw), want)
+    assert d2p.PruneOptions(radius=2**70).radius == 2**31 - 1
+    order = torch.arange(16)[None].expand(2, -1).contiguous().to(x.device)
+    g = d2p.similarity_graph(x, order, 3, (4, 4), radius=2**70, spatial_weight=0.5, backend=backend)
+    assert torch.equal(g, d2p.similarity_graph(x, order, 3, (4, 4), radius=4,
+                                               spatial_weight=0.5, backend=backend))
+
+
+def test_an_unbatched_call_takes_a_one_row_prior():
+    prior = torch.rand(16, generator=torch.Generator().manual_seed(2)) + 0.5
+    want = d2p.prune(XS[0], AS[0], (4, 4), 6, prior=prior)
+    assert torch.equal(d2p.prune(XS[0], AS[0], (4, 4), 6, prior=prior[None]), want)
+    with pytest.raises(ValueError, match=r"prior has batch 2 but tokens has B=1"):
+        d2p.prune(XS[0], AS[0], (4, 4), 6, prior=prior.expand(2, -1))
+
+
+def test_check_finite_takes_a_numpy_bool():
+    want = d2p.prune(XS, AS, (4, 4), 6)
+    assert torch.equal(d2p.prune(XS, AS, (4, 4), 6, check_finite=np.bool_(True)), want)
+    assert torch.equal(d2p.prune(XS, AS, (4, 4), 6, check_finite=np.bool_(False)), want)
+    with pytest.raises(TypeError, match=r"check_finite must be a bool, got numpy.int64 1"):
+        d2p.prune(XS, AS, (4, 4), 6, check_finite=np.int64(1))
+
+
+@pytest.mark.parametrize("what", ["tokens", "attn", "prior", "graph tokens", "q", "k"])
+def test_sparse_tensors_are_refused_at_the_check(what):
+    sparse = lambda t: t.to_sparse()  # noqa: E731
+    prior = torch.rand(16) + 0.5
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 12, 8)
+    calls = {
+        "tokens": lambda: d2p.prune(sparse(XS), AS, (4, 4), 6),
+        "attn": lambda: d2p.prune(XS, sparse(AS), (4, 4), 6),
+        "prior": lambda: d2p.prune(XS, AS, (4, 4), 6, prior=sparse(prior)),
+        "graph tokens": lambda: d2p.similarity_graph(sparse(XS), torch.arange(16)[None].expand(2, -1),
+                                                     0, (4, 4), backend="reference"),
+        "q": lambda: d2p.attention_scores(sparse(q), k, key_span=(0, 4), backend="reference"),
+        "k": lambda: d2p.attention_scores(q, sparse(k), key_span=(0, 4), backend="reference"),
+    }
+    name = what.split()[-1]
+    with pytest.raises(ValueError, match=rf"{name} must be a dense \(strided\) tensor"):
+        calls[what]()
+
