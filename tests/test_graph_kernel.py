@@ -1,4 +1,6 @@
 """Triton hybrid-graph kernel == reference edges, bit for bit outside the parity band."""
+import math
+
 import pytest
 import torch
 
@@ -165,3 +167,135 @@ def test_spare_words_are_never_read(n):
     for k in (30, n // 2, n):
         want = d2p.greedy_mis(adj, order, 0, k, backend="reference")
         assert torch.equal(mis.greedy_mis(poisoned, order, 0, k), want)
+
+
+# -- TokenLayouts and the binarized fusion (issue 23): the kernels' own table / FUSION ------
+
+from d2pruner_kernels.token_layout import TokenLayout  # noqa: E402
+
+LAYOUTS = {
+    "tiles+thumb": TokenLayout.tiles(2, 3, tile=(3, 4)) + TokenLayout.grid(3, 4),   # 84
+    "base+newlines": TokenLayout.grid(5, 5) + TokenLayout.grid(6, 7 + 1),           # 73
+    "pieces": TokenLayout.grid(2, 3, 4) + TokenLayout.tiles(1, 2, tile=(2, 3))
+    + TokenLayout.grid(1, 1) + TokenLayout.grid(3, 5),                              # 52
+}
+
+
+def band_for(tokens, order, n_p, grid, theta, beta, fusion, radius, temporal_radius):
+    """The pairs whose edge two correct backends may decide differently: the fused
+    similarity near theta (weighted); the cosine near theta where the binarized rule reads
+    it (beta <= 0.5), none where it does not."""
+    if fusion == "binarized":
+        if beta > 0.5:
+            c = order.shape[1] - n_p
+            return torch.zeros(tokens.shape[0], c, c, dtype=torch.bool, device=tokens.device)
+        beta = 0.0
+    return in_band(tokens, order, n_p, grid, theta, beta, radius, temporal_radius)
+
+
+def compare_kernel(tokens, order, n_p, grid, theta=0.8, beta=0.0, radius=2, temporal_radius=1,
+                   fusion="weighted", config=None):
+    """The kernel module itself and the public stage on backend='kernels' == the reference."""
+    from d2pruner_kernels.kernels import graph
+    kw = dict(sim_threshold=theta, spatial_weight=beta, radius=radius,
+              temporal_radius=temporal_radius, fusion=fusion)
+    g = grid if isinstance(grid, TokenLayout) else as_3d(grid)
+    got = graph.similarity_graph(tokens, order, n_p, g, PruneOptions(**kw), config=config)
+    public = d2p.similarity_graph(tokens, order, n_p, grid, backend="kernels", **kw)
+    want = d2p.similarity_graph(tokens, order, n_p, grid, backend="reference", **kw)
+    c = order.shape[1] - n_p
+    band = band_for(tokens, order, n_p, g, theta, beta, fusion, radius, temporal_radius)
+    edges = assert_edges_match(got, want, c, band)
+    assert torch.equal(layout.unpack_lower(public, c), edges)
+    return edges
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("temporal_radius", [0, 1, 10**9])
+def test_layout_edges_match_reference(dtype, name, temporal_radius):
+    lay = LAYOUTS[name]
+    x, order = inputs(2, lay.cells, 24, dtype, seed=lay.cells + temporal_radius % 7)
+    edges = compare_kernel(x, order, lay.cells // 6, lay, beta=0.5, radius=1,
+                           temporal_radius=temporal_radius)
+    assert edges.any()
+
+
+def test_layout_edges_cross_tile_borders_not_pieces():
+    """Identical tokens: every edge is a spatial one (beta = 1, theta = 0.9). Token 3 (tile
+    0's row 0, last column) and token 12 (tile 1's row 0, first column) are neighbours in
+    the stitched picture; no token of the mosaic neighbours the thumbnail's."""
+    lay = TokenLayout.tiles(1, 2, tile=(3, 4)) + TokenLayout.grid(3, 4)
+    x = torch.ones(1, 36, 8, device=DEVICE)
+    order = torch.arange(36, device=DEVICE)[None]
+    e = compare_kernel(x, order, 0, lay, theta=0.9, beta=1.0, radius=1)[0]
+    e = e | e.T
+    assert e[3, 12] and e[7, 16] and not e[3, 16 + 4]
+    assert not e[:24, 24:].any() and e[24, 25]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 0.7, 1.0])
+@pytest.mark.parametrize("grid", [(9, 10), (3, 5, 6), "tiles+thumb"])
+def test_binarized_edges_match_reference(dtype, beta, grid):
+    grid = LAYOUTS.get(grid, grid)
+    n = grid.cells if isinstance(grid, TokenLayout) else math.prod(grid)
+    x, order = inputs(2, n, 20, dtype, seed=n + int(10 * beta))
+    edges = compare_kernel(x, order, 7, grid, theta=0.8, beta=beta, radius=1,
+                           fusion="binarized")
+    assert edges.any()
+
+
+def test_binarized_reads_cos_above_theta_not_at_it():
+    """cos == theta exactly is an edge for the weighted rule at beta = 0 (>=), not for the
+    binarized rule (>); a NaN cosine is never above theta, and near alone (beta > 0.5)
+    ignores it."""
+    x = torch.zeros(1, 4, 4, device=DEVICE)
+    x[0, 0, 0] = x[0, 1, 0] = 1.0          # cos(0, 1) = 1
+    x[0, 2, 1] = 1.0
+    x[0, 3, 2] = float("nan")
+    order = torch.arange(4, device=DEVICE)[None]
+    from d2pruner_kernels.kernels import graph
+    for beta, fusion, want in [(0.0, "weighted", True), (0.0, "binarized", False),
+                               (0.7, "binarized", True)]:
+        e = layout.unpack_lower(graph.similarity_graph(
+            x, order, 0, (1, 1, 4), PruneOptions(sim_threshold=1.0, spatial_weight=beta,
+                                                 radius=1, fusion=fusion)), 4)[0]
+        assert bool(e[1, 0]) == want, (beta, fusion)
+        assert bool(e[3, 2]) == (beta > 0.5), (beta, fusion)  # NaN token 3, neighbour 2
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("fusion", ["weighted", "binarized"])
+def test_layout_split_k_and_one_program_agree(splits, fusion):
+    """The layout and fusion switches live in the shared epilogue: split-K launches and a
+    program adding its slices give the reference's edges, and each other's bit for bit."""
+    from d2pruner_kernels.kernels import graph
+    lay = LAYOUTS["base+newlines"]
+    x, order = inputs(2, lay.cells, 70, torch.float16, seed=11)
+    cfg = dict(graph.default_config(x.dtype, 70), BLOCK_K=16, SPLITS=splits)
+    a, b = (compare_kernel(x, order, 9, lay, beta=0.5, radius=1, fusion=fusion,
+                           config=dict(cfg, SPLIT_LAUNCH=launch)) for launch in (True, False))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fusion,beta", [("weighted", 0.4), ("binarized", 0.5)])
+def test_layout_lazy_row_ranges_equal_the_whole_graph(monkeypatch, fusion, beta):
+    """kept_ids in two row ranges (a prefix, then the rest) with a layout == the
+    reference's selection (lazy_graph.py)."""
+    from d2pruner_kernels.kernels import lazy_graph, rank
+    monkeypatch.setattr(lazy_graph, "PREFIX_MIN", 64)
+    monkeypatch.setattr(lazy_graph, "PREFIX_PER_MEMBER", 1)
+    lay = TokenLayout.tiles(3, 4, tile=(4, 4)) + TokenLayout.grid(4, 4)   # 208 tokens
+    x, order = inputs(2, lay.cells, 32, torch.float32, seed=5, clusters=30)
+    opts = PruneOptions(spatial_weight=beta, radius=1, fusion=fusion)
+    k, n_p = 20, 4
+    norms = rank.rank_and_norms(None, x)[1]
+    assert len(lazy_graph.row_ranges(lay.cells - n_p, k - n_p, 64)) == 2
+    got = lazy_graph.kept_ids(x, order, norms, n_p, k, lay, opts)
+    adj = d2p.similarity_graph(x, order, n_p, lay, backend="reference", options=opts)
+    want = d2p.greedy_mis(adj, order, n_p, k, backend="reference")
+    # outside the band (checked): the same edges, so the same selection
+    band = band_for(x, order, n_p, lay, 0.8, beta, fusion, 1, 1)
+    assert not band.any()
+    assert torch.equal(got, want)

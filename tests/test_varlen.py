@@ -646,3 +646,116 @@ def test_first_use_inside_a_capture_fails_clearly_and_leaves_the_stream_usable(k
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)
+
+
+# -- TokenLayouts and the binarized fusion on the fused path (issue 23) ----------------------
+
+from d2pruner_kernels.token_layout import TokenLayout  # noqa: E402
+
+LAYOUT_MIX = [TokenLayout.tiles(2, 2, tile=(3, 4)) + TokenLayout.grid(3, 4),   # tiles + thumb
+              (5, 6),
+              TokenLayout.grid(4, 4) + TokenLayout.grid(3, 5 + 1),            # base + newlines
+              (2, 3, 4),
+              TokenLayout.grid(2, 2, 3) + TokenLayout.grid(1, 1) + TokenLayout.grid(2, 5)]
+
+
+def packed_any(grids, d, heads, seed, dtype=torch.float32, clusters=5):
+    """`packed` for grids and TokenLayouts alike."""
+    return packed([(g.cells,) if isinstance(g, TokenLayout) else g for g in grids], d, heads,
+                  seed, dtype, clusters)
+
+
+def layout_check(kernels_varlen, monkeypatch, x, a, cu, grids, ks, ranges=None, **options):
+    """prune_varlen(backend='kernels') runs the fused path (one prune_ragged call, with a
+    coordinate table) and equals each image's prune() on the kernels backend."""
+    calls, prune_ragged = [], kernels_varlen.prune_ragged
+    monkeypatch.setattr(kernels_varlen, "prune_ragged",
+                        lambda *args: calls.append(1) or prune_ragged(*args))
+    keep, cu_keep = prune_varlen(x, a, cu, grids, ks, backend="kernels", **options)
+    assert calls == [1]
+    plan = next(reversed(kernels_varlen._cache.values()))
+    assert plan.coords is not None and plan.coords.shape == (x.shape[0], 3)
+    if ranges is not None:
+        assert plan.ranges == ranges
+    want = per_image(x, a, cu, grids, ks, backend="kernels", **options)
+    for b, w in enumerate(want):
+        assert torch.equal(keep[cu_keep[b]:cu_keep[b + 1]], w), b
+    return keep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("temporal_radius", [0, 1, 10**9])
+def test_fused_layouts_among_grids(monkeypatch, kernels_varlen, dtype, temporal_radius):
+    x, a, cu = packed_any(LAYOUT_MIX, 24, 3, seed=40 + temporal_radius % 5, dtype=dtype)
+    ks = [9, 30, 14, 1, 16]
+    layout_check(kernels_varlen, monkeypatch, x, a, cu, LAYOUT_MIX, ks, ranges=1,
+                 spatial_weight=0.5, radius=1, temporal_radius=temporal_radius,
+                 sim_threshold=0.7)
+
+
+@pytest.mark.parametrize("beta", [0.3, 0.5, 0.7])
+def test_fused_binarized_on_layouts_and_grids(monkeypatch, kernels_varlen, beta):
+    x, a, cu = packed_any(LAYOUT_MIX, 16, 2, seed=41)
+    ks = [12, 8, 20, 5, 11]
+    layout_check(kernels_varlen, monkeypatch, x, a, cu, LAYOUT_MIX, ks, spatial_weight=beta,
+                 radius=1, fusion="binarized")
+
+
+@pytest.mark.parametrize("fusion", ["weighted", "binarized"])
+def test_fused_layout_in_two_row_ranges(monkeypatch, kernels_varlen, fusion):
+    """A 13-piece-like mosaic (3 x 4 tiles + thumbnail, 208 tokens) with a small budget:
+    its graph takes the lazy prefix on the CPU (two row ranges, the second skipping the
+    images already settled)."""
+    grids = [TokenLayout.tiles(3, 4, tile=(4, 4)) + TokenLayout.grid(4, 4), (6, 7),
+             TokenLayout.grid(5, 5) + TokenLayout.grid(8, 9 + 1)]
+    x, a, cu = packed_any(grids, 16, 2, seed=42, clusters=30)
+    ks = [12, 20, 15]
+    layout_check(kernels_varlen, monkeypatch, x, a, cu, grids, ks,
+                 ranges=2 if DEVICE.type == "cpu" else None, spatial_weight=0.5, radius=1,
+                 fusion=fusion)
+
+
+@pytest.mark.parametrize("fusion,beta", [("weighted", 0.5), ("binarized", 0.3),
+                                         ("binarized", 0.5)])
+def test_fused_layouts_equal_the_reference_on_band_free_inputs(kernels_varlen, fusion, beta):
+    """Against the plain-torch reference, each image drawn outside the parity band (the
+    binarized rule reads the cosine alone: its band is the cosine's)."""
+    from d2pruner_kernels.testing import band_free
+    grids, ks = [LAYOUT_MIX[0], (6, 7), LAYOUT_MIX[2]], [9, 14, 20]
+    xs, attns = [], []
+    for i, (grid, k) in enumerate(zip(grids, ks)):
+        n = grid.cells if isinstance(grid, TokenLayout) else math.prod(grid)
+
+        def draw(t, n=n, i=i):
+            g = torch.Generator().manual_seed(300 * i + t)
+            return (clustered_tokens(1, n, 16, generator=g),
+                    distinct_attention(1, 2, n, generator=g), None)
+        x, a, _ = band_free(draw, pivot_count(0.7, k), grid,
+                            beta=0.0 if fusion == "binarized" else beta, radius=1)
+        xs.append(x[0])
+        attns.append(a[0])
+    x, a = torch.cat(xs).to(DEVICE), torch.cat(attns, dim=1).to(DEVICE)
+    cu = torch.tensor([0] + [int(t.shape[0]) for t in xs]).cumsum(0)
+    opts = dict(spatial_weight=beta, radius=1, fusion=fusion)
+    keep, _ = prune_varlen(x, a, cu, grids, ks, backend="kernels", **opts)
+    assert torch.equal(keep, torch.cat(per_image(x, a, cu, grids, ks, backend="reference",
+                                                 **opts)))
+
+
+def test_plans_of_layouts_are_keyed_by_the_temporal_radius(kernels_varlen):
+    """A layout's coordinate table depends on the temporal radius (TokenLayout.coords): two
+    radii, two plans; grids alone share one plan whatever the radius."""
+    x, a, cu = packed_any(LAYOUT_MIX, 8, 1, seed=43)
+    for tr in (0, 1):
+        prune_varlen(x, a, cu, LAYOUT_MIX, 0.3, spatial_weight=0.5, temporal_radius=tr,
+                     backend="kernels")
+    radii = sorted(p.table[0][:, kernels_varlen.ragged.TEMPORAL_RADIUS].tolist()[4]
+                   for p in kernels_varlen._cache.values())
+    assert len(kernels_varlen._cache) == 2 and radii == [0, 1]
+    kernels_varlen._cache.clear()
+    grids = [(4, 5), (2, 3, 3)]
+    x, a, cu = packed(grids, 8, 1, seed=44)
+    for tr in (0, 1):
+        prune_varlen(x, a, cu, grids, 0.3, temporal_radius=tr, backend="kernels")
+    (plan,) = kernels_varlen._cache.values()
+    assert plan.coords is None

@@ -4,7 +4,9 @@ For candidates i, j (rank positions among the non-pivots, token ids t_i = order[
 
     cos_ij = <x_i, x_j> / (max(|x_i|, 1e-12) * max(|x_j|, 1e-12))
     sp_ij  = max(|dy|, |dx|) <= radius  and  |dt| <= temporal_radius   on the (T, H, W) grid
+             (a TokenLayout: on its (t', y, x) table, TokenLayout.coords; COORDS)
     f_ij   = (1 - beta) * cos_ij + beta * sp_ij;   edge iff f_ij >= theta and j < i
+             (fusion="binarized", FUSION 1 / 2: cos_ij > theta [and sp_ij], or sp_ij alone)
 
 One program per BLOCK x BLOCK tile of the strict lower triangle: the raw dot products run
 on the tensor cores in the input dtype with float32 sums, never tf32 (`dot.dot_fp32_acc`),
@@ -17,6 +19,7 @@ image's tiles, each image's sizes from the ragged table (kernels/ragged.py).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import triton
@@ -26,6 +29,7 @@ import torch
 
 from ..layout import num_words
 from ..options import DEFAULTS, PruneOptions
+from ..token_layout import TokenLayout
 from . import cdiv, interpreting, launch_device, next_pow2, sm_count
 from . import ragged_jit
 from .dot import dot_fp32_acc, upcast
@@ -81,25 +85,46 @@ def _slice_dots(xi, xj, k_lo, k_hi, offs_k, row_ok, col_ok, BLOCK: tl.constexpr,
 
 @triton.jit
 def _store_edges(acc, norm_img, adj_img, row0, ti, tj, rows, cols, row_ok, col_ok, col_block,
-                 n_words, grid_h, grid_w, radius, temporal_radius, cos_weight, spatial_weight,
-                 sim_threshold, BLOCK: tl.constexpr, SPATIAL: tl.constexpr,
-                 SUM_BITS: tl.constexpr):
+                 n_words, grid_h, grid_w, coord_img, radius, temporal_radius, cos_weight,
+                 spatial_weight, sim_threshold, BLOCK: tl.constexpr, SPATIAL: tl.constexpr,
+                 COORDS: tl.constexpr, FUSION: tl.constexpr, SUM_BITS: tl.constexpr):
     """The epilogue: cosine, spatial term, threshold, then 32 columns -> one int32 word,
     stored in row row0 + i of adj_img (the image's packed [C, n_words] adjacency, or the
-    batch's with row0 = b * C)."""
+    batch's with row0 = b * C). COORDS: a token's (t', y, x) from coord_img (int32 [N, 3],
+    TokenLayout.coords), else from the (T, H, W) grid. FUSION (`fusion_flags`): 0 the
+    weighted sum >= theta; 1 cos > theta (and near with SPATIAL); 2 near alone."""
     ni = tl.maximum(tl.load(norm_img + ti, mask=row_ok, other=1.0), 1e-12)
     nj = tl.maximum(tl.load(norm_img + tj, mask=col_ok, other=1.0), 1e-12)
     cos = acc / ni[:, None] / nj[None, :]
     if SPATIAL:
-        hw = grid_h * grid_w  # token ids in [0, N), int32: the grid arithmetic in 32 bits
-        dy = tl.abs((ti // grid_w % grid_h)[:, None] - (tj // grid_w % grid_h)[None, :])
-        dx = tl.abs((ti % grid_w)[:, None] - (tj % grid_w)[None, :])
-        dt = tl.abs((ti // hw)[:, None] - (tj // hw)[None, :])
+        if COORDS:  # the layout's table: 3 int32 per token (ids < N: 32-bit offsets)
+            ci = coord_img + ti * 3
+            cj = coord_img + tj * 3
+            dt = tl.abs(tl.load(ci, mask=row_ok, other=0)[:, None]
+                        - tl.load(cj, mask=col_ok, other=0)[None, :])
+            dy = tl.abs(tl.load(ci + 1, mask=row_ok, other=0)[:, None]
+                        - tl.load(cj + 1, mask=col_ok, other=0)[None, :])
+            dx = tl.abs(tl.load(ci + 2, mask=row_ok, other=0)[:, None]
+                        - tl.load(cj + 2, mask=col_ok, other=0)[None, :])
+        else:
+            hw = grid_h * grid_w  # token ids in [0, N), int32: the grid arithmetic in 32 bits
+            dy = tl.abs((ti // grid_w % grid_h)[:, None] - (tj // grid_w % grid_h)[None, :])
+            dx = tl.abs((ti % grid_w)[:, None] - (tj % grid_w)[None, :])
+            dt = tl.abs((ti // hw)[:, None] - (tj // hw)[None, :])
         near = (dy <= radius) & (dx <= radius) & (dt <= temporal_radius)
-        f = cos_weight * cos + spatial_weight * near.to(tl.float32)
-    else:  # beta = 0: f = 1 * cos + 0 * sp is cos itself (NaN stays NaN), no grid work
-        f = cos
-    edge = (f >= sim_threshold) & (cols[None, :] < rows[:, None]) & col_ok[None, :]
+    if FUSION == 0:  # weighted
+        if SPATIAL:
+            f = cos_weight * cos + spatial_weight * near.to(tl.float32)
+        else:  # beta = 0: f = 1 * cos + 0 * sp is cos itself (NaN stays NaN), no grid work
+            f = cos
+        edge = f >= sim_threshold
+    elif FUSION == 1:  # binarized, beta <= 0.5: a NaN cosine is not > theta
+        edge = cos > sim_threshold
+        if SPATIAL:  # beta = 0.5
+            edge = edge & near
+    else:  # binarized, beta > 0.5
+        edge = near
+    edge = edge & (cols[None, :] < rows[:, None]) & col_ok[None, :]
     shifts = tl.arange(0, 32)
     bits = tl.reshape(edge.to(tl.int32), [BLOCK, BLOCK // 32, 32]) << shifts[None, None, :]
     if SUM_BITS:  # the interpreter: a sum (the bits are disjoint: no carry, the same word)
@@ -124,10 +149,11 @@ def _store_edges(acc, norm_img, adj_img, row0, ti, tj, rows, cols, row_ok, col_o
 @triton.jit
 def _graph_kernel(x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, N, C, row_end, D, n_pivots,
                   row_block_start, slice_len, stride_xb, stride_xn, stride_nb, stride_ob,
-                  n_words, grid_h, grid_w, radius, temporal_radius, cos_weight,
+                  n_words, grid_h, grid_w, coord_ptr, radius, temporal_radius, cos_weight,
                   spatial_weight, sim_threshold, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
                   EVEN_K: tl.constexpr, UPCAST: tl.constexpr, HAS_SKIP: tl.constexpr,
-                  SPATIAL: tl.constexpr, SPLITS: tl.constexpr, SUM_BITS: tl.constexpr):
+                  SPATIAL: tl.constexpr, COORDS: tl.constexpr, FUSION: tl.constexpr,
+                  SPLITS: tl.constexpr, SUM_BITS: tl.constexpr):
     col_block = tl.program_id(0)
     row_block = row_block_start + tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -151,8 +177,9 @@ def _graph_kernel(x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, N, C, row_end, 
         else:
             acc += part
     _store_edges(acc, norm_ptr + b * stride_nb, adj_ptr, b * C, ti, tj, rows, cols, row_ok,
-                 col_ok, col_block, n_words, grid_h, grid_w, radius, temporal_radius,
-                 cos_weight, spatial_weight, sim_threshold, BLOCK, SPATIAL, SUM_BITS)
+                 col_ok, col_block, n_words, grid_h, grid_w, coord_ptr, radius,
+                 temporal_radius, cos_weight, spatial_weight, sim_threshold, BLOCK, SPATIAL,
+                 COORDS, FUSION, SUM_BITS)
 
 
 @triton.jit
@@ -190,9 +217,10 @@ def _slice_kernel(x_ptr, order_ptr, skip_ptr, ws_ptr, N, C, row_end, D, n_pivots
 @triton.jit
 def _sum_slices_kernel(norm_ptr, order_ptr, adj_ptr, skip_ptr, ws_ptr, N, C, row_end,
                        n_pivots, row_block_start, n_tiles, stride_nb, stride_ob, n_words,
-                       grid_h, grid_w, radius, temporal_radius, cos_weight, spatial_weight,
-                       sim_threshold, BLOCK: tl.constexpr, HAS_SKIP: tl.constexpr,
-                       SPATIAL: tl.constexpr, SPLITS: tl.constexpr, SUM_BITS: tl.constexpr):
+                       grid_h, grid_w, coord_ptr, radius, temporal_radius, cos_weight,
+                       spatial_weight, sim_threshold, BLOCK: tl.constexpr,
+                       HAS_SKIP: tl.constexpr, SPATIAL: tl.constexpr, COORDS: tl.constexpr,
+                       FUSION: tl.constexpr, SPLITS: tl.constexpr, SUM_BITS: tl.constexpr):
     """Split-K, second launch: a tile's slices added in slice order, then the epilogue."""
     col_block = tl.program_id(0)
     row_block = row_block_start + tl.program_id(1)
@@ -211,23 +239,28 @@ def _sum_slices_kernel(norm_ptr, order_ptr, adj_ptr, skip_ptr, ws_ptr, N, C, row
         slot = (b * SPLITS + s) * n_tiles + tile
         acc += tl.load(ws_ptr + slot * (BLOCK * BLOCK) + in_tile)
     _store_edges(acc, norm_ptr + b * stride_nb, adj_ptr, b * C, ti, tj, rows, cols, row_ok,
-                 col_ok, col_block, n_words, grid_h, grid_w, radius, temporal_radius,
-                 cos_weight, spatial_weight, sim_threshold, BLOCK, SPATIAL, SUM_BITS)
+                 col_ok, col_block, n_words, grid_h, grid_w, coord_ptr, radius,
+                 temporal_radius, cos_weight, spatial_weight, sim_threshold, BLOCK, SPATIAL,
+                 COORDS, FUSION, SUM_BITS)
 
 
 @triton.jit
-def _ragged_graph_kernel(x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, table_ptr, n_images, D,
-                         stride_xn, radius, temporal_radius, cos_weight, spatial_weight,
-                         sim_threshold, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                         EVEN_K: tl.constexpr, UPCAST: tl.constexpr, HAS_SKIP: tl.constexpr,
-                         SPATIAL: tl.constexpr, SUM_BITS: tl.constexpr):
+def _ragged_graph_kernel(x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, table_ptr, coord_ptr,
+                         n_images, D, stride_xn, radius, temporal_radius, cos_weight,
+                         spatial_weight, sim_threshold, BLOCK: tl.constexpr,
+                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                         HAS_SKIP: tl.constexpr, SPATIAL: tl.constexpr, COORDS: tl.constexpr,
+                         FUSION: tl.constexpr, SUM_BITS: tl.constexpr):
     """A packed batch (prune_varlen), grid (tiles of this range,). The program's image
     comes from the table's TILE_START column, its tile from its index among the image's
     tiles of rows [ROW_BEGIN, ROW_END) (lower triangle, row-major, so no program is idle);
     N, n_pivots, C, the grid and the K slices are the image's own (the slices it gets
     alone: the same float operations as its own prune()); the tokens, norms and order are
     read at its token offset, its graph written at its adjacency offset in its own layout
-    [C_b, words(C_b)]."""
+    [C_b, words(C_b)]. COORDS: every image's (t', y, x) table packed like the tokens
+    (coord_ptr [total, 3] int32, at its token offset) and its temporal radius' from the
+    table's TEMPORAL_RADIUS (TokenLayout.coords; a raster grid's own table there too).
+    """
     pid = tl.program_id(0)
     img = ragged_jit.image_of(table_ptr, ragged_jit.TILE_START, pid, n_images)
     b = img.to(tl.int64)
@@ -274,9 +307,15 @@ def _ragged_graph_kernel(x_ptr, norm_ptr, order_ptr, adj_ptr, skip_ptr, table_pt
             acc += part  # 0 + part first: part's value (and edges: -0.0 >= t iff +0.0 >= t)
             part = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     adj_img = adj_ptr + tl.load(meta + ragged_jit.ADJ_OFFSET)
+    if COORDS:
+        coord_img = coord_ptr + base * 3
+        temporal_radius = ragged_jit.field32(meta, ragged_jit.TEMPORAL_RADIUS)
+    else:
+        coord_img = coord_ptr
     _store_edges(acc, norm_ptr + base, adj_img, 0, ti, tj, rows, cols, row_ok, col_ok,
-                 col_block, n_words, grid_h, grid_w, radius, temporal_radius, cos_weight,
-                 spatial_weight, sim_threshold, BLOCK, SPATIAL, SUM_BITS)
+                 col_block, n_words, grid_h, grid_w, coord_img, radius, temporal_radius,
+                 cos_weight, spatial_weight, sim_threshold, BLOCK, SPATIAL, COORDS, FUSION,
+                 SUM_BITS)
 
 
 def split_count(tiles: int, k_steps: int, device: torch.device) -> int:
@@ -312,10 +351,30 @@ def default_config(dtype: torch.dtype, d: int) -> dict:
     return dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
-def tile_flags(dtype: torch.dtype, d: int, block_k: int, params: PruneOptions) -> dict:
-    """The kernel's compile-time flags that follow from the inputs (dense and ragged alike)."""
+def fusion_flags(params: PruneOptions) -> dict:
+    """SPATIAL (the epilogue needs the spatial term) and FUSION (how the terms make an edge):
+    weighted 0 (SPATIAL iff beta != 0); binarized (reference.binarized_edges) 1 for
+    beta <= 0.5 (cos > theta, and near at beta = 0.5: SPATIAL), 2 for beta > 0.5 (near)."""
+    beta = params.spatial_weight
+    if params.fusion == "binarized":
+        return dict(SPATIAL=beta >= 0.5, FUSION=2 if beta > 0.5 else 1)
+    return dict(SPATIAL=beta != 0, FUSION=0)
+
+
+def tile_flags(dtype: torch.dtype, d: int, block_k: int, params: PruneOptions,
+               coords: bool = False) -> dict:
+    """The kernel's compile-time flags that follow from the inputs (dense and ragged alike);
+    coords: the spatial term reads a coordinate table (COORDS)."""
     return dict(BLOCK_K=block_k, EVEN_K=d % block_k == 0, UPCAST=upcast(dtype),
-                SPATIAL=params.spatial_weight != 0, SUM_BITS=interpreting())
+                COORDS=coords, SUM_BITS=interpreting(), **fusion_flags(params))
+
+
+@functools.lru_cache(maxsize=256)
+def layout_coords(layout: TokenLayout, temporal_radius: int, device: torch.device):
+    """(table int32 [N, 3] on `device`, temporal_radius') of TokenLayout.coords: copied to
+    the device once per layout and radius (cached; never written)."""
+    table, radius = layout.coords(temporal_radius)
+    return table.to(device), radius
 
 
 _SUM_FROM_DOTS = ("order_ptr", "N", "C", "n_pivots", "stride_ob", "BLOCK", "SPLITS",
@@ -354,7 +413,13 @@ class GraphRows:
         # the launches' arguments that do not change between row ranges (by keyword): the
         # dot products' (_graph_kernel, _slice_kernel) and the epilogue's (_graph_kernel,
         # _sum_slices_kernel)
-        x, f = self.x, tile_flags(self.x.dtype, d, self.block_k, params)
+        coords = isinstance(grid, TokenLayout)  # a layout: its (t', y, x) table, else (T, H, W)
+        if coords:
+            table, temporal_radius = layout_coords(grid, params.temporal_radius, tokens.device)
+            grid_h = grid_w = 1
+        else:  # never read (COORDS=False): any int32 tensor
+            table, temporal_radius, grid_h, grid_w = self.adj, params.temporal_radius, *grid[1:]
+        x, f = self.x, tile_flags(self.x.dtype, d, self.block_k, params, coords)
         self._dots = dict(order_ptr=self.order, N=n, C=self.c, n_pivots=n_pivots,
                           stride_ob=self.order.stride(0), BLOCK=self.block,
                           SPLITS=self.splits, **self.cfg, x_ptr=x, D=d,
@@ -363,11 +428,11 @@ class GraphRows:
                           UPCAST=f["UPCAST"])
         self._edges = dict(norm_ptr=self.norms, adj_ptr=self.adj,
                            stride_nb=self.norms.stride(0), n_words=self.adj.shape[2],
-                           grid_h=grid[1], grid_w=grid[2], radius=params.radius,
-                           temporal_radius=params.temporal_radius,
+                           grid_h=grid_h, grid_w=grid_w, coord_ptr=table,
+                           radius=params.radius, temporal_radius=temporal_radius,
                            cos_weight=params.cos_weight, spatial_weight=params.spatial_weight,
                            sim_threshold=params.sim_threshold, SPATIAL=f["SPATIAL"],
-                           SUM_BITS=f["SUM_BITS"])
+                           COORDS=f["COORDS"], FUSION=f["FUSION"], SUM_BITS=f["SUM_BITS"])
         # the whole graph's tiles per SM (the interpreter has no SMs: inf); a split-K
         # program does a slice of a tile, so tiles, not programs, measure the work
         self.waves = (b * self.n_tiles / sm_count(tokens.device)
@@ -406,7 +471,7 @@ class GraphRows:
 
 
 def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
-                     grid: tuple[int, int, int], params: PruneOptions = DEFAULTS,
+                     grid: tuple[int, int, int] | TokenLayout, params: PruneOptions = DEFAULTS,
                      config: dict | None = None) -> torch.Tensor:
     """tokens [B, N, D] (fp16/bf16/fp32), order int64 [B, N] -> packed int32 [B, C, words].
 
@@ -420,14 +485,17 @@ def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
 
 def ragged_rows(tokens: torch.Tensor, norms: torch.Tensor, order: torch.Tensor,
                 adj: torch.Tensor, table: torch.Tensor, tiles: int, params: PruneOptions,
-                config: dict, skip: torch.Tensor | None = None) -> None:
+                config: dict, skip: torch.Tensor | None = None,
+                coords: torch.Tensor | None = None) -> None:
     """One launch for a ragged batch (prune_varlen): rows [ROW_BEGIN_b, ROW_END_b) of every
     image's graph into the packed adjacency (int32 [words], image b's [C_b, words(C_b)] at
     its ADJ_OFFSET). tokens [total, D] (unit last stride), norms float32 [total], order int64
     [total] (local ids at each TOKEN_OFFSET), table: this range's [B, FIELDS] on the device,
     `tiles` its programs (the TILE_START prefix's total). config: default_config of the
     tokens (the table's SLICE_STEPS count its BLOCK_K). Images with skip[b] != 0 are left
-    alone. Always in-program K slices: no workspace, no second launch."""
+    alone. coords: int32 [total, 3], every image's (t', y, x) at its token offset (its
+    temporal radius' in the table's TEMPORAL_RADIUS), or None: each image's (T, H, W) from
+    GRID_H / GRID_W. Always in-program K slices: no workspace, no second launch."""
     if tiles == 0:
         return
     cfg = dict(config)
@@ -437,8 +505,10 @@ def ragged_rows(tokens: torch.Tensor, norms: torch.Tensor, order: torch.Tensor,
     with launch_device(tokens.device):
         _ragged_graph_kernel[(tiles,)](
             x_ptr=tokens, norm_ptr=norms, order_ptr=order, adj_ptr=adj,
-            skip_ptr=adj if skip is None else skip, table_ptr=table, n_images=table.shape[0],
+            skip_ptr=adj if skip is None else skip, table_ptr=table,
+            coord_ptr=adj if coords is None else coords, n_images=table.shape[0],
             D=d, stride_xn=tokens.stride(0), radius=p.radius,
             temporal_radius=p.temporal_radius, cos_weight=p.cos_weight,
             spatial_weight=p.spatial_weight, sim_threshold=p.sim_threshold, BLOCK=block,
-            HAS_SKIP=skip is not None, **tile_flags(tokens.dtype, d, block_k, p), **cfg)
+            HAS_SKIP=skip is not None,
+            **tile_flags(tokens.dtype, d, block_k, p, coords is not None), **cfg)

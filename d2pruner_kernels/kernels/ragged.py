@@ -28,7 +28,9 @@ GRID_H = 10       # its grid (T, H, W): H and W (the spatial term)
 GRID_W = 11
 SLICE_STEPS = 12  # K steps of the graph's BLOCK_K in each of its K slices (graph.split_count
 #                   of the image alone: the slices it gets in its own prune())
-FIELDS = 16       # row stride (13-15 unused)
+TEMPORAL_RADIUS = 13  # the graph's temporal radius' for this image's coordinate table
+#                       (TokenLayout.coords; read only by a graph launch given the table)
+FIELDS = 16       # row stride (14-15 unused)
 
 
 def _tri(r: int) -> int:
@@ -47,13 +49,15 @@ class Table:
 
 
 def build_table(tokens, pivots, keeps, *, ranges=None, block: int | None = None, grids=None,
-                slice_steps=None, rank_block: int | None = None) -> Table:
+                slice_steps=None, rank_block: int | None = None,
+                temporal_radii=None) -> Table:
     """The table of a batch of images with N_b = tokens[b], n_pivots_b = pivots[b] and
     k_b = keeps[b], laid out back to back in that order (every offset is the sum of the
     sizes before it). ranges: per range, per image, its graph rows (begin, end) (default:
     one range, every image's whole graph [0, C_b)); block: the graph tile, for each range's
     TILE_START (else 0); grids: (T, H, W) per image (else 0); slice_steps: per image (else
-    0); rank_block: tokens per rank program, for RANK_START (else 0). Sizes are taken as
+    0); rank_block: tokens per rank program, for RANK_START (else 0); temporal_radii: per
+    image, for TEMPORAL_RADIUS (else 0). Sizes are taken as
     given (the public entry points validated them; the MIS checks each row again)."""
     b = len(tokens)
     cands = [n - n_p for n, n_p in zip(tokens, pivots)]
@@ -69,6 +73,8 @@ def build_table(tokens, pivots, keeps, *, ranges=None, block: int | None = None,
             r[GRID_H], r[GRID_W] = grids[i][-2], grids[i][-1]
         if slice_steps is not None:
             r[SLICE_STEPS] = slice_steps[i]
+        if temporal_radii is not None:
+            r[TEMPORAL_RADIUS] = temporal_radii[i]
         tok, keep = tok + tokens[i], keep + keeps[i]
         adj += cands[i] * num_words(cands[i])
         if rank_block is not None:

@@ -19,6 +19,7 @@ RANK_START = tl.constexpr(ragged.RANK_START)
 GRID_H = tl.constexpr(ragged.GRID_H)
 GRID_W = tl.constexpr(ragged.GRID_W)
 SLICE_STEPS = tl.constexpr(ragged.SLICE_STEPS)
+TEMPORAL_RADIUS = tl.constexpr(ragged.TEMPORAL_RADIUS)
 IMAGE_CHUNK = tl.constexpr(128)
 
 

@@ -25,6 +25,7 @@ import torch
 
 from ..layout import num_words
 from ..options import PruneOptions
+from ..token_layout import TokenLayout
 from . import cdiv, graph, lazy_graph, mis, ragged, rank, scores, sm_count
 
 CACHE_SIZE = 64  # layouts whose tables stay on the device (LRU)
@@ -40,7 +41,7 @@ class Plan:
     """The launches of one ragged layout, decided on the host from the sizes alone."""
 
     def __init__(self, images, grids, ks, n_pivots, d: int, dtype: torch.dtype,
-                 device: torch.device, key=None):
+                 device: torch.device, key=None, temporal_radius: int | None = None):
         self.key = key  # its cache key (plan())
         self.batch = len(images)
         self.config = graph.default_config(dtype, d)
@@ -70,9 +71,19 @@ class Plan:
                 end = e[min(q, len(e) - 1)]
                 begin = 0 if q == 0 else e[min(q, len(e)) - 1]
                 spans[-1].append((min(begin, end), end))
+        # TokenLayouts (docs/spec.md §13): every image's (t', y, x) table packed like the
+        # tokens (a raster grid's as TokenLayout.grid's), each image's temporal radius' in
+        # the table; temporal_radius is then the options' (it shapes the tables)
+        coords = radii = None
+        if any(isinstance(g, TokenLayout) for g in grids):
+            parts = [(g if isinstance(g, TokenLayout) else TokenLayout.grid(*g))
+                     .coords(temporal_radius) for g in grids]
+            coords, radii = torch.cat([t for t, _ in parts]), [r for _, r in parts]
         built = ragged.build_table(lengths, n_pivots, ks, ranges=spans, block=block,
-                                   grids=grids, slice_steps=slice_steps,
-                                   rank_block=rank.rank_block())
+                                   grids=[(1, 1, 1) if isinstance(g, TokenLayout) else g
+                                          for g in grids],
+                                   slice_steps=slice_steps, rank_block=rank.rank_block(),
+                                   temporal_radii=radii)
         self.kept_len, self.adj_words = built.kept_len, built.adj_words
         self.rank_programs, self.range_tiles = built.rank_programs, built.range_tiles
         table = built.rows
@@ -82,20 +93,30 @@ class Plan:
             host = host.pin_memory()
         self.host = host  # kept alive with the plan: a captured copy reads it at each replay
         self.table = host.to(device, non_blocking=True)
+        self.coords_host = self.coords = None  # int32 [total, 3] with TokenLayouts
+        if coords is not None:
+            self.coords_host = coords.pin_memory() if device.type == "cuda" else coords
+            self.coords = self.coords_host.to(device, non_blocking=True)
         if device.type == "cuda":  # the copy is queued on this stream; others wait for it
             self.stream = torch.cuda.current_stream(device)
             self.copied = torch.cuda.Event()
             self.copied.record(self.stream)
 
 
-def plan(images, grids, ks, n_pivots, d: int, dtype: torch.dtype, device: torch.device) -> Plan:
+def plan(images, grids, ks, n_pivots, d: int, dtype: torch.dtype, device: torch.device,
+         temporal_radius: int | None = None) -> Plan:
     """The Plan of this layout, cached (LRU): a layout seen before builds and copies nothing.
 
     A plan is built outside CUDA-graph capture only: building one pins host memory (the
     pinned allocator may query events, which a capture forbids) and copies it. A layout
     first met inside a capture raises before any work; run it once before capturing (the
-    warm-up torch.cuda.graph asks for anyway)."""
+    warm-up torch.cuda.graph asks for anyway). temporal_radius: the options', read (and
+    keyed) only when a grid is a TokenLayout."""
     key = (tuple(images), tuple(grids), tuple(ks), tuple(n_pivots), d, dtype, device)
+    if any(isinstance(g, TokenLayout) for g in grids):
+        key += (temporal_radius,)
+    else:
+        temporal_radius = None
     p = _captured.get(key)
     if p is not None:
         return p
@@ -109,7 +130,7 @@ def plan(images, grids, ks, n_pivots, d: int, dtype: torch.dtype, device: torch.
             "budgets) for the first time inside a CUDA graph capture: its ragged table "
             "cannot be built and copied during a capture. Run the same layout once before "
             "capturing (a warm-up call), then capture")
-    p = _cache[key] = Plan(images, grids, ks, n_pivots, d, dtype, device, key)
+    p = _cache[key] = Plan(images, grids, ks, n_pivots, d, dtype, device, key, temporal_radius)
     if len(_cache) > CACHE_SIZE:
         _cache.popitem(last=False)
     return p
@@ -139,6 +160,21 @@ def device_table(p: Plan) -> torch.Tensor:
     return p.table
 
 
+def device_coords(p: Plan) -> torch.Tensor | None:
+    """The plan's coordinate table (None without TokenLayouts), as `device_table` serves
+    the table: waited for and recorded on another stream, copied inside a capture."""
+    if p.coords is None or p.stream is None:
+        return p.coords
+    if torch.cuda.is_current_stream_capturing():
+        _captured[p.key] = p
+        return p.coords_host.to(p.coords.device, non_blocking=True)
+    stream = torch.cuda.current_stream(p.coords.device)
+    if stream != p.stream:
+        stream.wait_event(p.copied)
+        p.coords.record_stream(stream)
+    return p.coords
+
+
 def _sorted_order(s: torch.Tensor, p: Plan, table: torch.Tensor) -> torch.Tensor:
     """Rank orders of images above rank.MAX_N tokens: one stable descending torch.sort of
     the scores padded to [B, max N] with -inf. Pads come after every token of their row,
@@ -158,11 +194,11 @@ def prune_ragged(tokens: torch.Tensor, attn: torch.Tensor, prior: torch.Tensor |
                  grids, ks, n_pivots, params: PruneOptions) -> torch.Tensor:
     """Steps 1-7 of a ragged batch: kept positions int64 [sum k_b] into the packed tokens,
     each image's ascending, images in order. tokens [total, D], attn [total] / [H, total], prior packed [total] or None;
-    images (start, end), grids (T, H, W), ks, n_pivots: host lists, validated."""
+    images (start, end), grids (T, H, W) or TokenLayout, ks, n_pivots: host lists, validated."""
     x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()  # one copy at most
     total, d = x.shape
-    p = plan(images, grids, ks, n_pivots, d, x.dtype, x.device)
-    table = device_table(p)
+    p = plan(images, grids, ks, n_pivots, d, x.dtype, x.device, params.temporal_radius)
+    table, coords = device_table(p), device_coords(p)
     # 1: per-token math; the packed batch is one image of `total` tokens to the kernel
     s = scores.debiased_scores(attn.unsqueeze(0), prior, params.eps)[0]
     # 2: rank order (+ the norms the graph needs), each image among its own tokens
@@ -180,6 +216,6 @@ def prune_ragged(tokens: torch.Tensor, attn: torch.Tensor, prior: torch.Tensor |
         skip = None if q == 0 else done
         if p.needs_graph:
             graph.ragged_rows(x, norms, order, adj, table[q], p.range_tiles[q], params,
-                              p.config, skip=skip)
+                              p.config, skip=skip, coords=coords)
         mis.greedy_mis_ragged(adj, order, table[q], kept, p.max_tokens, skip=skip, done=done)
     return kept
