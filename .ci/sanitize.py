@@ -11,7 +11,9 @@ checked (a wrong one exits non-zero, as does an error the tool reports with --er
                                            prune() (split-K, lazy ranges), prune_varlen() with
                                            one and two row ranges (graph RAGGED + HAS_SKIP,
                                            ragged MIS skip/done) and with an image above the
-                                           rank kernel's limit (the padded sort), the scores
+                                           rank kernel's limit (the padded sort), TokenLayouts
+                                           and fusion='binarized' (COORDS / FUSION: dense and
+                                           ragged, layouts among grids), the scores
                                            kernel on a strided view, attention_scores with a
                                            shared span, per-sample packed spans + padding mask
                                            + q_positions, with and without lse. For memcheck
@@ -201,6 +203,45 @@ def full_varlen(tiny):
     say("prune_varlen, an image above the rank kernel", t0)
 
 
+def full_layouts(tiny):
+    """TokenLayouts (the graph kernels' coordinate table, COORDS) and fusion='binarized'
+    (FUSION): prune() on a tiles + thumbnail layout (dense: split-K / lazy ranges as sized),
+    prune_varlen() on layouts among grids, one and two row ranges, each image's answer its
+    own prune()'s."""
+    from d2pruner_kernels import TokenLayout
+    from d2pruner_kernels.kernels import lazy_graph
+    dtype = torch.bfloat16 if GPU else torch.float32
+    side = 4 if tiny else 16
+    tiles = TokenLayout.tiles(2, 3, (side, side)) + TokenLayout.grid(side, side)
+    anyres = TokenLayout.grid(side, side) + TokenLayout.grid(side, 2 * side + 1)
+    d = 32 if tiny else 256
+    for fusion, beta in (("weighted", 0.5), ("binarized", 0.5), ("binarized", 0.7)):
+        t0 = time.time()
+        n, k = tiles.cells, tiles.cells // 8
+        x = clustered_tokens(2, n, d, generator=torch.Generator().manual_seed(5)).to(DEV, dtype)
+        a = distinct_attention(2, 4, n, generator=torch.Generator().manual_seed(5)).to(DEV)
+        got = prune(x, a, tiles, k, spatial_weight=beta, fusion=fusion, backend="kernels")
+        sync()
+        assert got.shape == (2, k), f"prune on a layout, {fusion}"
+        say(f"prune B=2 on {tiles!r}, {fusion} beta={beta}", t0)
+    grids = [tiles, (6, 7), anyres, (2, 3, 4)]
+    lengths = [g.cells if isinstance(g, TokenLayout) else math.prod(g) for g in grids]
+    ks = [max(1, n // 6) for n in lengths]
+    x, a, prior, cu = packed([(n,) for n in lengths], d, 4, dtype, seed=12)
+    for fusion in ("weighted", "binarized"):
+        want = torch.cat([prune(x[s:e], a[..., s:e], g, k_b, spatial_weight=0.5, fusion=fusion,
+                                backend="kernels") + s
+                          for g, k_b, s, e in zip(grids, ks, cu[:-1].tolist(), cu[1:].tolist())])
+        for waves in (lazy_graph.LAZY_MIN_WAVES, -1.0):
+            t0 = time.time()
+            with patched(lazy_graph, "LAZY_MIN_WAVES", waves):
+                keep, _ = prune_varlen(x, a, cu.to(DEV), grids, ks, spatial_weight=0.5,
+                                       fusion=fusion, backend="kernels")
+            sync()
+            assert torch.equal(keep, want), f"prune_varlen on layouts, {fusion}"
+            say(f"prune_varlen {len(grids)} images (layouts among grids), {fusion}", t0)
+
+
 def full_scores(tiny):
     heads, start, n = 4, 3, 40
     stride_h = 64 if tiny else 2 ** 12
@@ -261,6 +302,7 @@ def main(argv=None):
     else:
         full_prune(args.tiny)
         full_varlen(args.tiny)
+        full_layouts(args.tiny)
         full_scores(args.tiny)
         full_attention(args.tiny)
     sync()

@@ -29,6 +29,7 @@ from triton.compiler import ASTSource
 from d2pruner_kernels.checks import pivot_count
 from d2pruner_kernels.kernels import attention, graph, rank, scores, varlen
 from d2pruner_kernels.options import PruneOptions
+from d2pruner_kernels.token_layout import TokenLayout
 
 from .shapes import PIVOT_RATIO
 
@@ -102,11 +103,16 @@ def launches():
     order = torch.sort(s, descending=True, stable=True).indices
     norms = torch.linalg.vector_norm(x32, dim=-1)
 
-    def graph_rows(tokens, splits, beta=0.0, split_launch=True, skip=False):
+    # the same 576 tokens as a TokenLayout (issue 23): 2 x 2 tiles of 12 x 12 (COORDS)
+    tiles = TokenLayout.tiles(2, 2, tile=(12, 12))
+
+    def graph_rows(tokens, splits, beta=0.0, split_launch=True, skip=False, grid=(1, 24, 24),
+                   fusion="weighted"):
         cfg = dict(graph.default_config(tokens.dtype, tokens.shape[-1]), SPLITS=splits,
                    SPLIT_LAUNCH=split_launch)
-        rows = graph.GraphRows(tokens, order, 44, (1, 24, 24),
-                               PruneOptions(spatial_weight=beta), config=cfg, norms=norms)
+        rows = graph.GraphRows(tokens, order, 44, grid,
+                               PruneOptions(spatial_weight=beta, fusion=fusion), config=cfg,
+                               norms=norms)
         done = torch.zeros(1, dtype=torch.int32) if skip else None  # a lazy graph's later range
         return lambda: rows.rows(0, rows.c, skip=done)
 
@@ -119,13 +125,18 @@ def launches():
     order_r = torch.cat([torch.randperm(576, generator=g), torch.randperm(320, generator=g)])
     norms_r = torch.linalg.vector_norm(xr.float(), dim=-1)
 
-    def ragged_graph(beta=0.0, tokens=xr, skip=False):
-        p = varlen.Plan(images, grids, ks, n_pivots, 4096, tokens.dtype, tokens.device)
+    def ragged_graph(beta=0.0, tokens=xr, skip=False, grids=grids, fusion="weighted"):
+        opts = PruneOptions(spatial_weight=beta, fusion=fusion)
+        p = varlen.Plan(images, grids, ks, n_pivots, 4096, tokens.dtype, tokens.device,
+                        temporal_radius=opts.temporal_radius)
         adj = torch.empty(p.adj_words, dtype=torch.int32)
         done = torch.zeros(len(images), dtype=torch.int32) if skip else None
         return lambda: graph.ragged_rows(tokens, norms_r, order_r, adj, p.table[0],
-                                         p.range_tiles[0], PruneOptions(spatial_weight=beta),
-                                         p.config, skip=done)
+                                         p.range_tiles[0], opts, p.config, skip=done,
+                                         coords=p.coords)
+
+    # the 16 x 20 image as base + newline-column map (TokenLayout pieces: COORDS)
+    layout_grids = [grids[0], TokenLayout.grid(8, 8) + TokenLayout.grid(8, 31 + 1)]
 
     def ragged_rank():
         p = varlen.Plan(images, grids, ks, n_pivots, 4096, xr.dtype, xr.device)
@@ -144,11 +155,22 @@ def launches():
         ("graph bf16 spatial", graph, DENSE_GRAPH, graph_rows(x, 1, beta=0.3)),
         ("graph fp32", graph, DENSE_GRAPH, graph_rows(x32, 1)),
         ("graph bf16 skip", graph, DENSE_GRAPH, graph_rows(x, 1, skip=True)),
+        ("graph bf16 layout", graph, DENSE_GRAPH, graph_rows(x, 1, beta=0.3, grid=tiles)),
+        ("graph bf16 layout split-K", graph, DENSE_GRAPH,
+         graph_rows(x, 4, beta=0.3, grid=tiles)),
+        ("graph bf16 binarized", graph, DENSE_GRAPH,
+         graph_rows(x, 1, beta=0.5, fusion="binarized")),
+        ("graph bf16 binarized layout", graph, DENSE_GRAPH,
+         graph_rows(x, 1, beta=0.5, grid=tiles, fusion="binarized")),
         ("rank + norms ragged", rank, "_rank_norms_kernel", ragged_rank()),
         ("graph bf16 ragged", graph, "_ragged_graph_kernel", ragged_graph()),
         ("graph bf16 ragged spatial", graph, "_ragged_graph_kernel", ragged_graph(0.3)),
         ("graph fp32 ragged", graph, "_ragged_graph_kernel", ragged_graph(tokens=xr.float())),
         ("graph bf16 ragged skip", graph, "_ragged_graph_kernel", ragged_graph(skip=True)),
+        ("graph bf16 ragged layout", graph, "_ragged_graph_kernel",
+         ragged_graph(0.3, grids=layout_grids)),
+        ("graph bf16 ragged binarized", graph, "_ragged_graph_kernel",
+         ragged_graph(0.5, fusion="binarized")),
         ("attention rows", attention, "_lse_partials_kernel|_span_probs_kernel",
          lambda: attention.attention_scores(q, k, (34, 34 + 2880), 128 ** -0.5)),
     ]

@@ -37,7 +37,14 @@ def test_every_kernel_compiles_without_spills(compiled, arch):
             ("graph bf16 ragged spatial", "_ragged_graph_kernel"),
             ("graph fp32 ragged", "_ragged_graph_kernel"),
             ("attention rows", "_lse_partials_kernel"),
-            ("attention rows", "_span_probs_kernel")} <= launches
+            ("attention rows", "_span_probs_kernel"),
+            # issue 23: a TokenLayout's coordinate table (COORDS), the binarized fusion
+            ("graph bf16 layout", "_graph_kernel"),
+            ("graph bf16 layout split-K", "_sum_slices_kernel"),
+            ("graph bf16 binarized", "_graph_kernel"),
+            ("graph bf16 binarized layout", "_graph_kernel"),
+            ("graph bf16 ragged layout", "_ragged_graph_kernel"),
+            ("graph bf16 ragged binarized", "_ragged_graph_kernel")} <= launches
     for (a, label, kernel), r in compiled.items():
         if a == arch:
             assert r["stack"] == 0 and r["local"] == 0, f"sm_{arch} {label} {kernel} spills: {r}"
@@ -46,7 +53,9 @@ def test_every_kernel_compiles_without_spills(compiled, arch):
 @pytest.mark.parametrize("label,kernel", [("graph bf16", "_graph_kernel"),
                                           ("graph bf16 split-K", "_slice_kernel"),
                                           ("graph bf16 4 slices", "_graph_kernel"),
-                                          ("graph bf16 ragged", "_ragged_graph_kernel")])
+                                          ("graph bf16 ragged", "_ragged_graph_kernel"),
+                                          ("graph bf16 layout", "_graph_kernel"),
+                                          ("graph bf16 ragged layout", "_ragged_graph_kernel")])
 def test_graph_k_loop_is_pipelined_onto_the_tensor_cores(compiled, label, kernel):
     r = compiled[(90, label, kernel)]
     assert r["cp_async"] > 0 and r["wgmma"] > 0, r
