@@ -299,3 +299,17 @@ def test_layout_lazy_row_ranges_equal_the_whole_graph(monkeypatch, fusion, beta)
     band = band_for(x, order, n_p, lay, 0.8, beta, fusion, 1, 1)
     assert not band.any()
     assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU (split-K as the SMs decide it)")
+@pytest.mark.parametrize("fusion,beta", [("weighted", 0.3), ("binarized", 0.5)])
+def test_layout_edges_at_serving_size_on_gpu(fusion, beta):
+    """InternVL's tiles + thumbnail at D = 4096 in bf16: few tiles for the SMs, so the K
+    slices get programs of their own (split-K) on a GPU; the reference's edges outside the
+    band."""
+    from d2pruner_kernels.kernels import graph
+    lay = TokenLayout.tiles(1, 2) + TokenLayout.grid(16, 16)   # 768 tokens
+    x, order = inputs(1, lay.cells, 4096, torch.bfloat16, seed=21, clusters=40)
+    g = graph.GraphRows(x, order, 60, lay, PruneOptions(spatial_weight=beta, fusion=fusion))
+    assert g.splits > 1 and g._split(g.n_tiles)
+    compare_kernel(x, order, 60, lay, beta=beta, radius=1, fusion=fusion)

@@ -759,3 +759,59 @@ def test_plans_of_layouts_are_keyed_by_the_temporal_radius(kernels_varlen):
         prune_varlen(x, a, cu, grids, 0.3, temporal_radius=tr, backend="kernels")
     (plan,) = kernels_varlen._cache.values()
     assert plan.coords is None
+
+
+def _gpu_layouts():
+    """Serving-size layouts among grids: an InternVL image (3 x 4 tiles + thumbnail), a
+    LLaVA-NeXT anyres image (24 x 24 base + 24 x (36 + 1) map), two grids."""
+    grids = [TokenLayout.tiles(3, 4) + TokenLayout.grid(16, 16), (16, 20),
+             TokenLayout.grid(24, 24) + TokenLayout.grid(24, 37), (2, 8, 8)]
+    ks = [333, 80, 150, 32]
+    x, a, cu = packed_any(grids, 64, 4, seed=32, dtype=torch.bfloat16)
+    return grids, ks, x, a, cu
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU (two CUDA streams, a capture)")
+def test_fused_layouts_on_a_second_stream_and_in_a_capture(kernels_varlen):
+    """The coordinate table is the plan's too: a second stream reusing the cached plan
+    waits for its copy; a captured replay copies it from the plan's pinned rows."""
+    grids, ks, x, a, cu = _gpu_layouts()
+    opts = dict(spatial_weight=0.5, radius=1, backend="kernels")
+    want = torch.cat(per_image(x, a, cu, grids, ks, **opts))
+    prune_varlen(x, a, cu, grids, ks, **opts)  # Triton compiles on first use
+    kernels_varlen._cache.clear()
+    first, second = torch.cuda.Stream(), torch.cuda.Stream()
+    for stream in (first, second):
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(first):
+        torch.cuda._sleep(200_000_000)  # the copies wait behind this on `first`
+        out_first, _ = prune_varlen(x, a, cu, grids, ks, **opts)
+    with torch.cuda.stream(second):
+        out_second, _ = prune_varlen(x, a, cu, grids, ks, **opts)
+    torch.cuda.synchronize()
+    assert torch.equal(out_first, want) and torch.equal(out_second, want)
+    (plan,) = kernels_varlen._cache.values()
+    assert plan.coords is not None
+    cu = cu.to(DEVICE)
+    xs, as_ = x.clone(), a.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, _ = prune_varlen(xs, as_, cu, grids, ks, **opts)
+    kernels_varlen._cache.clear()
+    torch.cuda.empty_cache()
+    x2, a2, _ = packed_any(grids, 64, 4, seed=33, dtype=torch.bfloat16)
+    xs.copy_(x2)
+    as_.copy_(a2)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, torch.cat(per_image(x2, a2, cu.cpu(), grids, ks, **opts)))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU (the lazy prefix and split-K "
+                                                  "as the SMs decide them)")
+@pytest.mark.parametrize("fusion", ["weighted", "binarized"])
+def test_fused_layouts_at_serving_size_equal_each_prune(kernels_varlen, fusion):
+    grids, ks, x, a, cu = _gpu_layouts()
+    opts = dict(spatial_weight=0.5, radius=1, fusion=fusion, backend="kernels")
+    keep, _ = prune_varlen(x, a, cu, grids, ks, **opts)
+    assert torch.equal(keep, torch.cat(per_image(x, a, cu, grids, ks, **opts)))
