@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from d2pruner_kernels.checks import pivot_count, resolve_k
+from d2pruner_kernels.token_layout import TokenLayout
 
 PIVOT_RATIO = 0.7  # prune()'s default; the benchmarks keep every default but the shape's
 
@@ -80,6 +81,28 @@ CPU_SHAPES = [
 ]
 
 ALL_SHAPES = GPU_SHAPES + CPU_SHAPES
+
+# Images pruned as TokenLayouts (issue 23, docs/spec.md §13): name -> (the Shape its inputs
+# are built from, a raster stand-in of the same N, D and k; the layout its tokens sit in).
+# Pruned with spatial_weight=0.5 (at beta = 0 a layout changes no edge).
+LAYOUT_SHAPES = {
+    # InternVL 2.5 / 3: 12 tiles of 16x16 (3 x 4) + the thumbnail, N = 3328
+    "internvl-13tiles-layout": (
+        Shape("internvl-13tiles-layout", grid=(13, 16, 16), d=4096, heads=32, k=0.1),
+        TokenLayout.tiles(3, 4) + TokenLayout.grid(16, 16)),
+    # LLaVA-NeXT anyres (672 x 672: 2 x 2 patches): 24x24 base + 48x48 map with its newline
+    # column, N = 576 + 48 x 49 = 2928
+    "llavanext-anyres-layout": (
+        Shape("llavanext-anyres-layout", grid=(61, 48), d=4096, heads=32, k=0.1),
+        TokenLayout.grid(24, 24) + TokenLayout.grid(48, 48 + 1)),
+    "cpu-tiles-2x2-thumb-layout": (
+        Shape("cpu-tiles-2x2-thumb-layout", grid=(5, 6, 6), d=64, heads=4, k=0.1, gpu=False),
+        TokenLayout.tiles(2, 2, (6, 6)) + TokenLayout.grid(6, 6)),
+    "cpu-anyres-layout": (
+        Shape("cpu-anyres-layout", grid=(9, 12), d=64, heads=4, k=0.1, gpu=False),
+        TokenLayout.grid(6, 6) + TokenLayout.grid(8, 8 + 1)),
+}
+LAYOUT_OPTIONS = dict(spatial_weight=0.5)
 
 
 @dataclass
