@@ -19,7 +19,7 @@ image's tiles, each image's sizes from the ragged table (kernels/ragged.py).
 """
 from __future__ import annotations
 
-import functools
+import collections
 import math
 
 import triton
@@ -369,12 +369,30 @@ def tile_flags(dtype: torch.dtype, d: int, block_k: int, params: PruneOptions,
                 COORDS=coords, SUM_BITS=interpreting(), **fusion_flags(params))
 
 
-@functools.lru_cache(maxsize=256)
+_coords: collections.OrderedDict = collections.OrderedDict()  # LRU of layout_coords
+COORDS_CACHE_SIZE = 256
+
+
 def layout_coords(layout: TokenLayout, temporal_radius: int, device: torch.device):
     """(table int32 [N, 3] on `device`, temporal_radius') of TokenLayout.coords: copied to
-    the device once per layout and radius (cached; never written)."""
+    the device once per layout, radius and device (LRU-cached; never written). A layout
+    first met inside a CUDA graph capture raises (a host copy cannot be captured): run it
+    once before capturing."""
+    key = (layout, temporal_radius, device)
+    hit = _coords.get(key)
+    if hit is not None:
+        _coords.move_to_end(key)
+        return hit
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"the graph kernels met {layout!r} for the first time inside a CUDA graph "
+            f"capture: its coordinate table cannot be copied to the device during a capture. "
+            f"Run the same layout once before capturing (a warm-up call), then capture")
     table, radius = layout.coords(temporal_radius)
-    return table.to(device), radius
+    hit = _coords[key] = (table.to(device), radius)
+    if len(_coords) > COORDS_CACHE_SIZE:
+        _coords.popitem(last=False)
+    return hit
 
 
 _SUM_FROM_DOTS = ("order_ptr", "N", "C", "n_pivots", "stride_ob", "BLOCK", "SPLITS",
