@@ -72,6 +72,7 @@ GPU_TESTS = ["tests/test_gpu.py"]
 SUITE = ["tests/test_varlen.py", "tests/test_attention_kernel.py", "tests/test_mis_kernel.py",
          "tests/test_stages.py", "tests/test_graph_kernel.py", "tests/test_rank_kernel.py",
          "tests/test_scores_kernel.py", "tests/test_prune.py", "tests/test_lazy_graph.py",
+         "tests/test_token_layout.py",
          "tests/test_compile.py"]
 PLANS = {"call1": "env build gpu_tests bench racecheck memcheck suite",
          "call2": "env build synccheck initcheck stages"}
