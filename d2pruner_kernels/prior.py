@@ -314,8 +314,8 @@ class PositionalPrior:
 
     def for_grid(self, grid) -> "PositionalPrior":
         """The prior for an image on `grid` (what prune_varlen uses): this prior's map if it
-        was calibrated for that grid; else `resized` to it (a 2-D prior for a (T, H, W) grid:
-        resized to (H, W), then `per_frame(T)`). Our extension: prefer a prior calibrated on
+        was calibrated for that grid; else `resized` to it (a 2-D prior, or a one-frame
+        (1, H, W) one, for a (T, H, W) grid: resized to (H, W), then `per_frame(T)`). Our extension: prefer a prior calibrated on
         the grid you prune (docs/spec.md).
 
         A new object each call, yours to update: it shares the (cached) map and device
@@ -328,6 +328,12 @@ class PositionalPrior:
         if grid not in self._grid_copies:
             if len(self.grid) == 2 and len(grid) == 3:
                 frame = self if grid[1:] == self.grid else self.resized(grid[1:])
+                self._grid_copies[grid] = frame.per_frame(grid[0])
+            elif len(self.grid) == 3 and self.grid[0] == 1 and len(grid) == 3 and grid[0] > 1:
+                # a one-frame prior (a Qwen image's, calibrate_prior's per-frame maps) for a
+                # video: its frame, resized, repeated per frame
+                one = self if grid[1:] == self.grid[1:] else self.resized((1,) + grid[1:])
+                frame = one._derived(one.grid[1:], one._mean, "frame")
                 self._grid_copies[grid] = frame.per_frame(grid[0])
             else:
                 self._grid_copies[grid] = self.resized(grid)

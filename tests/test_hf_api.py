@@ -87,7 +87,9 @@ def test_unsupported_models_and_configurations():
     with pytest.raises(TypeError, match=r"supports LlavaForConditionalGeneration, "
                        r"Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, "
                        r"LlavaNextForConditionalGeneration, "
-                       r"LlavaOnevisionForConditionalGeneration, InternVLForConditionalGeneration; "
+                       r"LlavaOnevisionForConditionalGeneration, InternVLForConditionalGeneration, "
+                       r"Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration"
+                       r"(, \w+)*; "
                        r"got LlamaForCausalLM"):
         hf.apply(text, 8)
     with pytest.raises(ValueError, match=r"where='vision' is for LLaVA \(a CLS row\); "

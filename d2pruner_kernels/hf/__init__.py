@@ -10,7 +10,9 @@ Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration (one (t, 
 per image, any size), LlavaNextForConditionalGeneration and
 LlavaOnevisionForConditionalGeneration (anyres: each image a TokenLayout, base image + the
 high-resolution map with its newline tokens) and InternVLForConditionalGeneration (tiles
-stitched + thumbnail; pass image_sizes; where="llm" only). `where="llm"` prunes
+stitched + thumbnail; pass image_sizes; where="llm" only), Qwen3VLForConditionalGeneration
+and Qwen3VLMoeForConditionalGeneration (DeepStack features pruned with their tokens); the
+videos of Qwen2.5-VL and Qwen3-VL are pruned too, each video one item. `where="llm"` prunes
 inside the language model at decoder layer `layer` (the paper's setting); `where="vision"`
 (LLaVA) prunes the projected image features so that the LLM gets a shorter prompt.
 `calibrate_prior` computes a model's positional prior from the same importance rows;
@@ -39,8 +41,10 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
+from .qwen_video import QwenVideoAdapter
 from ..draw import draw_kept
 
 __all__ = ["apply", "calibrate_prior", "Pruner", "draw_kept", "register_adapter", "Adapter",
            "LlavaAdapter", "Qwen2VLAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
-           "InternVLAdapter"]
+           "InternVLAdapter", "Qwen3VLAdapter", "QwenVideoAdapter"]

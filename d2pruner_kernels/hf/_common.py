@@ -47,6 +47,22 @@ class Adapter:
         token = embed(torch.tensor(self.image_token_id, device=inputs_embeds.device))
         return (inputs_embeds == token.to(inputs_embeds.dtype)).all(-1)
 
+    # Optional, where="llm" (families whose placeholders or decoder need more; Qwen video,
+    # Qwen3-VL's DeepStack):
+
+    def prefill_inputs(self, input_ids, inputs_embeds, kwargs: dict) -> dict:
+        """What the outer forward of a prefill knows that images() needs (merged into its
+        `outer` dict), read from the outer forward's kwargs."""
+        return {}
+
+    def install_llm(self, layer: int, handles: list) -> None:
+        """Puts the family's own hooks on (appending their handles: remove() takes them
+        off), e.g. on decoder layers >= layer."""
+
+    def pruned(self, idx: torch.Tensor, slot: torch.Tensor) -> None:
+        """A prefill keeps the positions idx [B, L'] from layer K on (slot False: a filler
+        slot); called at layer K's pre-hook, before layer K runs."""
+
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -91,6 +91,7 @@ class InLLM(Hooks):
         for i in range(k, len(layers)):
             h.append(layers[i].register_forward_pre_hook(
                 functools.partial(self._layer_pre, i), with_kwargs=True))
+        self.adapter.install_llm(k, h)  # a family's own hooks (Qwen3-VL's DeepStack)
         if self.collect is None:
             self._install_labels(h)
 
@@ -117,6 +118,7 @@ class InLLM(Hooks):
         self._outer = {"image": self.adapter.image_mask(ids, emb),
                        "attention_mask": kwargs.get("attention_mask"),
                        "image_grid_thw": kwargs.get("image_grid_thw")}
+        self._outer.update(self.adapter.prefill_inputs(ids, emb, kwargs))
         return None
 
     def _outer_post(self, module, args, output):
@@ -180,7 +182,7 @@ class InLLM(Hooks):
                 last.append(length - 1)
                 continue
             last.append(int(pos[-1]))
-            for i, (s, e, _) in enumerate(spans[b]):
+            for i, (s, e, *_) in enumerate(spans[b]):
                 if not bool(valid[b, s:e].all()):
                     raise ValueError(f"sample {b}, image {i}: image tokens {s}..{e - 1} are "
                                      f"masked out by attention_mask")
@@ -213,7 +215,7 @@ class InLLM(Hooks):
             start = 0
             for b, (s0, e0) in zip(with_images, spans):
                 row = packed[start:start + e0 - s0]
-                rows[b] = [row[s - s0:e - s0] for s, e, _ in f.spans[b]]
+                rows[b] = [row[_shift(_at(item), s0)] for item in f.spans[b]]
                 start += e0 - s0
         f.rows = rows
         self._tap.callback = None
@@ -245,8 +247,9 @@ class InLLM(Hooks):
         if isinstance(f, _Prefill) and f.kept is not None:
             if f.replace is not None and f.cache is not None:
                 mark_cache(f.cache, _Record(f.length, f.idx.shape[1], f.valid_c, self.layer))
-            self.on_kept(f.kept, [[g for _, _, g in spans] for spans in f.spans],
-                         [[row.cpu() for row in rows] for rows in f.rows])
+            self.on_kept(f.kept, [[item[2] for item in spans] for spans in f.spans],
+                         [[row.cpu() for row in rows] for rows in f.rows],
+                         [[_kind(item) for item in spans] for spans in f.spans])
         return None
 
     def _check_unknown(self, cache) -> None:
@@ -272,22 +275,22 @@ class InLLM(Hooks):
                                f"through transformers' AttentionInterface: no importance")
         images, labels = [], []
         for b, spans in enumerate(f.spans):
-            for i, (s, e, grid) in enumerate(spans):
-                images.append((b, s, e, grid))
-                labels.append(f"sample {b}, image {i}")
+            for i, item in enumerate(spans):
+                images.append((b, _at(item), item[2]))
+                labels.append(f"sample {b}, {_kind(item)} {i}")
         feats = hidden.detach()
         attn = [row for b in range(f.batch) for row in f.rows[b]]
         grids = [g for *_, g in images]
         if self.collect is not None:
             self.collect(attn, grids)
             raise Stop
-        tokens = torch.cat([feats[b, s:e] for b, s, e, _ in images])
+        tokens = torch.cat([feats[b, at] for b, at, _ in images])
         local = self.selector.select_packed(tokens, torch.cat(attn), grids, labels)
         keep = torch.ones(f.batch, f.length, dtype=torch.bool, device=hidden.device)
         kept = [[] for _ in range(f.batch)]
-        for (b, s, e, _), loc in zip(images, local):
-            keep[b, s:e] = False
-            keep[b, s + loc] = True
+        for (b, at, _), loc in zip(images, local):
+            keep[b, at] = False
+            keep[b, _shift(at, 0, loc)] = True
             kept[b].append(loc.cpu())
         f.kept = kept
         f.cache = get_cache(kwargs)
@@ -308,6 +311,7 @@ class InLLM(Hooks):
         elif isinstance(pos, torch.Tensor):
             replace["position_ids"] = gather_seq(pos, idx, -1)
         f.replace = replace
+        self.adapter.pruned(idx, slot)
 
     def _decode_mask(self, f: _Decode, kwargs: dict, hidden: torch.Tensor) -> None:
         rec = f.record
@@ -340,6 +344,29 @@ class InLLM(Hooks):
                             q_offset=kv_len - q_len, kv_offset=0,
                             attention_mask=None if bool(valid.all()) else valid,
                             dtype=hidden.dtype, device=hidden.device)
+
+
+def _at(item):
+    """An item's token positions: slice(start, end), or the int64 positions it lists (an
+    item whose tokens are not contiguous, e.g. a Qwen3-VL video's frames with their
+    timestamp text between them): item = (start, end, grid[, positions[, kind]])."""
+    return item[3] if len(item) > 3 and item[3] is not None else slice(item[0], item[1])
+
+
+def _kind(item) -> str:
+    return item[4] if len(item) > 4 else "image"
+
+
+def _shift(at, offset, loc=None):
+    """`at` moved by -offset (positions within a row that starts at offset), or, with loc,
+    the positions at[loc] (loc: int64 indices into the item's tokens)."""
+    if isinstance(at, slice):
+        if loc is not None:
+            return at.start + loc
+        return slice(at.start - offset, at.stop - offset)
+    if loc is not None:
+        return at.to(loc.device)[loc]
+    return at - offset
 
 
 def _check_cache(cache) -> None:

@@ -18,9 +18,11 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
+from .qwen_video import QwenVideoAdapter
 
-ADAPTERS = (LlavaAdapter, Qwen2VLAdapter, LlavaNextAdapter, LlavaOnevisionAdapter,
-            InternVLAdapter)
+ADAPTERS = (LlavaAdapter, Qwen3VLAdapter, QwenVideoAdapter, Qwen2VLAdapter, LlavaNextAdapter,
+            LlavaOnevisionAdapter, InternVLAdapter)
 WHERE = ("llm", "vision")
 # model -> weakref to its Pruner. Nothing here keeps a model alive: the key is weak, and the
 # value must not hold the model (a Pruner does, so it is held weakly). The model's own hooks
@@ -118,7 +120,8 @@ def _adapter(model):
             return cls(model)
     names = "LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, " \
             "Qwen2_5_VLForConditionalGeneration, LlavaNextForConditionalGeneration, " \
-            "LlavaOnevisionForConditionalGeneration, InternVLForConditionalGeneration"
+            "LlavaOnevisionForConditionalGeneration, InternVLForConditionalGeneration, " \
+            "Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration"
     extra = f", and what is registered ({', '.join(c.__name__ for c in _REGISTERED)})" \
         if _REGISTERED else ""
     raise TypeError(f"d2pruner_kernels.hf supports {names}{extra}; got "
@@ -159,6 +162,10 @@ class Pruner:
     grids: the same nesting, each image's grid in LLM tokens ((H, W), or (t, h, w) for Qwen).
     importance: the same nesting, each image's raw importance row (float32 CPU [N]: the
            attention the pruner read, before the prior), what `calibrate_prior` averages.
+    kinds: the same nesting, "image" or "video" for each item: where="llm" prunes the
+           videos of Qwen2.5-VL and Qwen3-VL too (each video one item, grid (t, h, w),
+           k per video), and each sample's list holds its images and videos in sequence
+           order (kept[b][i] is a video where kinds[b][i] == "video").
 
     The outer list is over the rows of the batch the prefill saw: after generate() with
     num_beams=n (or num_return_sequences=n when sampling), n rows per sample, rows
@@ -177,6 +184,7 @@ class Pruner:
         self.kept = None
         self.grids = None
         self.importance = None
+        self.kinds = None
         self._selector = selector
         if where == "llm":
             self._impl = InLLM(adapter, layer, selector, self._on_kept)
@@ -196,8 +204,9 @@ class Pruner:
     def active(self) -> bool:
         return self._impl is not None
 
-    def _on_kept(self, kept, grids, importance):
+    def _on_kept(self, kept, grids, importance, kinds=None):
         self.kept, self.grids, self.importance = kept, grids, importance
+        self.kinds = kinds if kinds is not None else [["image"] * len(s) for s in kept]
 
     def _install(self):
         if _active(self.model) is not None:
@@ -278,7 +287,10 @@ def calibrate_prior(model, batches, *, where: str = "llm", layer: int = 2, grid=
              pieces, a tiled piece as its tiles, each a map of its own (ours): InternVL's
              tiles and thumbnail give a per-tile prior, which apply() repeats over the
              tiles; an anyres image's base and high-resolution map (newline column
-             included) need grid=..., e.g. the base image's.
+             included) need grid=..., e.g. the base image's. A video (Qwen2.5-VL,
+             Qwen3-VL; grid (t, h, w)) counts as its t frames, each a map on (1, h, w)
+             like an image (ours): the prior is per frame, and apply() repeats it over
+             a video's frames (PositionalPrior.for_grid).
     progress: a tqdm progress bar over the batches.
     """
     adapter, layer = _setup(model, where, layer)
@@ -289,6 +301,14 @@ def calibrate_prior(model, batches, *, where: str = "llm", layer: int = 2, grid=
 
     def collect(rows, grids):
         for image_row, image_grid in zip(rows, grids):
+            if not _is_layout(image_grid) and len(image_grid) == 3 and image_grid[0] > 1:
+                # a video (t, h, w): one map per frame, each on (1, h, w) like an image
+                t, n = image_grid[0], image_row.numel() // image_grid[0]
+                image_row = image_row.reshape(t, n)
+                image_grid = [(1,) + tuple(image_grid[1:])] * t
+                for frame_row, frame_grid in zip(image_row, image_grid):
+                    collect([frame_row], [frame_grid])
+                continue
             for row, g in _maps(image_row, image_grid):
                 state["images"] += 1
                 row = row.detach().to(torch.float64).cpu()
@@ -338,6 +358,11 @@ def calibrate_prior(model, batches, *, where: str = "llm", layer: int = 2, grid=
     if state["prior"] is None:
         raise ValueError("the batches held no image: nothing to calibrate")
     return state["prior"]
+
+
+def _is_layout(grid) -> bool:
+    from ..token_layout import TokenLayout
+    return isinstance(grid, TokenLayout)
 
 
 def _maps(row: torch.Tensor, grid):

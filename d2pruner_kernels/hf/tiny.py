@@ -295,3 +295,78 @@ def internvl_inputs(model, sizes: list, texts=None, seed: int = 0, max_patches: 
         out["pixel_values"] = torch.randn(tiles, 3, px, px, generator=g)
         out["image_sizes"] = torch.tensor(flat, dtype=torch.long)
     return out
+
+
+# -- Qwen3-VL (DeepStack, videos as frames with timestamps) ----------------------------------------
+
+def tiny_qwen3_vl(layers: int = 5, seed: int = 0, attn_implementation: str = "sdpa",
+                  moe: bool = False):
+    """Qwen3VLForConditionalGeneration (or Qwen3VLMoeForConditionalGeneration, moe=True): a
+    three-block vision tower (patch 16, 2x2 merge) whose blocks 0, 1, 2 feed DeepStack
+    levels 0, 1, 2 (added after decoder layers 0, 1, 2), and a Qwen3 decoder of `layers`
+    layers (width 64; MoE: 4 experts, top 2)."""
+    import transformers
+    text = _llama_text(layers, head_dim=16,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                        "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    decoder_sparse_step=1)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2,
+                  out_hidden_size=64, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1, 2])
+    if moe:
+        cls, ccls = (transformers.Qwen3VLMoeForConditionalGeneration,
+                     transformers.Qwen3VLMoeConfig)
+    else:
+        cls, ccls = transformers.Qwen3VLForConditionalGeneration, transformers.Qwen3VLConfig
+    cfg = ccls(text_config=text, vision_config=vision, image_token_id=IMAGE,
+               video_token_id=VIDEO, vision_start_token_id=VISION_START,
+               vision_end_token_id=VISION_END)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return cls(cfg).eval()
+
+
+TIMESTAMP = 40  # frame f's timestamp text is [TIMESTAMP + f, 41 + f] (stands for "<f.0 seconds>")
+
+
+def qwen3_vl_inputs(model, images: list, videos=None, texts=None, seed: int = 0,
+                    video_first: bool = False) -> dict:
+    """Left-padded Qwen3-VL prompts, as its processor lays them out: sample b holds
+    images[b] ((h, w) patch grids, each vision_start + h/2 * w/2 image tokens + vision_end)
+    and videos[b] ((t, h, w) grids: t temporal patches, each frame written as its timestamp
+    text + vision_start + h/2 * w/2 video tokens + vision_end), images first (videos first
+    with video_first=True), then texts[b]; random pixels, image_grid_thw / video_grid_thw
+    and mm_token_type_ids."""
+    vc = model.config.vision_config
+    merge, p, tp = vc.spatial_merge_size, vc.patch_size, vc.temporal_patch_size
+    texts = texts or [[5, 6, 7]] * len(images)
+    videos = videos or [[] for _ in images]
+    rows, grids, vgrids = [], [], []
+    for sample, clips, text in zip(images, videos, texts):
+        parts_i, parts_v = [], []
+        for h, w in sample:
+            grids.append([1, h, w])
+            parts_i += [VISION_START] + [IMAGE] * (h * w // merge ** 2) + [VISION_END]
+        for t, h, w in clips:
+            vgrids.append([t, h, w])
+            for f in range(t):
+                parts_v += [TIMESTAMP + f, TIMESTAMP + 1 + f, VISION_START]
+                parts_v += [VIDEO] * (h * w // merge ** 2) + [VISION_END]
+        body = parts_v + parts_i if video_first else parts_i + parts_v
+        rows.append([1, 4] + body + list(text))
+    ids, mask = _left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask,
+           "mm_token_type_ids": (ids == IMAGE).long() + 2 * (ids == VIDEO).long()}
+    g = torch.Generator().manual_seed(seed)
+    if grids:
+        patches = sum(h * w for _, h, w in grids)
+        out["pixel_values"] = torch.randn(patches, 3 * tp * p * p, generator=g)
+        out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+    if vgrids:
+        patches = sum(t * h * w for t, h, w in vgrids)
+        out["pixel_values_videos"] = torch.randn(patches, 3 * tp * p * p, generator=g)
+        out["video_grid_thw"] = torch.tensor(vgrids, dtype=torch.long)
+    return out

@@ -1,0 +1,381 @@
+"""d2pruner_kernels.hf on Qwen3-VL (dense and MoE), tiny random models built from configs
+(fp32, CPU), held to an independent reference written here.
+
+The reference never gathers: it re-runs every decoder layer by hand on the full sequence
+with an explicit mask that, from layer K on, hides the pruned visual tokens as keys, and
+adds DeepStack's levels itself: level i after layer i, at every visual position for i < K,
+at the kept visual positions only for i >= K (each with its own token's row). Outputs at
+the kept positions are then those of the pruned sequence. Greedy decoding recomputes the
+whole sequence at every step (no cache), so cached decoding is held to recomputation.
+Also used by tests/test_hf_video.py (Qwen2.5-VL: no DeepStack).
+"""
+import pytest
+
+pytest.importorskip("transformers", reason="the hf extra is not installed: "
+                    "pip install 'transformers>=5.16.1,<6' -c <(echo torch==2.13.0)")
+
+import torch  # noqa: E402
+
+import d2pruner_kernels as d2p  # noqa: E402
+from d2pruner_kernels import hf  # noqa: E402
+from d2pruner_kernels.hf import tiny  # noqa: E402
+
+STEPS = 3
+_MODELS = {}
+
+
+def model_for(family="qwen3_vl", impl="sdpa"):
+    key = (family, impl)
+    if key not in _MODELS:
+        if family == "qwen2_5_vl":
+            _MODELS[key] = tiny.tiny_qwen2_vl(attn_implementation=impl, v2_5=True)
+        else:
+            _MODELS[key] = tiny.tiny_qwen3_vl(attn_implementation=impl,
+                                              moe=family == "qwen3_vl_moe")
+    return _MODELS[key]
+
+
+def items(inputs, frames_apart: bool):
+    """Per sample [(kind, positions, grid)] in sequence order, found here from the prompt and
+    the grids: each image one run; each video video_grid_thw[v][0] runs (Qwen3-VL: one per
+    frame, frames_apart=True) or one run (Qwen2.5-VL)."""
+    ids = inputs["input_ids"]
+    img = iter(inputs["image_grid_thw"].tolist()) if "image_grid_thw" in inputs else None
+    vid = iter(inputs["video_grid_thw"].tolist()) if "video_grid_thw" in inputs else None
+    out = []
+    for row in ids.tolist():
+        found, i, video = [], 0, None
+        while i < len(row):
+            if row[i] in (tiny.IMAGE, tiny.VIDEO):
+                j = i
+                while j < len(row) and row[j] == row[i]:
+                    j += 1
+                if row[i] == tiny.IMAGE:
+                    t, h, w = next(img)
+                    found.append(("image", list(range(i, j)), (t, h // 2, w // 2)))
+                else:
+                    if video is None:
+                        t, h, w = next(vid)
+                        video = ("video", [], (t, h // 2, w // 2))
+                        found.append(video)
+                    video[1].extend(range(i, j))
+                    t, h, w = video[2]
+                    if len(video[1]) == t * h * w:
+                        video = None
+                i = j
+            else:
+                i += 1
+        out.append(found)
+    return out
+
+
+def keep_mask(inputs, kept, found):
+    keep = torch.ones(inputs["input_ids"].shape, dtype=torch.bool)
+    for b, sample in enumerate(found):
+        assert len(kept[b]) == len(sample)
+        for (_, pos, _), k in zip(sample, kept[b]):
+            pos = torch.tensor(pos)
+            keep[b, pos] = False
+            keep[b, pos[k]] = True
+    return keep
+
+
+def lm_kwargs(model, inputs):
+    got = {}
+    lm = model.model.language_model
+    h = lm.register_forward_pre_hook(lambda mod, a, kw: got.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        h.remove()
+    return got
+
+
+def decode_positions(model, inputs, steps):
+    """The M-RoPE positions [3, B, 1] the unpruned model gives each decoding step of a greedy
+    generate (its rope_deltas rule: for a Qwen2.5-VL video, whose temporal positions pass
+    the text's, that is not simply the prompt's largest position + 1)."""
+    got = []
+    h = model.model.language_model.register_forward_pre_hook(
+        lambda mod, a, kw: got.append(kw["position_ids"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+    finally:
+        h.remove()
+    return [p[-3:] for p in got[1:]]
+
+
+def reference(model, inputs, keep, layer, steps=STEPS):
+    """(greedy tokens [B, steps], per-step logits [B, n, V]), by hand (see the module doc)."""
+    nxt_positions = decode_positions(model, inputs, steps)
+    kw = lm_kwargs(model, inputs)
+    lm = model.model.language_model
+    emb = kw["inputs_embeds"]
+    b = emb.shape[0]
+    pos = kw["position_ids"]
+    if pos.shape[0] == 4:
+        pos = pos[1:]
+    levels = kw.get("deepstack_visual_embeds") or []
+    vis = kw.get("visual_pos_masks")
+    valid = inputs["attention_mask"].bool()
+    low = torch.finfo(emb.dtype).min
+    tokens, logits_steps = [], []
+    with torch.no_grad():
+        for step in range(steps):
+            n = emb.shape[1]
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            full = causal & valid[:, None, :]
+            pruned = full & keep[:, None, :]
+            h = emb
+            pe = lm.rotary_emb(h, pos)
+            for i, lay in enumerate(lm.layers):
+                m = torch.where(full if i < layer else pruned, 0.0, low)[:, None]
+                out = lay(h, attention_mask=m, position_embeddings=pe, use_cache=False)
+                h = out[0] if isinstance(out, tuple) else out
+                if i < len(levels):
+                    at = torch.zeros(b, n, dtype=torch.bool)
+                    at[:, :vis.shape[1]] = vis
+                    rows = torch.zeros(b, n, emb.shape[-1])
+                    rows[at] = levels[i]  # each visual token's own row
+                    if i >= layer:
+                        at = at & keep  # only the kept tokens get theirs
+                    h = h + torch.where(at[..., None], rows, 0.0)
+            logits = model.lm_head(lm.norm(h))
+            logits_steps.append(logits)
+            nxt = logits[:, -1].argmax(-1)
+            tokens.append(nxt)
+            emb = torch.cat([emb, model.get_input_embeddings()(nxt)[:, None]], 1)
+            if step + 1 < steps:
+                pos = torch.cat([pos, nxt_positions[step]], -1)
+            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool)], 1)
+            keep = torch.cat([keep, torch.ones(b, 1, dtype=torch.bool)], 1)
+    return torch.stack(tokens, 1), logits_steps
+
+
+def generate(model, inputs, **kw):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=STEPS, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, **kw)
+
+
+def entering(model, inputs, layer):
+    """The hidden states entering decoder layer `layer` (its forward pre-hook: after
+    DeepStack's addition at layer - 1), and the output of layer - 1 (before it)."""
+    got = {}
+    lm = model.model.language_model
+    hooks = [lm.layers[layer].register_forward_pre_hook(
+                 lambda mod, args: got.setdefault("in", args[0])),
+             lm.layers[layer - 1].register_forward_hook(
+                 lambda mod, args, out: got.setdefault("out", out))]
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got["in"], got["out"]
+
+
+def single(model):
+    """One sample: an image, then a two-frame video (timestamps between its frames)."""
+    return tiny.qwen3_vl_inputs(model, [[(8, 12)]], videos=[[(2, 8, 8)]])
+
+
+def batch_samples(model):
+    return [tiny.qwen3_vl_inputs(model, [[(8, 8)]], texts=[[5, 6, 7, 8]], seed=1),
+            tiny.qwen3_vl_inputs(model, [[(12, 8)]], videos=[[(3, 8, 8)]], texts=[[11]],
+                                 seed=2),
+            tiny.qwen3_vl_inputs(model, [[]], texts=[[12, 13]])]
+
+
+def batched(model, samples):
+    out = tiny.qwen3_vl_inputs(model, [[(8, 8)], [(12, 8)], []],
+                               videos=[[], [(3, 8, 8)], []],
+                               texts=[[5, 6, 7, 8], [11], [12, 13]])
+    out["pixel_values"] = torch.cat([s["pixel_values"] for s in samples if "pixel_values" in s])
+    out["pixel_values_videos"] = torch.cat([s["pixel_values_videos"] for s in samples
+                                            if "pixel_values_videos" in s])
+    return out
+
+
+# -- keep-all, remove -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,layer", [("qwen3_vl", 1), ("qwen3_vl", 2), ("qwen3_vl", 3),
+                                          ("qwen3_vl", 4), ("qwen3_vl_moe", 2)])
+def test_keep_all_is_the_unpruned_model(family, layer):
+    model = model_for(family)
+    samples = batch_samples(model)
+    inputs = batched(model, samples)
+    with torch.no_grad():
+        base = model(**inputs).logits
+    base_gen = generate(model, inputs)
+    with hf.apply(model, 1.0, layer=layer) as pruner:
+        with torch.no_grad():
+            got = model(**inputs).logits
+        gen = generate(model, inputs)
+        assert pruner.kinds == [["image"], ["image", "video"], []]
+    assert torch.equal(got, base)
+    assert torch.equal(gen.sequences, base_gen.sequences)
+
+
+def test_remove_restores_bit_identical_outputs():
+    model = model_for()
+    inputs = single(model)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    before_gen = generate(model, inputs).sequences
+    pruner = hf.apply(model, 0.25)
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    assert pruned.shape[1] < before.shape[1]
+    pruner.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+    assert torch.equal(generate(model, inputs).sequences, before_gen)
+    assert len(model.model.language_model._forward_hooks) == 0
+    assert all(len(lay._forward_hooks) == 0 for lay in model.model.language_model.layers)
+
+
+# -- the selection ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_kept_is_prune_on_the_eager_row_and_the_hidden_states_after_deepstack(layer):
+    """kept == prune(the hidden states entering `layer`, i.e. after DeepStack's addition at
+    layer - 1 where layer - 1 < 3, the eager row of layer - 1), on a left-padded batch."""
+    model = model_for("qwen3_vl", "eager")
+    samples = batch_samples(model)
+    inputs = batched(model, samples)
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True, use_cache=False)
+    attn = out.attentions[layer - 1]
+    hidden, before = entering(model, inputs, layer)
+    vis = inputs["input_ids"].eq(tiny.IMAGE) | inputs["input_ids"].eq(tiny.VIDEO)
+    if layer - 1 < 3:  # DeepStack added a level after layer - 1: the two states differ
+        assert not torch.equal(hidden[vis], before[vis])
+    last = [int(torch.nonzero(m).max()) for m in inputs["attention_mask"]]
+    with hf.apply(model, 0.25, layer=layer) as pruner:
+        with torch.no_grad():
+            model(**inputs)
+    found = items(inputs, True)
+    for b, sample in enumerate(found):
+        assert [kind for kind, _, _ in sample] == pruner.kinds[b]
+        for i, (kind, pos, grid) in enumerate(sample):
+            row = attn[b, :, last[b], pos].mean(0)
+            torch.testing.assert_close(pruner.importance[b][i], row, rtol=1e-5, atol=1e-8)
+            want = d2p.prune(hidden[b, pos], row, grid, 0.25)
+            assert torch.equal(pruner.kept[b][i], want), (b, i)
+            assert pruner.grids[b][i] == grid
+    assert pruner.kept[2] == []
+
+
+# -- against the reference ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,impl,layer", [
+    ("qwen3_vl", "sdpa", 1), ("qwen3_vl", "sdpa", 2), ("qwen3_vl", "sdpa", 3),
+    ("qwen3_vl", "sdpa", 4), ("qwen3_vl", "eager", 2), ("qwen3_vl_moe", "sdpa", 2),
+    ("qwen3_vl_moe", "eager", 1)])
+def test_logits_and_generate_equal_the_reference(family, impl, layer):
+    """Before (1, 2: levels 1, 2 at the kept tokens), inside and after (3, 4) the DeepStack
+    range; cached decoding == the reference's recomputation."""
+    model = model_for(family, impl)
+    inputs = single(model)
+    with hf.apply(model, 0.25, layer=layer) as pruner:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        kept = pruner.kept
+        gen = generate(model, inputs)
+        assert all(torch.equal(a, b) for a, b in zip(pruner.kept[0], kept[0], strict=True))
+    keep = keep_mask(inputs, kept, items(inputs, True))
+    n_kept = int(keep.sum())
+    cache = getattr(out, "cache", None) or out.past_key_values
+    n_layers = len(model.model.language_model.layers)
+    full = inputs["input_ids"].shape[1]
+    assert [cache.get_seq_length(i) for i in range(n_layers)] == \
+        [full] * layer + [n_kept] * (n_layers - layer)
+    tokens, logits = reference(model, inputs, keep, layer)
+    assert out.logits.shape[1] == n_kept
+    torch.testing.assert_close(out.logits[0], logits[0][0, keep[0]], rtol=1e-4, atol=1e-4)
+    assert torch.equal(gen.sequences[:, full:], tokens)
+    for step, got in enumerate(gen.logits):
+        torch.testing.assert_close(got, logits[step][:, -1], rtol=1e-4, atol=1e-4)
+    if layer < 3:  # the reference has teeth: DeepStack at every visual position differs
+        everywhere = reference(model, inputs, keep, layer=3, steps=1)[1][0]
+        deep = torch.where(keep[0])[0]
+        assert not torch.allclose(out.logits[0], everywhere[0, deep], rtol=1e-4, atol=1e-4)
+
+
+def test_left_padded_batch_equals_each_sample_alone():
+    model = model_for()
+    samples = batch_samples(model)
+    inputs = batched(model, samples)
+    with hf.apply(model, 0.25) as pruner:
+        gen = generate(model, inputs)
+        kept, kinds = pruner.kept, pruner.kinds
+        alone = []
+        for s in samples:
+            alone.append((generate(model, s), pruner.kept[0], pruner.kinds[0]))
+    full = inputs["input_ids"].shape[1]
+    for b, (g, k, kd) in enumerate(alone):
+        assert kinds[b] == kd
+        assert len(kept[b]) == len(k)
+        for mine, theirs in zip(kept[b], k):
+            assert torch.equal(mine, theirs), b
+        n = samples[b]["input_ids"].shape[1]
+        assert torch.equal(gen.sequences[b, full:], g.sequences[0, n:]), b
+        for step in range(STEPS):
+            torch.testing.assert_close(gen.logits[step][b], g.logits[step][0],
+                                       rtol=1e-4, atol=1e-4)
+
+
+# -- misuse, calibration --------------------------------------------------------------------------
+
+def test_misuse_raises_at_apply():
+    model = model_for()
+    hooks = len(model.model.language_model._forward_pre_hooks)
+    with pytest.raises(ValueError, match="where='vision'"):
+        hf.apply(model, 4, where="vision")
+    with pytest.raises(ValueError, match=r"layer must be in \[1, 4\]"):
+        hf.apply(model, 4, layer=5)
+    with pytest.raises(ValueError, match=r"layer must be in \[1, 4\]"):
+        hf.apply(model, 4, layer=0)
+    with pytest.raises(ValueError):
+        hf.apply(model, 0)
+    with pytest.raises(ValueError):
+        hf.apply(model, 1.5)
+    with pytest.raises((TypeError, ValueError)):
+        hf.apply(model, 4, no_such_option=1)
+    assert len(model.model.language_model._forward_pre_hooks) == hooks
+    with hf.apply(model, 4) as pruner:  # an int k keeps at most k per image / video
+        with torch.no_grad():
+            model(**single(model))
+        assert [k.numel() for k in pruner.kept[0]] == [4, 4]
+    with hf.apply(model, 100) as pruner:  # above an item's tokens: kept whole
+        with torch.no_grad():
+            model(**single(model))
+        assert [k.numel() for k in pruner.kept[0]] == [24, 32]
+
+
+def test_calibrate_prior_images_and_video_frames():
+    """Qwen3-VL: each image one map, each video frame one map on (1, h, w); the prior
+    applies to a video per frame."""
+    model = model_for()
+    batches = [tiny.qwen3_vl_inputs(model, [[(8, 8)]], videos=[[(2, 8, 8)]], seed=3)]
+    prior = hf.calibrate_prior(model, batches, progress=False)
+    with hf.apply(model, 0.25) as pruner:
+        with torch.no_grad():
+            model(**batches[0])
+        rows = [pruner.importance[0][0], *pruner.importance[0][1].view(2, 16)]
+    assert prior.grid == (1, 4, 4) and prior.count == 3
+    torch.testing.assert_close(prior.mean, torch.stack(rows).double().mean(0), rtol=1e-6,
+                               atol=1e-12)
+    with hf.apply(model, 0.25, prior=prior) as pruner:
+        with torch.no_grad():
+            model(**batches[0])
+        video_row, video_kept = pruner.importance[0][1], pruner.kept[0][1]
+    hidden, _ = entering(model, batches[0], 2)
+    pos = items(batches[0], True)[0][1][1]
+    per_frame = prior.mean.float().repeat(2)
+    want = d2p.prune(hidden[0, pos], video_row, (2, 4, 4), 0.25, prior=per_frame)
+    assert torch.equal(video_kept, want)
