@@ -10,6 +10,8 @@ import numbers
 import numpy as np
 import torch
 
+from .token_layout import TokenLayout
+
 
 def _as_array(image, what: str = "image") -> np.ndarray:
     """A PIL image, an HxWx3 / HxW array, or a tensor [3, H, W] / [H, W, 3] (uint8, or
@@ -118,7 +120,11 @@ def draw_kept(image, kept, grid, *, dim: float = 0.38, outline=(255, 255, 255),
     kept:  the kept token indices of ONE image (a `pruner.kept[b][i]`), row-major: 1-D ints
            in [0, N) (N = the grid's product), or a bool mask of N entries ([N] or shaped as
            the grid: True = kept). A batch [B, k], floats, or an index outside [0, N) raise.
-    grid:  (H, W) or (t, H, W) in LLM tokens, positive ints (`pruner.grids[b][i]`).
+    grid:  (H, W) or (t, H, W) in LLM tokens, positive ints (`pruner.grids[b][i]`), or a
+           TokenLayout: then `image` is a list of one picture per piece (InternVL: the
+           stitched picture, then the thumbnail; LLaVA-NeXT: the base picture, then the
+           high-resolution one, whose last column of cells is the newline token's), each
+           drawn with its piece's grid (tiles stitched), side by side.
     highlight: optional indices (or a mask) among `kept`, outlined in `highlight_outline`,
            2 px (the demo marks D2Pruner's greedy-MIS picks so); same rules as `kept`, and
            each must be kept.
@@ -133,6 +139,9 @@ def draw_kept(image, kept, grid, *, dim: float = 0.38, outline=(255, 255, 255),
     """
     from PIL import Image, ImageDraw
 
+    if isinstance(grid, TokenLayout):
+        return _draw_layout(image, kept, grid, highlight=highlight, crop=crop,
+                            dim=dim, outline=outline, highlight_outline=highlight_outline)
     t, gh, gw = g = _grid(grid)
     shape = g if t > 1 else g[1:]
     n = t * gh * gw
@@ -190,11 +199,43 @@ def draw_kept(image, kept, grid, *, dim: float = 0.38, outline=(255, 255, 255),
             else:
                 d.rectangle((x0, y0, x1, y1), outline=outline)
         out.append(panel)
-    if len(out) == 1:
-        return out[0]
-    strip = Image.new("RGB", (sum(p.width for p in out), max(p.height for p in out)))
+    return _side_by_side(out)
+
+
+def _side_by_side(panels):
+    from PIL import Image
+    if len(panels) == 1:
+        return panels[0]
+    strip = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)))
     x = 0
-    for p in out:
+    for p in panels:
         strip.paste(p, (x, 0))
         x += p.width
     return strip
+
+
+def _draw_layout(image, kept, layout: TokenLayout, *, highlight, crop, **style):
+    """draw_kept for a TokenLayout: each piece over its own picture, its tokens placed by
+    the layout's coordinates (a tiled piece: the stitched picture's row-major cells)."""
+    n, pieces = layout.cells, layout.pieces
+    if not isinstance(image, (list, tuple)) or len(image) != len(pieces):
+        raise ValueError(f"grid {layout!r} has {len(pieces)} pieces: pass a list of "
+                         f"{len(pieces)} pictures, one per piece, got "
+                         f"{len(image) if isinstance(image, (list, tuple)) else type(image).__name__}")
+    idx = _indices("kept", kept, n, (n,))
+    hi = None if highlight is None else _indices("highlight", highlight, n, (n,))
+    panels, start = [], 0
+    for i, (picture, piece) in enumerate(zip(image, pieces)):
+        if piece.grid[0] != 1:
+            raise ValueError(f"draw_kept draws layouts of one-frame pieces; piece {i} has grid "
+                             f"{piece.grid}")
+        table = piece.coords()  # (t, y, x) of the piece's tokens, sequence order
+        raster = (table[:, 1] * piece.grid[2] + table[:, 2]).numpy()
+
+        def local(a):
+            inside = a[(a >= start) & (a < start + piece.cells)] - start
+            return raster[inside]
+        panels.append(draw_kept(picture, local(idx), piece.grid[1:], crop=crop,
+                                highlight=None if hi is None else local(hi), **style))
+        start += piece.cells
+    return _side_by_side(panels)

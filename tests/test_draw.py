@@ -165,3 +165,21 @@ def test_crop_lays_the_grid_over_the_box_and_dims_the_rest():
 def test_bad_crop_raises_naming_it(crop, error, message):
     with pytest.raises(error, match=message):
         draw_kept(PIXELS, [0], GRID, crop=crop)
+
+
+def test_a_token_layout_draws_each_piece_over_its_picture():
+    """InternVL-like: two 2x2 tiles stitched into a 2x4 picture, then a 2x2 thumbnail. Token
+    4 (tile 1's first) is cell (0, 2) of the stitched picture, by hand."""
+    from d2pruner_kernels import TokenLayout
+    layout = TokenLayout.tiles(1, 2, (2, 2)) + TokenLayout.grid(2, 2)
+    g = np.random.default_rng(0)
+    stitched = g.integers(0, 255, (20, 40, 3), dtype=np.uint8)
+    thumb = g.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    got = np.asarray(draw_kept([stitched, thumb], [1, 4, 9], layout, highlight=[4]))
+    left = np.asarray(draw_kept(stitched, [1, 2], (2, 4), highlight=[2]))
+    right = np.asarray(draw_kept(thumb, [1], (2, 2)))
+    assert np.array_equal(got, np.concatenate([left, right], axis=1))
+    with pytest.raises(ValueError, match=r"has 2 pieces: pass a list of 2 pictures"):
+        draw_kept(stitched, [1], layout)
+    with pytest.raises(ValueError, match=r"kept indices must be in \[0, 12\)"):
+        draw_kept([stitched, thumb], [12], layout)
