@@ -379,3 +379,24 @@ def test_calibrate_prior_images_and_video_frames():
     per_frame = prior.mean.float().repeat(2)
     want = d2p.prune(hidden[0, pos], video_row, (2, 4, 4), 0.25, prior=per_frame)
     assert torch.equal(video_kept, want)
+
+
+def test_an_exception_leaves_the_deepstack_state_clean():
+    """An exception inside a pruned layer after DeepStack's levels were moved: the next
+    forward gives exactly what a fresh pruner gives."""
+    model = model_for()
+    inputs = single(model)
+    with hf.apply(model, 0.25, layer=1) as pruner:
+        with torch.no_grad():
+            want = model(**inputs).logits
+
+        def boom(mod, args):
+            raise RuntimeError("boom")
+        h = model.model.language_model.layers[2].register_forward_pre_hook(boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            with torch.no_grad():
+                model(**inputs)
+        h.remove()
+        assert pruner.active
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, want)

@@ -219,3 +219,26 @@ def test_calibrate_prior_per_frame():
                                atol=1e-12)
     resampled = hf.calibrate_prior(model, batches, grid=(4, 4), progress=False)
     assert resampled.grid == (4, 4) and resampled.count == 6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_expands_the_videos(family):
+    """num_beams / num_return_sequences: keep-all is the unpruned model; at a small k every
+    expanded row is its sample pruned alone (the encoder outputs expanded by generate are
+    grouped per row)."""
+    model = model_for(family)
+    _, inputs = samples_and_batch(family, model)
+    kw = dict(max_new_tokens=STEPS, num_beams=2, num_return_sequences=2, do_sample=False)
+    with torch.no_grad():
+        base = model.generate(**inputs, **kw)
+        with hf.apply(model, 1.0):
+            assert torch.equal(model.generate(**inputs, **kw), base)
+        with hf.apply(model, 0.25) as pruner:
+            model(**inputs)
+            alone = pruner.kept
+            model.generate(**inputs, **kw)
+            assert len(pruner.kept) == 6
+            assert pruner.kinds == [k for k in [["video"], ["image", "video"], []]
+                                    for _ in range(2)]
+            for r, row in enumerate(pruner.kept):
+                assert all(torch.equal(a, b) for a, b in zip(row, alone[r // 2], strict=True))
