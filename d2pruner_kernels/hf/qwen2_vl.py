@@ -11,7 +11,8 @@ there in every prefill, including generate()'s, whose forward no longer gets
 forward does get `image_grid_thw`, the two must agree. Decoding positions come from the
 model's `rope_deltas`, computed on the full prompt and left alone.
 
-Video tokens (`video_token_id`) are left as they are.
+Video tokens (`video_token_id`) are left as they are here (Qwen2-VL); Qwen2.5-VL and
+Qwen3-VL prune each video as one item (qwen_video.py, qwen3_vl.py).
 """
 from __future__ import annotations
 
