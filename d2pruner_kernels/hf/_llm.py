@@ -23,6 +23,12 @@ Masks are built with transformers' own mask functions for the attention implemen
 the model uses at the call (AttentionMaskInterface; read at every forward, so
 `set_attn_implementation` after apply() is followed), from a 2-D validity mask of the kept
 positions.
+
+Families whose layers differ (Gemma 3's sliding and full layers, Qwen3.5's linear and full
+ones) give the adapter `layer_kind(index)` and `layer_mask(kind, index, seq)`: the layers
+from K on then get, per kind, the mask the adapter builds from a `PrunedSeq`; each layer's
+own RoPE cos/sin are gathered (Gemma 3 has one pair per kind). A tapped call given
+`sliding_window` reads its row over the keys inside the window only.
 """
 from __future__ import annotations
 
@@ -48,20 +54,54 @@ class _Prefill:
         self.valid_c = None     # bool [B, L'] validity of the kept positions
         self.kept = None
         self.cache = None
+        self.outer = None       # what the outer forward noted
+        self.seq = None         # PrunedSeq, for adapters with layer_kind
 
 
 class _Record:
     """What decoding from a pruned cache needs (written on the cache: mark_cache)."""
 
-    def __init__(self, length, length_c, valid_c, layer):
+    def __init__(self, length, length_c, valid_c, layer, positions=None):
         self.length, self.length_c, self.valid_c = length, length_c, valid_c
         self.layer = layer
+        self.positions = positions  # [B, L'] the prompt position of each kept slot
+
+
+class PrunedSeq:
+    """What an adapter's `layer_mask(kind, index, seq)` builds a pruned layer's mask from:
+    `valid` bool and `positions` int64 [B, T] over the compact sequence the layers from K on
+    hold ([kept prompt | tokens since], filler slots invalid; `positions` the original
+    sequence index of each entry), the query its last `q_len` entries; `outer` what the
+    outer forward of the prefill gave (adapter.prefill_inputs; None while decoding) plus
+    `idx`, the kept positions [B, L']; `cache` the forward's cache. `default()` is the
+    causal + padding mask of the implementation in use; `build(fn, q_len, kv_len)` that
+    implementation's mask from an index mask function fn(b, h, q_idx, kv_idx) (indices
+    absolute in [0, T)) and the validity."""
+
+    def __init__(self, owner, valid, positions, q_len, hidden, outer, cache, prefill):
+        self.valid, self.positions, self.q_len = valid, positions, q_len
+        self.total = valid.shape[1]
+        self.dtype, self.device = hidden.dtype, hidden.device
+        self.outer, self.cache, self.prefill = outer, cache, prefill
+        self._owner, self._hidden = owner, hidden
+
+    def default(self):
+        return self._owner._mask(self.valid, self.q_len, self.total, self._hidden)
+
+    def build(self, mask_function, q_len: int, kv_len: int):
+        valid = None if bool(self.valid.all()) else self.valid
+        return self._owner.mask_fn(batch_size=self.valid.shape[0], q_length=q_len,
+                                   kv_length=kv_len, q_offset=self.total - q_len,
+                                   kv_offset=self.total - kv_len, mask_function=mask_function,
+                                   attention_mask=valid, allow_is_causal_skip=False,
+                                   dtype=self.dtype, device=self.device)
 
 
 class _Decode:
     def __init__(self, record, past, mask2d, q_len):
         self.record, self.past, self.mask2d, self.q_len = record, past, mask2d, q_len
         self.replace = None
+        self.seq = None
 
 
 class InLLM(Hooks):
@@ -110,6 +150,8 @@ class InLLM(Hooks):
     def _outer_pre(self, module, args, kwargs):
         self._outer = None
         if not is_prefill(get_cache(kwargs)):
+            # the model's 2-D mask, for a language model given a dict of masks (Gemma 3)
+            self._outer = {"attention_mask": kwargs.get("attention_mask"), "decode": True}
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
@@ -146,13 +188,18 @@ class InLLM(Hooks):
                                  f"pruned with {what}; this pruner is where='llm', "
                                  f"layer={self.layer}: continue under the pruner that filled "
                                  f"it")
-            self._fwd = _Decode(rec, cache.get_seq_length(), kwargs.get("attention_mask"),
-                                length)
+            mask2d = kwargs.get("attention_mask")
+            if isinstance(mask2d, dict) and self._outer is not None:  # masks per layer kind
+                mask2d = self._outer.get("attention_mask")
+            self._outer = None
+            # int(): a linear-attention layer's count is a tensor its forward bumps in place
+            self._fwd = _Decode(rec, int(cache.get_seq_length()), mask2d, length)
             return None
         if cache is not None:
             mark_cache(cache, None)  # a prefill into it: an older mark no longer applies
         outer, self._outer = self._outer, None
-        if outer is None or tuple(outer["image"].shape) != (batch, length):
+        if outer is None or "image" not in outer or tuple(outer["image"].shape) != (batch,
+                                                                                length):
             return None  # called without the outer model: no placeholders to find
         image = outer["image"].to(emb.device)
         if not bool(image.any()):
@@ -162,6 +209,8 @@ class InLLM(Hooks):
         if cache is not None:
             _check_cache(cache)
         given = [kwargs.get("attention_mask"), outer["attention_mask"]]  # the LM's, the model's
+        if isinstance(given[0], dict):  # masks per layer kind (Gemma 3), built from the model's
+            given[0] = None
         flat = [m for m in given if isinstance(m, torch.Tensor) and m.dim() == 2]
         if flat:
             valid = flat[0].to(device=emb.device, dtype=torch.bool)
@@ -188,6 +237,7 @@ class InLLM(Hooks):
                                      f"masked out by attention_mask")
         self.adapter.check_images(spans, outer)
         self._fwd = _Prefill(spans, valid, last, batch, length)
+        self._fwd.outer = outer
         self._tap.callback = self._capture
         return None
 
@@ -208,10 +258,14 @@ class InLLM(Hooks):
             last = torch.tensor([f.last[b] for b in with_images], device=q.device)
             q_rows = q[sel, :, last].unsqueeze(2)                      # [S, Hq, 1, d]
             spans = [(f.spans[b][0][0], f.spans[b][-1][1]) for b in with_images]
+            keys_seen = f.valid.index_select(0, sel)
+            window = kwargs.get("sliding_window")
+            if window is not None:  # a sliding layer: the keys inside the query's window
+                cols = torch.arange(keys_seen.shape[1], device=keys_seen.device)
+                keys_seen = keys_seen & (cols[None] > last[:, None] - int(window))
             packed = attention_scores(q_rows, k.index_select(0, sel), key_span=spans,
                                       scale=scale, q_positions=last[:, None],
-                                      key_padding_mask=f.valid.index_select(0, sel),
-                                      packed=True)
+                                      key_padding_mask=keys_seen, packed=True)
             start = 0
             for b, (s0, e0) in zip(with_images, spans):
                 row = packed[start:start + e0 - s0]
@@ -239,14 +293,34 @@ class InLLM(Hooks):
                 self._decode_mask(f, kwargs, args[0] if args else kwargs["hidden_states"])
         if f.replace is None:
             return None
-        return args, dict(kwargs, **f.replace)
+        return args, dict(kwargs, **self._per_layer(index, f, kwargs))
+
+    def _per_layer(self, index: int, f, kwargs: dict) -> dict:
+        """f.replace, with this layer's own RoPE gathered where it differs from layer K's
+        (Gemma 3: one pair per layer kind) and the adapter's mask for its kind."""
+        replace = f.replace
+        pe = kwargs.get("position_embeddings")
+        if isinstance(f, _Prefill) and pe is not None and pe is not f.pe_in:
+            got = f.pe_out.get(id(pe))
+            if got is None:
+                got = (gather_seq(pe[0], f.idx, -2), gather_seq(pe[1], f.idx, -2))
+                f.pe_out[id(pe)] = got
+            replace = dict(replace, position_embeddings=got)
+        kind_of = getattr(self.adapter, "layer_kind", None)
+        if kind_of is not None and f.seq is not None:
+            kind = kind_of(index)
+            if kind not in f.masks:
+                f.masks[kind] = self.adapter.layer_mask(kind, index, f.seq)
+            replace = dict(replace, attention_mask=f.masks[kind])
+        return replace
 
     def _lm_post(self, module, args, kwargs, output):
         f, self._fwd = self._fwd, None
         self._tap.callback = None
         if isinstance(f, _Prefill) and f.kept is not None:
             if f.replace is not None and f.cache is not None:
-                mark_cache(f.cache, _Record(f.length, f.idx.shape[1], f.valid_c, self.layer))
+                mark_cache(f.cache, _Record(f.length, f.idx.shape[1], f.valid_c, self.layer,
+                                            f.idx))
             self.on_kept(f.kept, [[item[2] for item in spans] for spans in f.spans],
                          [[row.cpu() for row in rows] for rows in f.rows],
                          [[_kind(item) for item in spans] for spans in f.spans])
@@ -301,8 +375,13 @@ class InLLM(Hooks):
         self._gather = (idx, slot)
         f.valid_c = f.valid.gather(1, idx) & slot
         cos, sin = kwargs["position_embeddings"]
+        f.pe_in, f.pe_out = kwargs["position_embeddings"], {}
         replace = {"position_embeddings": (gather_seq(cos, idx, -2), gather_seq(sin, idx, -2)),
                    "attention_mask": self._mask(f.valid_c, idx.shape[1], idx.shape[1], hidden)}
+        if getattr(self.adapter, "layer_kind", None) is not None:
+            f.seq = PrunedSeq(self, f.valid_c, idx, idx.shape[1], hidden,
+                              dict(f.outer or {}, idx=idx), get_cache(kwargs), True)
+            f.masks = {}
         pos = kwargs.get("position_ids")
         if isinstance(pos, torch.Tensor) and self.impl.startswith("flash"):
             # flash-attention reads gaps in position_ids as packed sequences: cos/sin carry
@@ -317,7 +396,7 @@ class InLLM(Hooks):
         rec = f.record
         n_prev = f.past - rec.length
         cache = get_cache(kwargs)
-        held = cache.get_seq_length(self.layer) if cache is not None else -1
+        held = int(cache.get_seq_length(self.layer)) if cache is not None else -1
         if n_prev < 0 or held != rec.length_c + n_prev:
             raise RuntimeError(f"the cache does not match the pruned prefill (layer "
                                f"{self.layer} holds {held} tokens, expected "
@@ -338,6 +417,12 @@ class InLLM(Hooks):
         valid = torch.cat([rec.valid_c, tail], dim=1)
         kv = rec.length_c + new
         f.replace = {"attention_mask": self._mask(valid, f.q_len, kv, hidden)}
+        if getattr(self.adapter, "layer_kind", None) is not None:
+            since = torch.arange(rec.length, rec.length + new, device=valid.device)
+            positions = torch.cat([rec.positions.to(valid.device),
+                                   since.expand(batch, new)], dim=1)
+            f.seq = PrunedSeq(self, valid, positions, f.q_len, hidden, None, cache, False)
+            f.masks = {}
 
     def _mask(self, valid: torch.Tensor, q_len: int, kv_len: int, hidden: torch.Tensor):
         return self.mask_fn(batch_size=valid.shape[0], q_length=q_len, kv_length=kv_len,

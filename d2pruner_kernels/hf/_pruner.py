@@ -20,9 +20,11 @@ from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .qwen_video import QwenVideoAdapter
+from .gemma3 import Gemma3Adapter
+from .qwen3_5 import Qwen3_5Adapter
 
 ADAPTERS = (LlavaAdapter, Qwen3VLAdapter, QwenVideoAdapter, Qwen2VLAdapter, LlavaNextAdapter,
-            LlavaOnevisionAdapter, InternVLAdapter)
+            LlavaOnevisionAdapter, InternVLAdapter, Qwen3_5Adapter, Gemma3Adapter)
 WHERE = ("llm", "vision")
 # model -> weakref to its Pruner. Nothing here keeps a model alive: the key is weak, and the
 # value must not hold the model (a Pruner does, so it is held weakly). The model's own hooks
@@ -121,7 +123,9 @@ def _adapter(model):
     names = "LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, " \
             "Qwen2_5_VLForConditionalGeneration, LlavaNextForConditionalGeneration, " \
             "LlavaOnevisionForConditionalGeneration, InternVLForConditionalGeneration, " \
-            "Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration"
+            "Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration, " \
+            "Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration, " \
+            "Gemma3ForConditionalGeneration"
     extra = f", and what is registered ({', '.join(c.__name__ for c in _REGISTERED)})" \
         if _REGISTERED else ""
     raise TypeError(f"d2pruner_kernels.hf supports {names}{extra}; got "
@@ -145,7 +149,11 @@ def _setup(model, where, layer):
         raise ValueError(f"where must be 'llm' or 'vision', got {where!r}")
     adapter.check(where)
     if where == "llm":
+        if layer is None:  # the family's default: 2 (Qwen3.5: its first full-attention layer + 1)
+            layer = getattr(adapter, "default_layer", lambda: 2)()
         layer = _check_layer(layer, len(adapter.language_model.layers))
+        if hasattr(adapter, "check_layer"):  # e.g. Qwen3.5: layer - 1 must be full attention
+            adapter.check_layer(layer)
     elif layer not in (2, None):
         raise ValueError(f"where='vision' reads the CLIP layer of config.vision_feature_layer; "
                          f"layer={layer!r} applies to where='llm' only")
@@ -239,7 +247,7 @@ class Pruner:
                 f"prior={'yes' if self.prior is not None else None}, {state})")
 
 
-def apply(model, k, *, where: str = "llm", layer: int = 2, prior=None,
+def apply(model, k, *, where: str = "llm", layer: int | None = None, prior=None,
           **prune_options) -> Pruner:
     """Prunes the visual tokens of every image in every prefill of `model` with D2Pruner.
 
@@ -256,7 +264,9 @@ def apply(model, k, *, where: str = "llm", layer: int = 2, prior=None,
            "vision" (LLaVA): importance = the CLS row of the CLIP layer that produces the
            selected features, features = the projected image features; the LLM receives k
            tokens per image in a shorter prompt with contiguous positions.
-    layer: the decoder layer K that sees the pruned sequence, in [1, num_layers - 1].
+    layer: the decoder layer K that sees the pruned sequence, in [1, num_layers - 1];
+           None: 2, or for Qwen3.5 its first full-attention layer + 1 (layer - 1 must be a
+           full-attention layer there: a linear one has no attention row).
     prior: a PositionalPrior (resized bilinearly to each image's grid where it was
            calibrated on another one: our extension) or a positive tensor [N] for the grid.
     prune_options: PruneOptions' fields (pivot_ratio, sim_threshold, spatial_weight,
@@ -273,8 +283,8 @@ def apply(model, k, *, where: str = "llm", layer: int = 2, prior=None,
     return pruner
 
 
-def calibrate_prior(model, batches, *, where: str = "llm", layer: int = 2, grid=None,
-                    progress: bool = True) -> PositionalPrior:
+def calibrate_prior(model, batches, *, where: str = "llm", layer: int | None = None,
+                    grid=None, progress: bool = True) -> PositionalPrior:
     """The positional prior of `model`: the mean of exactly the importance rows `apply`
     would use (same `where` and `layer`), over the images of `batches`.
 

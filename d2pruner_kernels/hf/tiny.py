@@ -370,3 +370,89 @@ def qwen3_vl_inputs(model, images: list, videos=None, texts=None, seed: int = 0,
         out["pixel_values_videos"] = torch.randn(patches, 3 * tp * p * p, generator=g)
         out["video_grid_thw"] = torch.tensor(vgrids, dtype=torch.long)
     return out
+
+
+# -- Qwen3.5 (linear + full attention) and Gemma 3 (sliding + full, a dict of masks) ------------
+
+QWEN3_5_LAYERS = ["linear_attention", "full_attention", "linear_attention", "full_attention",
+                  "linear_attention"]
+
+
+def tiny_qwen3_5(layer_types=None, seed: int = 0, attn_implementation: str = "sdpa",
+                 moe: bool = False):
+    """Qwen3_5ForConditionalGeneration (moe=True: Qwen3_5MoeForConditionalGeneration, 4
+    experts, 2 per token): a one-block vision tower (patch 16, 2x2 merge) and a decoder of
+    `layer_types` (default QWEN3_5_LAYERS: Gated DeltaNet and full attention interleaved;
+    width 64, 4 query heads on 2 key heads, head_dim 16). Prompts: qwen_inputs with patch
+    grids of even sides."""
+    import transformers
+    types = list(layer_types or QWEN3_5_LAYERS)
+    extra = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 shared_expert_intermediate_size=32) if moe else {}
+    text = dict(_llama_text(len(types)), head_dim=16, layer_types=types, **extra,
+                linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                linear_num_key_heads=2, linear_num_value_heads=4,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [1, 1, 0], "mrope_interleaved": True,
+                                 "partial_rotary_factor": 0.25})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                  out_hidden_size=64, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=64)
+    if moe:
+        text.pop("intermediate_size")
+        ccls, cls = transformers.Qwen3_5MoeConfig, transformers.Qwen3_5MoeForConditionalGeneration
+    else:
+        ccls, cls = transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration
+    cfg = ccls(text_config=text, vision_config=vision, image_token_id=IMAGE,
+               video_token_id=VIDEO, vision_start_token_id=VISION_START,
+               vision_end_token_id=VISION_END)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return cls(cfg).eval()
+
+
+GEMMA3_LAYERS = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+
+
+def tiny_gemma3(layer_types=None, sliding_window: int = 300, seed: int = 0,
+                attn_implementation: str = "sdpa"):
+    """Gemma3ForConditionalGeneration: SigLIP 64/4 (16 x 16 patches, 1 layer, width 32; the
+    projector's pooling keeps the 16 x 16 = 256 tokens per image of the real model) and a
+    Gemma 3 decoder of `layer_types` (default GEMMA3_LAYERS: the importance layer 1 of the
+    default layer=2 is a sliding one) with a window of `sliding_window` tokens (300: the
+    last prompt token of a two-image prompt sees part of the first image). Prompts:
+    gemma3_inputs."""
+    import transformers
+    types = list(layer_types or GEMMA3_LAYERS)
+    text = dict(_llama_text(len(types)), head_dim=16, query_pre_attn_scalar=16,
+                sliding_window=sliding_window, layer_types=types)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=64, patch_size=4)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision,
+                                    mm_tokens_per_image=256, boi_token_index=VISION_START,
+                                    eoi_token_index=VISION_END, image_token_index=IMAGE)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return transformers.Gemma3ForConditionalGeneration(cfg).eval()
+
+
+def gemma3_inputs(model, texts: list, images_per_sample=None, seed: int = 0) -> dict:
+    """Left-padded Gemma 3 prompts as its processor lays them out: sample b is [1] + (
+    images_per_sample[b] x (begin-of-image + 256 image tokens + end-of-image, then token 9))
+    + texts[b]; token_type_ids (1 at image tokens) and random pixel_values, one per image."""
+    n = model.config.mm_tokens_per_image
+    images_per_sample = images_per_sample or [1] * len(texts)
+    rows = []
+    for text, count in zip(texts, images_per_sample):
+        row = [1]
+        for _ in range(count):
+            row += [VISION_START] + [IMAGE] * n + [VISION_END, 9]
+        rows.append(row + list(text))
+    ids, mask = _left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": (ids == IMAGE).long()}
+    total = sum(images_per_sample)
+    if total:
+        size = model.config.vision_config.image_size
+        g = torch.Generator().manual_seed(seed)
+        out["pixel_values"] = torch.randn(total, 3, size, size, generator=g)
+    return out
