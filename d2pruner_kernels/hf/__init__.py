@@ -1,7 +1,7 @@
 """D2Pruner in a Hugging Face transformers 5.x model, in two lines.
 
     from d2pruner_kernels import hf
-    pruner = hf.apply(model, k=64)                  # where="llm", layer=2
+    pruner = hf.apply(model, k=64)                  # where="llm", layer=2 (Qwen3.5: see below)
     out = model.generate(**inputs, max_new_tokens=64)
     pruner.remove()                                 # or: with hf.apply(model, 64) as pruner:
 
@@ -12,7 +12,11 @@ LlavaOnevisionForConditionalGeneration (anyres: each image a TokenLayout, base i
 high-resolution map with its newline tokens) and InternVLForConditionalGeneration (tiles
 stitched + thumbnail; pass image_sizes; where="llm" only), Qwen3VLForConditionalGeneration
 and Qwen3VLMoeForConditionalGeneration (DeepStack features pruned with their tokens); the
-videos of Qwen2.5-VL and Qwen3-VL are pruned too, each video one item. `where="llm"` prunes
+videos of Qwen2.5-VL and Qwen3-VL are pruned too, each video one item.
+Qwen3_5ForConditionalGeneration and Qwen3_5MoeForConditionalGeneration (linear-attention
+layers: the importance layer `layer - 1` must be a full-attention one, default `layer` = the
+first full-attention layer + 1) and Gemma3ForConditionalGeneration (16 x 16 per image, its
+masks per layer kind rebuilt for the kept tokens), where="llm". `where="llm"` prunes
 inside the language model at decoder layer `layer` (the paper's setting); `where="vision"`
 (LLaVA) prunes the projected image features so that the LLM gets a shorter prompt.
 `calibrate_prior` computes a model's positional prior from the same importance rows;
@@ -43,8 +47,11 @@ from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .qwen_video import QwenVideoAdapter
+from .qwen3_5 import Qwen3_5Adapter
+from .gemma3 import Gemma3Adapter
 from ..draw import draw_kept
 
 __all__ = ["apply", "calibrate_prior", "Pruner", "draw_kept", "register_adapter", "Adapter",
            "LlavaAdapter", "Qwen2VLAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
-           "InternVLAdapter", "Qwen3VLAdapter", "QwenVideoAdapter"]
+           "InternVLAdapter", "Qwen3VLAdapter", "QwenVideoAdapter", "Qwen3_5Adapter",
+           "Gemma3Adapter"]

@@ -70,6 +70,13 @@ def register_adapter(model_class, adapter):
                        each run's (t, h, w) from the M-RoPE positions in lm_kwargs
       check_images(spans, outer)   optional cross-check of the whole batch
       image_mask(input_ids, inputs_embeds)   optional: bool [B, L] of placeholders
+      default_layer() / check_layer(layer)   optional: the family's default `layer` (else
+                       2) and a ValueError for a layer it cannot read (Qwen3.5: layer - 1
+                       must be a full-attention layer)
+      layer_kind(index) / layer_mask(kind, index, seq)   optional, for decoders whose
+                       layers take different masks (Gemma 3's sliding / full, Qwen3.5's
+                       linear / full): the mask of each kind from layer K on, built from a
+                       _llm.PrunedSeq (see hf/gemma3.py, hf/qwen3_5.py)
     where="vision" also needs `projector` (the module whose output is the image features,
     [n_images, tokens_per_image, D]) and `vision_attention()` -> (the attention module whose
     CLS row is the importance, its layer index): see LlavaAdapter.
