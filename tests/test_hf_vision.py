@@ -247,3 +247,29 @@ def test_vision_beam_search_and_several_sequences(search):
     for row in range(expand):
         assert torch.equal(pruner.kept[row][0], kept[0])
         assert torch.equal(pruner.kept[expand + row][1], kept[2])
+
+
+def test_an_image_token_id_without_pixels_after_a_cache_is_a_token():
+    """A decode step whose ids hold the image token but no pixels (a small random model can
+    generate that id) is a plain token to the model, as unpruned: never refused. Held at
+    keep-all to the unpruned model continuing the same way; at k = K it runs."""
+    model = model_for()
+    inputs = tiny.llava_inputs(model, [[5, 6, 7]], images_per_sample=[1])
+
+    def continue_with_the_image_id():
+        with torch.no_grad():
+            first = model.generate(**inputs, max_new_tokens=2, do_sample=False,
+                                   return_dict_in_generate=True)
+            ids = torch.cat([first.sequences, torch.tensor([[tiny.IMAGE, 9]])], 1)
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  past_key_values=first.past_key_values, max_new_tokens=2,
+                                  do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+    want = continue_with_the_image_id()
+    with hf.apply(model, 1.0, where="vision"):
+        got = continue_with_the_image_id()
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with hf.apply(model, K, where="vision"):
+        assert continue_with_the_image_id().sequences.shape == want.sequences.shape

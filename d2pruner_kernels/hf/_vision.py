@@ -188,7 +188,12 @@ class OnVision(Hooks):
         encoded = self._encoded_features(kwargs, sum(counts))
         if encoded is not None:
             kwargs = encoded
-        if drop == 0 or bool(keep.all()):
+        if drop == 0 or bool(keep.all()):  # nothing pruned: the cache is marked as such
+            mask = kwargs.get("attention_mask")
+            given = isinstance(mask, torch.Tensor) and mask.dim() == 2
+            whole = mask if given else keep.long()
+            self._fwd = (_Record(length, torch.zeros(batch, dtype=torch.int64), whole, given),
+                         counts)
             return None if encoded is None else (args, kwargs)
         idx, slot = left_packed(keep)
         self._gather = (idx, slot)
@@ -241,7 +246,15 @@ class OnVision(Hooks):
             args, kwargs = self._new_tokens(rec, cache, args, kwargs)
             ids = kwargs.get("input_ids", args[0] if args else None)
             emb = kwargs.get("inputs_embeds")
-        n_images = int(self.adapter.image_mask(ids, emb).sum())
+        # Refused: placeholders with pixels (or encoded images) to fill them, a new image
+        # after the cache; or placeholders after a cache this pruner did not mark (a prompt's
+        # tail re-fed). After a marked cache the tail is cut above, and an image token id left
+        # without pixels is a token like any other to the model (a small random model may
+        # generate it), as it is unpruned.
+        images_given = (kwargs.get("pixel_values") is not None
+                        or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None)
+        n_images = (int(self.adapter.image_mask(ids, emb).sum())
+                    if images_given or rec is None else 0)
         if n_images:
             raise ValueError(f"where='vision' prunes images in a prefill only: this forward "
                              f"continues from a cache (past_key_values, "
@@ -325,7 +338,7 @@ class OnVision(Hooks):
             self.on_kept(kept, [[self.adapter.grid] * c for c in counts], scores)
         cache = output_cache(output) if output is not None else None
         if cache is not None:
-            mark_cache(cache, rec)  # None: this prefill pruned nothing
+            mark_cache(cache, rec)
         return None
 
     def _pad_id(self) -> int:

@@ -40,7 +40,9 @@ class Settings:
 
 
 def parse_k(text: str):
+    """D2PRUNER_VLLM_K's text as an int >= 1 or a ratio in (0, 1] (checks.check_k's rule)."""
     text = text.strip()
+    shown = text if len(text) <= 40 else text[:40] + "..."
     for kind in (int, float):
         try:
             value = kind(text)
@@ -48,13 +50,17 @@ def parse_k(text: str):
         except ValueError:
             continue
     else:
-        raise ValueError(f"{ENV_K} must be an int >= 1 (image tokens kept per image) or a "
-                         f"ratio in (0, 1], got {text!r}")
+        value = None
     try:
         return check_k(value, ENV_K)
-    except (TypeError, ValueError) as e:
-        shown = text if len(text) <= 40 else text[:40] + "..."
-        raise ValueError(f"{e} (got {shown!r})") from None
+    except ValueError:
+        if isinstance(value, float):  # (NaN, inf, 1.5, -0.1)
+            raise ValueError(f"{ENV_K} as a ratio must be in (0, 1], got {shown!r}") from None
+        raise ValueError(f"{ENV_K} must be an int >= 1 (image tokens kept per image) or a "
+                         f"ratio in (0, 1], got {shown!r}") from None
+    except TypeError:
+        raise ValueError(f"{ENV_K} must be an int >= 1 (image tokens kept per image) or a "
+                         f"ratio in (0, 1], got {shown!r}") from None
 
 
 def parse_options(text: str) -> dict:
