@@ -20,6 +20,7 @@ image's tiles, each image's sizes from the ragged table (kernels/ragged.py).
 from __future__ import annotations
 
 import collections
+import functools
 import math
 
 import triton
@@ -361,10 +362,12 @@ def fusion_flags(params: PruneOptions) -> dict:
     return dict(SPATIAL=beta != 0, FUSION=0)
 
 
+@functools.lru_cache(maxsize=256)
 def tile_flags(dtype: torch.dtype, d: int, block_k: int, params: PruneOptions,
                coords: bool = False) -> dict:
     """The kernel's compile-time flags that follow from the inputs (dense and ragged alike);
-    coords: the spatial term reads a coordinate table (COORDS)."""
+    coords: the spatial term reads a coordinate table (COORDS). Cached: read it, never
+    write it."""
     return dict(BLOCK_K=block_k, EVEN_K=d % block_k == 0, UPCAST=upcast(dtype),
                 COORDS=coords, SUM_BITS=interpreting(), **fusion_flags(params))
 
@@ -483,9 +486,8 @@ class GraphRows:
             else:
                 ws = dict(ws_ptr=self.ws, n_tiles=self.n_tiles)
                 _slice_kernel[(last * self.splits, last - first, b)](**self._dots, **ws, **rows)
-                _sum_slices_kernel[(last, last - first, b)](
-                    **{k: v for k, v in self._dots.items() if k in _SUM_FROM_DOTS},
-                    **self._edges, **ws, **rows)
+                dots = {k: self._dots[k] for k in _SUM_FROM_DOTS if k in self._dots}
+                _sum_slices_kernel[(last, last - first, b)](**dots, **self._edges, **ws, **rows)
 
 
 def similarity_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots: int,
