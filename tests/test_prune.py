@@ -151,18 +151,14 @@ def test_attn_without_heads_is_rejected():
         prune(X, A[:, :0], GRID, 10)
 
 
-def test_a_positional_prior_object_is_used_once_per_device():
+def test_a_positional_prior_object_prunes_as_its_tensor():
     from d2pruner_kernels import PositionalPrior
     prior = PositionalPrior(GRID).update(torch.rand(3, 48, generator=torch.Generator().manual_seed(7)) + 0.2)
     out = prune(X, A, GRID, 10, prior=prior)
     assert torch.equal(out, prune(X, A, GRID, 10, prior=prior.as_tensor()))
-    # prune() uses one cached copy per device (no copy per call); as_tensor() hands out a
-    # fresh tensor, so editing it cannot change the cached one (tests/test_prior.py)
-    assert prior._device_tensor() is prior._device_tensor()
-    assert prior.as_tensor() is not prior._device_tensor()
-    cached = prior._device_tensor()
-    prior.update(torch.rand(48) + 0.2)
-    assert prior._device_tensor() is not cached  # new data, new copy
+    prior.update(torch.rand(48, generator=torch.Generator().manual_seed(8)) + 0.2)  # new data
+    assert torch.equal(prune(X, A, GRID, 10, prior=prior),
+                       prune(X, A, GRID, 10, prior=prior.as_tensor()))
     with pytest.raises(ValueError, match=r"prior is calibrated for grid \(6, 8\), got grid_hw \(8, 6\)"):
         prune(X, A, (8, 6), 10, prior=prior)
 
