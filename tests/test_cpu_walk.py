@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from d2pruner_kernels import TokenLayout, dispatch, prune, reference
+from d2pruner_kernels import TokenLayout, dispatch, prune, reference, testing
 from d2pruner_kernels.checks import cells, pivot_count
 from d2pruner_kernels.kernels import cpu_walk
 from d2pruner_kernels.options import RADIUS_MAX, PruneOptions
@@ -57,11 +57,20 @@ def draw(b, grid, d, seed, dtype=torch.float32, clusters=6, noise=0.35):
         yield x, rank(b, n, 1000 * seed + i)
 
 
-def band_free(b, grid, d, seed, p, n_p, dtype=torch.float32, **kw):
-    for x, order in draw(b, grid, d, seed, dtype, **kw):
-        if outside_band(x, order, n_p, grid, p):
-            return x, order
-    raise AssertionError("no band-free draw")
+def band_free(b, grid, d, seed, p, n_p, dtype=torch.float32, clusters=6, noise=0.35):
+    """draw()'s tokens and rank order, the first outside the parity band for p: the shared
+    testing.band_free (for binarized, the band of the cosine: its one float compare)."""
+    n = cells(grid)
+
+    def one(i):
+        s = 1000 * seed + i
+        x = clustered_tokens(b, n, d, clusters=clusters, noise=noise, dtype=dtype,
+                             generator=torch.Generator().manual_seed(s))
+        return x, distinct_attention(b, 3, n, generator=torch.Generator().manual_seed(s)), None
+    beta = 0.0 if p.fusion == "binarized" else p.spatial_weight
+    x, attn, _ = testing.band_free(one, n_p, grid, beta, p.radius, p.temporal_radius,
+                                   p.sim_threshold)
+    return x, reference.rank_order(reference.debiased_scores(attn))
 
 
 SHAPES = [(1, (1, 8, 8), 16), (3, (1, 7, 9), 24), (1, (1, 24, 24), 64), (3, (1, 1, 37), 5),
