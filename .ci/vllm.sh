@@ -25,5 +25,5 @@ else
 fi
 # what the README promises: the engine imports
 "$VENV/bin/python" -c "from vllm import LLM; import vllm; assert vllm.__version__ == '0.32.0', vllm.__version__"
-"$VENV/bin/python" -m pytest tests/test_vllm.py -q -p no:cacheprovider
+"$VENV/bin/python" -m pytest tests/test_vllm.py tests/test_vllm_qwen.py -q -p no:cacheprovider
 echo "vLLM tests passed in $(( $(date +%s) - start )) s"

@@ -161,10 +161,204 @@ def start(model_dir: str) -> None:
     print("ENGINE STARTED")
 
 
+# -- Qwen2.5-VL ------------------------------------------------------------------------------
+# A tiny random Qwen2.5-VL: a 2-block vision tower (width 64, 2 heads of 32, window 112 px =
+# 4 merged tokens, block 1 full attention), a 2-layer Qwen2 decoder of width 128 (head size
+# 32, mrope_section [4, 6, 6]), vocabulary 160; images of 224 x 224 (8 x 8 merged tokens) and
+# 168 x 280 (w x h: a tall 10 x 6).
+Q_IMAGE, Q_VIDEO, Q_START, Q_END = 151, 152, 153, 154
+Q_SIZES = {11: (224, 224), 12: (168, 280), 13: (224, 224), 14: (168, 280), 15: (224, 224)}
+Q_PROMPTS = {
+    "single": ([Q_START, Q_IMAGE, Q_END, 9, 5, 6, 7], [11]),
+    "batch_a": ([Q_START, Q_IMAGE, Q_END, 9, 8, 10], [12]),
+    "batch_b": ([Q_START, Q_IMAGE, Q_END, 9, 13, 14, 15, 16], [13]),
+    "two_images": ([Q_START, Q_IMAGE, Q_END, 9, Q_START, Q_IMAGE, Q_END, 17, 18], [14, 15]),
+}
+Q_MERGED = {s: (w // 28) * (h // 28) for s, (w, h) in Q_SIZES.items()}
+
+
+def tiny_qwen25(seed: int = 0):
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    text = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [4, 6, 6]},
+                bos_token_id=BOS, eos_token_id=2, pad_token_id=PAD)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                  out_hidden_size=128, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=Q_IMAGE,
+                           video_token_id=Q_VIDEO, vision_start_token_id=Q_START,
+                           vision_end_token_id=Q_END)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+def q_image(seed: int):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(7, 7, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(Q_SIZES[seed], Image.BICUBIC)
+
+
+def _q_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    special = {"<unk>": 0, "<s>": BOS, "</s>": 2, "<pad>": PAD, "<|image_pad|>": Q_IMAGE,
+               "<|video_pad|>": Q_VIDEO, "<|vision_start|>": Q_START, "<|vision_end|>": Q_END}
+    vocab = {f"t{i}": i for i in range(VOCAB) if i not in special.values()}
+    vocab.update(special)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>",
+                                   extra_special_tokens={"image_token": "<|image_pad|>",
+                                                         "video_token": "<|video_pad|>",
+                                                         "vision_start_token": "<|vision_start|>",
+                                                         "vision_end_token": "<|vision_end|>"})
+
+
+def q_image_processor():
+    from transformers import Qwen2VLImageProcessor
+    return Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=512 * 512, patch_size=14,
+                                 merge_size=2, temporal_patch_size=2)
+
+
+def build_qwen(root: str) -> None:
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+    d = os.path.join(root, "qwen25")
+    tiny_qwen25().save_pretrained(d)
+    Qwen2_5_VLProcessor(image_processor=q_image_processor(), tokenizer=_q_tokenizer(),
+                        video_processor=Qwen2VLVideoProcessor()).save_pretrained(d)
+
+
+def q_engine(model_dir: str):
+    from vllm import LLM
+    return LLM(model=model_dir, dtype="float32", max_model_len=2048, max_num_seqs=4,
+               limit_mm_per_prompt={"image": 2, "video": 0}, enforce_eager=True, seed=0,
+               enable_prefix_caching=False)
+
+
+def run_qwen(model_dir: str, out: str) -> None:
+    from vllm import SamplingParams
+    record = os.environ.get("D2PRUNER_VLLM_RECORD")
+    llm = q_engine(model_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    result = {"prompts": {}, "kept": []}
+    for batch in BATCHES:
+        offset = os.path.getsize(record) if record and os.path.exists(record) else 0
+        requests = [{"prompt_token_ids": Q_PROMPTS[name][0],
+                     "multi_modal_data": {"image": [q_image(s) for s in Q_PROMPTS[name][1]]}}
+                    for name in batch]
+        outs = llm.generate(requests, params, use_tqdm=False)
+        for name, o in zip(batch, outs):
+            result["prompts"][name] = {
+                "tokens": list(o.outputs[0].token_ids),
+                "placeholders": sum(1 for t in o.prompt_token_ids if t == Q_IMAGE),
+                "prompt_len": len(o.prompt_token_ids)}
+        kept = []
+        if record and os.path.exists(record):
+            with open(record) as f:
+                f.seek(offset)
+                for line in f:
+                    kept.extend(json.loads(line)["kept"])
+        result["kept"].append(kept)
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def qwen_hf_kept(k) -> dict:
+    """The rule on transformers' tower, same weights and images: kept indices per image
+    seed (prune() on each image alone, the LLM grid, the budget k)."""
+    import torch
+
+    from d2pruner_kernels import prune
+    from d2pruner_kernels.hf.qwen_vision import qwen25_hf_importance
+    from d2pruner_kernels.checks import resolve_k
+    model = tiny_qwen25()
+    proc = q_image_processor()
+    out = {}
+    for seed in Q_SIZES:
+        enc = proc([q_image(seed)], return_tensors="pt")
+        scores, feats = qwen25_hf_importance(model, enc["pixel_values"], enc["image_grid_thw"])
+        _, h, w = enc["image_grid_thw"][0].tolist()
+        n = (h // 2) * (w // 2)
+        keep = prune(feats.float(), scores, (h // 2, w // 2), resolve_k(k, n))
+        out[seed] = sorted(torch.as_tensor(keep).tolist())
+    return out
+
+
+def qwen_hf_reference(k) -> dict:
+    """Q_PROMPTS through transformers on the same weights and images, one prompt at a time,
+    with the rule of hf/qwen_vision.py (k=None: no pruning): each image's kept merged
+    tokens keep their (t, h, w) M-RoPE positions, the text after an image starts at its
+    extent max(t, h, w), as transformers' get_rope_index places it; greedy tokens decoded
+    by hand through the language model (explicit 3-D positions, a DynamicCache)."""
+    import torch
+    from transformers import DynamicCache
+
+    from d2pruner_kernels import prune
+    from d2pruner_kernels.checks import resolve_k
+    from d2pruner_kernels.hf.qwen_vision import qwen25_hf_importance
+    model = tiny_qwen25()
+    proc = q_image_processor()
+    lm, embed = model.model.language_model, model.model.language_model.embed_tokens
+    out = {}
+    for name, (ids, seeds) in Q_PROMPTS.items():
+        rows, pos, nxt, kept_all, images = [], [], 0, [], iter(seeds)
+        for t in ids:
+            if t != Q_IMAGE:
+                rows.append(embed(torch.tensor([t]))[0])
+                pos.append([nxt] * 3)
+                nxt += 1
+                continue
+            enc = proc([q_image(next(images))], return_tensors="pt")
+            scores, feats = qwen25_hf_importance(model, enc["pixel_values"],
+                                                 enc["image_grid_thw"])
+            _, h, w = (int(x) // 2 for x in enc["image_grid_thw"][0].tolist())
+            n = h * w
+            keep = (torch.arange(n) if k is None else
+                    prune(feats.float(), scores, (h, w), resolve_k(k, n)))
+            kept_all.append(keep.tolist())
+            for i in keep.tolist():
+                rows.append(feats[i])
+                pos.append([nxt, nxt + i // w, nxt + i % w])
+            nxt += max(h, w)
+        x = torch.stack(rows).unsqueeze(0)
+        p = torch.tensor(pos).T.unsqueeze(1)            # [3, 1, L]
+        cache, tokens = DynamicCache(config=lm.config), []
+        with torch.no_grad():
+            for _ in range(MAX_TOKENS):
+                hidden = lm(inputs_embeds=x, position_ids=p, past_key_values=cache,
+                            use_cache=True).last_hidden_state
+                tok = int(model.lm_head(hidden[:, -1]).argmax(-1))
+                tokens.append(tok)
+                x = embed(torch.tensor([[tok]]))
+                p = torch.full((3, 1, 1), nxt)
+                nxt += 1
+        out[name] = {"tokens": tokens, "kept": kept_all}
+    return out
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "build":
         build(sys.argv[2])
+    elif cmd == "build_qwen":
+        build_qwen(sys.argv[2])
+    elif cmd == "run_qwen":
+        run_qwen(sys.argv[2], sys.argv[3])
+    elif cmd == "start_qwen":
+        q_engine(sys.argv[2])
+        print("ENGINE STARTED")
     elif cmd == "run":
         run(sys.argv[2], sys.argv[3])
     elif cmd == "start":

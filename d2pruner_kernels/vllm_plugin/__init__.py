@@ -1,4 +1,5 @@
-"""D2Pruner inside vLLM: a `vllm.general_plugins` plugin that prunes LLaVA-1.5's image tokens.
+"""D2Pruner inside vLLM: a `vllm.general_plugins` plugin that prunes the image tokens of
+LLaVA-1.5 and Qwen2.5-VL.
 
 Off unless enabled. One setting, an environment variable read in every vLLM process (the
 API server, the engine core, the workers), so it works with `LLM(...)` and `vllm serve`:
@@ -20,6 +21,15 @@ What changes (LlavaForConditionalGeneration, vision_feature_select_strategy="def
   `prune_varlen` call for all the images of the encoder batch keeps k per image.
 
 This is `hf.apply(model, k, where="vision")` inside vLLM: same kept indices, same tokens.
+
+Qwen2.5-VL (`_qwen2_5_vl.py`): registered, not patched: `register()` points the
+architecture at a subclass of vLLM's own model (`ModelRegistry.register_model`), which
+carries a subclass of vLLM's processor (`MULTIMODAL_REGISTRY.register_processor`): k
+placeholders per image, importance from the vision tower's last full-attention block
+(docs/spec.md §15.5), the kept rows handed to vLLM's pruning interface
+(`SupportsMultiModalPruning.recompute_mrope_positions`) with their positions. Images only:
+an engine that allows videos (vLLM's default) is refused; pass limit_mm_per_prompt
+{"video": 0}.
 Misuse (a k out of range, bad options, another architecture, tensor / pipeline
 parallelism) raises ValueError when the engine is created. Everything is patched by
 wrapping methods at plugin load (`remove()` undoes it); no installed file is edited.
@@ -33,7 +43,10 @@ import os
 
 from .settings import ENV_K, ENV_OPTIONS, ENV_PRIOR, ENV_RECORD, Settings, read_settings
 
-SUPPORTED = ("LlavaForConditionalGeneration",)
+SUPPORTED = ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+QWEN_MODEL = "d2pruner_kernels.vllm_plugin._qwen2_5_vl:D2PrunerQwen2_5_VL"
+
+_REGISTERED: dict = {}   # architecture -> vLLM's own registry entry it replaced
 
 _PATCHES: list = []      # (owner, name, original) of every wrapped attribute
 _SETTINGS: Settings | None = None  # the parsed settings of this process, or None (off)
@@ -43,12 +56,16 @@ def register() -> None:
     """The `vllm.general_plugins` entry point: runs in every vLLM process. Off unless
     D2PRUNER_VLLM_K is set; raises ValueError (engine start fails) on a bad setting."""
     global _SETTINGS
-    if _PATCHES:
+    if _PATCHES or _REGISTERED:
         return
     settings = read_settings()  # None (off) unless D2PRUNER_VLLM_K is set
     if settings is None:
         return
     _SETTINGS = settings
+    from vllm import ModelRegistry
+    arch = "Qwen2_5_VLForConditionalGeneration"
+    _REGISTERED.setdefault(arch, ModelRegistry.models.get(arch))
+    ModelRegistry.register_model(arch, QWEN_MODEL)  # vLLM's class, subclassed (_qwen2_5_vl)
     from . import _llava
     _llava.install(_SETTINGS, _wrap)
 
@@ -56,6 +73,14 @@ def register() -> None:
 def remove() -> None:
     """Undoes every patch of this process."""
     global _SETTINGS
+    if _REGISTERED:
+        from vllm import ModelRegistry
+        for arch, entry in _REGISTERED.items():
+            if entry is None:
+                ModelRegistry.models.pop(arch, None)
+            else:
+                ModelRegistry.models[arch] = entry
+        _REGISTERED.clear()
     while _PATCHES:
         owner, name, original = _PATCHES.pop()
         if original is None:
@@ -84,6 +109,15 @@ def check_model(vllm_config) -> None:
                          f"{mc.model!r} is {archs or 'of an unknown architecture'}: the "
                          f"d2pruner vLLM plugin supports {', '.join(SUPPORTED)} only; unset "
                          f"{ENV_K} to serve it")
+    pc = vllm_config.parallel_config
+    if pc.tensor_parallel_size != 1 or pc.pipeline_parallel_size != 1:
+        raise ValueError(f"{ENV_K}: tensor / pipeline parallelism is not supported yet "
+                         f"(tensor_parallel_size={pc.tensor_parallel_size}, "
+                         f"pipeline_parallel_size={pc.pipeline_parallel_size}): the importance "
+                         f"averages every head")
+    if "Qwen2_5_VLForConditionalGeneration" in archs:
+        _check_qwen(mc)
+        return
     cfg = mc.hf_config
     strategy = getattr(cfg, "vision_feature_select_strategy", "default")
     if strategy != "default":
@@ -101,18 +135,25 @@ def check_model(vllm_config) -> None:
     if layer % (n_layers + 1) == 0:
         raise ValueError(f"{ENV_K}: vision_feature_layer={layer} selects the embeddings: no "
                          f"CLS attention row to read")
-    pc = vllm_config.parallel_config
-    if pc.tensor_parallel_size != 1 or pc.pipeline_parallel_size != 1:
-        raise ValueError(f"{ENV_K}: tensor / pipeline parallelism is not supported yet "
-                         f"(tensor_parallel_size={pc.tensor_parallel_size}, "
-                         f"pipeline_parallel_size={pc.pipeline_parallel_size}): the CLS row "
-                         f"averages every head")
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
     try:
         _SETTINGS.budget(side * side)
     except ValueError as e:
         raise ValueError(f"{ENV_K}: {e} (an image has {side}x{side} = {side * side} "
                          f"tokens)") from None
+
+
+def _check_qwen(mc) -> None:
+    mm = mc.multimodal_config
+    videos = mm.get_limit_per_prompt("video") if mm is not None else 0
+    if videos:
+        raise ValueError(f"{ENV_K}: D2Pruner prunes the images of Qwen2.5-VL only; videos are "
+                         f"not supported: start the engine with "
+                         f"limit_mm_per_prompt={{'video': 0}} (--limit-mm-per-prompt "
+                         f"'{{\"video\": 0}}'), now {videos} per prompt")
+    if mm is not None and mm.video_pruning_rate:
+        raise ValueError(f"{ENV_K}: video_pruning_rate={mm.video_pruning_rate} and D2Pruner "
+                         f"cannot both prune Qwen2.5-VL")
 
 
 def placeholders(n: int) -> int:

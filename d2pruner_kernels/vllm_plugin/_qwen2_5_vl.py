@@ -1,0 +1,207 @@
+"""Qwen2.5-VL images with D2Pruner in vLLM, by registration: subclasses of vLLM's own model
+and processor classes, registered by `register()` (`ModelRegistry.register_model`) only when
+D2PRUNER_VLLM_K is set; the processor is attached with `MULTIMODAL_REGISTRY.register_processor`.
+
+- processor: each image gets k placeholders (D2PRUNER_VLLM_K: an int = at most k, a ratio per
+  image) instead of t * h * w / 4;
+- model (`embed_multimodal`): the vision tower runs as in vLLM; a forward pre-hook on the
+  attention op of its last full-attention block reads that block's rotated q and k and
+  computes the vision-side importance (hf/qwen_vision.py); one `prune_varlen` call keeps k
+  merged tokens per image of the encoder batch; each kept row gets vLLM's 4 position
+  channels appended (t, h, w of its LLM grid cell, then the image's M-RoPE extent), and the
+  model runner rewrites the M-RoPE positions through `recompute_mrope_positions`
+  (`SupportsMultiModalPruning`, inherited): kept tokens keep their original (t, h, w), the
+  text after an image continues where it would without pruning.
+
+The runner does that rewrite only when `MultiModalConfig.is_multimodal_pruning_enabled()`
+(today: a video pruning rate > 0). The narrowest switch the code allows: this model's
+`__init__` (in the worker, before vLLM's `__init__` reads it) gives this engine's own
+MultiModalConfig *instance* an `is_multimodal_pruning_enabled` returning True; no class,
+function or file of vLLM changes, and engines without the plugin are untouched.
+Channel 3 is max(t, h, w) of the LLM grid (transformers' `get_rope_index` offset), not vLLM's
+llm_grid_w, so tall images keep their text positions exact.
+"""
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import torch
+from vllm.model_executor.models import qwen2_5_vl as base
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement
+
+from ..hf.qwen_vision import vision_importance
+from ..varlen import prune_varlen
+
+ARCH = "Qwen2_5_VLForConditionalGeneration"
+
+
+def _settings():
+    from . import _SETTINGS
+    if _SETTINGS is None:
+        raise RuntimeError("d2pruner: the Qwen2.5-VL pruning model is registered but "
+                           "D2PRUNER_VLLM_K is not set in this process")
+    return _SETTINGS
+
+
+class D2PrunerQwen2_5_VLProcessor(base.Qwen2_5_VLMultiModalProcessor):
+    """k placeholders per image (pixels); given embeddings keep their count."""
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        settings = _settings()
+        hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
+        image_processor = self.info.get_image_processor(**hf_processor_mm_kwargs)
+        token = self.info.get_tokenizer().get_vocab()[hf_processor.image_token]
+        unit = image_processor.merge_size ** 2
+
+        def image_replacement(item_idx: int):
+            item = out_mm_kwargs["image"][item_idx]
+            n = int(item["image_grid_thw"].data.prod()) // unit
+            if "image_embeds" in item:
+                return [token] * n
+            return [token] * settings.budget(n)
+
+        return [PromptReplacement(modality="image", target=[token],
+                                  replacement=image_replacement)
+                if u.modality == "image" else u for u in updates]
+
+
+class _Tap:
+    """A forward pre-hook on the attention op of the tower's last full-attention block."""
+
+    def __init__(self, visual):
+        self.visual = visual
+        block = visual.blocks[visual.fullatt_block_indexes[-1]]
+        attn = block.attn
+        self.scale = attn.hidden_size_per_attention_head ** -0.5
+        self.grids = None
+        self.scores = None
+        self.handle = attn.attn.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if self.grids is None:
+            return None
+        q = args[0] if len(args) > 0 else kwargs["query"]
+        k = args[1] if len(args) > 1 else kwargs["key"]
+        if q.shape[0] != 1:
+            raise RuntimeError(f"d2pruner: the vision block's queries are {list(q.shape)}, "
+                               f"expected one packed sequence [1, S, H, d]")
+        merge = self.visual.spatial_merge_size
+        orders = [self.visual.get_window_index_thw(t, h, w)[0] for t, h, w in self.grids]
+        self.scores = vision_importance(q[0].detach(), k[0].detach(), self.grids, orders,
+                                        merge, scale=self.scale)
+        return None
+
+
+def _positions(grid, merge: int) -> torch.Tensor:
+    """[N, 4] float: (t, h, w) of each merged token in raster order, then the image's
+    M-RoPE extent max(t, h, w) of the LLM grid (the text after it starts there)."""
+    t, h, w = (int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge)
+    tt = torch.arange(t).view(-1, 1, 1).expand(t, h, w).reshape(-1)
+    hh = torch.arange(h).view(1, -1, 1).expand(t, h, w).reshape(-1)
+    ww = torch.arange(w).view(1, 1, -1).expand(t, h, w).reshape(-1)
+    ext = torch.full_like(tt, max(t, h, w))
+    return torch.stack([tt, hh, ww, ext], dim=1)
+
+
+def _cpu_runner_flag() -> None:
+    """vLLM 0.32's CPUModelRunner.load_model (unlike GPUModelRunner.load_model) never sets
+    the runner's `is_multimodal_pruning_enabled` from the config: it stays False and the
+    position rewrite never runs on the CPU build (EVS included). The CPU runner that is
+    loading this model is found on the call stack and its flag set; on GPU nothing is done
+    (the GPU runner reads the config instance above after loading)."""
+    import inspect
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:
+        return
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            runner = frame.f_locals.get("self")
+            if isinstance(runner, CPUModelRunner):
+                runner.is_multimodal_pruning_enabled = True
+                return
+            frame = frame.f_back
+    finally:
+        del frame
+
+
+@MULTIMODAL_REGISTRY.register_processor(D2PrunerQwen2_5_VLProcessor,
+                                        info=base.Qwen2_5_VLProcessingInfo,
+                                        dummy_inputs=base.Qwen2_5_VLDummyInputsBuilder)
+class D2PrunerQwen2_5_VL(base.Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL with D2Pruner on its images (see the module docstring)."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        _settings()
+        mm_config = vllm_config.model_config.multimodal_config
+        # the runner's M-RoPE rewrite (see the module docstring): this engine's config only
+        object.__setattr__(mm_config, "is_multimodal_pruning_enabled", lambda: True)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        _cpu_runner_flag()
+        self._d2pruner_tap = _Tap(self.visual)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        """Provisional M-RoPE positions of the pruned prompt (vLLM's own assume t * h * w / 4
+        placeholders per image): 0, 1, 2, ... on all three axes. Right up to the first
+        image's vision_start; from there on the runner rewrites them with
+        `recompute_mrope_positions` once the image's kept rows (and their positions) exist,
+        before any token after vision_start is computed."""
+        n = len(input_tokens)
+        return torch.arange(n).view(1, -1).expand(3, n).clone(), 0
+
+    def embed_multimodal(self, **kwargs):
+        by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
+        out: tuple = ()
+        for modality, item in by_modality.items():
+            if modality != "image":
+                raise ValueError("d2pruner (D2PRUNER_VLLM_K): only images are supported with "
+                                 "Qwen2.5-VL; this request has a video")
+            out += self._d2pruner_images(item)
+        return out
+
+    def _d2pruner_images(self, image_input):
+        settings = _settings()
+        grid_thw = image_input["image_grid_thw"]
+        grids = [tuple(int(x) for x in g) for g in grid_thw.tolist()]
+        merge = self.visual.spatial_merge_size
+        if image_input["type"] == "image_embeds":  # no attention to read: kept whole
+            feats = super()._process_image_input(image_input)
+            return tuple(torch.cat([f, _positions(g, merge).to(f)], dim=1)
+                         for f, g in zip(feats, grids))
+        tap = self._d2pruner_tap
+        tap.grids, tap.scores = grids, None
+        try:
+            feats = super()._process_image_input(image_input)
+            scores = tap.scores
+        finally:
+            tap.grids, tap.scores = None, None
+        lengths = [t * (h // merge) * (w // merge) for t, h, w in grids]
+        tokens = torch.cat(list(feats))
+        if scores is None or scores.numel() != tokens.shape[0]:
+            raise RuntimeError(f"d2pruner: the vision importance "
+                               f"({None if scores is None else scores.numel()}) does not match "
+                               f"the {tokens.shape[0]} image features")
+        budgets = [settings.budget(n) for n in lengths]
+        cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)  # host: no sync
+        llm_grids = [(t, h // merge, w // merge) if t > 1 else (h // merge, w // merge)
+                     for t, h, w in grids]
+        keep, cu_keep = prune_varlen(tokens.detach(), scores, cu, llm_grids, budgets,
+                                     options=settings.options)
+        keep_host = keep.cpu()  # the positions are built on the host, as vLLM's EVS does
+        ck = [0]
+        for n in budgets:
+            ck.append(ck[-1] + n)
+        kept = [keep_host[ck[b]:ck[b + 1]] - int(cu[b]) for b in range(len(grids))]
+        out = []
+        for b, g in enumerate(grids):
+            pos = _positions(g, merge)[kept[b]].to(tokens)
+            out.append(torch.cat([tokens[keep[ck[b]:ck[b + 1]]], pos], dim=1))
+        if settings.record:
+            kept = [x.tolist() for x in kept]
+            with open(settings.record, "a") as f:
+                f.write(json.dumps({"n": lengths, "k": budgets, "kept": kept}) + "\n")
+        return tuple(out)

