@@ -145,13 +145,29 @@ class D2PrunerQwen2_5_VL(base.Qwen2_5_VLForConditionalGeneration):
         self._d2pruner_tap = _Tap(self.visual)
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
-        """Provisional M-RoPE positions of the pruned prompt (vLLM's own assume t * h * w / 4
-        placeholders per image): 0, 1, 2, ... on all three axes. Right up to the first
-        image's vision_start; from there on the runner rewrites them with
-        `recompute_mrope_positions` once the image's kept rows (and their positions) exist,
-        before any token after vision_start is computed."""
+        """M-RoPE positions of the pruned prompt (vLLM's own assume t * h * w / 4 placeholders
+        per image). The text is placed exactly as without pruning (after an image at its
+        extent max(t, h, w)), so a prefix-cache hit that skips an image leaves the text after
+        it right; the image's own k rows get the image's base position on all three axes
+        until the runner rewrites them (`recompute_mrope_positions`) from the kept rows'
+        channels, before they are computed."""
+        merge = self.config.vision_config.spatial_merge_size
         n = len(input_tokens)
-        return torch.arange(n).view(1, -1).expand(3, n).clone(), 0
+        pos = torch.empty(3, n, dtype=torch.long)
+        st, nxt = 0, 0
+        for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            if f.modality != "image":
+                raise ValueError("d2pruner (D2PRUNER_VLLM_K): only images are supported with "
+                                 f"Qwen2.5-VL; this request has a {f.modality}")
+            offset, length = f.mm_position.offset, f.mm_position.length
+            t, h, w = (int(x) for x in f.data["image_grid_thw"].data.tolist())
+            pos[:, st:offset] = torch.arange(nxt, nxt + offset - st)
+            nxt += offset - st
+            pos[:, offset:offset + length] = nxt
+            nxt += max(t, h // merge, w // merge)
+            st = offset + length
+        pos[:, st:] = torch.arange(nxt, nxt + n - st)
+        return pos, int(pos.max()) + 1 - n if n else 0
 
     def embed_multimodal(self, **kwargs):
         by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
