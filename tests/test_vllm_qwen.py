@@ -112,3 +112,21 @@ def test_videos_refused_at_engine_creation(qwen):
     text = proc.stdout + proc.stderr
     assert "ENGINE STARTED" not in text
     assert "videos are not supported" in text and "'video': 0" in text
+
+
+def test_request_budgets_in_one_batch(pruned):
+    # mm_processor_kwargs={"d2pruner_k": ...}: 8 for one request, a ratio 0.25 for the other
+    # (60 merged tokens -> 15), in one batch, over the engine's D2PRUNER_VLLM_K=16
+    want_k = {"single": 8, "batch_a": 15}
+    assert {n: r["placeholders"] for n, r in pruned["budgets"].items()} == want_k
+    for name, k in helper.Q_BUDGETS.items():
+        ref = helper.qwen_hf_reference(k, prompts=[name])[name]
+        assert pruned["budgets"][name]["tokens"] == ref["tokens"], name
+        assert ref["kept"][0] in pruned["budgets_kept"], name
+    assert sorted(map(len, pruned["budgets_kept"])) == [8, 15]
+
+
+def test_bad_request_budget_is_a_value_error_naming_it(pruned):
+    bad = pruned["bad_request"]
+    assert bad is not None and bad.startswith("ValueError"), bad
+    assert "mm_processor_kwargs['d2pruner_k']" in bad, bad

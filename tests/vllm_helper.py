@@ -271,8 +271,39 @@ def run_qwen(model_dir: str, out: str) -> None:
                 for line in f:
                     kept.extend(json.loads(line)["kept"])
         result["kept"].append(kept)
+    if os.environ.get("D2PRUNER_VLLM_K"):
+        _qwen_request_budgets(llm, params, record, result)
     with open(out, "w") as f:
         json.dump(result, f)
+
+
+Q_BUDGETS = {"single": 8, "batch_a": 0.25}  # per-request k (mm_processor_kwargs), one batch
+
+
+def _qwen_request_budgets(llm, params, record, result) -> None:
+    """Two requests with their own budgets in one batch, then a request with a bad one."""
+    offset = os.path.getsize(record) if record and os.path.exists(record) else 0
+    requests = [{"prompt_token_ids": Q_PROMPTS[name][0],
+                 "multi_modal_data": {"image": [q_image(s) for s in Q_PROMPTS[name][1]]},
+                 "mm_processor_kwargs": {"d2pruner_k": k}} for name, k in Q_BUDGETS.items()]
+    outs = llm.generate(requests, params, use_tqdm=False)
+    result["budgets"] = {name: {"tokens": list(o.outputs[0].token_ids),
+                                "placeholders": sum(1 for t in o.prompt_token_ids
+                                                    if t == Q_IMAGE)}
+                         for name, o in zip(Q_BUDGETS, outs)}
+    kept = []
+    if record and os.path.exists(record):
+        with open(record) as f:
+            f.seek(offset)
+            for line in f:
+                kept.extend(json.loads(line)["kept"])
+    result["budgets_kept"] = kept
+    bad = dict(requests[0], mm_processor_kwargs={"d2pruner_k": 0})
+    try:
+        llm.generate([bad], params, use_tqdm=False)
+        result["bad_request"] = None
+    except Exception as e:  # noqa: BLE001 -- the test reads the type and the message
+        result["bad_request"] = f"{type(e).__name__}: {e}"
 
 
 def qwen_hf_kept(k) -> dict:
@@ -296,7 +327,7 @@ def qwen_hf_kept(k) -> dict:
     return out
 
 
-def qwen_hf_reference(k) -> dict:
+def qwen_hf_reference(k, prompts=None) -> dict:
     """Q_PROMPTS through transformers on the same weights and images, one prompt at a time,
     with the rule of hf/qwen_vision.py (k=None: no pruning): each image's kept merged
     tokens keep their (t, h, w) M-RoPE positions, the text after an image starts at its
@@ -312,7 +343,8 @@ def qwen_hf_reference(k) -> dict:
     proc = q_image_processor()
     lm, embed = model.model.language_model, model.model.language_model.embed_tokens
     out = {}
-    for name, (ids, seeds) in Q_PROMPTS.items():
+    for name in prompts or Q_PROMPTS:
+        ids, seeds = Q_PROMPTS[name]
         rows, pos, nxt, kept_all, images = [], [], 0, [], iter(seeds)
         for t in ids:
             if t != Q_IMAGE:

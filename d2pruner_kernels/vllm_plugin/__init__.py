@@ -30,6 +30,8 @@ placeholders per image, importance from the vision tower's last full-attention b
 (`SupportsMultiModalPruning.recompute_mrope_positions`) with their positions. Images only:
 an engine that allows videos (vLLM's default) is refused; pass limit_mm_per_prompt
 {"video": 0}.
+A request may carry its own budget: mm_processor_kwargs={"d2pruner_k": 64} (an int = at
+most k, or a ratio), checked when the request is made.
 Misuse (a k out of range, bad options, another architecture, tensor / pipeline
 parallelism) raises ValueError when the engine is created. Everything is patched by
 wrapping methods at plugin load (`remove()` undoes it); no installed file is edited.

@@ -35,6 +35,8 @@ from ..hf.qwen_vision import vision_importance
 from ..varlen import prune_varlen
 
 ARCH = "Qwen2_5_VLForConditionalGeneration"
+KWARG = "d2pruner_k"  # a request's own budget: mm_processor_kwargs={"d2pruner_k": 64}
+KWARG_NAME = f"mm_processor_kwargs[{KWARG!r}]"
 
 
 def _settings():
@@ -45,8 +47,61 @@ def _settings():
     return _SETTINGS
 
 
+def _request_k(raw):
+    """A request's budget (mm_processor_kwargs' d2pruner_k), checked; None: the engine's."""
+    if raw is None:
+        return _settings().k
+    from ..checks import check_k
+    try:
+        return check_k(raw, KWARG_NAME)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{e} (got {raw!r})") from None
+
+
+def _budget(k, n: int, name: str) -> int:
+    """Placeholders (= kept tokens) of an image of n merged tokens: an int k keeps at most
+    k (all n of a smaller image), a ratio its share of each image."""
+    from ..checks import resolve_k
+    return resolve_k(k, n, name=name, at_most=True)
+
+
+def _encode_k(k) -> float:
+    """A budget as one float per image (a batched field): an int k as k, a ratio r as -r."""
+    return float(k) if isinstance(k, int) else -float(k)
+
+
+def _decode_k(code: float):
+    return int(code) if code > 0 else -float(code)
+
+
+class D2PrunerQwen2_5_VLProcessingInfo(base.Qwen2_5_VLProcessingInfo):
+    """vLLM's, less the d2pruner_k request option (not the HF processor's)."""
+
+    def get_hf_processor(self, **kwargs):
+        kwargs.pop(KWARG, None)
+        return super().get_hf_processor(**kwargs)
+
+
 class D2PrunerQwen2_5_VLProcessor(base.Qwen2_5_VLMultiModalProcessor):
-    """k placeholders per image (pixels); given embeddings keep their count."""
+    """k placeholders per image (pixels); given embeddings keep their count. A request's
+    mm_processor_kwargs may carry its own k (d2pruner_k), checked here, at request time, and
+    handed to the model as one more image field."""
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        hf_kwargs = dict(hf_kwargs)
+        k = _request_k(hf_kwargs.pop(KWARG, None))
+        out = super()._call_hf_processor(hf_data, hf_kwargs)
+        if "image_grid_thw" in out:
+            out[KWARG] = torch.full((len(out["image_grid_thw"]),), _encode_k(k),
+                                    dtype=torch.float64)
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        from vllm.multimodal.inputs import MultiModalFieldConfig
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if KWARG in hf_inputs:
+            fields[KWARG] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -61,7 +116,9 @@ class D2PrunerQwen2_5_VLProcessor(base.Qwen2_5_VLMultiModalProcessor):
             n = int(item["image_grid_thw"].data.prod()) // unit
             if "image_embeds" in item:
                 return [token] * n
-            return [token] * settings.budget(n)
+            if KWARG in item:
+                return [token] * _budget(_decode_k(float(item[KWARG].data)), n, KWARG_NAME)
+            return [token] * _budget(settings.k, n, "D2PRUNER_VLLM_K")
 
         return [PromptReplacement(modality="image", target=[token],
                                   replacement=image_replacement)
@@ -130,7 +187,7 @@ def _cpu_runner_flag() -> None:
 
 
 @MULTIMODAL_REGISTRY.register_processor(D2PrunerQwen2_5_VLProcessor,
-                                        info=base.Qwen2_5_VLProcessingInfo,
+                                        info=D2PrunerQwen2_5_VLProcessingInfo,
                                         dummy_inputs=base.Qwen2_5_VLDummyInputsBuilder)
 class D2PrunerQwen2_5_VL(base.Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL with D2Pruner on its images (see the module docstring)."""
@@ -176,10 +233,10 @@ class D2PrunerQwen2_5_VL(base.Qwen2_5_VLForConditionalGeneration):
             if modality != "image":
                 raise ValueError("d2pruner (D2PRUNER_VLLM_K): only images are supported with "
                                  "Qwen2.5-VL; this request has a video")
-            out += self._d2pruner_images(item)
+            out += self._d2pruner_images(item, kwargs.get(KWARG))
         return out
 
-    def _d2pruner_images(self, image_input):
+    def _d2pruner_images(self, image_input, codes=None):
         settings = _settings()
         grid_thw = image_input["image_grid_thw"]
         grids = [tuple(int(x) for x in g) for g in grid_thw.tolist()]
@@ -201,7 +258,13 @@ class D2PrunerQwen2_5_VL(base.Qwen2_5_VLForConditionalGeneration):
             raise RuntimeError(f"d2pruner: the vision importance "
                                f"({None if scores is None else scores.numel()}) does not match "
                                f"the {tokens.shape[0]} image features")
-        budgets = [settings.budget(n) for n in lengths]
+        if codes is None:
+            budgets = [_budget(settings.k, n, "D2PRUNER_VLLM_K") for n in lengths]
+        else:  # each image's request budget, as its placeholders were counted
+            codes = torch.as_tensor(codes).reshape(-1).tolist()
+            if len(codes) != len(lengths):
+                raise RuntimeError(f"d2pruner: {len(codes)} budgets for {len(lengths)} images")
+            budgets = [_budget(_decode_k(c), n, KWARG_NAME) for c, n in zip(codes, lengths)]
         cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)  # host: no sync
         llm_grids = [(t, h // merge, w // merge) if t > 1 else (h // merge, w // merge)
                      for t, h, w in grids]
