@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .layout import num_words
-from .token_layout import TokenLayout, check_layout
+from .token_layout import TokenLayout
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BACKENDS = ("auto", "reference", "kernels")
@@ -88,10 +88,14 @@ def grid_dims(name: str, grid) -> tuple[int, ...]:
 def grid_or_layout(name: str, grid):
     """A grid as the stages take it: (T, H, W), or a TokenLayout of several pieces or tiles
     (one raster piece is its (T, H, W))."""
-    if isinstance(grid, TokenLayout):
-        check_layout(name, grid)
+    if isinstance(grid, TokenLayout):  # valid by construction
         return grid.raster() or grid
     return as_3d(grid_dims(name, grid))
+
+
+def grid_str(grid) -> str:
+    """A grid or a TokenLayout as messages print it: (6, 8), TokenLayout(3x3 + 2x5: 19 tokens)."""
+    return repr(grid) if isinstance(grid, TokenLayout) else str(tuple(grid))
 
 
 def cells(grid) -> int:
@@ -103,8 +107,8 @@ def check_grid(grid_hw, n: int, name: str = "grid_hw"):
     """Returns the grid as (T, H, W) (a 2-D grid has T = 1), or a TokenLayout."""
     grid = grid_or_layout(name, grid_hw)
     if cells(grid) != n:
-        shown = grid_hw if isinstance(grid_hw, TokenLayout) else tuple(grid_hw)
-        raise ValueError(f"grid {shown} has {cells(grid)} cells but tokens has N={n}")
+        raise ValueError(f"grid {grid_str(grid_hw)} has {cells(grid)} cells but tokens has "
+                         f"N={n}")
     return grid
 
 

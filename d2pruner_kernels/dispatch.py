@@ -31,7 +31,6 @@ from .checks import check_backend
 from .kernels import cpu_walk, interpreting
 from .kernels import mis as mis_kernel
 from .options import PruneOptions
-from .token_layout import TokenLayout
 from .reference import attention as reference_attention
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -97,14 +96,6 @@ def describe(device: torch.device, n_tokens: int) -> str:
             f"MIS: {compiled if mis else 'torch reference'}")
 
 
-def kernels_take(grid, opts: PruneOptions) -> bool:
-    """Whether the Triton graph kernels take this graph: (T, H, W) grids and TokenLayouts (a
-    coordinate table: kernels/graph.py's COORDS), both fusions (FUSION), dense and ragged.
-    Otherwise step 4 is the reference's (then the compiled MIS). The CPU walk takes every
-    graph (TokenLayouts, both fusions)."""
-    return isinstance(grid, (tuple, TokenLayout)) and opts.fusion in ("weighted", "binarized")
-
-
 # -- the stages (inputs already validated) --------------------------------------------------
 
 def scores(attn, prior, eps: float, backend: str) -> torch.Tensor:
@@ -130,7 +121,7 @@ def rank(scores_: torch.Tensor, backend: str) -> torch.Tensor:
 
 def graph(tokens, order, n_pivots: int, grid, opts: PruneOptions) -> torch.Tensor:
     """Step 4: packed int32 [B, C, words] (see `layout`)."""
-    if use_triton(opts.backend, tokens.device) and kernels_take(grid, opts):
+    if use_triton(opts.backend, tokens.device):
         return _triton("graph").similarity_graph(tokens, order, n_pivots, grid, opts)
     return reference.similarity_graph(tokens, order, n_pivots, grid, opts)
 
@@ -149,11 +140,10 @@ def select(tokens, attn, prior, grid, k: int, n_pivots: int, opts: PruneOptions)
     # Decide the path before any kernel runs ('kernels' raises here if it cannot run).
     kernels_usable = (use_triton(backend, device)
                       and use_compiled_mis(backend, device, tokens.shape[1]))
-    graph_kernels = kernels_take(grid, opts)
     s = scores(attn, prior, opts.eps, backend)
     if n_pivots == k:  # no supplements: plain top-k, no graph needed
         return torch.sort(rank(s, backend)[:, :k], dim=1).values
-    if kernels_usable and graph_kernels:  # rank + norms in one launch, graph ranges + MIS
+    if kernels_usable:  # rank + norms in one launch, then the graph in row ranges + MIS
         tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()  # one copy at most
         kernel = _rank_kernel(s)
         if kernel is not None:
@@ -182,7 +172,6 @@ def select_varlen(tokens, attn, images, grids, ks, n_pivots, priors, packed_prio
     uniform = len(set(grids)) == 1 and len(set(ks)) == 1
     # Decide the path before any kernel runs ('kernels' raises here if it cannot run).
     one_ragged_batch = (not uniform and use_triton(backend, device)
-                        and all(kernels_take(g, opts) for g in grids)
                         and use_compiled_mis(backend, device, max(e - s for s, e in images)))
     if one_ragged_batch:
         prior = packed_prior

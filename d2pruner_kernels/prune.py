@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 
 from . import dispatch
-from .checks import as_3d, check_prune_inputs, pivot_count, resolve_k
+from .checks import as_3d, check_prune_inputs, grid_str, pivot_count, resolve_k
 from .options import PruneOptions, of, takes_options
 from .prior import PositionalPrior
 from .token_layout import TokenLayout, layout_prior
@@ -51,7 +51,7 @@ def prune(tokens: torch.Tensor, attn: torch.Tensor, grid_hw, k, *,
     elif prior_obj is not None:  # calibrated for this grid; one device copy, cached
         if as_3d(prior_obj.grid) != grid:
             raise ValueError(f"prior is calibrated for grid {tuple(prior_obj.grid)}, "
-                             f"got grid_hw {tuple(grid_hw)}")
+                             f"got grid_hw {grid_str(grid_hw)}")
         prior = prior_obj._device_tensor(device=tokens.device)  # cached, never handed out
     k = resolve_k(k, n)
     if not batched:

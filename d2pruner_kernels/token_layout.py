@@ -25,12 +25,12 @@ import math
 import torch
 
 
-def check_int(name: str, v, lo: int) -> int:  # (checks.py imports this module)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be ints, got {type(v).__name__} {v!r}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return v
+def _ints(name: str, values, length: int) -> tuple[int, ...]:
+    """`length` ints >= 1, as a tuple (lists, NumPy ints and torch.Size taken)."""
+    from .checks import check_int  # (checks.py imports this module)
+    if not isinstance(values, (tuple, list, torch.Size)) or len(values) != length:
+        raise TypeError(f"{name} must be {length} ints, got {values!r}")
+    return tuple(check_int(f"{name} entries", v, lo=1) for v in values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,16 @@ class Piece:
     (raster order)."""
     grid: tuple[int, int, int]
     tile: tuple[int, int] | None = None
+
+    def __post_init__(self):  # valid by construction: sizes >= 1, tiles that fit
+        object.__setattr__(self, "grid", _ints("Piece grid (T, H, W)", self.grid, 3))
+        if self.tile is not None:
+            th, tw = _ints("Piece tile (th, tw)", self.tile, 2)
+            object.__setattr__(self, "tile", (th, tw))
+            t, h, w = self.grid
+            if t != 1 or h % th or w % tw:
+                raise ValueError(f"a tiled piece's grid must be one frame of whole "
+                                 f"{th}x{tw} tiles, got grid {self.grid}")
 
     @property
     def cells(self) -> int:
@@ -82,18 +92,14 @@ class TokenLayout:
         """One raster piece of (H, W) or (T, H, W) tokens."""
         if len(dims) not in (2, 3):
             raise TypeError(f"TokenLayout.grid takes (H, W) or (T, H, W), got {dims}")
-        dims = tuple(check_int("TokenLayout.grid sizes", d, lo=1) for d in dims)
         return TokenLayout((Piece(dims if len(dims) == 3 else (1, *dims)),))
 
     @staticmethod
     def tiles(rows: int, cols: int, tile: tuple[int, int] = (16, 16)) -> "TokenLayout":
         """rows x cols tiles of tile = (th, tw) tokens, cut row-major from the stitched
         picture, each tile's tokens row-major inside it (InternVL's order)."""
-        rows = check_int("TokenLayout.tiles rows", rows, lo=1)
-        cols = check_int("TokenLayout.tiles cols", cols, lo=1)
-        if not isinstance(tile, (tuple, list)) or len(tile) != 2:
-            raise TypeError(f"TokenLayout.tiles tile must be (th, tw), got {tile!r}")
-        th, tw = (check_int("TokenLayout.tiles tile", v, lo=1) for v in tile)
+        rows, cols = _ints("TokenLayout.tiles (rows, cols)", (rows, cols), 2)
+        th, tw = _ints("TokenLayout.tiles tile", tile, 2)
         return TokenLayout((Piece((1, rows * th, cols * tw), (th, tw) if rows * cols > 1
                                   else None),))
 
@@ -118,14 +124,20 @@ class TokenLayout:
     def __repr__(self) -> str:
         return f"TokenLayout({self.describe()}: {self.cells} tokens)"
 
-    def coords(self, temporal_radius: int) -> torch.Tensor:
+    def coords(self, temporal_radius: int) -> tuple[torch.Tensor, int]:
         """(t', y, x) int32 [N, 3] of every token, pieces apart along t' by more than the
         temporal radius: the spatial term of one (T, H, W) grid, |dt'| <= temporal_radius'
         and |dy|, |dx| <= radius, is then exactly "same piece and near". temporal_radius' =
         min(temporal_radius, T_max - 1) (the same edges inside a piece); it is returned with
-        the table: (coords, temporal_radius'). Cached; the tensor is shared, never write it."""
-        t_max = max(p.grid[0] for p in self.pieces)
-        return _coords(self, min(temporal_radius, t_max - 1))
+        the table: (coords, temporal_radius'). A new tensor, yours to edit."""
+        table, radius = coords_table(self, temporal_radius)
+        return table.clone(), radius
+
+
+def coords_table(layout: TokenLayout, temporal_radius: int) -> tuple[torch.Tensor, int]:
+    """TokenLayout.coords, cached and shared by the backends: read it, never write it."""
+    t_max = max(p.grid[0] for p in layout.pieces)
+    return _coords(layout, min(temporal_radius, t_max - 1))
 
 
 @functools.lru_cache(maxsize=256)
@@ -141,20 +153,6 @@ def _coords(layout: TokenLayout, temporal_radius: int):
     if len(layout.pieces) * gap >= 2**31:
         raise ValueError(f"{layout!r}: too many pieces for 32-bit coordinates")
     return table, temporal_radius
-
-
-def check_layout(name: str, layout: TokenLayout) -> TokenLayout:
-    """Each piece's sizes: a tiled piece's grid is a whole number of its tiles."""
-    for i, p in enumerate(layout.pieces):
-        if len(p.grid) != 3 or any(type(v) is not int or v < 1 for v in p.grid):
-            raise ValueError(f"{name}: piece {i} has grid {p.grid}: expected (T, H, W) of "
-                             f"positive ints")
-        if p.tile is not None:
-            th, tw = p.tile
-            if th < 1 or tw < 1 or p.grid[0] != 1 or p.grid[1] % th or p.grid[2] % tw:
-                raise ValueError(f"{name}: piece {i} ({p.grid[1]}x{p.grid[2]}) is not a whole "
-                                 f"number of {th}x{tw} tiles")
-    return layout
 
 
 def layout_prior(prior, layout: TokenLayout, device, dtype=torch.float32) -> torch.Tensor:

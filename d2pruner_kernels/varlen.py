@@ -23,7 +23,7 @@ from .checks import (cells, check_tensor, grid_dims, grid_or_layout, pivot_count
                      shape_str)
 from .options import PruneOptions, of, takes_options
 from .prior import PositionalPrior
-from .token_layout import TokenLayout, check_layout, layout_prior
+from .token_layout import TokenLayout, layout_prior
 
 INT_DTYPES = (torch.int32, torch.int64)
 
@@ -40,8 +40,8 @@ def _grid_list(grids) -> list[tuple[int, ...]]:
                         f"[B, 2] / [B, 3], got {type(grids).__name__}")
     if len(grids) == 0:  # docs/spec.md §9: an empty batch is a ValueError, as in prune()
         raise ValueError("grids is empty: an empty batch (B=0)")
-    return [check_layout(f"grids[{i}]", g) if isinstance(g, TokenLayout)
-            else grid_dims(f"grids[{i}]", g) for i, g in enumerate(grids)]
+    return [g if isinstance(g, TokenLayout) else grid_dims(f"grids[{i}]", g)
+            for i, g in enumerate(grids)]
 
 
 def _budgets(k, lengths: list[int]) -> list[int]:

@@ -438,7 +438,7 @@ def test_what_reaches_the_cpp_resolver_is_checked():
         cpu_walk.greedy_mis_without_graph(x, order, 1, 4, (1, 3, 5), p)
     bad = order.clone()
     bad[0, 7] = 12  # out of range: torch indexing or the C++ bounds check refuses it
-    with pytest.raises((IndexError, ValueError)):
+    with pytest.raises((IndexError, ValueError), match="out of range"):
         cpu_walk.greedy_mis_without_graph(x, bad, 1, 4, (1, 3, 4), p)
 
 

@@ -61,7 +61,7 @@ def state(model):
     ({"k": 1.5}, ValueError, r"k as a ratio must be in \(0, 1\], got 1.5"),
     ({"k": "64"}, TypeError, r"k must be an int >= 1 \(tokens kept\) or a float ratio in \(0, 1\], got str"),
     ({"k": True}, TypeError, r"got bool True"),
-    ({"k": 64, "foo": 1}, TypeError, r"unknown prune option\(s\) 'foo'; prune\(\) takes"),
+    ({"k": 64, "foo": 1}, TypeError, r"unknown prune option\(s\) 'foo'; hf.apply\(\) takes"),
     ({"k": 64, "pivot_ratio": 2.0}, ValueError, r"pivot_ratio"),
     ({"k": 64, "radius": 1.5}, TypeError, r"radius"),
     ({"k": 64, "prior": torch.ones(100)}, ValueError,
@@ -448,3 +448,16 @@ def test_the_example_runs():
     assert r.returncode == 0, r.stderr
     assert "pruned   [582, 582, 70, 70]" in r.stdout
     assert "kept 64 of 576 image tokens" in r.stdout
+
+
+def test_apply_takes_a_pruneoptions_object():
+    """hf.apply(model, k, options=PruneOptions(...)) as prune() does; keywords and `prior`
+    win over its fields; one object reaches prune()."""
+    model = llava()
+    opts = d2p.PruneOptions(spatial_weight=0.5, sim_threshold=0.6, radius=1)
+    with hf.apply(model, 64, options=opts) as pruner:
+        assert pruner.options == opts
+    with hf.apply(model, 64, options=opts, radius=3) as pruner:
+        assert pruner.options == opts.replace(radius=3)
+    with pytest.raises(TypeError, match=r"options must be a PruneOptions, got dict"):
+        hf.apply(model, 64, options={"radius": 1})

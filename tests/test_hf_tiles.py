@@ -444,7 +444,8 @@ def test_internvl_needs_image_sizes_for_tiles_and_derives_the_canvas_as_the_proc
             with torch.no_grad():
                 model(**plain)
         with pytest.raises(ValueError, match=r"image_sizes must be \[3, 2\] \(one \(height, "
-                           r"width\) per image of the batch, in order\), got shape \[2, 2\]"):
+                           r"width\) per image of the batch, in order\) or per sample, a list "
+                           r"of lists, got shape \[2, 2\]"):
             with torch.no_grad():
                 model(**plain, image_sizes=inputs["image_sizes"][:2])
         wrong = inputs["image_sizes"].flip(0)  # (80, 80) first: 1 tile, not 6
@@ -470,9 +471,11 @@ def test_internvl_needs_image_sizes_for_tiles_and_derives_the_canvas_as_the_proc
 @pytest.mark.parametrize("family", FAMILIES)
 def test_beams_give_each_expanded_row_its_sample_alone(family):
     """generate(num_beams=2): each expanded row is its sample pruned alone, a sample of two
-    images included (InternVL: generate repeats image_sizes row by row, read back here)."""
+    images included (InternVL: image_sizes per sample, which generate passes unchanged)."""
     model = model_for(family)
     inputs = batched(family, model)
+    if family == "internvl":  # per sample: generate expands a tensor of rows in place
+        inputs["image_sizes"] = [list(map(list, sizes)) for sizes in SIZES[family]]
     samples = alone(family, model)
     with hf.apply(model, 0.25) as pruner:
         with torch.no_grad():
@@ -511,3 +514,28 @@ def test_calibrate_prior_over_tiles_and_pieces():
         hf.calibrate_prior(model, [inputs], progress=False)
     prior = hf.calibrate_prior(model, [inputs], grid=(8, 8), progress=False)
     assert prior.grid == (8, 8) and prior.count == 2
+
+
+def test_internvl_look_alike_samples_need_image_sizes_per_sample():
+    """Two samples with the same text and two images each, wide ones then tall ones: a
+    [total, 2] image_sizes reads like generate's expansion of one sample, so it is refused,
+    naming the per-sample form; given per sample, each equals its sample alone."""
+    model = model_for("internvl")
+    wide, tall = (300, 400), (400, 300)
+    sizes = [[wide, wide], [tall, tall]]
+    inputs = make("internvl", model, sizes, [[5, 6], [5, 6]])
+    with hf.apply(model, 0.25) as pruner:
+        with pytest.raises(ValueError, match=r"image_sizes is ambiguous for this batch.*a list "
+                                             r"of lists"):
+            with torch.no_grad():
+                model(**inputs)
+        with torch.no_grad():
+            model(**dict(inputs, image_sizes=[list(map(list, s)) for s in sizes]))
+        batched_grids = pruner.grids
+        singles = []
+        for i, one in enumerate(sizes):
+            alone_inputs = make("internvl", model, [one], [[5, 6]])
+            with torch.no_grad():
+                model(**alone_inputs)
+            singles.append(pruner.grids[0])
+    assert batched_grids == singles and singles[0] != singles[1]

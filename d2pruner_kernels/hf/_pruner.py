@@ -258,9 +258,10 @@ def apply(model, k, *, where: str = "llm", layer: int | None = None, prior=None,
           **prune_options) -> Pruner:
     """Prunes the visual tokens of every image in every prefill of `model` with D2Pruner.
 
-    model: a transformers 5.x LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
-           or Qwen2_5_VLForConditionalGeneration (attn_implementation sdpa, eager or
-           flash_attention_*).
+    model: a transformers 5.x model of a supported family (README's table: LLaVA-1.5,
+           LLaVA-NeXT, LLaVA-OneVision, InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5,
+           Gemma 3; others through register_adapter) with attn_implementation sdpa, eager
+           or flash_attention_*.
     k:     visual tokens kept per image (int), or a ratio in (0, 1] resolved per image by
            prune()'s rule.
     where: "llm" (the paper's setting): importance = the attention of each sample's last
@@ -276,8 +277,9 @@ def apply(model, k, *, where: str = "llm", layer: int | None = None, prior=None,
            full-attention layer there: a linear one has no attention row).
     prior: a PositionalPrior (resized bilinearly to each image's grid where it was
            calibrated on another one: our extension) or a positive tensor [N] for the grid.
-    prune_options: PruneOptions' fields (pivot_ratio, sim_threshold, spatial_weight,
-           radius, temporal_radius, eps, check_finite, backend), checked here.
+    prune_options: a PruneOptions as `options=`, and/or its fields as keywords
+           (pivot_ratio, sim_threshold, spatial_weight, radius, temporal_radius, eps,
+           check_finite, backend, fusion), checked here; `prior` wins over options.prior.
 
     Returns a Pruner: `pruner.kept` after each prefill, `pruner.remove()` (or `with`).
     Misuse raises here, before the model is touched.

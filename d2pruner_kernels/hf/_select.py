@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..checks import cells, check_k, resolve_k
+from ..checks import cells, check_k, grid_str, resolve_k
 from ..options import PruneOptions, of
 from ..prior import PositionalPrior
 from ..prune import prune
@@ -24,7 +24,12 @@ class Selector:
             resolve_k(k, math.prod(grid))
         else:  # the type and the lower bound; each image's count is known at the prefill
             check_k(k)
-        self.options: PruneOptions = of(None, {**options, "prior": prior})
+        options = dict(options)
+        base = options.pop("options", None)  # a PruneOptions, and/or its fields as keywords
+        if prior is not None or base is None:
+            options["prior"] = prior
+        self.options: PruneOptions = of(base, options, where="hf.apply()")
+        prior = self.options.prior
         self.k, self.prior = k, prior
         self._at_most = grid is None  # token counts that depend on the input: k is "at most"
         self._device_prior = {}
@@ -52,7 +57,7 @@ class Selector:
             return self.prior.for_grid(grid)
         if self.prior.shape[0] != n:
             raise ValueError(f"{label}: the prior tensor has {self.prior.shape[0]} entries but "
-                             f"the image has {n} tokens (grid {tuple(grid)}); pass a "
+                             f"the image has {n} tokens (grid {grid_str(grid)}); pass a "
                              f"PositionalPrior to have it resized to each grid")
         if device not in self._device_prior:
             self._device_prior[device] = self.prior.to(device=device, dtype=torch.float32)

@@ -116,7 +116,9 @@ class InternVLAdapter(Adapter):
                                  f"each image's original size to know their rows x cols: pass "
                                  f"image_sizes=[[height, width], ...] (one row per image of the "
                                  f"batch, in order) to the forward or to generate()")
-            size = self._sizes(sizes, outer["image"])[sample][j]
+            if "sizes" not in outer:  # once per forward
+                outer["sizes"] = self._sizes(sizes, outer["image"])
+            size = outer["sizes"][sample][j]
             rows, cols = tile_grid(size, m - 1, self.tile_px)
             layout = (TokenLayout.tiles(rows, cols, (self.side, self.side))
                       + TokenLayout.grid(self.side, self.side))
@@ -124,29 +126,61 @@ class InternVLAdapter(Adapter):
         return out
 
     def _sizes(self, sizes, image: torch.Tensor) -> list:
-        """Each sample's images' (height, width), from image_sizes (one row per image of
-        the batch, in order). generate() with num_beams / num_return_sequences = n repeats
-        every row of image_sizes n times in place (it expands tensors along dim 0, as if
-        they were per sample) while the batch's samples are each repeated n times: when the
-        batch's rows and image_sizes' rows both come in identical groups of n and a sample
-        has several images, image_sizes is read as that expansion of its every n-th row."""
-        t = torch.as_tensor(sizes).detach().cpu()
+        """Each sample's images' (height, width). image_sizes is either one row per image of
+        the batch, in order ([total, 2]: what the processor returns), or per sample, a list
+        of lists [[(h, w), ...], ...] (generate passes lists unchanged, so under num_beams /
+        num_return_sequences = n each sample's list serves its n rows).
+
+        generate() repeats every row of a [total, 2] tensor n times in place (it expands
+        tensors along dim 0 as if they were per sample): when the batch's rows and
+        image_sizes' rows both come in identical groups of n, the rows may be that
+        expansion, or a batch of look-alike samples; when the two readings differ, this
+        raises, asking for the per-sample form."""
         per_sample = [runs(row) for row in image]
         counts = [len(r) for r in per_sample]
+        if isinstance(sizes, (list, tuple)) and sizes and all(
+                isinstance(s, (list, tuple)) and all(isinstance(hw, (list, tuple, torch.Tensor))
+                                                     for hw in s) for s in sizes):
+            return _per_sample(sizes, counts)
+        t = torch.as_tensor(sizes).detach().cpu()
         total = sum(counts)
         if t.dim() != 2 or t.shape[1] != 2 or t.shape[0] != total:
             raise ValueError(f"image_sizes must be [{total}, 2] (one (height, width) per image "
-                             f"of the batch, in order), got shape {list(t.shape)}")
+                             f"of the batch, in order) or per sample, a list of lists, got "
+                             f"shape {list(t.shape)}")
         rows = [tuple(r) for r in t.tolist()]
+        it = iter(rows)
+        plain = [[next(it) for _ in range(c)] for c in counts]
         n = _expanded(image, counts, rows) if max(counts) > 1 else 1
-        if n > 1:
-            rows = rows[::n]
-            firsts = [sum(counts[0:b:n]) for b in range(0, len(counts), n)]
-            value = [rows[firsts[b // n]:firsts[b // n] + counts[b]] for b in range(len(counts))]
-        else:
-            it = iter(rows)
-            value = [[next(it) for _ in range(c)] for c in counts]
-        return value
+        if n == 1:
+            return plain
+        rows = rows[::n]
+        firsts = [sum(counts[0:b:n]) for b in range(0, len(counts), n)]
+        expanded = [rows[firsts[b // n]:firsts[b // n] + counts[b]] for b in range(len(counts))]
+        if expanded != plain:
+            raise ValueError(f"image_sizes is ambiguous for this batch: its rows come in groups "
+                             f"of {n} like the samples, as generate() expands them under "
+                             f"num_beams / num_return_sequences, or as {n} look-alike samples "
+                             f"would; pass it per sample, a list of lists "
+                             f"[[(height, width), ...], ...] (generate passes lists unchanged)")
+        return plain
+
+
+def _per_sample(sizes, counts: list) -> list:
+    """image_sizes as a list per sample (of len(counts) // n samples, n rows each)."""
+    batch = len(counts)
+    if batch % len(sizes):
+        raise ValueError(f"image_sizes has {len(sizes)} samples but the batch has {batch} rows "
+                         f"(not a multiple: generate's expansion repeats each sample n times)")
+    n = batch // len(sizes)
+    value = []
+    for b in range(batch):
+        mine = [tuple(int(v) for v in hw) for hw in sizes[b // n]]
+        if len(mine) != counts[b] or any(len(hw) != 2 for hw in mine):
+            raise ValueError(f"image_sizes[{b // n}] must hold one (height, width) per image of "
+                             f"sample {b // n} ({counts[b]}), got {sizes[b // n]!r}")
+        value.append(mine)
+    return value
 
 
 def _expanded(image: torch.Tensor, counts: list, rows: list) -> int:

@@ -42,7 +42,7 @@ import math
 import torch
 
 from ..checks import as_3d
-from ..token_layout import TokenLayout
+from ..token_layout import TokenLayout, coords_table
 
 try:
     from .. import _C
@@ -174,7 +174,7 @@ def greedy_mis_without_graph(tokens: torch.Tensor, order: torch.Tensor, n_pivots
     flat = _row_source(tokens)
     rule = fusion_rule(params)
     if isinstance(grid, TokenLayout):  # coordinates from its table (the C++ reads it raw)
-        table, temporal_radius = grid.coords(params.temporal_radius)
+        table, temporal_radius = coords_table(grid, params.temporal_radius)
         if table.dtype != torch.int32 or table.shape != (n, 3) or not table.is_contiguous():
             raise ValueError(f"{grid!r}: coordinate table {table.dtype} {list(table.shape)}, "
                              f"expected contiguous int32 [{n}, 3]")

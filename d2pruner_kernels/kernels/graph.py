@@ -30,7 +30,7 @@ import torch
 
 from ..layout import num_words
 from ..options import DEFAULTS, PruneOptions
-from ..token_layout import TokenLayout
+from ..token_layout import TokenLayout, coords_table
 from . import cdiv, interpreting, launch_device, next_pow2, sm_count
 from . import ragged_jit
 from .dot import dot_fp32_acc, upcast
@@ -376,6 +376,12 @@ _coords: collections.OrderedDict = collections.OrderedDict()  # LRU of layout_co
 COORDS_CACHE_SIZE = 256
 
 
+def _after_copy(hit, device: torch.device) -> None:
+    """A cached table copied on another stream: the current one waits for that copy."""
+    if len(hit) > 2 and torch.cuda.current_stream(device) != hit[3]:
+        torch.cuda.current_stream(device).wait_event(hit[4])
+
+
 def layout_coords(layout: TokenLayout, temporal_radius: int, device: torch.device):
     """(table int32 [N, 3] on `device`, temporal_radius') of TokenLayout.coords: copied to
     the device once per layout, radius and device (LRU-cached; never written). A layout
@@ -385,17 +391,27 @@ def layout_coords(layout: TokenLayout, temporal_radius: int, device: torch.devic
     hit = _coords.get(key)
     if hit is not None:
         _coords.move_to_end(key)
-        return hit
+        _after_copy(hit, device)
+        return hit[:2]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"the graph kernels met {layout!r} for the first time inside a CUDA graph "
             f"capture: its coordinate table cannot be copied to the device during a capture. "
             f"Run the same layout once before capturing (a warm-up call), then capture")
-    table, radius = layout.coords(temporal_radius)
-    hit = _coords[key] = (table.to(device), radius)
+    table, radius = coords_table(layout, temporal_radius)
+    if device.type == "cuda":  # from pinned memory, asynchronously: no wait for the host
+        source = table.pin_memory()
+        stream = torch.cuda.current_stream(device)
+        copied = source.to(device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)  # another stream that reads it later waits for this (no sync)
+        hit = (copied, radius, source, stream, done)  # the pinned source outlives the copy
+    else:
+        hit = (table, radius)  # shared and read-only
+    _coords[key] = hit
     if len(_coords) > COORDS_CACHE_SIZE:
         _coords.popitem(last=False)
-    return hit
+    return hit[:2]
 
 
 _SUM_FROM_DOTS = ("order_ptr", "N", "C", "n_pivots", "stride_ob", "BLOCK", "SPLITS",

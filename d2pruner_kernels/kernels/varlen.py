@@ -25,7 +25,7 @@ import torch
 
 from ..layout import num_words
 from ..options import PruneOptions
-from ..token_layout import TokenLayout
+from ..token_layout import TokenLayout, coords_table
 from . import cdiv, graph, lazy_graph, mis, ragged, rank, scores, sm_count
 
 CACHE_SIZE = 64  # layouts whose tables stay on the device (LRU)
@@ -76,8 +76,8 @@ class Plan:
         # the table; temporal_radius is then the options' (it shapes the tables)
         coords = radii = None
         if any(isinstance(g, TokenLayout) for g in grids):
-            parts = [(g if isinstance(g, TokenLayout) else TokenLayout.grid(*g))
-                     .coords(temporal_radius) for g in grids]
+            parts = [coords_table(g if isinstance(g, TokenLayout) else TokenLayout.grid(*g),
+                                  temporal_radius) for g in grids]
             coords, radii = torch.cat([t for t, _ in parts]), [r for _, r in parts]
         built = ragged.build_table(lengths, n_pivots, ks, ranges=spans, block=block,
                                    grids=[(1, 1, 1) if isinstance(g, TokenLayout) else g

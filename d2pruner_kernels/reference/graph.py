@@ -5,7 +5,7 @@ import torch
 
 from ..layout import pack_lower
 from ..options import DEFAULTS, PruneOptions
-from ..token_layout import TokenLayout
+from ..token_layout import TokenLayout, coords_table
 from .numerics import matmul_fp32
 
 
@@ -14,7 +14,7 @@ def grid_coords(n: int, grid, temporal_radius: int, device=None):
     temporal radius to compare t with. A TokenLayout: its coordinates, pieces apart along t
     (TokenLayout.coords)."""
     if isinstance(grid, TokenLayout):
-        table, temporal_radius = grid.coords(temporal_radius)
+        table, temporal_radius = coords_table(grid, temporal_radius)
         t, y, x = table.to(device=device, dtype=torch.int64).unbind(1)
         return t, y, x, temporal_radius
     _, h, w = grid
