@@ -35,7 +35,7 @@ except ImportError as e:
                       "pip install 'd2pruner_kernels[hf]' (install torch first)") from e
 if int(_transformers.__version__.split(".")[0]) < 5:
     raise ImportError(f"d2pruner_kernels.hf needs transformers >= 5.16.1, < 6 (tested with "
-                      f"5.16.1, 5.19 and 5.24), found {_transformers.__version__}: "
+                      f"5.19 and 5.25), found {_transformers.__version__}: "
                       f"pip install 'd2pruner_kernels[hf]'")
 
 from ._common import Adapter

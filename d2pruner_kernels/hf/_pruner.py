@@ -47,7 +47,8 @@ def register_adapter(model_class, adapter):
     """Teaches `apply()` and `calibrate_prior()` a model family: models of `model_class`
     (or a subclass) get `adapter(model)`. Returns the adapter registered before for that
     class (None if none); `adapter=None` removes the registration. A registered class wins
-    over the built-in ones (LLaVA, Qwen2-VL) and a subclass's over its base's.
+    over the built-in ones (README's table; a registration for a built-in class, as the
+    example below is for InternVL, replaces its adapter) and a subclass's over its base's.
 
     adapter: a subclass of `hf.Adapter` (or of `hf.LlavaAdapter` / `hf.Qwen2VLAdapter` to
     reuse theirs), constructed with the model; it tells the machinery where things are:
