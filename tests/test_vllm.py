@@ -89,28 +89,38 @@ def hf_full(models):
     return helper.hf_reference(str(models / "llava"), None)
 
 
-def test_patches_are_reversible(monkeypatch):
+def test_registration_is_reversible(monkeypatch):
+    # the models are registered subclasses of vLLM's classes; vLLM's own LLaVA classes are
+    # left as they are; the one wrapped method is EngineArgs.create_engine_config (checks)
+    from vllm import ModelRegistry
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.models import llava
 
     import d2pruner_kernels.vllm_plugin as plugin
+    archs = ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    classes = (llava.LlavaProcessingInfo.__dict__.get("get_num_image_tokens"),
+               llava.LlavaForConditionalGeneration.__dict__["_process_image_input"])
     before = (EngineArgs.__dict__["create_engine_config"],
-              llava.LlavaProcessingInfo.__dict__.get("get_num_image_tokens"),
-              llava.LlavaForConditionalGeneration.__dict__["_process_image_input"])
+              [ModelRegistry.models[a] for a in archs])
     monkeypatch.setenv("D2PRUNER_VLLM_K", "16")
     plugin.register()
     try:
         assert EngineArgs.create_engine_config.__d2pruner__
-        assert llava.LlavaProcessingInfo.get_num_image_tokens.__d2pruner__
-        assert llava.LlavaForConditionalGeneration._process_image_input.__d2pruner__
-        plugin.register()  # loaded again (vLLM may): patches once
-        assert len(plugin._PATCHES) == 3
+        for arch in archs:
+            cls = ModelRegistry._try_load_model_cls(arch)
+            assert cls.__module__.startswith("d2pruner_kernels.vllm_plugin."), cls
+        from d2pruner_kernels.vllm_plugin._llava import D2PrunerLlava
+        assert issubclass(D2PrunerLlava, llava.LlavaForConditionalGeneration)
+        plugin.register()  # loaded again (vLLM may): once
+        assert len(plugin._PATCHES) == 1
+        assert (llava.LlavaProcessingInfo.__dict__.get("get_num_image_tokens"),
+                llava.LlavaForConditionalGeneration.__dict__["_process_image_input"]) == classes
     finally:
         plugin.remove()
     after = (EngineArgs.__dict__["create_engine_config"],
-             llava.LlavaProcessingInfo.__dict__.get("get_num_image_tokens"),
-             llava.LlavaForConditionalGeneration.__dict__["_process_image_input"])
-    assert after == before and before[1] is None  # inherited again from the base class
+             [ModelRegistry.models[a] for a in archs])
+    assert after == before
+    assert ModelRegistry._try_load_model_cls(archs[0]) is llava.LlavaForConditionalGeneration
     assert plugin.placeholders(576) == 576
 
 

@@ -11,11 +11,13 @@ API server, the engine core, the workers), so it works with `LLM(...)` and `vllm
     D2PRUNER_VLLM_PRIOR=/path/prior.safetensors                          optional: a
                                PositionalPrior file (resized to the grid when it differs)
 
-What changes (LlavaForConditionalGeneration, vision_feature_select_strategy="default"):
+What changes (LlavaForConditionalGeneration, vision_feature_select_strategy="default";
+`_llava.py`, registered subclasses of vLLM's classes):
 
 - the processor: every image gets k placeholder tokens instead of N = (336 / 14)^2 = 576
-  (`LlavaProcessingInfo.get_num_image_tokens`), so the KV cache holds k slots per image;
-- the image path (`LlavaForConditionalGeneration._process_image_input`): importance = the
+  (`get_num_image_tokens` of a LlavaProcessingInfo subclass), so the KV cache holds k slots
+  per image;
+- the image path (`_process_image_input` of a LlavaForConditionalGeneration subclass): importance = the
   CLS attention row of the CLIP layer behind `vision_feature_layer`, from that layer's own
   queries and keys (`attention_scores`), features = the projected image features; one
   `prune_varlen` call for all the images of the encoder batch keeps k per image.
@@ -33,8 +35,9 @@ an engine that allows videos (vLLM's default) is refused; pass limit_mm_per_prom
 A request may carry its own budget: mm_processor_kwargs={"d2pruner_k": 64} (an int = at
 most k, or a ratio), checked when the request is made.
 Misuse (a k out of range, bad options, another architecture, tensor / pipeline
-parallelism) raises ValueError when the engine is created. Everything is patched by
-wrapping methods at plugin load (`remove()` undoes it); no installed file is edited.
+parallelism) raises ValueError when the engine is created: the one wrapped method is
+EngineArgs.create_engine_config, for these checks (`remove()` undoes it and the
+registrations); no vLLM class of a model is modified, no installed file is edited.
 
 D2PRUNER_VLLM_RECORD=/path/file.jsonl (debugging, tests) appends the kept indices of each
 encoder batch, one JSON line per batch.
@@ -47,6 +50,8 @@ from .settings import ENV_K, ENV_OPTIONS, ENV_PRIOR, ENV_RECORD, Settings, read_
 
 SUPPORTED = ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 QWEN_MODEL = "d2pruner_kernels.vllm_plugin._qwen2_5_vl:D2PrunerQwen2_5_VL"
+MODELS = {"LlavaForConditionalGeneration": "d2pruner_kernels.vllm_plugin._llava:D2PrunerLlava",
+          "Qwen2_5_VLForConditionalGeneration": QWEN_MODEL}
 
 _REGISTERED: dict = {}   # architecture -> vLLM's own registry entry it replaced
 
@@ -65,11 +70,29 @@ def register() -> None:
         return
     _SETTINGS = settings
     from vllm import ModelRegistry
-    arch = "Qwen2_5_VLForConditionalGeneration"
-    _REGISTERED.setdefault(arch, ModelRegistry.models.get(arch))
-    ModelRegistry.register_model(arch, QWEN_MODEL)  # vLLM's class, subclassed (_qwen2_5_vl)
-    from . import _llava
-    _llava.install(_SETTINGS, _wrap)
+    for arch, target in MODELS.items():
+        _REGISTERED.setdefault(arch, ModelRegistry.models.get(arch))
+        ModelRegistry.register_model(arch, target)  # a subclass of vLLM's own class
+    _wrap(_engine_args(), "create_engine_config", _checked)
+
+
+def _engine_args():
+    from vllm.engine.arg_utils import EngineArgs
+    return EngineArgs
+
+
+def _checked(original):
+    """The one wrapped method: EngineArgs.create_engine_config, so that what the plugin does
+    not support (another architecture, TP / PP, a k out of range) fails when the engine is
+    created, in the calling process, before any worker starts."""
+    import functools
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        config = original(self, *args, **kwargs)
+        check_model(config)
+        return config
+    return create_engine_config
 
 
 def remove() -> None:

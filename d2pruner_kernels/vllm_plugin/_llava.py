@@ -1,53 +1,64 @@
-"""The LLaVA patches: placeholder count in the processor, pruning in the image path, and
-the model check at engine creation. Installed by `register()` when pruning is on."""
+"""LLaVA-1.5 with D2Pruner in vLLM, by registration: a subclass of vLLM's model whose
+`_process_image_input` prunes (one prune_varlen per encoder batch), carrying a subclass of
+vLLM's processing info whose `get_num_image_tokens` is k (`MULTIMODAL_REGISTRY.register_processor`);
+`register()` points the architecture at it (`ModelRegistry.register_model`) when
+D2PRUNER_VLLM_K is set. No vLLM class is modified."""
 from __future__ import annotations
 
-import functools
 import json
 
 import torch
+from transformers import LlavaConfig
+from vllm.model_executor.models import llava
+from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..attention_scores import attention_scores
 from ..varlen import prune_varlen
 
 
-def install(settings, wrap) -> None:
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.model_executor.models import llava
+def _settings():
+    from . import _SETTINGS
+    if _SETTINGS is None:
+        raise RuntimeError("d2pruner: the LLaVA pruning model is registered but "
+                           "D2PRUNER_VLLM_K is not set in this process")
+    return _SETTINGS
 
-    from . import check_model
 
-    def engine_config(original):
-        @functools.wraps(original)
-        def create_engine_config(self, *args, **kwargs):
-            config = original(self, *args, **kwargs)
-            check_model(config)
-            return config
-        return create_engine_config
+class D2PrunerLlavaProcessingInfo(llava.LlavaProcessingInfo):
+    """vLLM's, with k placeholders per image instead of 576."""
 
-    def num_tokens(original):
-        @functools.wraps(original)
-        def get_num_image_tokens(self, *args, **kwargs):
-            return settings.budget(original(self, *args, **kwargs))
-        return get_num_image_tokens
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        return _settings().budget(n)
 
-    def image_input(original):
-        @functools.wraps(original)
-        def _process_image_input(self, image_input):
-            if _is_embeddings(image_input):
-                return original(self, image_input)  # given features: placeholders unchanged
-            tap = _tap(self)
+
+def _info(ctx):
+    cfg = ctx.get_hf_config(LlavaConfig)
+    if type(cfg.vision_config).__name__ == "PixtralVisionConfig":
+        raise ValueError("D2PRUNER_VLLM_K: LLaVA with a Pixtral vision tower is not supported "
+                         "(CLIP only)")
+    return D2PrunerLlavaProcessingInfo(ctx)
+
+
+def _processor(info, dummy_inputs):
+    return llava.LlavaMultiModalProcessor(info, dummy_inputs)
+
+
+@MULTIMODAL_REGISTRY.register_processor(_processor, info=_info,
+                                        dummy_inputs=llava.LlavaDummyInputsBuilder)
+class D2PrunerLlava(llava.LlavaForConditionalGeneration):
+    """vLLM's LLaVA; its image path keeps k tokens per image (CLS row of the feature layer)."""
+
+    def _process_image_input(self, image_input):
+        if _is_embeddings(image_input):
+            return super()._process_image_input(image_input)  # given features: unchanged
+        tap = _tap(self)
+        tap.rows = None
+        try:
+            features = super()._process_image_input(image_input)
+            return _prune(_settings(), tap, features)
+        finally:
             tap.rows = None
-            try:
-                features = original(self, image_input)
-                return _prune(settings, tap, features)
-            finally:
-                tap.rows = None
-        return _process_image_input
-
-    wrap(EngineArgs, "create_engine_config", engine_config)
-    wrap(llava.LlavaProcessingInfo, "get_num_image_tokens", num_tokens)
-    wrap(llava.LlavaForConditionalGeneration, "_process_image_input", image_input)
 
 
 def _is_embeddings(image_input) -> bool:
