@@ -4,8 +4,9 @@ rule on transformers (hf/qwen_vision.py; tests/vllm_helper.py's qwen_hf_referenc
 same tiny random Qwen2.5-VL, images and prompts: images of two sizes (8 x 8 and a tall
 10 x 6 merged grid), two prompts in one batch, two images in one prompt.
 
-Three engines (pruned k=16, off, keep-all k=1.0; module-scoped, ~45 s each on 2 cores)
-and one misuse run that fails at engine creation.
+Three engines (pruned k=16, off, keep-all k=1.0; module-scoped, ~30-45 s each on 2 cores),
+the OpenAI-compatible server once (k=16), and one misuse run that fails at engine creation;
+~2.5 minutes in all.
 """
 from __future__ import annotations
 
@@ -130,3 +131,20 @@ def test_bad_request_budget_is_a_value_error_naming_it(pruned):
     bad = pruned["bad_request"]
     assert bad is not None and bad.startswith("ValueError"), bad
     assert "mm_processor_kwargs['d2pruner_k']" in bad, bad
+
+
+def test_openai_server_reports_the_shortened_prompt(qwen, tmp_path, off):
+    # the OpenAI-compatible server with the plugin on: a chat request with one 8 x 8 image
+    # and the text of "single" is billed k + text tokens, not 64 + text tokens
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "usage.json"
+    proc = _run(["serve_qwen", str(qwen), str(out), str(port)], _env(D2PRUNER_VLLM_K=K),
+                timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    usage = json.loads(out.read_text())["usage"]
+    full = off["prompts"]["single"]["prompt_len"]            # 64 placeholders + 6 text tokens
+    assert usage["prompt_tokens"] == full - helper.Q_MERGED[11] + K == 22
+    assert usage["completion_tokens"] == 2

@@ -236,8 +236,69 @@ def build_qwen(root: str) -> None:
     from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
     d = os.path.join(root, "qwen25")
     tiny_qwen25().save_pretrained(d)
-    Qwen2_5_VLProcessor(image_processor=q_image_processor(), tokenizer=_q_tokenizer(),
-                        video_processor=Qwen2VLVideoProcessor()).save_pretrained(d)
+    tok = _q_tokenizer()
+    tok.chat_template = Q_CHAT_TEMPLATE
+    Qwen2_5_VLProcessor(image_processor=q_image_processor(), tokenizer=tok,
+                        video_processor=Qwen2VLVideoProcessor(),
+                        chat_template=Q_CHAT_TEMPLATE).save_pretrained(d)
+
+
+# the server's chat template: an image part becomes vision_start, image_pad, vision_end
+Q_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}"
+                   "{% else %}{% for c in m['content'] %}"
+                   "{% if c['type'] in ['image', 'image_url'] %}"
+                   "<|vision_start|><|image_pad|><|vision_end|>"
+                   "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}")
+
+
+def serve_qwen(model_dir: str, out: str, port: int) -> None:
+    """The OpenAI-compatible server (module form) with the environment's settings: one chat
+    request with image 11 and the text of Q_PROMPTS["single"]; writes its usage."""
+    import base64
+    import io
+    import subprocess
+    import time
+    import urllib.request
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
+           "--max-num-seqs", "4", "--enforce-eager", "--no-enable-prefix-caching",
+           "--limit-mm-per-prompt", json.dumps({"image": 2, "video": 0})]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited ({server.returncode}):\n"
+                                 f"{server.stderr.read()[-6000:]}")
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise SystemExit("the server did not start in 300 s") from None
+                time.sleep(1)
+        buf = io.BytesIO()
+        q_image(11).save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        text = " ".join(f"t{t}" for t in Q_PROMPTS["single"][0][3:])
+        body = {"model": model_dir, "max_tokens": 2, "temperature": 0.0,
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": text}]}]}
+        req = urllib.request.Request(base + "/v1/chat/completions",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            reply = json.loads(r.read())
+        with open(out, "w") as f:
+            json.dump({"usage": reply["usage"]}, f)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def q_engine(model_dir: str):
@@ -388,6 +449,8 @@ if __name__ == "__main__":
         build_qwen(sys.argv[2])
     elif cmd == "run_qwen":
         run_qwen(sys.argv[2], sys.argv[3])
+    elif cmd == "serve_qwen":
+        serve_qwen(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif cmd == "start_qwen":
         q_engine(sys.argv[2])
         print("ENGINE STARTED")
