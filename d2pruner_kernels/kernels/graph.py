@@ -377,8 +377,11 @@ COORDS_CACHE_SIZE = 256
 
 
 def _after_copy(hit, device: torch.device) -> None:
-    """A cached table copied on another stream: the current one waits for that copy."""
-    if len(hit) > 2 and torch.cuda.current_stream(device) != hit[3]:
+    """A cached table copied on another stream: the current one waits for that copy (not
+    inside a CUDA graph capture, which cannot wait on an event recorded outside it: there
+    the table was copied by the warm-up call, which the capture follows)."""
+    if len(hit) > 2 and torch.cuda.current_stream(device) != hit[3] \
+            and not torch.cuda.is_current_stream_capturing():
         torch.cuda.current_stream(device).wait_event(hit[4])
 
 
