@@ -265,6 +265,32 @@ def test_register_adapter_refuses_what_is_not_a_model_class_or_an_adapter():
     assert hf.register_adapter(InternVLForConditionalGeneration, None) is None
 
 
+def test_each_built_in_class_has_one_adapter_whatever_the_table_order(monkeypatch):
+    from d2pruner_kernels.hf import _pruner
+    want = {"LlavaForConditionalGeneration": "LlavaAdapter",
+            "Qwen2VLForConditionalGeneration": "Qwen2VLAdapter",
+            "Qwen2_5_VLForConditionalGeneration": "QwenVideoAdapter",
+            "LlavaNextForConditionalGeneration": "LlavaNextAdapter",
+            "LlavaOnevisionForConditionalGeneration": "LlavaOnevisionAdapter",
+            "InternVLForConditionalGeneration": "InternVLAdapter",
+            "Qwen3VLForConditionalGeneration": "Qwen3VLAdapter",
+            "Qwen3VLMoeForConditionalGeneration": "Qwen3VLAdapter",
+            "Qwen3_5ForConditionalGeneration": "Qwen3_5Adapter",
+            "Qwen3_5MoeForConditionalGeneration": "Qwen3_5Adapter",
+            "Gemma3ForConditionalGeneration": "Gemma3Adapter"}
+    named = [(name, a.__name__) for a in _pruner.ADAPTERS for name in a.model_classes]
+    assert len(named) == len(set(dict(named))) and dict(named) == want
+    model = tiny.tiny_qwen2_vl(layers=2, v2_5=True)  # Qwen2VLAdapter's family, not its class
+    sub = type("MyQwen", (type(model),), {})
+    for order in (_pruner.ADAPTERS, _pruner.ADAPTERS[::-1]):
+        monkeypatch.setattr(_pruner, "ADAPTERS", order)
+        assert type(_pruner._adapter(model)) is hf.QwenVideoAdapter
+        model.__class__ = sub  # a subclass: the nearest named class in its MRO
+        assert type(_pruner._adapter(model)) is hf.QwenVideoAdapter
+        model.__class__ = sub.__mro__[1]
+        assert type(_pruner._adapter(qwen())) is hf.Qwen2VLAdapter
+
+
 # -- what docs/integration.md says users will meet (issue 21, item 14) ---------------------------
 
 def test_generate_without_a_cache_prunes_at_every_step():

@@ -24,9 +24,34 @@ class Adapter:
     language_model = None
     image_token_id = None
     tokens_per_image = None
+    # The transformers classes (by name) a built-in adapter serves, subclasses included.
+    # Each class is named by one adapter only; a model gets the adapter of the nearest
+    # named class in its MRO (hf._pruner._adapter), so the table's order never decides.
+    model_classes: tuple = ()
 
     def __init__(self, model):
         self.model = model
+
+    @classmethod
+    def classes(cls) -> tuple:
+        """The classes of `model_classes` that the installed transformers has."""
+        import transformers
+        return tuple(getattr(transformers, name) for name in cls.model_classes
+                     if hasattr(transformers, name))
+
+    def _transformers_parts(self) -> None:
+        """outer, language_model and image_token_id where transformers' multimodal
+        *ForConditionalGeneration models keep them (model.model, its language_model,
+        config.image_token_id)."""
+        self.outer = self.model.model
+        self.language_model = self.model.model.language_model
+        self.image_token_id = self.model.config.image_token_id
+
+    def _llm_only(self, where: str, why: str = "has none") -> None:
+        """Refuses where='vision' (LLaVA's: one CLS row per image) for a family without it."""
+        if where != "llm":
+            raise ValueError(f"where='vision' is for LLaVA (a CLS row); "
+                             f"{type(self.model).__name__} {why}: use where='llm'")
 
     def check(self, where: str) -> None:
         """Raises if the model's configuration cannot be pruned `where`."""
@@ -41,10 +66,15 @@ class Adapter:
 
     def image_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         """bool [B, L]: the image placeholders (as transformers finds them)."""
+        return self.token_mask(self.image_token_id, input_ids, inputs_embeds)
+
+    def token_mask(self, token_id: int, input_ids, inputs_embeds) -> torch.Tensor:
+        """bool [B, L]: the placeholders of `token_id`, from input_ids, else (as transformers
+        finds them) the positions of inputs_embeds equal to that token's embedding."""
         if input_ids is not None:
-            return input_ids == self.image_token_id
+            return input_ids == token_id
         embed = self.outer.get_input_embeddings()
-        token = embed(torch.tensor(self.image_token_id, device=inputs_embeds.device))
+        token = embed(torch.tensor(token_id, device=inputs_embeds.device))
         return (inputs_embeds == token.to(inputs_embeds.dtype)).all(-1)
 
     # Optional, where="llm" (families whose placeholders or decoder need more; Qwen video,

@@ -23,8 +23,11 @@ from .qwen_video import QwenVideoAdapter
 from .gemma3 import Gemma3Adapter
 from .qwen3_5 import Qwen3_5Adapter
 
-ADAPTERS = (LlavaAdapter, Qwen3VLAdapter, QwenVideoAdapter, Qwen2VLAdapter, LlavaNextAdapter,
-            LlavaOnevisionAdapter, InternVLAdapter, Qwen3_5Adapter, Gemma3Adapter)
+# The built-in adapters, each naming its transformers classes (Adapter.model_classes; no class
+# named twice). A model gets the adapter of the nearest named class in its MRO (_adapter), so
+# this order only orders the names in the error message of an unsupported model.
+ADAPTERS = (LlavaAdapter, Qwen2VLAdapter, QwenVideoAdapter, LlavaNextAdapter,
+            LlavaOnevisionAdapter, InternVLAdapter, Qwen3VLAdapter, Qwen3_5Adapter, Gemma3Adapter)
 WHERE = ("llm", "vision")
 # model -> weakref to its Pruner. Nothing here keeps a model alive: the key is weak, and the
 # value must not hold the model (a Pruner does, so it is held weakly). The model's own hooks
@@ -49,6 +52,8 @@ def register_adapter(model_class, adapter):
     class (None if none); `adapter=None` removes the registration. A registered class wins
     over the built-in ones (README's table; a registration for a built-in class, as the
     example below is for InternVL, replaces its adapter) and a subclass's over its base's.
+    (Built-in adapters name their classes in `model_classes`, each class in one adapter;
+    the nearest named class in the model's MRO picks. A registered adapter needs none.)
 
     adapter: a subclass of `hf.Adapter` (or of `hf.LlavaAdapter` / `hf.Qwen2VLAdapter` to
     reuse theirs), constructed with the model; it tells the machinery where things are:
@@ -71,6 +76,7 @@ def register_adapter(model_class, adapter):
                        each run's (t, h, w) from the M-RoPE positions in lm_kwargs
       check_images(spans, outer)   optional cross-check of the whole batch
       image_mask(input_ids, inputs_embeds)   optional: bool [B, L] of placeholders
+                       (default: token_mask(image_token_id, input_ids, inputs_embeds))
       default_layer() / check_layer(layer)   optional: the family's default `layer` (else
                        2) and a ValueError for a layer it cannot read (Qwen3.5: layer - 1
                        must be a full-attention layer)
@@ -121,19 +127,28 @@ def register_adapter(model_class, adapter):
     return before
 
 
+def _built_in() -> dict:
+    """transformers class -> built-in adapter, from ADAPTERS' model_classes."""
+    table = {}
+    for adapter in ADAPTERS:
+        for cls in adapter.classes():
+            if table.setdefault(cls, adapter) is not adapter:
+                raise AssertionError(f"{cls.__name__} is named by {table[cls].__name__} and "
+                                     f"{adapter.__name__}")
+    return table
+
+
 def _adapter(model):
+    """The adapter of the nearest class in the model's MRO that is registered
+    (register_adapter), else of the nearest one a built-in adapter names."""
     for cls in type(model).__mro__:
         if cls in _REGISTERED:
             return _REGISTERED[cls](model)
-    for cls in ADAPTERS:
-        if cls.matches(model):
-            return cls(model)
-    names = "LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, " \
-            "Qwen2_5_VLForConditionalGeneration, LlavaNextForConditionalGeneration, " \
-            "LlavaOnevisionForConditionalGeneration, InternVLForConditionalGeneration, " \
-            "Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration, " \
-            "Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration, " \
-            "Gemma3ForConditionalGeneration"
+    built_in = _built_in()
+    for cls in type(model).__mro__:
+        if cls in built_in:
+            return built_in[cls](model)
+    names = ", ".join(name for adapter in ADAPTERS for name in adapter.model_classes)
     extra = f", and what is registered ({', '.join(c.__name__ for c in _REGISTERED)})" \
         if _REGISTERED else ""
     raise TypeError(f"d2pruner_kernels.hf supports {names}{extra}; got "

@@ -38,30 +38,19 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 
 class Gemma3Adapter(LlavaAdapter):
     family = "gemma3"
+    model_classes = ("Gemma3ForConditionalGeneration",)
 
     def __init__(self, model):
         Adapter.__init__(self, model)
-        cfg = model.config
-        self.outer = model.model
-        self.language_model = model.model.language_model
-        self.image_token_id = cfg.image_token_id
-        n = int(cfg.mm_tokens_per_image)
+        self._transformers_parts()
+        n = int(model.config.mm_tokens_per_image)
         side = math.isqrt(n)
         self.grid = (side, side)
         self.tokens_per_image = n
         self.projector = model.model.multi_modal_projector
 
-    @classmethod
-    def matches(cls, model) -> bool:
-        import transformers
-        cls_ = getattr(transformers, "Gemma3ForConditionalGeneration", None)
-        return cls_ is not None and isinstance(model, cls_)
-
     def check(self, where: str) -> None:
-        if where == "vision":
-            raise ValueError(f"where='vision' is for LLaVA (a CLS row); "
-                             f"{type(self.model).__name__}'s SigLIP tower has none: use "
-                             f"where='llm'")
+        self._llm_only(where, "has none (a SigLIP tower)")
         if self.grid[0] * self.grid[1] != self.tokens_per_image:
             raise ValueError(f"Gemma 3 with mm_tokens_per_image={self.tokens_per_image}: not a "
                              f"square grid")

@@ -62,30 +62,21 @@ def tile_grid(size: tuple, tiles: int, tile: int) -> tuple[int, int]:
 
 class InternVLAdapter(Adapter):
     family = "internvl"
+    model_classes = ("InternVLForConditionalGeneration",)
 
     def __init__(self, model):
         super().__init__(model)
+        self._transformers_parts()
         cfg = model.config
         vc = cfg.vision_config
-        self.outer = model.model
-        self.language_model = model.model.language_model
-        self.image_token_id = cfg.image_token_id
         size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
         patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
         self.tile_px = int(size)
         self.side = int(size // patch * cfg.downsample_ratio)
         self.per_tile = self.side * self.side
 
-    @classmethod
-    def matches(cls, model) -> bool:
-        import transformers
-        target = getattr(transformers, "InternVLForConditionalGeneration", None)
-        return target is not None and isinstance(model, target)
-
     def check(self, where: str) -> None:
-        if where != "llm":
-            raise ValueError(f"where='vision' is for LLaVA-1.5 (one CLS row per image); "
-                             f"{type(self.model).__name__} tiles its images: use where='llm'")
+        self._llm_only(where, "tiles its images")
         cfg = self.model.config
         vc = cfg.vision_config
         sizes = [vc.image_size, vc.patch_size]

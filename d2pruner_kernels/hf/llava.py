@@ -16,24 +16,17 @@ from ._common import Adapter
 
 class LlavaAdapter(Adapter):
     family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
 
     def __init__(self, model):
         super().__init__(model)
-        cfg = model.config
-        vc = cfg.vision_config
-        self.outer = model.model
-        self.language_model = model.model.language_model
-        self.image_token_id = cfg.image_token_id
+        self._transformers_parts()
+        vc = model.config.vision_config
         side_h = vc.image_size // vc.patch_size
         self.grid = (side_h, side_h)
         self.tokens_per_image = side_h * side_h
         self.projector = model.model.multi_modal_projector
         self.vision_tower = model.model.vision_tower
-
-    @classmethod
-    def matches(cls, model) -> bool:
-        from transformers import LlavaForConditionalGeneration
-        return isinstance(model, LlavaForConditionalGeneration)
 
     def check(self, where: str) -> None:
         cfg = self.model.config

@@ -36,29 +36,21 @@ from ._common import Adapter
 
 class LlavaNextAdapter(Adapter):
     family = "llava_next"
-    class_name = "LlavaNextForConditionalGeneration"
+    model_classes = ("LlavaNextForConditionalGeneration",)
 
     def __init__(self, model):
         super().__init__(model)
-        cfg = model.config
-        vc = cfg.vision_config
-        self.outer = model.model
-        self.language_model = model.model.language_model
-        self.image_token_id = cfg.image_token_id
+        self._transformers_parts()
+        vc = model.config.vision_config
         self.side = vc.image_size // vc.patch_size
         self.base = self.side * self.side
 
-    @classmethod
-    def matches(cls, model) -> bool:
-        import transformers
-        target = getattr(transformers, cls.class_name, None)
-        return target is not None and isinstance(model, target)
-
     def check(self, where: str) -> None:
-        if where != "llm":
-            raise ValueError(f"where='vision' is for LLaVA-1.5 (one CLS row per image); "
-                             f"{type(self.model).__name__} tiles its images: use where='llm'")
-        strategy = self.model.config.vision_feature_select_strategy
+        self._llm_only(where, "tiles its images")
+        self._check_config(self.model.config)
+
+    def _check_config(self, cfg) -> None:
+        strategy = cfg.vision_feature_select_strategy
         if strategy != "default":
             raise ValueError(f"LLaVA-NeXT with vision_feature_select_strategy={strategy!r} "
                              f"keeps the CLS token: its base image is not the {self.side}x"

@@ -20,13 +20,9 @@ from .llava_next import LlavaNextAdapter
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
-    class_name = "LlavaOnevisionForConditionalGeneration"
+    model_classes = ("LlavaOnevisionForConditionalGeneration",)
 
-    def check(self, where: str) -> None:
-        if where != "llm":
-            raise ValueError(f"where='vision' is for LLaVA-1.5 (one CLS row per image); "
-                             f"{type(self.model).__name__} tiles its images: use where='llm'")
-        cfg = self.model.config
+    def _check_config(self, cfg) -> None:
         strategy = cfg.vision_feature_select_strategy
         has_cls = getattr(cfg.vision_config, "model_type", "") == "clip_vision_model"
         if strategy != "default" and has_cls:

@@ -23,27 +23,15 @@ from ._common import Adapter
 
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
+    model_classes = ("Qwen2VLForConditionalGeneration",)  # Qwen2.5-VL: QwenVideoAdapter
 
     def __init__(self, model):
         super().__init__(model)
-        cfg = model.config
-        self.outer = model.model
-        self.language_model = model.model.language_model
-        self.image_token_id = cfg.image_token_id
-        self.merge = cfg.vision_config.spatial_merge_size
-
-    @classmethod
-    def matches(cls, model) -> bool:
-        import transformers
-        classes = tuple(getattr(transformers, name) for name in
-                        ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-                        if hasattr(transformers, name))
-        return isinstance(model, classes)
+        self._transformers_parts()
+        self.merge = model.config.vision_config.spatial_merge_size
 
     def check(self, where: str) -> None:
-        if where == "vision":
-            raise ValueError(f"where='vision' is for LLaVA (a CLS row); "
-                             f"{type(self.model).__name__} has none: use where='llm'")
+        self._llm_only(where)
         cfg = self.language_model.config
         types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
         if getattr(cfg, "use_sliding_window", False) or types != {"full_attention"}:

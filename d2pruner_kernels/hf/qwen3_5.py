@@ -31,23 +31,14 @@ FULL, LINEAR = "full_attention", "linear_attention"
 
 class Qwen3_5Adapter(Qwen2VLAdapter):
     family = "qwen3_5"
-
-    @classmethod
-    def matches(cls, model) -> bool:
-        import transformers
-        classes = tuple(getattr(transformers, name) for name in
-                        ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
-                        if hasattr(transformers, name))
-        return bool(classes) and isinstance(model, classes)
+    model_classes = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
 
     @property
     def layer_types(self) -> list:
         return list(self.language_model.config.layer_types)
 
     def check(self, where: str) -> None:
-        if where == "vision":
-            raise ValueError(f"where='vision' is for LLaVA (a CLS row); "
-                             f"{type(self.model).__name__} has none: use where='llm'")
+        self._llm_only(where)
         unknown = set(self.layer_types) - {FULL, LINEAR}
         if unknown:
             raise ValueError(f"Qwen3.5 decoder layer types {sorted(unknown)} are not supported "

@@ -62,26 +62,12 @@ class QwenVideoAdapter(Qwen2VLAdapter):
         super().__init__(model)
         self.video_token_id = model.config.video_token_id
 
-    @classmethod
-    def matches(cls, model) -> bool:
-        import transformers
-        classes = tuple(getattr(transformers, name) for name in cls.model_classes
-                        if hasattr(transformers, name))
-        return isinstance(model, classes)
-
     # -- the placeholders and what the outer forward knows --------------------------------
-
-    def _mask_of(self, token_id, input_ids, inputs_embeds):
-        if input_ids is not None:
-            return input_ids == token_id
-        embed = self.outer.get_input_embeddings()
-        token = embed(torch.tensor(token_id, device=inputs_embeds.device))
-        return (inputs_embeds == token.to(inputs_embeds.dtype)).all(-1)
 
     def image_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         """Images and videos: every placeholder the pruner prunes."""
-        return (self._mask_of(self.image_token_id, input_ids, inputs_embeds)
-                | self._mask_of(self.video_token_id, input_ids, inputs_embeds))
+        return (self.token_mask(self.image_token_id, input_ids, inputs_embeds)
+                | self.token_mask(self.video_token_id, input_ids, inputs_embeds))
 
     def prefill_inputs(self, input_ids, inputs_embeds, kwargs: dict) -> dict:
         """The video placeholders and each video's token count (the per-video split of the
@@ -93,7 +79,7 @@ class QwenVideoAdapter(Qwen2VLAdapter):
             counts = (thw.prod(-1) // self.merge ** 2).tolist()
         elif enc is not None and getattr(enc, "pooler_output", None) is not None:
             counts = [int(x.shape[0]) for x in enc.pooler_output]
-        return {"video": self._mask_of(self.video_token_id, input_ids, inputs_embeds),
+        return {"video": self.token_mask(self.video_token_id, input_ids, inputs_embeds),
                 "video_counts": counts, "video_grid_thw": thw}
 
     # -- the items of one sample ------------------------------------------------------------
