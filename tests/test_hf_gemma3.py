@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import d2pruner_kernels as d2p  # noqa: E402
 from d2pruner_kernels import hf  # noqa: E402
 from d2pruner_kernels.hf import tiny  # noqa: E402
+import hf_reference as ref  # noqa: E402
 
 LAYER = 2   # tiny.GEMMA3_LAYERS: the importance layer 1 is a sliding one
 STEPS = 3
@@ -70,31 +71,13 @@ def spans(inputs):
 
 
 def keep_mask(inputs, kept):
-    keep = torch.ones(inputs["input_ids"].shape, dtype=torch.bool)
-    for b, sample in enumerate(spans(inputs)):
-        assert len(kept[b]) == len(sample)
-        for (s, e, _), k in zip(sample, kept[b]):
-            keep[b, s:e] = False
-            keep[b, s + k] = True
-    return keep
-
-
-def lm_kwargs(model, inputs):
-    got = {}
-    h = model.model.language_model.register_forward_pre_hook(
-        lambda mod, a, kw: got.update(kw), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    finally:
-        h.remove()
-    return got
+    return ref.keep_mask(inputs, kept, spans(inputs))
 
 
 def reference(model, inputs, keep, layer=LAYER, steps=STEPS, blocks=True):
     """(greedy tokens [B, steps], per-step logits [B, n, V]) of an unpadded batch: masks
     written here; pruned keys hidden from `layer` on; blocks=False: no token_type_ids."""
-    kw = lm_kwargs(model, inputs)
+    kw = ref.lm_kwargs(model, inputs)
     lm = model.model.language_model
     cfg = lm.config
     emb = kw["inputs_embeds"]
@@ -136,9 +119,7 @@ def reference(model, inputs, keep, layer=LAYER, steps=STEPS, blocks=True):
 
 
 def generate(model, inputs, steps=STEPS):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=steps, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True)
+    return ref.generate(model, inputs, steps)
 
 
 def test_family_facts_and_misuse():
@@ -162,37 +143,18 @@ def test_family_facts_and_misuse():
 
 def test_keep_all_is_the_unpruned_model():
     model = model_for()
-    inputs = batched(model)
-    with torch.no_grad():
-        base = model(**inputs).logits
-    base_gen = generate(model, inputs)
-    with hf.apply(model, N) as pruner:
-        with torch.no_grad():
-            got = model(**inputs).logits
-        gen = generate(model, inputs)
+
+    def check(pruner):
         assert [len(s) for s in pruner.kept] == [1, 2, 0]
         assert pruner.grids[1] == [(16, 16), (16, 16)]
-    assert torch.equal(got, base)
-    assert torch.equal(gen.sequences, base_gen.sequences)
+
+    ref.assert_keep_all_is_unpruned(model, batched(model), N, STEPS, check)
 
 
 def test_remove_restores_bit_identical_outputs():
     model = model_for()
-    inputs = single(model)
-    with torch.no_grad():
-        before = model(**inputs).logits
-    before_gen = generate(model, inputs).sequences
-    pruner = hf.apply(model, K)
-    with torch.no_grad():
-        pruned = model(**inputs).logits
+    before, pruned = ref.assert_remove_restores(model, single(model), K, STEPS)
     assert pruned.shape[1] == before.shape[1] - 2 * (N - K)
-    pruner.remove()
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, before)
-    assert torch.equal(generate(model, inputs).sequences, before_gen)
-    with hf.apply(model, K):
-        with torch.no_grad():
-            assert torch.equal(model(**inputs).logits, pruned)
 
 
 @pytest.mark.parametrize("window", [300, 100])
@@ -202,25 +164,8 @@ def test_kept_is_prune_on_the_eager_row_and_the_hidden_states(window):
     outside it are 0), on a left-padded batch."""
     model = model_for("eager", window)
     inputs = batched(model)
-    lm = model.model.language_model
-    got = {}
-
-    def entering(mod, args, kw):
-        got["h"] = args[0] if args else kw["hidden_states"]
-
-    def weights(mod, args, out):
-        got["attn"] = out[1]
-
-    h1 = lm.layers[LAYER].register_forward_pre_hook(entering, with_kwargs=True)
-    h2 = lm.layers[LAYER - 1].self_attn.register_forward_hook(weights)
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    finally:
-        h1.remove()
-        h2.remove()
-    attn, hidden = got["attn"], got["h"]
-    last = [int(torch.nonzero(m).max()) for m in inputs["attention_mask"]]
+    hidden, _, attn = ref.entering(model, inputs, LAYER, eager=True)  # attn: [B, Hq, L, L]
+    last = ref.last_tokens(inputs)
     with hf.apply(model, K) as pruner:
         with torch.no_grad():
             model(**inputs)
@@ -246,11 +191,7 @@ def test_logits_and_generate_equal_the_reference(impl, window):
     the sliding caches from K on are cut to their last 99 kept entries while decoding."""
     model = model_for(impl, window)
     inputs = single(model)
-    with hf.apply(model, K) as pruner:
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-        kept = pruner.kept
-        gen = generate(model, inputs)
+    out, kept, gen = ref.pruned_run(model, inputs, K, STEPS)
     keep = keep_mask(inputs, kept)
     n_kept, full = int(keep.sum()), inputs["input_ids"].shape[1]
     cache = out.cache
@@ -261,11 +202,7 @@ def test_logits_and_generate_equal_the_reference(impl, window):
     assert held == [min(n, window - 1) if t == "sliding_attention" else n
                     for n, t in zip(seen, kinds)]
     tokens, logits = reference(model, inputs, keep)
-    assert out.logits.shape[1] == n_kept
-    torch.testing.assert_close(out.logits[0], logits[0][0, keep[0]], rtol=1e-4, atol=1e-4)
-    assert torch.equal(gen.sequences[:, full:], tokens)
-    for step, got in enumerate(gen.logits):  # cached decoding == recomputation
-        torch.testing.assert_close(got, logits[step][:, -1], rtol=1e-4, atol=1e-4)
+    ref.assert_equals_reference(out, gen, keep, tokens, logits)
 
 
 def test_without_token_type_ids_the_masks_are_causal():
@@ -288,21 +225,7 @@ def test_without_token_type_ids_the_masks_are_causal():
 def test_left_padded_batch_equals_each_sample_alone():
     model = model_for()
     inputs = batched(model)
-    with hf.apply(model, K) as pruner:
-        gen = generate(model, inputs)
-        kept = pruner.kept
-        alone = []
-        for s in samples(model):
-            alone.append((generate(model, s), pruner.kept[0]))
-    full = inputs["input_ids"].shape[1]
-    for b, (g, k) in enumerate(alone):
-        assert len(kept[b]) == len(k)
-        assert all(torch.equal(x, y) for x, y in zip(kept[b], k))
-        n = g.sequences.shape[1] - STEPS
-        assert torch.equal(gen.sequences[b, full:], g.sequences[0, n:]), b
-        for step in range(STEPS):
-            torch.testing.assert_close(gen.logits[step][b], g.logits[step][0],
-                                       rtol=1e-4, atol=1e-4)
+    ref.assert_batch_equals_alone(model, inputs, samples(model), K, STEPS)
 
 
 def test_calibrate_prior():

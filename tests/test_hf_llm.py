@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import d2pruner_kernels as d2p  # noqa: E402
 from d2pruner_kernels import hf  # noqa: E402
 from d2pruner_kernels.hf import tiny  # noqa: E402
+import hf_reference as ref  # noqa: E402
 
 LAYER = 2
 STEPS = 4
@@ -98,32 +99,13 @@ def spans(family, model, inputs):
 
 def keep_mask(family, model, inputs, kept):
     """bool [B, L]: the positions the pruner kept (text and padding always)."""
-    keep = torch.ones(inputs["input_ids"].shape, dtype=torch.bool)
-    for b, sample in enumerate(spans(family, model, inputs)):
-        assert len(kept[b]) == len(sample)
-        for (s, e, _), k in zip(sample, kept[b]):
-            keep[b, s:e] = False
-            keep[b, s + k] = True
-    return keep
-
-
-def lm_kwargs(model, inputs):
-    """What the unpruned language model receives: inputs_embeds, position_ids, ..."""
-    got = {}
-    lm = model.model.language_model
-    h = lm.register_forward_pre_hook(lambda mod, a, kw: got.update(kw), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    finally:
-        h.remove()
-    return got
+    return ref.keep_mask(inputs, kept, spans(family, model, inputs))
 
 
 def reference(model, inputs, keep, layer=LAYER, steps=STEPS):
     """(greedy tokens [B, steps], per step logits [B, n, V]): every layer on the full
     sequence, pruned keys hidden from `layer` on, recomputed from scratch each step."""
-    kw = lm_kwargs(model, inputs)
+    kw = ref.lm_kwargs(model, inputs)
     lm = model.model.language_model
     emb = kw["inputs_embeds"]
     b, n = emb.shape[:2]
@@ -163,9 +145,7 @@ def reference(model, inputs, keep, layer=LAYER, steps=STEPS):
 
 
 def generate(model, inputs, **kw):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=STEPS, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True, **kw)
+    return ref.generate(model, inputs, STEPS, **kw)
 
 
 def budget(family):
@@ -180,38 +160,19 @@ def test_keep_all_is_the_unpruned_model(family):
     inputs, samples = batched(family, model)
     if samples:
         inputs = fix_pixels(inputs, samples)
-    with torch.no_grad():
-        base = model(**inputs).logits
-    base_gen = generate(model, inputs)
-    with hf.apply(model, 576 if family == "llava" else 1.0) as pruner:
-        with torch.no_grad():
-            got = model(**inputs).logits
-        gen = generate(model, inputs)
-        assert [len(s) for s in pruner.kept] == [len(s) for s in spans(family, model, inputs)]
-    assert torch.equal(got, base)
-    assert torch.equal(gen.sequences, base_gen.sequences)
+    found = spans(family, model, inputs)
+
+    def check(pruner):
+        assert [len(s) for s in pruner.kept] == [len(s) for s in found]
+
+    ref.assert_keep_all_is_unpruned(model, inputs, 576 if family == "llava" else 1.0, STEPS,
+                                    check)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_remove_restores_bit_identical_outputs(family):
     model = model_for(family)
-    inputs = single(family, model)
-    with torch.no_grad():
-        before = model(**inputs).logits
-    before_gen = generate(model, inputs).sequences
-    pruner = hf.apply(model, budget(family))
-    with torch.no_grad():
-        pruned = model(**inputs).logits
-    assert pruned.shape[1] < before.shape[1]
-    pruner.remove()
-    pruner.remove()  # a second remove does nothing
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, before)
-    assert torch.equal(generate(model, inputs).sequences, before_gen)
-    again = hf.apply(model, budget(family))  # applying again after remove() works
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, pruned)
-    again.remove()
+    ref.assert_remove_restores(model, single(family, model), budget(family), STEPS)
 
 
 # -- the selection ---------------------------------------------------------------------------
@@ -225,17 +186,8 @@ def test_kept_is_prune_on_the_eager_row_and_the_hidden_states(family):
     inputs, samples = batched(family, model)
     if samples:
         inputs = fix_pixels(inputs, samples)
-    entering = {}
-    hook = model.model.language_model.layers[LAYER].register_forward_pre_hook(
-        lambda mod, args: entering.setdefault("h", args[0]))
-    try:
-        with torch.no_grad():
-            out = model(**inputs, output_attentions=True, use_cache=False)
-    finally:
-        hook.remove()
-    attn = out.attentions[LAYER - 1]  # [B, Hq, L, L], eager
-    hidden = entering["h"]
-    last = [int(torch.nonzero(m).max()) for m in inputs["attention_mask"]]
+    hidden, _, attn = ref.entering(model, inputs, LAYER, eager=True)  # attn: [B, Hq, L, L]
+    last = ref.last_tokens(inputs)
     with hf.apply(model, budget(family)) as pruner:
         with torch.no_grad():
             model(**inputs)
@@ -257,23 +209,14 @@ def test_kept_is_prune_on_the_eager_row_and_the_hidden_states(family):
 def test_logits_and_generate_equal_the_reference(family, impl):
     model = model_for(family, impl)
     inputs = single(family, model)
-    with hf.apply(model, budget(family)) as pruner:
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-        kept = pruner.kept
-        gen = generate(model, inputs)
+    out, kept, gen = ref.pruned_run(model, inputs, budget(family), STEPS)
     keep = keep_mask(family, model, inputs, kept)
     n_kept = int(keep.sum())
-    cache = getattr(out, "cache", None) or out.past_key_values
-    lengths = [cache.get_seq_length(i) for i in range(len(model.model.language_model.layers))]
+    lengths = ref.cache_lengths(out, len(model.model.language_model.layers))
     full = inputs["input_ids"].shape[1]
     assert lengths == [full] * LAYER + [n_kept] * (len(lengths) - LAYER)  # no filler slots
     tokens, logits = reference(model, inputs, keep)
-    assert out.logits.shape[1] == n_kept
-    torch.testing.assert_close(out.logits[0], logits[0][0, keep[0]], rtol=1e-4, atol=1e-4)
-    assert torch.equal(gen.sequences[:, full:], tokens)
-    for step, got in enumerate(gen.logits):  # cached decoding == uncached recomputation
-        torch.testing.assert_close(got, logits[step][:, -1], rtol=1e-4, atol=1e-4)
+    ref.assert_equals_reference(out, gen, keep, tokens, logits)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -282,22 +225,7 @@ def test_left_padded_batch_equals_each_sample_alone(family):
     inputs, samples = batched(family, model)
     samples = samples or batch_samples(family, model)
     inputs = fix_pixels(inputs, samples)
-    with hf.apply(model, budget(family)) as pruner:
-        gen = generate(model, inputs)
-        kept = pruner.kept
-        alone = []
-        for s in samples:
-            alone.append((generate(model, s), pruner.kept[0]))
-    full = inputs["input_ids"].shape[1]
-    for b, (g, k) in enumerate(alone):
-        assert len(kept[b]) == len(k)
-        for mine, theirs in zip(kept[b], k):
-            assert torch.equal(mine, theirs), b
-        n = samples[b]["input_ids"].shape[1]
-        assert torch.equal(gen.sequences[b, full:], g.sequences[0, n:]), b
-        for step in range(STEPS):
-            torch.testing.assert_close(gen.logits[step][b], g.logits[step][0],
-                                       rtol=1e-4, atol=1e-4)
+    ref.assert_batch_equals_alone(model, inputs, samples, budget(family), STEPS)
 
 
 def test_generate_without_cache_prunes_again_at_every_step():

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import d2pruner_kernels as d2p  # noqa: E402
 from d2pruner_kernels import hf  # noqa: E402
 from d2pruner_kernels.hf import tiny  # noqa: E402
+import hf_reference as ref  # noqa: E402
 
 LAYER = 2   # the default of tiny.QWEN3_5_LAYERS: layer 1 is the first full-attention layer
 STEPS = 3
@@ -72,25 +73,7 @@ def spans(inputs):
 
 
 def keep_mask(inputs, kept):
-    keep = torch.ones(inputs["input_ids"].shape, dtype=torch.bool)
-    for b, sample in enumerate(spans(inputs)):
-        assert len(kept[b]) == len(sample)
-        for (s, e, _), k in zip(sample, kept[b]):
-            keep[b, s:e] = False
-            keep[b, s + k] = True
-    return keep
-
-
-def lm_kwargs(model, inputs):
-    got = {}
-    h = model.model.language_model.register_forward_pre_hook(
-        lambda mod, a, kw: got.update(kw), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    finally:
-        h.remove()
-    return got
+    return ref.keep_mask(inputs, kept, spans(inputs))
 
 
 def _run(lm, layers, h, pe):
@@ -111,7 +94,7 @@ def reference(model, inputs, keep, layer=LAYER, steps=STEPS):
     """(greedy tokens [1, steps], per-step logits [1, n, V] at the kept positions) of one
     sample: layers < layer on everything, layers >= layer on the kept tokens only."""
     assert inputs["input_ids"].shape[0] == 1
-    kw = lm_kwargs(model, inputs)
+    kw = ref.lm_kwargs(model, inputs)
     lm = model.model.language_model
     emb, pos = kw["inputs_embeds"], kw["position_ids"]
     assert pos.dim() == 3 and pos.shape[0] == 3
@@ -135,9 +118,7 @@ def reference(model, inputs, keep, layer=LAYER, steps=STEPS):
 
 
 def generate(model, inputs, steps=STEPS):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=steps, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True)
+    return ref.generate(model, inputs, steps)
 
 
 def test_layer_types_default_layer_and_misuse():
@@ -177,36 +158,16 @@ def test_layer_types_default_layer_and_misuse():
 
 def test_keep_all_is_the_unpruned_model():
     model = model_for()
-    inputs = batched(model)
-    with torch.no_grad():
-        base = model(**inputs).logits
-    base_gen = generate(model, inputs)
-    with hf.apply(model, 1.0) as pruner:
-        with torch.no_grad():
-            got = model(**inputs).logits
-        gen = generate(model, inputs)
+
+    def check(pruner):
         assert [len(s) for s in pruner.kept] == [1, 2, 0]
-    assert torch.equal(got, base)
-    assert torch.equal(gen.sequences, base_gen.sequences)
+
+    ref.assert_keep_all_is_unpruned(model, batched(model), 1.0, STEPS, check)
 
 
 def test_remove_restores_bit_identical_outputs():
     model = model_for()
-    inputs = single(model)
-    with torch.no_grad():
-        before = model(**inputs).logits
-    before_gen = generate(model, inputs).sequences
-    pruner = hf.apply(model, K)
-    with torch.no_grad():
-        pruned = model(**inputs).logits
-    assert pruned.shape[1] < before.shape[1]
-    pruner.remove()
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, before)
-    assert torch.equal(generate(model, inputs).sequences, before_gen)
-    with hf.apply(model, K):
-        with torch.no_grad():
-            assert torch.equal(model(**inputs).logits, pruned)
+    ref.assert_remove_restores(model, single(model), K, STEPS)
 
 
 def test_kept_is_prune_on_the_eager_row_and_the_hidden_states():
@@ -214,25 +175,8 @@ def test_kept_is_prune_on_the_eager_row_and_the_hidden_states():
     a hook on its attention module) and the hidden states entering layer K."""
     model = model_for("eager")
     inputs = batched(model)
-    lm = model.model.language_model
-    got = {}
-
-    def entering(mod, args, kw):
-        got["h"] = args[0] if args else kw["hidden_states"]
-
-    def weights(mod, args, out):
-        got["attn"] = out[1]  # eager: [B, Hq, L, L]
-
-    h1 = lm.layers[LAYER].register_forward_pre_hook(entering, with_kwargs=True)
-    h2 = lm.layers[LAYER - 1].self_attn.register_forward_hook(weights)
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    finally:
-        h1.remove()
-        h2.remove()
-    attn, hidden = got["attn"], got["h"]
-    last = [int(torch.nonzero(m).max()) for m in inputs["attention_mask"]]
+    hidden, _, attn = ref.entering(model, inputs, LAYER, eager=True)  # attn: [B, Hq, L, L]
+    last = ref.last_tokens(inputs)
     with hf.apply(model, K) as pruner:
         with torch.no_grad():
             model(**inputs)
@@ -254,22 +198,14 @@ def test_logits_and_generate_equal_the_reference(impl, moe):
     linear-attention layers from K on have seen only them. Also the MoE variant."""
     model = model_for(impl, moe)
     inputs = single(model)
-    with hf.apply(model, K) as pruner:
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-        kept = pruner.kept
-        gen = generate(model, inputs)
+    out, kept, gen = ref.pruned_run(model, inputs, K, STEPS)
     keep = keep_mask(inputs, kept)
     n_kept, full = int(keep.sum()), inputs["input_ids"].shape[1]
-    cache = out.cache
-    seen = [int(cache.get_seq_length(i)) for i in range(len(tiny.QWEN3_5_LAYERS))]
+    seen = ref.cache_lengths(out, len(tiny.QWEN3_5_LAYERS))
     assert seen == [full] * LAYER + [n_kept] * (len(seen) - LAYER)
-    tokens, logits = reference(model, inputs, keep)
-    assert out.logits.shape[1] == n_kept < full
-    torch.testing.assert_close(out.logits[0], logits[0][0], rtol=1e-4, atol=1e-4)
-    assert torch.equal(gen.sequences[:, full:], tokens)
-    for step, got in enumerate(gen.logits):  # cached decoding == recomputation
-        torch.testing.assert_close(got, logits[step][:, -1], rtol=1e-4, atol=1e-4)
+    assert n_kept < full
+    tokens, logits = reference(model, inputs, keep)  # run on the kept tokens only
+    ref.assert_equals_reference(out, gen, keep, tokens, logits, prefill=logits[0][0])
     # the reference is not trivially satisfied: the unpruned model answers differently
     with torch.no_grad():
         unpruned = model(**inputs).logits[0, -1]
@@ -280,21 +216,7 @@ def test_left_padded_batch_equals_each_sample_alone():
     """Filler slots of the pruned batch reach the linear layers zeroed, like padding."""
     model = model_for()
     inputs = batched(model)
-    with hf.apply(model, K) as pruner:
-        gen = generate(model, inputs)
-        kept = pruner.kept
-        alone = []
-        for s in samples(model):
-            alone.append((generate(model, s), pruner.kept[0]))
-    full = inputs["input_ids"].shape[1]
-    for b, (g, k) in enumerate(alone):
-        assert len(kept[b]) == len(k)
-        assert all(torch.equal(x, y) for x, y in zip(kept[b], k))
-        n = g.sequences.shape[1] - STEPS
-        assert torch.equal(gen.sequences[b, full:], g.sequences[0, n:]), b
-        for step in range(STEPS):
-            torch.testing.assert_close(gen.logits[step][b], g.logits[step][0],
-                                       rtol=1e-4, atol=1e-4)
+    ref.assert_batch_equals_alone(model, inputs, samples(model), K, STEPS)
 
 
 def test_calibrate_prior():

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import d2pruner_kernels as d2p  # noqa: E402
 from d2pruner_kernels import hf  # noqa: E402
 from d2pruner_kernels.hf import tiny  # noqa: E402
+import hf_reference as ref  # noqa: E402
 
 STEPS = 3
 _MODELS = {}
@@ -80,18 +81,6 @@ def keep_mask(inputs, kept, found):
     return keep
 
 
-def lm_kwargs(model, inputs):
-    got = {}
-    lm = model.model.language_model
-    h = lm.register_forward_pre_hook(lambda mod, a, kw: got.update(kw), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    finally:
-        h.remove()
-    return got
-
-
 def decode_positions(model, inputs, steps):
     """The M-RoPE positions [3, B, 1] the unpruned model gives each decoding step of a greedy
     generate (its rope_deltas rule: for a Qwen2.5-VL video, whose temporal positions pass
@@ -110,7 +99,7 @@ def decode_positions(model, inputs, steps):
 def reference(model, inputs, keep, layer, steps=STEPS):
     """(greedy tokens [B, steps], per-step logits [B, n, V]), by hand (see the module doc)."""
     nxt_positions = decode_positions(model, inputs, steps)
-    kw = lm_kwargs(model, inputs)
+    kw = ref.lm_kwargs(model, inputs)
     lm = model.model.language_model
     emb = kw["inputs_embeds"]
     b = emb.shape[0]
@@ -155,27 +144,7 @@ def reference(model, inputs, keep, layer, steps=STEPS):
 
 
 def generate(model, inputs, **kw):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=STEPS, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True, **kw)
-
-
-def entering(model, inputs, layer):
-    """The hidden states entering decoder layer `layer` (its forward pre-hook: after
-    DeepStack's addition at layer - 1), and the output of layer - 1 (before it)."""
-    got = {}
-    lm = model.model.language_model
-    hooks = [lm.layers[layer].register_forward_pre_hook(
-                 lambda mod, args: got.setdefault("in", args[0])),
-             lm.layers[layer - 1].register_forward_hook(
-                 lambda mod, args, out: got.setdefault("out", out))]
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return got["in"], got["out"]
+    return ref.generate(model, inputs, STEPS, **kw)
 
 
 def single(model):
@@ -208,32 +177,16 @@ def test_keep_all_is_the_unpruned_model(family, layer):
     model = model_for(family)
     samples = batch_samples(model)
     inputs = batched(model, samples)
-    with torch.no_grad():
-        base = model(**inputs).logits
-    base_gen = generate(model, inputs)
-    with hf.apply(model, 1.0, layer=layer) as pruner:
-        with torch.no_grad():
-            got = model(**inputs).logits
-        gen = generate(model, inputs)
+
+    def check(pruner):
         assert pruner.kinds == [["image"], ["image", "video"], []]
-    assert torch.equal(got, base)
-    assert torch.equal(gen.sequences, base_gen.sequences)
+
+    ref.assert_keep_all_is_unpruned(model, inputs, 1.0, STEPS, check, layer=layer)
 
 
 def test_remove_restores_bit_identical_outputs():
     model = model_for()
-    inputs = single(model)
-    with torch.no_grad():
-        before = model(**inputs).logits
-    before_gen = generate(model, inputs).sequences
-    pruner = hf.apply(model, 0.25)
-    with torch.no_grad():
-        pruned = model(**inputs).logits
-    assert pruned.shape[1] < before.shape[1]
-    pruner.remove()
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, before)
-    assert torch.equal(generate(model, inputs).sequences, before_gen)
+    ref.assert_remove_restores(model, single(model), 0.25, STEPS)
     assert len(model.model.language_model._forward_hooks) == 0
     assert all(len(lay._forward_hooks) == 0 for lay in model.model.language_model.layers)
 
@@ -250,7 +203,7 @@ def test_kept_is_prune_on_the_eager_row_and_the_hidden_states_after_deepstack(la
     with torch.no_grad():
         out = model(**inputs, output_attentions=True, use_cache=False)
     attn = out.attentions[layer - 1]
-    hidden, before = entering(model, inputs, layer)
+    hidden, before, _ = ref.entering(model, inputs, layer)
     vis = inputs["input_ids"].eq(tiny.IMAGE) | inputs["input_ids"].eq(tiny.VIDEO)
     if layer - 1 < 3:  # DeepStack added a level after layer - 1: the two states differ
         assert not torch.equal(hidden[vis], before[vis])
@@ -281,25 +234,14 @@ def test_logits_and_generate_equal_the_reference(family, impl, layer):
     range; cached decoding == the reference's recomputation."""
     model = model_for(family, impl)
     inputs = single(model)
-    with hf.apply(model, 0.25, layer=layer) as pruner:
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-        kept = pruner.kept
-        gen = generate(model, inputs)
-        assert all(torch.equal(a, b) for a, b in zip(pruner.kept[0], kept[0], strict=True))
+    out, kept, gen = ref.pruned_run(model, inputs, 0.25, STEPS, layer=layer)
     keep = keep_mask(inputs, kept, items(inputs, True))
     n_kept = int(keep.sum())
-    cache = getattr(out, "cache", None) or out.past_key_values
     n_layers = len(model.model.language_model.layers)
     full = inputs["input_ids"].shape[1]
-    assert [cache.get_seq_length(i) for i in range(n_layers)] == \
-        [full] * layer + [n_kept] * (n_layers - layer)
+    assert ref.cache_lengths(out, n_layers) == [full] * layer + [n_kept] * (n_layers - layer)
     tokens, logits = reference(model, inputs, keep, layer)
-    assert out.logits.shape[1] == n_kept
-    torch.testing.assert_close(out.logits[0], logits[0][0, keep[0]], rtol=1e-4, atol=1e-4)
-    assert torch.equal(gen.sequences[:, full:], tokens)
-    for step, got in enumerate(gen.logits):
-        torch.testing.assert_close(got, logits[step][:, -1], rtol=1e-4, atol=1e-4)
+    ref.assert_equals_reference(out, gen, keep, tokens, logits)
     if layer < 3:  # the reference has teeth: DeepStack at every visual position differs
         everywhere = reference(model, inputs, keep, layer=3, steps=1)[1][0]
         deep = torch.where(keep[0])[0]
@@ -310,23 +252,7 @@ def test_left_padded_batch_equals_each_sample_alone():
     model = model_for()
     samples = batch_samples(model)
     inputs = batched(model, samples)
-    with hf.apply(model, 0.25) as pruner:
-        gen = generate(model, inputs)
-        kept, kinds = pruner.kept, pruner.kinds
-        alone = []
-        for s in samples:
-            alone.append((generate(model, s), pruner.kept[0], pruner.kinds[0]))
-    full = inputs["input_ids"].shape[1]
-    for b, (g, k, kd) in enumerate(alone):
-        assert kinds[b] == kd
-        assert len(kept[b]) == len(k)
-        for mine, theirs in zip(kept[b], k):
-            assert torch.equal(mine, theirs), b
-        n = samples[b]["input_ids"].shape[1]
-        assert torch.equal(gen.sequences[b, full:], g.sequences[0, n:]), b
-        for step in range(STEPS):
-            torch.testing.assert_close(gen.logits[step][b], g.logits[step][0],
-                                       rtol=1e-4, atol=1e-4)
+    ref.assert_batch_equals_alone(model, inputs, samples, 0.25, STEPS)
 
 
 # -- misuse, calibration --------------------------------------------------------------------------
@@ -374,7 +300,7 @@ def test_calibrate_prior_images_and_video_frames():
         with torch.no_grad():
             model(**batches[0])
         video_row, video_kept = pruner.importance[0][1], pruner.kept[0][1]
-    hidden, _ = entering(model, batches[0], 2)
+    hidden, _, _ = ref.entering(model, batches[0], 2)
     pos = items(batches[0], True)[0][1][1]
     per_frame = prior.mean.float().repeat(2)
     want = d2p.prune(hidden[0, pos], video_row, (2, 4, 4), 0.25, prior=per_frame)

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import d2pruner_kernels as d2p  # noqa: E402
 from d2pruner_kernels import TokenLayout, hf  # noqa: E402
 from d2pruner_kernels.hf import tiny  # noqa: E402
+import hf_reference as ref  # noqa: E402
 
 LAYER = 2
 STEPS = 3
@@ -137,25 +138,13 @@ def expected_internvl(model, inputs):
 
 
 def keep_mask(model, inputs, kept):
-    keep = torch.ones(inputs["input_ids"].shape, dtype=torch.bool)
-    for b, sample in enumerate(expected(model, inputs)):
-        assert len(kept[b]) == len(sample)
-        for (s, e, _), k in zip(sample, kept[b]):
-            keep[b, s:e] = False
-            keep[b, s + k] = True
-    return keep
+    return ref.keep_mask(inputs, kept, expected(model, inputs))
 
 
 def reference(model, inputs, keep, steps=STEPS):
     """(greedy tokens [B, steps], per step logits [B, n, V]) with pruned keys hidden."""
-    got = {}
+    got = ref.lm_kwargs(model, inputs)
     lm = model.model.language_model
-    hook = lm.register_forward_pre_hook(lambda mod, a, kw: got.update(kw), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    finally:
-        hook.remove()
     emb = got["inputs_embeds"]
     b, n = emb.shape[:2]
     pos = got.get("position_ids")
@@ -185,23 +174,7 @@ def reference(model, inputs, keep, steps=STEPS):
 
 
 def generate(model, inputs, **kw):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=STEPS, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True, **kw)
-
-
-def entering(model, inputs, eager=False):
-    """(hidden states entering decoder layer LAYER, eager attention [B, Hq, L, L] of layer
-    LAYER - 1 or None) of an unpruned forward."""
-    got = {}
-    hook = model.model.language_model.layers[LAYER].register_forward_pre_hook(
-        lambda mod, args: got.setdefault("h", args[0]))
-    try:
-        with torch.no_grad():
-            out = model(**inputs, use_cache=False, output_attentions=eager)
-    finally:
-        hook.remove()
-    return got["h"], out.attentions[LAYER - 1] if eager else None
+    return ref.generate(model, inputs, STEPS, **kw)
 
 
 # -- the layout ------------------------------------------------------------------------------
@@ -226,36 +199,18 @@ def test_the_tiny_models_give_the_layouts_the_tests_expect():
 def test_keep_all_is_the_unpruned_model(family, k):
     model = model_for(family)
     inputs = batched(family, model)
-    with torch.no_grad():
-        base = model(**inputs).logits
-    base_gen = generate(model, inputs)
-    with hf.apply(model, k) as pruner:
-        with torch.no_grad():
-            got = model(**inputs).logits
-        assert pruner.grids == [[lay for *_, lay in s] for s in expected(model, inputs)]
-        gen = generate(model, inputs)
-    assert torch.equal(got, base)
-    assert torch.equal(gen.sequences, base_gen.sequences)
-    for a, b in zip(gen.logits, base_gen.logits, strict=True):
-        assert torch.equal(a, b)
+    layouts = [[lay for *_, lay in s] for s in expected(model, inputs)]
+
+    def check(pruner):
+        assert pruner.grids == layouts
+
+    ref.assert_keep_all_is_unpruned(model, inputs, k, STEPS, check, step_logits=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_remove_restores_bit_identical_outputs(family):
     model = model_for(family)
-    inputs = single(family, model)
-    with torch.no_grad():
-        before = model(**inputs).logits
-    before_gen = generate(model, inputs).sequences
-    pruner = hf.apply(model, 0.25)
-    with torch.no_grad():
-        pruned = model(**inputs).logits
-    assert pruned.shape[1] < before.shape[1]
-    pruner.remove()
-    pruner.remove()
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, before)
-    assert torch.equal(generate(model, inputs).sequences, before_gen)
+    ref.assert_remove_restores(model, single(family, model), 0.25, STEPS)
 
 
 # -- the selection -----------------------------------------------------------------------------
@@ -270,8 +225,8 @@ def test_kept_is_prune_on_the_eager_row_and_the_hidden_states(family):
     opts = {"spatial_weight": 0.9}
     model = model_for(family, "eager")
     inputs = batched(family, model)
-    hidden, attn = entering(model, inputs, eager=True)
-    last = [int(torch.nonzero(m).max()) for m in inputs["attention_mask"]]
+    hidden, _, attn = ref.entering(model, inputs, LAYER, eager=True)
+    last = ref.last_tokens(inputs)
     with hf.apply(model, 0.25, **opts) as pruner:
         with torch.no_grad():
             model(**inputs)
@@ -312,7 +267,7 @@ def test_a_positional_prior_is_spread_over_the_pieces(family):
     with hf.apply(model, 0.25, prior=prior) as pruner:
         with torch.no_grad():
             model(**inputs)
-    hidden, _ = entering(model, inputs)
+    hidden, _, _ = ref.entering(model, inputs, LAYER)
     (s, e, layout), = expected(model, inputs)[0]
     row = pruner.importance[0][0]
     want = d2p.prune(hidden[0, s:e], row, layout, 0.25, prior=prior)
@@ -327,24 +282,15 @@ def test_a_positional_prior_is_spread_over_the_pieces(family):
 def test_logits_and_generate_equal_the_reference(family, impl):
     model = model_for(family, impl)
     inputs = single(family, model)
-    with hf.apply(model, 0.25) as pruner:
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-        kept = pruner.kept
-        gen = generate(model, inputs)
-        assert all(torch.equal(a, b) for a, b in zip(pruner.kept[0], kept[0], strict=True))
+    out, kept, gen = ref.pruned_run(model, inputs, 0.25, STEPS)
     keep = keep_mask(model, inputs, kept)
     n_kept = int(keep.sum())
     full = inputs["input_ids"].shape[1]
-    cache = getattr(out, "cache", None) or out.past_key_values
-    lengths = [cache.get_seq_length(i) for i in range(len(model.model.language_model.layers))]
+    lengths = ref.cache_lengths(out, len(model.model.language_model.layers))
     assert lengths == [full] * LAYER + [n_kept] * (len(lengths) - LAYER)
+    assert n_kept < full
     tokens, logits = reference(model, inputs, keep)
-    assert out.logits.shape[1] == n_kept < full
-    torch.testing.assert_close(out.logits[0], logits[0][0, keep[0]], rtol=1e-4, atol=1e-4)
-    assert torch.equal(gen.sequences[:, full:], tokens)
-    for step, got in enumerate(gen.logits):  # cached decoding == uncached recomputation
-        torch.testing.assert_close(got, logits[step][:, -1], rtol=1e-4, atol=1e-4)
+    ref.assert_equals_reference(out, gen, keep, tokens, logits)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -353,23 +299,8 @@ def test_left_padded_batch_equals_each_sample_alone(family):
     anyres image beside a two-image sample) in one left-padded batch."""
     model = model_for(family)
     inputs = batched(family, model)
-    samples = alone(family, model)
-    with hf.apply(model, 0.25) as pruner:
-        gen = generate(model, inputs)
-        kept = pruner.kept
-        single_runs = []
-        for s in samples:
-            single_runs.append((generate(model, s), pruner.kept[0]))
-    full = inputs["input_ids"].shape[1]
-    for b, (g, k) in enumerate(single_runs):
-        assert len(kept[b]) == len(k) == len(SIZES[family][b])
-        for mine, theirs in zip(kept[b], k):
-            assert torch.equal(mine, theirs), b
-        n = samples[b]["input_ids"].shape[1]
-        assert torch.equal(gen.sequences[b, full:], g.sequences[0, n:]), b
-        for step in range(STEPS):
-            torch.testing.assert_close(gen.logits[step][b], g.logits[step][0],
-                                       rtol=1e-4, atol=1e-4)
+    kept = ref.assert_batch_equals_alone(model, inputs, alone(family, model), 0.25, STEPS)
+    assert [len(s) for s in kept] == [len(s) for s in SIZES[family]]
 
 
 def test_images_back_to_back_and_the_single_patch_branch():

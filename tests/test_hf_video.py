@@ -17,8 +17,9 @@ import torch  # noqa: E402
 import d2pruner_kernels as d2p  # noqa: E402
 from d2pruner_kernels import hf  # noqa: E402
 from d2pruner_kernels.hf import tiny  # noqa: E402
-from test_hf_qwen3_vl import (STEPS, entering, generate, items, keep_mask,  # noqa: E402
-                              model_for, reference)
+import hf_reference as ref  # noqa: E402
+from test_hf_qwen3_vl import (STEPS, generate, items, keep_mask, model_for,  # noqa: E402
+                              reference)
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 LAYER = 2
@@ -57,16 +58,11 @@ def samples_and_batch(family, model):
 def test_keep_all_is_the_unpruned_model(family):
     model = model_for(family)
     samples, inputs = samples_and_batch(family, model)
-    with torch.no_grad():
-        base = model(**inputs).logits
-    base_gen = generate(model, inputs)
-    with hf.apply(model, 1.0) as pruner:
-        with torch.no_grad():
-            got = model(**inputs).logits
-        gen = generate(model, inputs)
+
+    def check(pruner):
         assert pruner.kinds == [["video"], ["image", "video"], []]
-    assert torch.equal(got, base)
-    assert torch.equal(gen.sequences, base_gen.sequences)
+
+    ref.assert_keep_all_is_unpruned(model, inputs, 1.0, STEPS, check)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -75,10 +71,7 @@ def test_kept_is_prune_on_the_eager_row_and_the_hidden_states(family):
     the timestamp text between Qwen3-VL's frames is not part of the item."""
     model = model_for(family, "eager")
     for inputs in (single(family, model), video_only(family, model)):
-        with torch.no_grad():
-            out = model(**inputs, output_attentions=True, use_cache=False)
-        attn = out.attentions[LAYER - 1]
-        hidden, _ = entering(model, inputs, LAYER)
+        hidden, _, attn = ref.entering(model, inputs, LAYER, eager=True)
         last = inputs["input_ids"].shape[1] - 1
         with hf.apply(model, 0.3, temporal_radius=0, sim_threshold=0.0) as pruner:
             with torch.no_grad():
@@ -104,45 +97,22 @@ def test_logits_and_generate_equal_the_reference(family, impl):
     """An image and a video in one prompt; the timestamps (Qwen3-VL) are kept."""
     model = model_for(family, impl)
     inputs = single(family, model)
-    with hf.apply(model, 0.25) as pruner:
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-        kept = pruner.kept
-        gen = generate(model, inputs)
+    out, kept, gen = ref.pruned_run(model, inputs, 0.25, STEPS)
     keep = keep_mask(inputs, kept, items(inputs, family == "qwen3_vl"))
     ids = inputs["input_ids"][0]
     visual = ids.eq(tiny.IMAGE) | ids.eq(tiny.VIDEO)
     assert bool(keep[0, ~visual].all()) and int((~keep[0]).sum()) > 0  # text never pruned
-    full = ids.numel()
     tokens, logits = reference(model, inputs, keep, LAYER)
-    assert out.logits.shape[1] == int(keep.sum())
-    torch.testing.assert_close(out.logits[0], logits[0][0, keep[0]], rtol=1e-4, atol=1e-4)
-    assert torch.equal(gen.sequences[:, full:], tokens)
-    for step, got in enumerate(gen.logits):
-        torch.testing.assert_close(got, logits[step][:, -1], rtol=1e-4, atol=1e-4)
+    ref.assert_equals_reference(out, gen, keep, tokens, logits)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_batch_equals_each_sample_alone(family):
     model = model_for(family)
     samples, inputs = samples_and_batch(family, model)
-    with hf.apply(model, 5) as pruner:  # an int: at most 5 per image, 5 per video
-        gen = generate(model, inputs)
-        kept = pruner.kept
-        assert [[k.numel() for k in s] for s in kept] == [[5], [5, 5], []]
-        alone = []
-        for s in samples:
-            alone.append((generate(model, s), pruner.kept[0]))
-    full = inputs["input_ids"].shape[1]
-    for b, (g, k) in enumerate(alone):
-        assert len(kept[b]) == len(k)
-        for mine, theirs in zip(kept[b], k):
-            assert torch.equal(mine, theirs), b
-        n = samples[b]["input_ids"].shape[1]
-        assert torch.equal(gen.sequences[b, full:], g.sequences[0, n:]), b
-        for step in range(STEPS):
-            torch.testing.assert_close(gen.logits[step][b], g.logits[step][0],
-                                       rtol=1e-4, atol=1e-4)
+    # an int: at most 5 per image, 5 per video
+    kept = ref.assert_batch_equals_alone(model, inputs, samples, 5, STEPS)
+    assert [[k.numel() for k in s] for s in kept] == [[5], [5, 5], []]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
