@@ -175,3 +175,60 @@ def assert_batch_equals_alone(model, inputs, samples, k, steps, **apply_kw):
         for step in range(steps):
             torch.testing.assert_close(gen.logits[step][b], g.logits[step][0], **TOL)
     return kept
+
+
+def next_text_position(pos, step):
+    """The position of a generated token: the prompt's largest + 1 (M-RoPE: on all three
+    axes, per row)."""
+    if pos.dim() == 3:
+        b = pos.shape[1]
+        return (pos.amax(dim=(0, 2)) + 1).view(1, b, 1).expand(3, b, 1)
+    return pos.amax(-1, keepdim=True) + 1
+
+
+def masked_greedy(model, inputs, keep, layer, steps, next_pos=next_text_position,
+                  after_layer=None):
+    """The reference of the causal families (a test's own, written without the pruner):
+    (greedy tokens [B, steps], per-step logits [B, n, V]). Every decoder layer runs on the
+    full sequence with an explicit mask (causal, padding) that from `layer` on also hides
+    the pruned keys (keep False); each step recomputes the whole sequence (no cache).
+    next_pos(pos, step): the positions of step's new token (None: the last step needs
+    none); after_layer(i, h, kw, keep) -> h: what the model adds after decoder layer i (kw:
+    the language model's inputs)."""
+    kw = lm_kwargs(model, inputs)
+    lm = model.model.language_model
+    emb = kw["inputs_embeds"]
+    b, n = emb.shape[:2]
+    pos = kw.get("position_ids")
+    if pos is None:
+        pos = torch.arange(n).expand(b, -1)
+    if pos.dim() == 3 and pos.shape[0] == 4:  # Qwen's [text; t; h; w]
+        pos = pos[1:]
+    valid = inputs["attention_mask"].bool()
+    low = torch.finfo(emb.dtype).min
+    tokens, logits_steps = [], []
+    with torch.no_grad():
+        for step in range(steps):
+            n = emb.shape[1]
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            full = causal & valid[:, None, :]
+            pruned = full & keep[:, None, :]
+            h = emb
+            pe = lm.rotary_emb(h, pos)
+            for i, lay in enumerate(lm.layers):
+                m = torch.where(full if i < layer else pruned, 0.0, low)[:, None]
+                out = lay(h, attention_mask=m, position_embeddings=pe, use_cache=False)
+                h = out[0] if isinstance(out, tuple) else out
+                if after_layer is not None:
+                    h = after_layer(i, h, kw, keep)
+            logits = model.lm_head(lm.norm(h))
+            logits_steps.append(logits)
+            nxt = logits[:, -1].argmax(-1)
+            tokens.append(nxt)
+            emb = torch.cat([emb, model.get_input_embeddings()(nxt)[:, None]], 1)
+            nxt_pos = next_pos(pos, step)
+            if nxt_pos is not None:
+                pos = torch.cat([pos, nxt_pos], -1)
+            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool)], 1)
+            keep = torch.cat([keep, torch.ones(b, 1, dtype=torch.bool)], 1)
+    return torch.stack(tokens, 1), logits_steps

@@ -105,43 +105,7 @@ def keep_mask(family, model, inputs, kept):
 def reference(model, inputs, keep, layer=LAYER, steps=STEPS):
     """(greedy tokens [B, steps], per step logits [B, n, V]): every layer on the full
     sequence, pruned keys hidden from `layer` on, recomputed from scratch each step."""
-    kw = ref.lm_kwargs(model, inputs)
-    lm = model.model.language_model
-    emb = kw["inputs_embeds"]
-    b, n = emb.shape[:2]
-    pos = kw.get("position_ids")
-    if pos is None:
-        pos = torch.arange(n).expand(b, -1)
-    if pos.dim() == 3 and pos.shape[0] == 4:  # Qwen's [text; t; h; w]
-        pos = pos[1:]
-    valid = inputs["attention_mask"].bool()
-    low = torch.finfo(emb.dtype).min
-    tokens, logits_steps = [], []
-    with torch.no_grad():
-        for _ in range(steps):
-            n = emb.shape[1]
-            causal = torch.ones(n, n, dtype=torch.bool).tril()
-            full = causal & valid[:, None, :]
-            pruned = full & keep[:, None, :]
-            h = emb
-            pe = lm.rotary_emb(h, pos)
-            for i, lay in enumerate(lm.layers):
-                m = torch.where(full if i < layer else pruned, 0.0, low)[:, None]
-                out = lay(h, attention_mask=m, position_embeddings=pe, use_cache=False)
-                h = out[0] if isinstance(out, tuple) else out
-            logits = model.lm_head(lm.norm(h))
-            logits_steps.append(logits)
-            nxt = logits[:, -1].argmax(-1)
-            tokens.append(nxt)
-            emb = torch.cat([emb, model.get_input_embeddings()(nxt)[:, None]], 1)
-            if pos.dim() == 3:  # M-RoPE: the next text position follows the largest one
-                nxt_pos = (pos.amax(dim=(0, 2)) + 1).view(1, b, 1).expand(3, b, 1)
-            else:
-                nxt_pos = pos.amax(-1, keepdim=True) + 1
-            pos = torch.cat([pos, nxt_pos], -1)
-            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool)], 1)
-            keep = torch.cat([keep, torch.ones(b, 1, dtype=torch.bool)], 1)
-    return torch.stack(tokens, 1), logits_steps
+    return ref.masked_greedy(model, inputs, keep, layer, steps)
 
 
 def generate(model, inputs, **kw):

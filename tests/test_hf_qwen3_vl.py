@@ -99,48 +99,25 @@ def decode_positions(model, inputs, steps):
 def reference(model, inputs, keep, layer, steps=STEPS):
     """(greedy tokens [B, steps], per-step logits [B, n, V]), by hand (see the module doc)."""
     nxt_positions = decode_positions(model, inputs, steps)
-    kw = ref.lm_kwargs(model, inputs)
-    lm = model.model.language_model
-    emb = kw["inputs_embeds"]
-    b = emb.shape[0]
-    pos = kw["position_ids"]
-    if pos.shape[0] == 4:
-        pos = pos[1:]
-    levels = kw.get("deepstack_visual_embeds") or []
-    vis = kw.get("visual_pos_masks")
-    valid = inputs["attention_mask"].bool()
-    low = torch.finfo(emb.dtype).min
-    tokens, logits_steps = [], []
-    with torch.no_grad():
-        for step in range(steps):
-            n = emb.shape[1]
-            causal = torch.ones(n, n, dtype=torch.bool).tril()
-            full = causal & valid[:, None, :]
-            pruned = full & keep[:, None, :]
-            h = emb
-            pe = lm.rotary_emb(h, pos)
-            for i, lay in enumerate(lm.layers):
-                m = torch.where(full if i < layer else pruned, 0.0, low)[:, None]
-                out = lay(h, attention_mask=m, position_embeddings=pe, use_cache=False)
-                h = out[0] if isinstance(out, tuple) else out
-                if i < len(levels):
-                    at = torch.zeros(b, n, dtype=torch.bool)
-                    at[:, :vis.shape[1]] = vis
-                    rows = torch.zeros(b, n, emb.shape[-1])
-                    rows[at] = levels[i]  # each visual token's own row
-                    if i >= layer:
-                        at = at & keep  # only the kept tokens get theirs
-                    h = h + torch.where(at[..., None], rows, 0.0)
-            logits = model.lm_head(lm.norm(h))
-            logits_steps.append(logits)
-            nxt = logits[:, -1].argmax(-1)
-            tokens.append(nxt)
-            emb = torch.cat([emb, model.get_input_embeddings()(nxt)[:, None]], 1)
-            if step + 1 < steps:
-                pos = torch.cat([pos, nxt_positions[step]], -1)
-            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool)], 1)
-            keep = torch.cat([keep, torch.ones(b, 1, dtype=torch.bool)], 1)
-    return torch.stack(tokens, 1), logits_steps
+
+    def next_pos(pos, step):
+        return nxt_positions[step] if step + 1 < steps else None
+
+    def deepstack(i, h, kw, keep):
+        levels = kw.get("deepstack_visual_embeds") or []
+        if i >= len(levels):
+            return h
+        vis = kw.get("visual_pos_masks")
+        b, n = h.shape[:2]
+        at = torch.zeros(b, n, dtype=torch.bool)
+        at[:, :vis.shape[1]] = vis
+        rows = torch.zeros(b, n, h.shape[-1])
+        rows[at] = levels[i]  # each visual token's own row
+        if i >= layer:
+            at = at & keep  # only the kept tokens get theirs
+        return h + torch.where(at[..., None], rows, 0.0)
+
+    return ref.masked_greedy(model, inputs, keep, layer, steps, next_pos, deepstack)
 
 
 def generate(model, inputs, **kw):

@@ -143,34 +143,7 @@ def keep_mask(model, inputs, kept):
 
 def reference(model, inputs, keep, steps=STEPS):
     """(greedy tokens [B, steps], per step logits [B, n, V]) with pruned keys hidden."""
-    got = ref.lm_kwargs(model, inputs)
-    lm = model.model.language_model
-    emb = got["inputs_embeds"]
-    b, n = emb.shape[:2]
-    pos = got.get("position_ids")
-    pos = torch.arange(n).expand(b, -1) if pos is None else pos
-    valid = inputs["attention_mask"].bool()
-    low = torch.finfo(emb.dtype).min
-    tokens, logits_steps = [], []
-    with torch.no_grad():
-        for _ in range(steps):
-            n = emb.shape[1]
-            full = torch.ones(n, n, dtype=torch.bool).tril() & valid[:, None, :]
-            pruned = full & keep[:, None, :]
-            h, pe = emb, lm.rotary_emb(emb, pos)
-            for i, lay in enumerate(lm.layers):
-                m = torch.where(full if i < LAYER else pruned, 0.0, low)[:, None]
-                out = lay(h, attention_mask=m, position_embeddings=pe, use_cache=False)
-                h = out[0] if isinstance(out, tuple) else out
-            logits = model.lm_head(lm.norm(h))
-            logits_steps.append(logits)
-            nxt = logits[:, -1].argmax(-1)
-            tokens.append(nxt)
-            emb = torch.cat([emb, model.get_input_embeddings()(nxt)[:, None]], 1)
-            pos = torch.cat([pos, pos.amax(-1, keepdim=True) + 1], -1)
-            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool)], 1)
-            keep = torch.cat([keep, torch.ones(b, 1, dtype=torch.bool)], 1)
-    return torch.stack(tokens, 1), logits_steps
+    return ref.masked_greedy(model, inputs, keep, LAYER, steps)
 
 
 def generate(model, inputs, **kw):
