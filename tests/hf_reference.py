@@ -232,3 +232,37 @@ def masked_greedy(model, inputs, keep, layer, steps, next_pos=next_text_position
             valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool)], 1)
             keep = torch.cat([keep, torch.ones(b, 1, dtype=torch.bool)], 1)
     return torch.stack(tokens, 1), logits_steps
+
+
+def runs_of(row: list, tokens) -> list:
+    """[(start, end)] of the runs of one token (any of `tokens`) in a prompt row, in order."""
+    out, i = [], 0
+    while i < len(row):
+        if row[i] in tokens:
+            j = i
+            while j < len(row) and row[j] == row[i]:
+                j += 1
+            out.append((i, j))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def continue_generation(model, first, inputs, steps, cache=None, **kw):
+    """generate(input_ids=first.sequences, past_key_values=...) for `steps` more tokens: the
+    chat pattern (first: a generate output of `inputs`; cache: another cache to go on from)."""
+    mask = torch.cat([inputs["attention_mask"],
+                      torch.ones(first.sequences.shape[0], steps, dtype=torch.long)], 1)
+    with torch.no_grad():
+        return model.generate(input_ids=first.sequences, attention_mask=mask,
+                              past_key_values=first.past_key_values if cache is None else cache,
+                              max_new_tokens=steps, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, **kw)
+
+
+def assert_prior_is_the_mean(prior, grid, rows, rtol=1e-6, atol=1e-12):
+    """A calibrated prior on `grid` is the mean of the importance maps `rows`."""
+    assert prior.grid == grid and prior.count == len(rows)
+    torch.testing.assert_close(prior.mean, torch.stack(list(rows)).double().mean(0),
+                               rtol=rtol, atol=atol)

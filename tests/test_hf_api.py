@@ -15,6 +15,7 @@ import torch  # noqa: E402
 import d2pruner_kernels as d2p  # noqa: E402
 from d2pruner_kernels import hf  # noqa: E402
 from d2pruner_kernels.hf import tiny  # noqa: E402
+import hf_reference as ref  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MODELS = {}
@@ -383,10 +384,8 @@ def test_calibrate_prior_averages_the_rows_apply_uses():
                 model(**batch)
             rows += [r for sample in pruner.importance for r in sample]
     prior = hf.calibrate_prior(model, batches, progress=False)
-    assert prior.grid == (24, 24) and prior.count == 3
-    assert (prior.layer, prior.query) == (1, "last")
-    torch.testing.assert_close(prior.mean, torch.stack(rows).double().mean(0),
-                               rtol=1e-6, atol=1e-12)
+    assert (prior.layer, prior.query) == (1, "last") and len(rows) == 3
+    ref.assert_prior_is_the_mean(prior, (24, 24), rows)
     with hf.apply(model, 64, prior=prior) as pruner:  # and it is usable right away
         with torch.no_grad():
             model(**batches[1])

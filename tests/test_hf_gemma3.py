@@ -59,13 +59,10 @@ def batched(model):
 def spans(inputs):
     out = []
     for row in inputs["input_ids"].tolist():
-        found, i = [], 0
-        while i < len(row):
-            if row[i] == tiny.IMAGE:
-                found.append((i, i + N, (16, 16)))
-                i += N
-            else:
-                i += 1
+        found = []
+        for i, j in ref.runs_of(row, (tiny.IMAGE,)):
+            assert (j - i) % N == 0
+            found += [(s, s + N, (16, 16)) for s in range(i, j, N)]
         out.append(found)
     return out
 
@@ -235,6 +232,6 @@ def test_calibrate_prior():
     with hf.apply(model, K) as pruner:
         with torch.no_grad():
             model(**batch)
-    rows = torch.stack([r for sample in pruner.importance for r in sample]).double()
-    assert prior.grid == (16, 16) and prior.layer == LAYER - 1 and rows.shape[0] == 3
-    torch.testing.assert_close(prior.mean, rows.mean(0), rtol=1e-5, atol=1e-9)
+    rows = [r for sample in pruner.importance for r in sample]
+    assert prior.layer == LAYER - 1 and len(rows) == 3
+    ref.assert_prior_is_the_mean(prior, (16, 16), rows, rtol=1e-5, atol=1e-9)

@@ -78,21 +78,13 @@ def spans(family, model, inputs):
     out = []
     grids = iter(inputs["image_grid_thw"].tolist()) if "image_grid_thw" in inputs else None
     for row in ids:
-        found, b = [], row.tolist()
-        i = 0
-        while i < len(b):
-            if b[i] == tiny.IMAGE:
-                j = i
-                while j < len(b) and b[j] == tiny.IMAGE:
-                    j += 1
-                if family == "llava":
-                    found += [(s, s + 576, (24, 24)) for s in range(i, j, 576)]
-                else:
-                    t, h, w = next(grids)
-                    found.append((i, j, (t, h // 2, w // 2)))
-                i = j
+        found = []
+        for i, j in ref.runs_of(row.tolist(), (tiny.IMAGE,)):
+            if family == "llava":
+                found += [(s, s + 576, (24, 24)) for s in range(i, j, 576)]
             else:
-                i += 1
+                t, h, w = next(grids)
+                found.append((i, j, (t, h // 2, w // 2)))
         out.append(found)
     return out
 
@@ -295,17 +287,6 @@ def test_inputs_embeds_and_videos():
 
 # -- continuing from a cache, beam search, several sequences (issue 21, items 2 and 4) ----------
 
-def _continue(model, first, inputs, steps, cache=None, **kw):
-    mask = torch.cat([inputs["attention_mask"],
-                      torch.ones(first.sequences.shape[0], steps, dtype=torch.long)], 1)
-    with torch.no_grad():
-        return model.generate(input_ids=first.sequences, attention_mask=mask,
-                              past_key_values=first.past_key_values if cache is None else cache,
-                              max_new_tokens=steps,
-                              do_sample=False, output_logits=True,
-                              return_dict_in_generate=True)
-
-
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_generate_continues_from_a_returned_cache(family):
     """generate, then generate(input_ids=out.sequences, past_key_values=...): the tokens and
@@ -327,7 +308,7 @@ def test_generate_continues_from_a_returned_cache(family):
             generate(model, single(family, model))  # another conversation in between
         copied = copy.deepcopy(first.past_key_values)
         for cache in (None, copied):
-            second = _continue(model, first, inputs, STEPS, cache=cache)
+            second = ref.continue_generation(model, first, inputs, STEPS, cache=cache)
             assert torch.equal(second.sequences, whole.sequences)
             for a, b in zip(second.logits, whole.logits[STEPS:], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -337,11 +318,11 @@ def test_generate_continues_from_a_returned_cache(family):
     with hf.apply(model, budget(family)):
         with pytest.raises(ValueError, match=r"cache \(past_key_values\) pruned with "
                                              r"where='llm', layer=1"):
-            _continue(model, lone, one, STEPS)
+            ref.continue_generation(model, lone, one, STEPS)
         bare = copy.deepcopy(lone.past_key_values)
         vars(bare).pop("_d2pruner_layout")  # pruned, but with no mark to read
         with pytest.raises(ValueError, match=r"continues from a pruned cache \(past_key_values"):
-            _continue(model, lone, one, STEPS, cache=bare)
+            ref.continue_generation(model, lone, one, STEPS, cache=bare)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

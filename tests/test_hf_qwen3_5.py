@@ -57,17 +57,10 @@ def spans(inputs):
     grids = iter(inputs["image_grid_thw"].tolist()) if "image_grid_thw" in inputs else None
     out = []
     for row in inputs["input_ids"].tolist():
-        found, i = [], 0
-        while i < len(row):
-            if row[i] == tiny.IMAGE:
-                j = i
-                while j < len(row) and row[j] == tiny.IMAGE:
-                    j += 1
-                t, h, w = next(grids)
-                found.append((i, j, (t, h // 2, w // 2)))
-                i = j
-            else:
-                i += 1
+        found = []
+        for i, j in ref.runs_of(row, (tiny.IMAGE,)):
+            t, h, w = next(grids)
+            found.append((i, j, (t, h // 2, w // 2)))
         out.append(found)
     return out
 
@@ -227,6 +220,6 @@ def test_calibrate_prior():
     with hf.apply(model, K) as pruner:
         with torch.no_grad():
             model(**batch)
-    rows = torch.stack([r for sample in pruner.importance for r in sample]).double()
-    assert prior.grid == (1, 8, 8) and prior.layer == LAYER - 1 and rows.shape[0] == 2
-    torch.testing.assert_close(prior.mean, rows.mean(0), rtol=1e-5, atol=1e-9)
+    rows = [r for sample in pruner.importance for r in sample]
+    assert prior.layer == LAYER - 1 and len(rows) == 2
+    ref.assert_prior_is_the_mean(prior, (1, 8, 8), rows, rtol=1e-5, atol=1e-9)

@@ -45,27 +45,20 @@ def items(inputs, frames_apart: bool):
     vid = iter(inputs["video_grid_thw"].tolist()) if "video_grid_thw" in inputs else None
     out = []
     for row in ids.tolist():
-        found, i, video = [], 0, None
-        while i < len(row):
-            if row[i] in (tiny.IMAGE, tiny.VIDEO):
-                j = i
-                while j < len(row) and row[j] == row[i]:
-                    j += 1
-                if row[i] == tiny.IMAGE:
-                    t, h, w = next(img)
-                    found.append(("image", list(range(i, j)), (t, h // 2, w // 2)))
-                else:
-                    if video is None:
-                        t, h, w = next(vid)
-                        video = ("video", [], (t, h // 2, w // 2))
-                        found.append(video)
-                    video[1].extend(range(i, j))
-                    t, h, w = video[2]
-                    if len(video[1]) == t * h * w:
-                        video = None
-                i = j
+        found, video = [], None
+        for i, j in ref.runs_of(row, (tiny.IMAGE, tiny.VIDEO)):
+            if row[i] == tiny.IMAGE:
+                t, h, w = next(img)
+                found.append(("image", list(range(i, j)), (t, h // 2, w // 2)))
             else:
-                i += 1
+                if video is None:
+                    t, h, w = next(vid)
+                    video = ("video", [], (t, h // 2, w // 2))
+                    found.append(video)
+                video[1].extend(range(i, j))
+                t, h, w = video[2]
+                if len(video[1]) == t * h * w:
+                    video = None
         out.append(found)
     return out
 
@@ -270,9 +263,7 @@ def test_calibrate_prior_images_and_video_frames():
         with torch.no_grad():
             model(**batches[0])
         rows = [pruner.importance[0][0], *pruner.importance[0][1].view(2, 16)]
-    assert prior.grid == (1, 4, 4) and prior.count == 3
-    torch.testing.assert_close(prior.mean, torch.stack(rows).double().mean(0), rtol=1e-6,
-                               atol=1e-12)
+    ref.assert_prior_is_the_mean(prior, (1, 4, 4), rows)
     with hf.apply(model, 0.25, prior=prior) as pruner:
         with torch.no_grad():
             model(**batches[0])

@@ -94,20 +94,13 @@ def expected(model, inputs):
     out = []
     for b, row in enumerate(inputs["input_ids"].tolist()):
         patched = counts is None or int(counts[b]) == 1
-        found, i = [], 0
-        while i < len(row):
-            if row[i] != tiny.IMAGE:
-                i += 1
-                continue
-            j = i
-            while j < len(row) and row[j] == tiny.IMAGE:
-                j += 1
+        found = []
+        for i, j in ref.runs_of(row, (tiny.IMAGE,)):
             h, w = tiny.anyres_map(model, tuple(next(sizes)), patched)
             layout = TokenLayout.grid(side, side) + (TokenLayout.grid(h, w + 1) if h else
                                                      TokenLayout.grid(1, 1))
             assert layout.cells == j - i
             found.append((i, j, layout))
-            i = j
         out.append(found)
     return out
 
@@ -116,14 +109,8 @@ def expected_internvl(model, inputs):
     sizes = iter(inputs.get("image_sizes", torch.zeros(0, 2)).tolist())
     out = []
     for row in inputs["input_ids"].tolist():
-        found, i = [], 0
-        while i < len(row):
-            if row[i] != tiny.IMAGE:
-                i += 1
-                continue
-            j = i
-            while j < len(row) and row[j] == tiny.IMAGE:
-                j += 1
+        found = []
+        for i, j in ref.runs_of(row, (tiny.IMAGE,)):
             size = tuple(next(sizes))
             tiles = tiny.internvl_tiles(model, size)
             if tiles == 1:
@@ -132,7 +119,6 @@ def expected_internvl(model, inputs):
                 layout = TokenLayout.tiles(*canvas(size), (4, 4)) + TokenLayout.grid(4, 4)
             assert layout.cells == j - i == 16 * tiles
             found.append((i, j, layout))
-            i = j
         out.append(found)
     return out
 

@@ -184,9 +184,7 @@ def test_calibrate_prior_per_frame():
         with torch.no_grad():
             model(**batches[0])
         rows = [pruner.importance[0][0], *pruner.importance[0][1].view(2, 16)]
-    assert prior.grid == (1, 4, 4) and prior.count == 3
-    torch.testing.assert_close(prior.mean, torch.stack(rows).double().mean(0), rtol=1e-6,
-                               atol=1e-12)
+    ref.assert_prior_is_the_mean(prior, (1, 4, 4), rows)
     resampled = hf.calibrate_prior(model, batches, grid=(4, 4), progress=False)
     assert resampled.grid == (4, 4) and resampled.count == 6
 

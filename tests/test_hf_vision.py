@@ -12,6 +12,7 @@ import torch  # noqa: E402
 import d2pruner_kernels as d2p  # noqa: E402
 from d2pruner_kernels import hf  # noqa: E402
 from d2pruner_kernels.hf import tiny  # noqa: E402
+import hf_reference as ref  # noqa: E402
 
 K = 48
 STEPS = 4
@@ -164,17 +165,6 @@ def test_vision_left_padded_batch_equals_each_sample_alone():
 
 # -- continuing from a cache, beam search, several sequences (issue 21, items 2 and 4) ----------
 
-def _continue(model, first, inputs, steps, cache=None, **kw):
-    mask = torch.cat([inputs["attention_mask"],
-                      torch.ones(first.sequences.shape[0], steps, dtype=torch.long)], 1)
-    with torch.no_grad():
-        return model.generate(input_ids=first.sequences, attention_mask=mask,
-                              past_key_values=first.past_key_values if cache is None else cache,
-                              max_new_tokens=steps,
-                              do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, **kw)
-
-
 def test_vision_continues_from_a_returned_cache():
     """The documented chat pattern: generate, then generate(input_ids=out.sequences,
     past_key_values=out.past_key_values): the same tokens and logits as generating in one
@@ -192,14 +182,14 @@ def test_vision_continues_from_a_returned_cache():
         import copy
         copied = copy.deepcopy(first.past_key_values)  # a branch of the chat
         for cache in (None, copied):
-            second = _continue(model, first, inputs, STEPS, cache=cache)
+            second = ref.continue_generation(model, first, inputs, STEPS, cache=cache)
             assert torch.equal(second.sequences, whole.sequences)
             for a, b in zip(second.logits, whole.logits[STEPS:], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         bare = copy.deepcopy(first.past_key_values)
         vars(bare).pop("_d2pruner_layout")  # pruned, but with no mark: the prompt's tail
         with pytest.raises(ValueError, match=r"continues from a cache \(past_key_values"):
-            _continue(model, first, inputs, STEPS, cache=bare)
+            ref.continue_generation(model, first, inputs, STEPS, cache=bare)
         again = generate(model, inputs)
         turn = tiny.llava_inputs(model, [[11], [12]], seed=3)  # a new image after the cache
         ids = torch.cat([again.sequences, turn["input_ids"]], 1)
