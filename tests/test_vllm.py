@@ -180,7 +180,7 @@ def test_rate_one_is_identity(identity, off):
 @pytest.mark.parametrize("model, k, message", [
     ("llava", "1.5", r"D2PRUNER_VLLM_K as a ratio must be in (0, 1], got '1.5'"),
     ("llava", "600", "an image has 24x24 = 576 tokens"),
-    ("llama", "64", "supports LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration only"),
+    ("llama", "64", "supports LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration only"),
 ])
 def test_misuse_fails_at_engine_start(models, model, k, message):
     proc = _run(["start", str(models / model)], _env(D2PRUNER_VLLM_K=k), timeout=240)

@@ -4,9 +4,10 @@ rule on transformers (hf/qwen_vision.py; tests/vllm_helper.py's qwen_hf_referenc
 same tiny random Qwen2.5-VL, images and prompts: images of two sizes (8 x 8 and a tall
 10 x 6 merged grid), two prompts in one batch, two images in one prompt.
 
-Three engines (pruned k=16, off, keep-all k=1.0; module-scoped, ~30-45 s each on 2 cores),
-the OpenAI-compatible server once (k=16), and one misuse run that fails at engine creation;
-~2.5 minutes in all.
+Qwen2.5-VL: three engines (pruned k=16, off, keep-all k=1.0; module-scoped, ~30-45 s each
+on 2 cores), the OpenAI-compatible server once (k=16), one misuse run that fails at engine
+creation; Qwen3-VL (same prompts, images at patch 16): two engines (pruned k=16, off).
+~3.5 minutes in all.
 """
 from __future__ import annotations
 
@@ -115,20 +116,23 @@ def test_videos_refused_at_engine_creation(qwen):
     assert "videos are not supported" in text and "'video': 0" in text
 
 
-def test_request_budgets_in_one_batch(pruned):
+@pytest.mark.parametrize("family", ["qwen25", "qwen3"])
+def test_request_budgets_in_one_batch(family, request):
     # mm_processor_kwargs={"d2pruner_k": ...}: 8 for one request, a ratio 0.25 for the other
     # (60 merged tokens -> 15), in one batch, over the engine's D2PRUNER_VLLM_K=16
+    pruned = request.getfixturevalue("pruned" if family == "qwen25" else "q3_pruned")
     want_k = {"single": 8, "batch_a": 15}
     assert {n: r["placeholders"] for n, r in pruned["budgets"].items()} == want_k
     for name, k in helper.Q_BUDGETS.items():
-        ref = helper.qwen_hf_reference(k, prompts=[name])[name]
+        ref = helper.qwen_hf_reference(k, prompts=[name], family=family)[name]
         assert pruned["budgets"][name]["tokens"] == ref["tokens"], name
         assert ref["kept"][0] in pruned["budgets_kept"], name
     assert sorted(map(len, pruned["budgets_kept"])) == [8, 15]
 
 
-def test_bad_request_budget_is_a_value_error_naming_it(pruned):
-    bad = pruned["bad_request"]
+@pytest.mark.parametrize("family", ["qwen25", "qwen3"])
+def test_bad_request_budget_is_a_value_error_naming_it(family, request):
+    bad = request.getfixturevalue("pruned" if family == "qwen25" else "q3_pruned")["bad_request"]
     assert bad is not None and bad.startswith("ValueError"), bad
     assert "mm_processor_kwargs['d2pruner_k']" in bad, bad
 
@@ -148,3 +152,41 @@ def test_openai_server_reports_the_shortened_prompt(qwen, tmp_path, off):
     full = off["prompts"]["single"]["prompt_len"]            # 64 placeholders + 6 text tokens
     assert usage["prompt_tokens"] == full - helper.Q_MERGED[11] + K == 22
     assert usage["completion_tokens"] == 2
+
+
+# -- Qwen3-VL (_qwen3_vl.py): the same mixins; DeepStack levels are columns of the kept rows --
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_qwen3")
+    helper.build_qwen3(str(root))
+    return root / "qwen3"
+
+
+@pytest.fixture(scope="module")
+def q3_pruned(qwen3, tmp_path_factory):
+    return _engine(qwen3, tmp_path_factory, "qwen3_pruned", D2PRUNER_VLLM_K=K)
+
+
+@pytest.fixture(scope="module")
+def q3_off(qwen3, tmp_path_factory):
+    return _engine(qwen3, tmp_path_factory, "qwen3_off")
+
+
+def test_qwen3_prompts_shrink_and_match_transformers(q3_pruned, q3_off):
+    ref = helper.qwen_hf_reference(K, family="qwen3")
+    for name, (_, seeds) in helper.Q_PROMPTS.items():
+        assert q3_off["prompts"][name]["placeholders"] == sum(helper.Q_MERGED[s] for s in seeds)
+        assert q3_pruned["prompts"][name]["placeholders"] == K * len(seeds)
+        # greedy tokens with the kept rows' DeepStack levels, as transformers decodes them
+        assert q3_pruned["prompts"][name]["tokens"] == ref[name]["tokens"], name
+    want = [[kept for name in batch for kept in ref[name]["kept"]] for batch in helper.BATCHES]
+    assert q3_pruned["kept"] == want
+    assert any(q3_pruned["prompts"][n]["tokens"] != q3_off["prompts"][n]["tokens"]
+               for n in helper.Q_PROMPTS)
+
+
+def test_qwen3_off_equals_transformers_unpruned(q3_off):
+    ref = helper.qwen_hf_reference(None, family="qwen3")
+    for name in helper.Q_PROMPTS:
+        assert q3_off["prompts"][name]["tokens"] == ref[name]["tokens"], name

@@ -201,12 +201,46 @@ def tiny_qwen25(seed: int = 0):
     return model
 
 
-def q_image(seed: int):
+def q_image(seed: int, family: str = "qwen25"):
+    """Image `seed` at Q_SIZES (Qwen2.5-VL, patch 14) or scaled to patch 16 (Qwen3-VL): the
+    same merged grids either way."""
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, size=(7, 7, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize(Q_SIZES[seed], Image.BICUBIC)
+    w, h = Q_SIZES[seed]
+    if family == "qwen3":
+        w, h = w // 28 * 32, h // 28 * 32
+    return Image.fromarray(small).resize((w, h), Image.BICUBIC)
+
+
+def tiny_qwen3(seed: int = 0):
+    """A tiny random Qwen3-VL: a 2-block tower (patch 16, width 64, 2 heads, block 0 feeds
+    DeepStack level 0), a 2-layer Qwen3 decoder of width 128 (head size 32, interleaved
+    mrope_section [4, 6, 6])."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    text = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [4, 6, 6], "mrope_interleaved": True},
+                bos_token_id=BOS, eos_token_id=2, pad_token_id=PAD)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                  out_hidden_size=128, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=Q_IMAGE,
+                        video_token_id=Q_VIDEO, vision_start_token_id=Q_START,
+                        vision_end_token_id=Q_END)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    return model
 
 
 def _q_tokenizer():
@@ -226,10 +260,27 @@ def _q_tokenizer():
                                                          "vision_end_token": "<|vision_end|>"})
 
 
-def q_image_processor():
+def q_image_processor(family: str = "qwen25"):
     from transformers import Qwen2VLImageProcessor
-    return Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=512 * 512, patch_size=14,
-                                 merge_size=2, temporal_patch_size=2)
+    patch = 16 if family == "qwen3" else 14
+    return Qwen2VLImageProcessor(min_pixels=4 * (2 * patch) ** 2, max_pixels=512 * 512,
+                                 patch_size=patch, merge_size=2, temporal_patch_size=2)
+
+
+def build_qwen3(root: str) -> None:
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+    d = os.path.join(root, "qwen3")
+    tiny_qwen3().save_pretrained(d)
+    tok = _q_tokenizer()
+    tok.chat_template = Q_CHAT_TEMPLATE
+    Qwen3VLProcessor(image_processor=q_image_processor("qwen3"), tokenizer=tok,
+                     video_processor=Qwen3VLVideoProcessor(patch_size=16),
+                     chat_template=Q_CHAT_TEMPLATE).save_pretrained(d)
+
+
+def _family(model_dir: str) -> str:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return "qwen3" if json.load(f)["model_type"] == "qwen3_vl" else "qwen25"
 
 
 def build_qwen(root: str) -> None:
@@ -312,12 +363,14 @@ def run_qwen(model_dir: str, out: str) -> None:
     from vllm import SamplingParams
     record = os.environ.get("D2PRUNER_VLLM_RECORD")
     llm = q_engine(model_dir)
+    family = _family(model_dir)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     result = {"prompts": {}, "kept": []}
     for batch in BATCHES:
         offset = os.path.getsize(record) if record and os.path.exists(record) else 0
         requests = [{"prompt_token_ids": Q_PROMPTS[name][0],
-                     "multi_modal_data": {"image": [q_image(s) for s in Q_PROMPTS[name][1]]}}
+                     "multi_modal_data": {"image": [q_image(s, family)
+                                                    for s in Q_PROMPTS[name][1]]}}
                     for name in batch]
         outs = llm.generate(requests, params, use_tqdm=False)
         for name, o in zip(batch, outs):
@@ -333,7 +386,7 @@ def run_qwen(model_dir: str, out: str) -> None:
                     kept.extend(json.loads(line)["kept"])
         result["kept"].append(kept)
     if os.environ.get("D2PRUNER_VLLM_K"):
-        _qwen_request_budgets(llm, params, record, result)
+        _qwen_request_budgets(llm, params, record, result, family)
     with open(out, "w") as f:
         json.dump(result, f)
 
@@ -341,11 +394,12 @@ def run_qwen(model_dir: str, out: str) -> None:
 Q_BUDGETS = {"single": 8, "batch_a": 0.25}  # per-request k (mm_processor_kwargs), one batch
 
 
-def _qwen_request_budgets(llm, params, record, result) -> None:
+def _qwen_request_budgets(llm, params, record, result, family: str) -> None:
     """Two requests with their own budgets in one batch, then a request with a bad one."""
     offset = os.path.getsize(record) if record and os.path.exists(record) else 0
     requests = [{"prompt_token_ids": Q_PROMPTS[name][0],
-                 "multi_modal_data": {"image": [q_image(s) for s in Q_PROMPTS[name][1]]},
+                 "multi_modal_data": {"image": [q_image(s, family)
+                                                for s in Q_PROMPTS[name][1]]},
                  "mm_processor_kwargs": {"d2pruner_k": k}} for name, k in Q_BUDGETS.items()]
     outs = llm.generate(requests, params, use_tqdm=False)
     result["budgets"] = {name: {"tokens": list(o.outputs[0].token_ids),
@@ -388,7 +442,7 @@ def qwen_hf_kept(k) -> dict:
     return out
 
 
-def qwen_hf_reference(k, prompts=None) -> dict:
+def qwen_hf_reference(k, prompts=None, family: str = "qwen25") -> dict:
     """Q_PROMPTS through transformers on the same weights and images, one prompt at a time,
     with the rule of hf/qwen_vision.py (k=None: no pruning): each image's kept merged
     tokens keep their (t, h, w) M-RoPE positions, the text after an image starts at its
@@ -399,23 +453,30 @@ def qwen_hf_reference(k, prompts=None) -> dict:
 
     from d2pruner_kernels import prune
     from d2pruner_kernels.checks import resolve_k
-    from d2pruner_kernels.hf.qwen_vision import qwen25_hf_importance
-    model = tiny_qwen25()
-    proc = q_image_processor()
+    from d2pruner_kernels.hf.qwen_vision import qwen3_hf_importance, qwen25_hf_importance
+    model = tiny_qwen3() if family == "qwen3" else tiny_qwen25()
+    proc = q_image_processor(family)
     lm, embed = model.model.language_model, model.model.language_model.embed_tokens
     out = {}
     for name in prompts or Q_PROMPTS:
         ids, seeds = Q_PROMPTS[name]
         rows, pos, nxt, kept_all, images = [], [], 0, [], iter(seeds)
+        is_image, deep = [], []   # Qwen3-VL: DeepStack rows of the kept tokens, per level
         for t in ids:
             if t != Q_IMAGE:
                 rows.append(embed(torch.tensor([t]))[0])
+                is_image.append(False)
                 pos.append([nxt] * 3)
                 nxt += 1
                 continue
-            enc = proc([q_image(next(images))], return_tensors="pt")
-            scores, feats = qwen25_hf_importance(model, enc["pixel_values"],
-                                                 enc["image_grid_thw"])
+            enc = proc([q_image(next(images), family)], return_tensors="pt")
+            if family == "qwen3":
+                scores, feats, levels = qwen3_hf_importance(model, enc["pixel_values"],
+                                                            enc["image_grid_thw"])
+            else:
+                scores, feats = qwen25_hf_importance(model, enc["pixel_values"],
+                                                     enc["image_grid_thw"])
+                levels = []
             _, h, w = (int(x) // 2 for x in enc["image_grid_thw"][0].tolist())
             n = h * w
             keep = (torch.arange(n) if k is None else
@@ -423,15 +484,23 @@ def qwen_hf_reference(k, prompts=None) -> dict:
             kept_all.append(keep.tolist())
             for i in keep.tolist():
                 rows.append(feats[i])
+                is_image.append(True)
                 pos.append([nxt, nxt + i // w, nxt + i % w])
+            deep.append([lv[keep] for lv in levels])
             nxt += max(h, w)
         x = torch.stack(rows).unsqueeze(0)
         p = torch.tensor(pos).T.unsqueeze(1)            # [3, 1, L]
         cache, tokens = DynamicCache(config=lm.config), []
+        extra = {}
+        if family == "qwen3":
+            extra = {"visual_pos_masks": torch.tensor([is_image]),
+                     "deepstack_visual_embeds": [torch.cat([d[j] for d in deep])
+                                                 for j in range(len(deep[0]))]}
         with torch.no_grad():
             for _ in range(MAX_TOKENS):
                 hidden = lm(inputs_embeds=x, position_ids=p, past_key_values=cache,
-                            use_cache=True).last_hidden_state
+                            use_cache=True, **extra).last_hidden_state
+                extra = {}
                 tok = int(model.lm_head(hidden[:, -1]).argmax(-1))
                 tokens.append(tok)
                 x = embed(torch.tensor([[tok]]))
@@ -449,6 +518,8 @@ if __name__ == "__main__":
         build_qwen(sys.argv[2])
     elif cmd == "run_qwen":
         run_qwen(sys.argv[2], sys.argv[3])
+    elif cmd == "build_qwen3":
+        build_qwen3(sys.argv[2])
     elif cmd == "serve_qwen":
         serve_qwen(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif cmd == "start_qwen":

@@ -11,8 +11,8 @@ contiguous); the result is put back in raster order of the LLM grid (t, h / 2, w
 
     vision_importance(q, k, grids, orders, merge=2)  float32 [sum of merged tokens]
 
-`qwen25_hf_importance(model, pixel_values, image_grid_thw)` computes it with transformers'
-Qwen2.5-VL tower (a forward pre-hook on that block's attention); the vLLM plugin reads the
+`qwen25_hf_importance(model, pixel_values, image_grid_thw)` (and `qwen3_hf_importance`, the
+tower's last block, no window order) computes it with transformers' Qwen2.5-VL tower (a forward pre-hook on that block's attention); the vLLM plugin reads the
 same block in vLLM's tower. No transformers import at module level.
 """
 from __future__ import annotations
@@ -66,12 +66,31 @@ def qwen25_hf_importance(model, pixel_values: torch.Tensor, image_grid_thw: torc
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
     visual = model.model.visual if hasattr(model, "model") else model.visual
     cfg = visual.config
-    block = visual.blocks[cfg.fullatt_block_indexes[-1]]
-    attn = block.attn
     grids = [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
     merge = cfg.spatial_merge_size
     window = cfg.window_size // merge // cfg.patch_size
     orders = [window_order(t, h, w, merge, window) for t, h, w in grids]
+    scores, out = _run_tower(visual, visual.blocks[cfg.fullatt_block_indexes[-1]].attn,
+                             m.apply_rotary_pos_emb_vision, pixel_values, image_grid_thw,
+                             grids, orders, merge)
+    return scores, getattr(out, "pooler_output", out)
+
+
+def qwen3_hf_importance(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+    """The rule on transformers' Qwen3-VL: its tower's last block (every block attends
+    fully, patches in merge-group order: no window order). Returns (importance, main
+    features [sum merged, D], DeepStack features: a list of [sum merged, D])."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as m
+    visual = model.model.visual if hasattr(model, "model") else model.visual
+    merge = visual.config.spatial_merge_size
+    grids = [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
+    orders = [torch.arange(t * (h // merge) * (w // merge)) for t, h, w in grids]
+    scores, out = _run_tower(visual, visual.blocks[-1].attn, m.apply_rotary_pos_emb_vision,
+                             pixel_values, image_grid_thw, grids, orders, merge)
+    return scores, out.pooler_output, list(out.deepstack_features)
+
+
+def _run_tower(visual, attn, rotary, pixel_values, image_grid_thw, grids, orders, merge):
     captured = {}
 
     def hook(module, args, kwargs):
@@ -79,7 +98,7 @@ def qwen25_hf_importance(model, pixel_values: torch.Tensor, image_grid_thw: torc
         cos, sin = kwargs["position_embeddings"]
         n = hs.shape[0]
         q, k, _ = attn.qkv(hs).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = m.apply_rotary_pos_emb_vision(q, k, cos, sin)
+        q, k = rotary(q, k, cos, sin)
         captured["scores"] = vision_importance(q.detach(), k.detach(), grids, orders, merge,
                                                scale=attn.scaling)
 
@@ -89,5 +108,4 @@ def qwen25_hf_importance(model, pixel_values: torch.Tensor, image_grid_thw: torc
             out = visual(pixel_values.to(visual.dtype), grid_thw=image_grid_thw)
     finally:
         handle.remove()
-    feats = getattr(out, "pooler_output", out)
-    return captured["scores"], feats
+    return captured["scores"], out

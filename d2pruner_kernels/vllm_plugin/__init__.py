@@ -48,10 +48,13 @@ import os
 
 from .settings import ENV_K, ENV_OPTIONS, ENV_PRIOR, ENV_RECORD, Settings, read_settings
 
-SUPPORTED = ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+SUPPORTED = ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+             "Qwen3VLForConditionalGeneration")
 QWEN_MODEL = "d2pruner_kernels.vllm_plugin._qwen2_5_vl:D2PrunerQwen2_5_VL"
 MODELS = {"LlavaForConditionalGeneration": "d2pruner_kernels.vllm_plugin._llava:D2PrunerLlava",
-          "Qwen2_5_VLForConditionalGeneration": QWEN_MODEL}
+          "Qwen2_5_VLForConditionalGeneration": QWEN_MODEL,
+          "Qwen3VLForConditionalGeneration":
+              "d2pruner_kernels.vllm_plugin._qwen3_vl:D2PrunerQwen3VL"}
 
 _REGISTERED: dict = {}   # architecture -> vLLM's own registry entry it replaced
 
@@ -140,7 +143,7 @@ def check_model(vllm_config) -> None:
                          f"(tensor_parallel_size={pc.tensor_parallel_size}, "
                          f"pipeline_parallel_size={pc.pipeline_parallel_size}): the importance "
                          f"averages every head")
-    if "Qwen2_5_VLForConditionalGeneration" in archs:
+    if "Qwen2_5_VLForConditionalGeneration" in archs or "Qwen3VLForConditionalGeneration" in archs:
         _check_qwen(mc)
         return
     cfg = mc.hf_config
@@ -172,13 +175,13 @@ def _check_qwen(mc) -> None:
     mm = mc.multimodal_config
     videos = mm.get_limit_per_prompt("video") if mm is not None else 0
     if videos:
-        raise ValueError(f"{ENV_K}: D2Pruner prunes the images of Qwen2.5-VL only; videos are "
+        raise ValueError(f"{ENV_K}: D2Pruner prunes the images of Qwen-VL only; videos are "
                          f"not supported: start the engine with "
                          f"limit_mm_per_prompt={{'video': 0}} (--limit-mm-per-prompt "
                          f"'{{\"video\": 0}}'), now {videos} per prompt")
     if mm is not None and mm.video_pruning_rate:
         raise ValueError(f"{ENV_K}: video_pruning_rate={mm.video_pruning_rate} and D2Pruner "
-                         f"cannot both prune Qwen2.5-VL")
+                         f"cannot both prune Qwen-VL")
 
 
 def placeholders(n: int) -> int:

@@ -74,23 +74,28 @@ def _decode_k(code: float):
     return int(code) if code > 0 else -float(code)
 
 
-class D2PrunerQwen2_5_VLProcessingInfo(base.Qwen2_5_VLProcessingInfo):
-    """vLLM's, less the d2pruner_k request option (not the HF processor's)."""
+class InfoMixin:
+    """vLLM's processing info, less the d2pruner_k request option (not the HF processor's)."""
 
     def get_hf_processor(self, **kwargs):
         kwargs.pop(KWARG, None)
         return super().get_hf_processor(**kwargs)
 
 
-class D2PrunerQwen2_5_VLProcessor(base.Qwen2_5_VLMultiModalProcessor):
+class D2PrunerQwen2_5_VLProcessingInfo(InfoMixin, base.Qwen2_5_VLProcessingInfo):
+    pass
+
+
+class ProcessorMixin:
     """k placeholders per image (pixels); given embeddings keep their count. A request's
     mm_processor_kwargs may carry its own k (d2pruner_k), checked here, at request time, and
-    handed to the model as one more image field."""
+    handed to the model as one more image field. Mixed into a subclass of vLLM's Qwen
+    processor (before it)."""
 
-    def _call_hf_processor(self, hf_data, hf_kwargs):
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         hf_kwargs = dict(hf_kwargs)
         k = _request_k(hf_kwargs.pop(KWARG, None))
-        out = super()._call_hf_processor(hf_data, hf_kwargs)
+        out = super()._apply_hf_processor_main(mm_items, hf_kwargs)
         if "image_grid_thw" in out:
             out[KWARG] = torch.full((len(out["image_grid_thw"]),), _encode_k(k),
                                     dtype=torch.float64)
@@ -106,10 +111,8 @@ class D2PrunerQwen2_5_VLProcessor(base.Qwen2_5_VLMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         settings = _settings()
-        hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
-        image_processor = self.info.get_image_processor(**hf_processor_mm_kwargs)
-        token = self.info.get_tokenizer().get_vocab()[hf_processor.image_token]
-        unit = image_processor.merge_size ** 2
+        token = self.info.get_hf_config().image_token_id
+        unit = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
 
         def image_replacement(item_idx: int):
             item = out_mm_kwargs["image"][item_idx]
@@ -125,13 +128,16 @@ class D2PrunerQwen2_5_VLProcessor(base.Qwen2_5_VLMultiModalProcessor):
                 if u.modality == "image" else u for u in updates]
 
 
+class D2PrunerQwen2_5_VLProcessor(ProcessorMixin, base.Qwen2_5_VLMultiModalProcessor):
+    """vLLM's Qwen2.5-VL processor with k placeholders per image."""
+
+
 class _Tap:
     """A forward pre-hook on the attention op of the tower's last full-attention block."""
 
-    def __init__(self, visual):
-        self.visual = visual
-        block = visual.blocks[visual.fullatt_block_indexes[-1]]
-        attn = block.attn
+    def __init__(self, visual, block: int, windows: bool):
+        self.visual, self.windows = visual, windows
+        attn = visual.blocks[block].attn
         self.scale = attn.hidden_size_per_attention_head ** -0.5
         self.grids = None
         self.scores = None
@@ -146,7 +152,10 @@ class _Tap:
             raise RuntimeError(f"d2pruner: the vision block's queries are {list(q.shape)}, "
                                f"expected one packed sequence [1, S, H, d]")
         merge = self.visual.spatial_merge_size
-        orders = [self.visual.get_window_index_thw(t, h, w)[0] for t, h, w in self.grids]
+        if self.windows:  # Qwen2.5-VL runs its tower in window order
+            orders = [self.visual.get_window_index_thw(t, h, w)[0] for t, h, w in self.grids]
+        else:
+            orders = [torch.arange(t * (h // merge) * (w // merge)) for t, h, w in self.grids]
         self.scores = vision_importance(q[0].detach(), k[0].detach(), self.grids, orders,
                                         merge, scale=self.scale)
         return None
@@ -186,11 +195,10 @@ def _cpu_runner_flag() -> None:
         del frame
 
 
-@MULTIMODAL_REGISTRY.register_processor(D2PrunerQwen2_5_VLProcessor,
-                                        info=D2PrunerQwen2_5_VLProcessingInfo,
-                                        dummy_inputs=base.Qwen2_5_VLDummyInputsBuilder)
-class D2PrunerQwen2_5_VL(base.Qwen2_5_VLForConditionalGeneration):
-    """vLLM's Qwen2.5-VL with D2Pruner on its images (see the module docstring)."""
+class ModelMixin:
+    """The pruning of images, mixed into a subclass of vLLM's Qwen model (before it)."""
+    _d2pruner_name = "Qwen2.5-VL"
+    _d2pruner_windows = True
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         _settings()
@@ -199,7 +207,10 @@ class D2PrunerQwen2_5_VL(base.Qwen2_5_VLForConditionalGeneration):
         object.__setattr__(mm_config, "is_multimodal_pruning_enabled", lambda: True)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         _cpu_runner_flag()
-        self._d2pruner_tap = _Tap(self.visual)
+        self._d2pruner_tap = _Tap(self.visual, self._d2pruner_block(), self._d2pruner_windows)
+
+    def _d2pruner_block(self) -> int:
+        return self.visual.fullatt_block_indexes[-1]
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
         """M-RoPE positions of the pruned prompt (vLLM's own assume t * h * w / 4 placeholders
@@ -215,7 +226,7 @@ class D2PrunerQwen2_5_VL(base.Qwen2_5_VLForConditionalGeneration):
         for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
             if f.modality != "image":
                 raise ValueError("d2pruner (D2PRUNER_VLLM_K): only images are supported with "
-                                 f"Qwen2.5-VL; this request has a {f.modality}")
+                                 f"{self._d2pruner_name}; this request has a {f.modality}")
             offset, length = f.mm_position.offset, f.mm_position.length
             t, h, w = (int(x) for x in f.data["image_grid_thw"].data.tolist())
             pos[:, st:offset] = torch.arange(nxt, nxt + offset - st)
@@ -232,7 +243,7 @@ class D2PrunerQwen2_5_VL(base.Qwen2_5_VLForConditionalGeneration):
         for modality, item in by_modality.items():
             if modality != "image":
                 raise ValueError("d2pruner (D2PRUNER_VLLM_K): only images are supported with "
-                                 "Qwen2.5-VL; this request has a video")
+                                 f"{self._d2pruner_name}; this request has a {modality}")
             out += self._d2pruner_images(item, kwargs.get(KWARG))
         return out
 
@@ -268,7 +279,8 @@ class D2PrunerQwen2_5_VL(base.Qwen2_5_VLForConditionalGeneration):
         cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)  # host: no sync
         llm_grids = [(t, h // merge, w // merge) if t > 1 else (h // merge, w // merge)
                      for t, h, w in grids]
-        keep, cu_keep = prune_varlen(tokens.detach(), scores, cu, llm_grids, budgets,
+        width = getattr(self, "visual_dim", tokens.shape[1])  # Qwen3-VL: DeepStack columns after
+        keep, cu_keep = prune_varlen(tokens[:, :width].detach(), scores, cu, llm_grids, budgets,
                                      options=settings.options)
         keep_host = keep.cpu()  # the positions are built on the host, as vLLM's EVS does
         ck = [0]
@@ -284,3 +296,10 @@ class D2PrunerQwen2_5_VL(base.Qwen2_5_VLForConditionalGeneration):
             with open(settings.record, "a") as f:
                 f.write(json.dumps({"n": lengths, "k": budgets, "kept": kept}) + "\n")
         return tuple(out)
+
+
+@MULTIMODAL_REGISTRY.register_processor(D2PrunerQwen2_5_VLProcessor,
+                                        info=D2PrunerQwen2_5_VLProcessingInfo,
+                                        dummy_inputs=base.Qwen2_5_VLDummyInputsBuilder)
+class D2PrunerQwen2_5_VL(ModelMixin, base.Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL with D2Pruner on its images (see the module docstring)."""
