@@ -266,3 +266,14 @@ def assert_prior_is_the_mean(prior, grid, rows, rtol=1e-6, atol=1e-12):
     assert prior.grid == grid and prior.count == len(rows)
     torch.testing.assert_close(prior.mean, torch.stack(list(rows)).double().mean(0),
                                rtol=rtol, atol=atol)
+
+
+def importance_rows(model, batches, k) -> list:
+    """Every importance row hf.apply(model, k) reads on the batches, flat, in order."""
+    rows = []
+    with hf.apply(model, k) as pruner:
+        for batch in batches:
+            with torch.no_grad():
+                model(**batch)
+            rows += [r for sample in pruner.importance for r in sample]
+    return rows

@@ -377,12 +377,7 @@ def test_calibrate_prior_averages_the_rows_apply_uses():
     model = llava()
     batches = [tiny.llava_inputs(model, [[5, 6], [7]], seed=1),
                tiny.llava_inputs(model, [[8, 9, 10]], seed=2)]
-    rows = []
-    with hf.apply(model, 64) as pruner:
-        for batch in batches:
-            with torch.no_grad():
-                model(**batch)
-            rows += [r for sample in pruner.importance for r in sample]
+    rows = ref.importance_rows(model, batches, 64)
     prior = hf.calibrate_prior(model, batches, progress=False)
     assert (prior.layer, prior.query) == (1, "last") and len(rows) == 3
     ref.assert_prior_is_the_mean(prior, (24, 24), rows)
