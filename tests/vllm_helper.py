@@ -134,16 +134,25 @@ def run(model_dir: str, out: str) -> None:
     started = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     result = {"start_s": started, "prompts": {}, "kept": []}
+    generate_batches(llm, params, record, result, PROMPTS, image, IMAGE)
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def generate_batches(llm, params, record, result, prompts, make_image, image_token) -> None:
+    """Every batch of BATCHES through one engine, into result: each prompt's tokens,
+    placeholder count and length, and per batch the kept indices the plugin recorded
+    (D2PRUNER_VLLM_RECORD, read from where the batch began)."""
     for batch in BATCHES:
         offset = os.path.getsize(record) if record and os.path.exists(record) else 0
-        requests = [{"prompt_token_ids": PROMPTS[name][0],
-                     "multi_modal_data": {"image": [image(s) for s in PROMPTS[name][1]]}}
+        requests = [{"prompt_token_ids": prompts[name][0],
+                     "multi_modal_data": {"image": [make_image(s) for s in prompts[name][1]]}}
                     for name in batch]
         outs = llm.generate(requests, params, use_tqdm=False)
         for name, o in zip(batch, outs):
             result["prompts"][name] = {
                 "tokens": list(o.outputs[0].token_ids),
-                "placeholders": sum(1 for t in o.prompt_token_ids if t == IMAGE),
+                "placeholders": sum(1 for t in o.prompt_token_ids if t == image_token),
                 "prompt_len": len(o.prompt_token_ids)}
         kept = []
         if record and os.path.exists(record):
@@ -152,8 +161,6 @@ def run(model_dir: str, out: str) -> None:
                 for line in f:
                     kept.extend(json.loads(line)["kept"])
         result["kept"].append(kept)
-    with open(out, "w") as f:
-        json.dump(result, f)
 
 
 def start(model_dir: str) -> None:
@@ -366,25 +373,8 @@ def run_qwen(model_dir: str, out: str) -> None:
     family = _family(model_dir)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     result = {"prompts": {}, "kept": []}
-    for batch in BATCHES:
-        offset = os.path.getsize(record) if record and os.path.exists(record) else 0
-        requests = [{"prompt_token_ids": Q_PROMPTS[name][0],
-                     "multi_modal_data": {"image": [q_image(s, family)
-                                                    for s in Q_PROMPTS[name][1]]}}
-                    for name in batch]
-        outs = llm.generate(requests, params, use_tqdm=False)
-        for name, o in zip(batch, outs):
-            result["prompts"][name] = {
-                "tokens": list(o.outputs[0].token_ids),
-                "placeholders": sum(1 for t in o.prompt_token_ids if t == Q_IMAGE),
-                "prompt_len": len(o.prompt_token_ids)}
-        kept = []
-        if record and os.path.exists(record):
-            with open(record) as f:
-                f.seek(offset)
-                for line in f:
-                    kept.extend(json.loads(line)["kept"])
-        result["kept"].append(kept)
+    generate_batches(llm, params, record, result, Q_PROMPTS,
+                     lambda seed: q_image(seed, family), Q_IMAGE)
     if os.environ.get("D2PRUNER_VLLM_K"):
         _qwen_request_budgets(llm, params, record, result, family)
     with open(out, "w") as f:
