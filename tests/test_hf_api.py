@@ -71,7 +71,7 @@ def state(model):
     ({"k": 64, "prior": d2p.PositionalPrior((24, 24))}, ValueError, r"has no data"),
     ({"k": 64, "prior": "flat"}, TypeError, r"prior must be None, a tensor or a PositionalPrior, got str"),
     ({"k": 64, "where": "vision", "layer": 3}, ValueError,
-     r"where='vision' reads the CLIP layer of config.vision_feature_layer"),
+     r"where='vision' reads the vision tower \(LLaVA: the CLIP layer of config.vision_feature_layer"),
 ])
 def test_misuse_raises_at_apply_and_leaves_the_model_alone(kwargs, error, message):
     model = llava()
@@ -93,7 +93,8 @@ def test_unsupported_models_and_configurations():
                        r"(, \w+)*; "
                        r"got LlamaForCausalLM"):
         hf.apply(text, 8)
-    with pytest.raises(ValueError, match=r"where='vision' is for LLaVA \(a CLS row\); "
+    with pytest.raises(ValueError, match=r"where='vision' is for LLaVA \(a CLS row\), Qwen2.5-VL and "
+                       r"Qwen3-VL \(their towers' attention\); "
                        r"Qwen2VLForConditionalGeneration has none"):
         hf.apply(qwen(), 0.5, where="vision")
     with pytest.raises(ValueError, match=r"k must be an int >= 1 \(tokens kept\) or a float ratio in \(0, 1\], got 0"):

@@ -230,8 +230,8 @@ def test_left_padded_batch_equals_each_sample_alone():
 def test_misuse_raises_at_apply():
     model = model_for()
     hooks = len(model.model.language_model._forward_pre_hooks)
-    with pytest.raises(ValueError, match="where='vision'"):
-        hf.apply(model, 4, where="vision")
+    with pytest.raises(ValueError, match="layer=3 applies to where='llm' only"):
+        hf.apply(model, 4, where="vision", layer=3)  # where="vision": test_hf_qwen_vision.py
     with pytest.raises(ValueError, match=r"layer must be in \[1, 4\]"):
         hf.apply(model, 4, layer=5)
     with pytest.raises(ValueError, match=r"layer must be in \[1, 4\]"):

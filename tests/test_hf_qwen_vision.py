@@ -1,6 +1,9 @@
-"""hf/qwen_vision.py: the vision-side importance of Qwen2.5-VL (docs/spec.md §15.5), the rule
-the vLLM plugin prunes by, against a dense computation of the same attention and against
-transformers' own window order."""
+"""hf/qwen_vision.py: the vision-side importance of Qwen2.5-VL and Qwen3-VL (docs/spec.md
+§15.5), the rule the vLLM plugin prunes by, against a dense computation of the same attention
+and against transformers' own window order; and `hf.apply(model, k, where="vision")` on
+both families against the rule written by hand (tests/vllm_helper.py's qwen_hf_reference:
+the tower once per image, prune() per image, the language model run by hand on the kept
+rows with their original M-RoPE positions), the model the vLLM tests hold the plugin to."""
 from __future__ import annotations
 
 import pytest
@@ -8,9 +11,16 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import vllm_helper as helper  # noqa: E402
+from d2pruner_kernels import hf, prune  # noqa: E402
 from d2pruner_kernels.hf import tiny  # noqa: E402
-from d2pruner_kernels.hf.qwen_vision import (qwen25_hf_importance, vision_importance,  # noqa: E402
+from d2pruner_kernels.hf.qwen_vision import (qwen3_hf_importance,  # noqa: E402
+                                             qwen25_hf_importance, vision_importance,
                                              window_order)
+from hf_reference import assert_prior_is_the_mean, continue_generation  # noqa: E402
+
+K = 16
+FAMILIES = ["qwen25", "qwen3"]
 
 GRIDS = [(1, 8, 8), (1, 12, 6), (1, 6, 10)]  # patch grids (t, h, w); merged 4x4, 6x3, 3x5
 
@@ -73,3 +83,103 @@ def test_transformers_tower_importance_is_a_distribution_per_image():
     with torch.no_grad():
         plain = model.model.visual(pixels, grid_thw=grid)
     torch.testing.assert_close(feats, getattr(plain, "pooler_output", plain))
+
+
+def _model(family):
+    return helper.tiny_qwen3() if family == "qwen3" else helper.tiny_qwen25()
+
+
+def _generate(model, inputs, steps, **kw):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps,
+                              do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_apply_vision_equals_the_rule_written_by_hand(family):
+    """Kept indices and greedy tokens, each prompt alone and all four in one left-padded
+    batch (images of two sizes, two images in one prompt)."""
+    want = helper.qwen_hf_reference(K, family=family)
+    assert helper.qwen_hf_apply(K, family) == want
+    assert helper.qwen_hf_apply(K, family, batches=[list(helper.Q_PROMPTS)]) == want
+    assert all(len(kept) == K for p in want.values() for kept in p["kept"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_apply_vision_keep_all_continuation_and_beams(family):
+    model = _model(family)
+    inputs = helper.qwen_inputs(["batch_a", "two_images"], family)
+    plain = _generate(model, inputs, 8)
+    with hf.apply(model, 1.0, where="vision"):
+        assert torch.equal(_generate(model, inputs, 8), plain)      # keep-all: unpruned
+    with hf.apply(model, K, where="vision") as pruner:
+        full = _generate(model, inputs, 8)
+        kept = [[x.tolist() for x in sample] for sample in pruner.kept]
+        assert not torch.equal(full, plain)
+        # continuing from the returned cache (every layer holds the shortened prompt)
+        first = _generate(model, inputs, 4, return_dict_in_generate=True)
+        second = continue_generation(model, first, inputs, 4, min_new_tokens=4)
+        assert torch.equal(second.sequences, full)
+        # beams: generate encodes once and repeats the images; each row finds its own
+        _generate(model, inputs, 3, num_beams=2, num_return_sequences=2)
+        assert [[x.tolist() for x in s] for s in pruner.kept] == [kept[0], kept[0],
+                                                                   kept[1], kept[1]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_apply_vision_prunes_a_video_by_the_same_rule(family):
+    """A video is one item: its importance is the tower's rule over its frames (full
+    attention within each frame), its kept tokens prune() of its features on (t, h, w)."""
+    if family == "qwen3":
+        model = tiny.tiny_qwen3_vl()
+        inputs = tiny.qwen3_vl_inputs(model, [[(8, 8)], [(4, 6)]], videos=[[(2, 4, 4)], []])
+        rule = lambda p, g: qwen3_hf_importance(model, p, g)[:2]  # noqa: E731
+    else:
+        model = tiny.tiny_qwen2_vl(v2_5=True)
+        inputs = tiny.qwen_inputs(model, [[(8, 8)], [(4, 6)]], videos=[[(2, 4, 4)], []])
+        rule = lambda p, g: qwen25_hf_importance(model, p, g)  # noqa: E731
+    with hf.apply(model, 5, where="vision") as pruner:
+        _generate(model, inputs, 2)
+    assert pruner.kinds == [["image", "video"], ["image"]]
+    scores, feats = rule(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    torch.testing.assert_close(pruner.importance[0][1], scores, rtol=0, atol=0)
+    assert pruner.grids[0][1] == (2, 2, 2)
+    assert pruner.kept[0][1].tolist() == prune(feats.float(), scores, (2, 2, 2), 5).tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_calibrate_prior_on_the_vision_rows(family):
+    model = _model(family)
+    batches = [helper.qwen_inputs([name], family) for name in ("single", "batch_b")]
+    prior = hf.calibrate_prior(model, batches, where="vision", progress=False)
+    with hf.apply(model, K, where="vision") as pruner:
+        rows = []
+        for batch in batches:
+            _generate(model, batch, 1)
+            rows += [r for sample in pruner.importance for r in sample]
+    assert_prior_is_the_mean(prior, (1, 8, 8), rows)
+    block = (model.config.vision_config.fullatt_block_indexes[-1] if family == "qwen25"
+             else model.config.vision_config.depth - 1)
+    assert (prior.layer, prior.query) == (block, "mean")
+
+
+def test_where_vision_is_refused_where_there_is_no_rule():
+    with pytest.raises(ValueError, match="where='vision' is for LLaVA .* Qwen2.5-VL and "
+                                         "Qwen3-VL"):
+        hf.apply(tiny.tiny_qwen2_vl(), 4, where="vision")      # Qwen2-VL
+    with pytest.raises(ValueError, match="layer=3 applies to where='llm' only"):
+        hf.apply(helper.tiny_qwen25(), 4, where="vision", layer=3)
+
+
+def test_where_vision_needs_the_images_encoded_under_the_pruner():
+    model = helper.tiny_qwen25()
+    inputs = helper.qwen_inputs(["single"])
+    with torch.no_grad():  # image features made before apply(): no importance was read
+        enc = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                             return_dict=True)
+    given = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    with hf.apply(model, K, where="vision"):
+        with pytest.raises(ValueError, match="sample 0, image 0 is none of the items the "
+                                             "vision tower encoded"):
+            with torch.no_grad():
+                model(**given, mm_encoder_outputs={"image": enc})

@@ -1,8 +1,10 @@
 """The vLLM plugin on Qwen2.5-VL images (d2pruner_kernels/vllm_plugin/_qwen2_5_vl.py, a
-registered subclass of vLLM's model and processor) on vLLM's CPU build, against the same
-rule on transformers (hf/qwen_vision.py; tests/vllm_helper.py's qwen_hf_reference) on the
-same tiny random Qwen2.5-VL, images and prompts: images of two sizes (8 x 8 and a tall
-10 x 6 merged grid), two prompts in one batch, two images in one prompt.
+registered subclass of vLLM's model and processor) on vLLM's CPU build, held to
+`hf.apply(model, k, where="vision")` on transformers (tests/vllm_helper.py's qwen_hf_apply,
+itself held to the rule written by hand, qwen_hf_reference, here and in
+test_hf_qwen_vision.py) on the same tiny random Qwen2.5-VL, images and prompts: images of
+two sizes (8 x 8 and a tall 10 x 6 merged grid), two prompts in one batch, two images in one
+prompt.
 
 Qwen2.5-VL: three engines (pruned k=16, off, keep-all k=1.0; module-scoped, ~30-45 s each
 on 2 cores), the OpenAI-compatible server once (k=16), one misuse run that fails at engine
@@ -50,7 +52,12 @@ def keep_all(qwen, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_pruned():
-    return helper.qwen_hf_reference(K)
+    return helper.qwen_hf_apply(K)
+
+
+def test_transformers_apply_is_the_rule_written_by_hand(hf_pruned):
+    # in this venv's transformers too: hf.apply(where="vision") == the rule by hand
+    assert hf_pruned == helper.qwen_hf_reference(K)
 
 
 def test_prompts_shrink_to_k_placeholders_per_image(pruned, off):
@@ -79,7 +86,7 @@ def test_greedy_tokens_equal_transformers(pruned, hf_pruned, off):
 
 
 def test_off_equals_transformers_unpruned(off):
-    ref = helper.qwen_hf_reference(None)
+    ref = helper.qwen_hf_apply(None)
     for name in helper.Q_PROMPTS:
         assert off["prompts"][name]["tokens"] == ref[name]["tokens"], name
     assert off["kept"] == [[], [], []] and not off["record_exists"]
@@ -111,7 +118,7 @@ def test_request_budgets_in_one_batch(family, request):
     want_k = {"single": 8, "batch_a": 15}
     assert {n: r["placeholders"] for n, r in pruned["budgets"].items()} == want_k
     for name, k in helper.Q_BUDGETS.items():
-        ref = helper.qwen_hf_reference(k, prompts=[name], family=family)[name]
+        ref = helper.qwen_hf_apply(k, family, batches=[[name]])[name]
         assert pruned["budgets"][name]["tokens"] == ref["tokens"], name
         assert ref["kept"][0] in pruned["budgets_kept"], name
     assert sorted(map(len, pruned["budgets_kept"])) == [8, 15]
@@ -161,7 +168,7 @@ def q3_off(qwen3, tmp_path_factory):
 
 
 def test_qwen3_prompts_shrink_and_match_transformers(q3_pruned, q3_off):
-    ref = helper.qwen_hf_reference(K, family="qwen3")
+    ref = helper.qwen_hf_apply(K, "qwen3")
     for name, (_, seeds) in helper.Q_PROMPTS.items():
         assert q3_off["prompts"][name]["placeholders"] == sum(helper.Q_MERGED[s] for s in seeds)
         assert q3_pruned["prompts"][name]["placeholders"] == K * len(seeds)
@@ -174,6 +181,6 @@ def test_qwen3_prompts_shrink_and_match_transformers(q3_pruned, q3_off):
 
 
 def test_qwen3_off_equals_transformers_unpruned(q3_off):
-    ref = helper.qwen_hf_reference(None, family="qwen3")
+    ref = helper.qwen_hf_apply(None, "qwen3")
     for name in helper.Q_PROMPTS:
         assert q3_off["prompts"][name]["tokens"] == ref[name]["tokens"], name

@@ -411,24 +411,50 @@ def _qwen_request_budgets(llm, params, record, result, family: str) -> None:
         result["bad_request"] = f"{type(e).__name__}: {e}"
 
 
-def qwen_hf_kept(k) -> dict:
-    """The rule on transformers' tower, same weights and images: kept indices per image
-    seed (prune() on each image alone, the LLM grid, the budget k)."""
+def qwen_inputs(names, family: str = "qwen25") -> dict:
+    """Q_PROMPTS `names` as the processor gives them, one batch: each image's placeholder
+    repeated t * h * w / 4 times, left padding, mm_token_type_ids 1 on image tokens."""
+    import torch
+    images = [q_image(s, family) for n in names for s in Q_PROMPTS[n][1]]
+    enc = q_image_processor(family)(images, return_tensors="pt")
+    counts = iter((enc["image_grid_thw"].prod(-1) // 4).tolist())
+    rows = []
+    for n in names:
+        row = []
+        for t in Q_PROMPTS[n][0]:
+            row.extend([t] * next(counts) if t == Q_IMAGE else [t])
+        rows.append(row)
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": enc["pixel_values"],
+            "image_grid_thw": enc["image_grid_thw"],
+            "mm_token_type_ids": (ids == Q_IMAGE).long()}
+
+
+def qwen_hf_apply(k, family: str = "qwen25", batches=None) -> dict:
+    """Q_PROMPTS through transformers with `hf.apply(model, k, where="vision")` (k=None:
+    unpruned), the prompts of each batch in one generate: greedy tokens and kept indices
+    per prompt."""
     import torch
 
-    from d2pruner_kernels import prune
-    from d2pruner_kernels.hf.qwen_vision import qwen25_hf_importance
-    from d2pruner_kernels.checks import resolve_k
-    model = tiny_qwen25()
-    proc = q_image_processor()
+    from d2pruner_kernels import hf
+    model = tiny_qwen3() if family == "qwen3" else tiny_qwen25()
     out = {}
-    for seed in Q_SIZES:
-        enc = proc([q_image(seed)], return_tensors="pt")
-        scores, feats = qwen25_hf_importance(model, enc["pixel_values"], enc["image_grid_thw"])
-        _, h, w = enc["image_grid_thw"][0].tolist()
-        n = (h // 2) * (w // 2)
-        keep = prune(feats.float(), scores, (h // 2, w // 2), resolve_k(k, n))
-        out[seed] = sorted(torch.as_tensor(keep).tolist())
+    for names in batches or [[n] for n in Q_PROMPTS]:
+        inputs = qwen_inputs(names, family)
+        pruner = hf.apply(model, k, where="vision") if k is not None else None
+        try:
+            with torch.no_grad():
+                gen = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False,
+                                     min_new_tokens=MAX_TOKENS)
+        finally:
+            if pruner is not None:
+                pruner.remove()
+        length = inputs["input_ids"].shape[1]
+        for b, name in enumerate(names):
+            out[name] = {"tokens": gen[b, length:].tolist(),
+                         "kept": [x.tolist() for x in pruner.kept[b]] if pruner else None}
     return out
 
 

@@ -18,7 +18,9 @@ layers: the importance layer `layer - 1` must be a full-attention one, default `
 first full-attention layer + 1) and Gemma3ForConditionalGeneration (16 x 16 per image, its
 masks per layer kind rebuilt for the kept tokens), where="llm". `where="llm"` prunes
 inside the language model at decoder layer `layer` (the paper's setting); `where="vision"`
-(LLaVA) prunes the projected image features so that the LLM gets a shorter prompt.
+(LLaVA: the CLS row; Qwen2.5-VL and Qwen3-VL: the tower's last full-attention block, images
+and videos, docs/spec.md §15.5) prunes on the vision side so that the LLM gets a shorter
+prompt: the vLLM plugin's selection.
 `calibrate_prior` computes a model's positional prior from the same importance rows;
 `draw_kept` draws what was kept. Another family:
 write an `Adapter` (or reuse `LlavaAdapter` / `Qwen2VLAdapter`) and `register_adapter` it.

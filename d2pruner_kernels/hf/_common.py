@@ -48,10 +48,17 @@ class Adapter:
         self.image_token_id = self.model.config.image_token_id
 
     def _llm_only(self, where: str, why: str = "has none") -> None:
-        """Refuses where='vision' (LLaVA's: one CLS row per image) for a family without it."""
+        """Refuses where='vision' (LLaVA's CLS row, Qwen2.5-VL's / Qwen3-VL's tower
+        attention) for a family without it."""
         if where != "llm":
-            raise ValueError(f"where='vision' is for LLaVA (a CLS row); "
+            raise ValueError(f"where='vision' is for LLaVA (a CLS row), Qwen2.5-VL and "
+                             f"Qwen3-VL (their towers' attention); "
                              f"{type(self.model).__name__} {why}: use where='llm'")
+
+    def vision_source(self):
+        """where='vision' by the vision tower's own importance, pruned before the first
+        decoder layer (hf/qwen_vision.VisionRows), or None (LLaVA's CLS row: _vision.py)."""
+        return None
 
     def check(self, where: str) -> None:
         """Raises if the model's configuration cannot be pruned `where`."""
@@ -144,6 +151,43 @@ def cache_layout(cache):
 def is_prefill(cache) -> bool:
     """A forward with no cache, or an empty one, is a prefill."""
     return cache is None or cache.get_seq_length() == 0
+
+
+def new_tokens(length: int, length_c: int, cache, args, kwargs):
+    """(args, kwargs) of a forward that continues from a cache whose prompt was shortened
+    (`length` tokens given, `length_c` held: every layer holds the shorter prompt): generate()
+    cuts a continued sequence by the cache's length, which is shorter than the unpruned
+    positions it covers; only the tokens the cache does not hold go on."""
+    mask = kwargs.get("attention_mask")
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        return args, kwargs  # no way to tell: the tokens given are the new ones
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    emb = kwargs.get("inputs_embeds")
+    given = (ids if ids is not None else emb).shape[1]
+    held = cache.get_seq_length()
+    if held < length_c:
+        raise ValueError(f"the cache (past_key_values) holds {held} tokens, fewer than the "
+                         f"{length_c} of the pruned prompt it was filled with (was it "
+                         f"cropped?): start a new prefill")
+    covered = length + held - length_c  # unpruned positions held
+    new = mask.shape[1] - covered
+    if new == given:
+        return args, kwargs
+    if new < 1 or given != new + length - length_c:
+        raise ValueError(f"attention_mask has {mask.shape[1]} columns and {given} new tokens "
+                         f"were given, but the pruned cache covers {covered} positions of the "
+                         f"unpruned sequence ({held} tokens held): expected {covered} + the "
+                         f"new tokens")
+    kwargs = dict(kwargs)
+    for name in ("input_ids", "inputs_embeds", "position_ids", "token_type_ids",
+                 "mm_token_type_ids"):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor):
+            dim = 1 if name == "inputs_embeds" else value.dim() - 1
+            kwargs[name] = value.narrow(dim, value.shape[dim] - new, new)
+    if "input_ids" not in kwargs and args:
+        args = (args[0][:, -new:],) + tuple(args[1:])
+    return args, kwargs
 
 
 def runs(mask_row: torch.Tensor) -> list[tuple[int, int]]:

@@ -39,7 +39,7 @@ import torch
 from ..attention_scores import attention_scores
 from . import _attention
 from ._common import (Hooks, Stop, cache_layout, check_dtype, gather_seq, get_cache,
-                      is_prefill, left_packed, mark_cache, runs)
+                      is_prefill, left_packed, mark_cache, new_tokens, runs)
 
 
 class _Prefill:
@@ -106,12 +106,21 @@ class _Decode:
 
 class InLLM(Hooks):
     """Installs and removes the hooks; `on_kept(kept, grids, importance)` after each prefill;
-    `collect(rows, grids)` instead of pruning (calibration: the forward stops at layer K)."""
+    `collect(rows, grids)` instead of pruning (calibration: the forward stops at layer K).
 
-    def __init__(self, adapter, layer: int, selector, on_kept, collect=None):
+    source: None (importance from decoder layer K - 1), or the vision side's rows
+    (qwen_vision.VisionRows: Qwen2.5-VL / Qwen3-VL, where="vision") with layer 0: the
+    items are pruned before the first decoder layer, each item's importance found by its
+    features (the hidden states entering layer 0) among those the tower encoded."""
+
+    def __init__(self, adapter, layer: int, selector, on_kept, collect=None, source=None):
         super().__init__()
         self.adapter, self.layer, self.selector = adapter, layer, selector
         self.on_kept, self.collect = on_kept, collect
+        self.source = source
+        if (source is None) == (layer == 0):
+            raise ValueError(f"layer 0 takes its importance from the vision side and only it "
+                             f"(layer={layer}, source={source!r})")
         self._implementation()  # an unsupported one raises at apply()
         self._outer = None
         self._fwd = None
@@ -121,8 +130,11 @@ class InLLM(Hooks):
     def _install(self, h: list) -> None:
         a, k = self.adapter, self.layer
         layers = a.language_model.layers
-        self._tap = _attention.Tap(layers[k - 1].self_attn, f"decoder layer {k - 1}")
-        self._tap.install()
+        if self.source is not None:
+            self.source.install(h)
+        else:
+            self._tap = _attention.Tap(layers[k - 1].self_attn, f"decoder layer {k - 1}")
+            self._tap.install()
         h.append(a.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
         h.append(a.outer.register_forward_hook(self._outer_post, always_call=True))
         h.append(a.language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
@@ -137,6 +149,12 @@ class InLLM(Hooks):
 
     def _forget(self) -> None:
         self._outer = self._fwd = None
+        if self.source is not None:
+            self.source.forget()
+
+    def _tap_callback(self, callback) -> None:
+        if self._tap is not None:
+            self._tap.callback = callback
 
     def _implementation(self) -> None:
         """The attention implementation the language model uses now, and its mask function
@@ -149,9 +167,15 @@ class InLLM(Hooks):
 
     def _outer_pre(self, module, args, kwargs):
         self._outer = None
-        if not is_prefill(get_cache(kwargs)):
+        cache = get_cache(kwargs)
+        if not is_prefill(cache):
             # the model's 2-D mask, for a language model given a dict of masks (Gemma 3)
             self._outer = {"attention_mask": kwargs.get("attention_mask"), "decode": True}
+            rec = cache_layout(cache)
+            if self.layer == 0 and isinstance(rec, _Record) and rec.layer == 0:
+                # every layer holds the shortened prompt: generate() continuing from the
+                # cache re-feeds part of the prompt (see new_tokens)
+                return new_tokens(rec.length, rec.length_c, cache, args, kwargs)
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
@@ -169,7 +193,7 @@ class InLLM(Hooks):
 
     def _lm_pre(self, module, args, kwargs):
         self._fwd = None
-        self._tap.callback = None
+        self._tap_callback(None)
         cache = get_cache(kwargs)
         emb = kwargs.get("inputs_embeds")
         if emb is None:
@@ -182,12 +206,11 @@ class InLLM(Hooks):
                 self._check_unknown(cache)
                 return None
             if not isinstance(rec, _Record) or rec.layer != self.layer:
-                what = (f"where='llm', layer={rec.layer}" if isinstance(rec, _Record)
-                        else "where='vision'")
+                what = _describe(rec.layer) if isinstance(rec, _Record) else "where='vision'"
                 raise ValueError(f"this forward continues from a cache (past_key_values) "
-                                 f"pruned with {what}; this pruner is where='llm', "
-                                 f"layer={self.layer}: continue under the pruner that filled "
-                                 f"it")
+                                 f"pruned with {what}; this pruner is "
+                                 f"{_describe(self.layer)}: continue under the pruner that "
+                                 f"filled it")
             mask2d = kwargs.get("attention_mask")
             if isinstance(mask2d, dict) and self._outer is not None:  # masks per layer kind
                 mask2d = self._outer.get("attention_mask")
@@ -238,7 +261,7 @@ class InLLM(Hooks):
         self.adapter.check_images(spans, outer)
         self._fwd = _Prefill(spans, valid, last, batch, length)
         self._fwd.outer = outer
-        self._tap.callback = self._capture
+        self._tap_callback(self._capture)
         return None
 
     def _capture(self, query, key, kwargs):
@@ -272,7 +295,7 @@ class InLLM(Hooks):
                 rows[b] = [row[_shift(_at(item), s0)] for item in f.spans[b]]
                 start += e0 - s0
         f.rows = rows
-        self._tap.callback = None
+        self._tap_callback(None)
 
     def _layer_pre(self, index, module, args, kwargs):
         f = self._fwd
@@ -316,7 +339,7 @@ class InLLM(Hooks):
 
     def _lm_post(self, module, args, kwargs, output):
         f, self._fwd = self._fwd, None
-        self._tap.callback = None
+        self._tap_callback(None)
         if isinstance(f, _Prefill) and f.kept is not None:
             if f.replace is not None and f.cache is not None:
                 mark_cache(f.cache, _Record(f.length, f.idx.shape[1], f.valid_c, self.layer,
@@ -344,6 +367,8 @@ class InLLM(Hooks):
     # -- the work --------------------------------------------------------------------------
 
     def _select(self, f: _Prefill, hidden: torch.Tensor, kwargs: dict) -> None:
+        if self.source is not None:
+            f.rows = self._vision_rows(f, hidden)
         if f.rows is None:
             raise RuntimeError(f"decoder layer {self.layer - 1} did not run its attention "
                                f"through transformers' AttentionInterface: no importance")
@@ -392,9 +417,27 @@ class InLLM(Hooks):
         f.replace = replace
         self.adapter.pruned(idx, slot)
 
+    def _vision_rows(self, f: _Prefill, hidden: torch.Tensor) -> list:
+        """Each item's importance from the vision side, found by its features."""
+        rows = []
+        for b, spans in enumerate(f.spans):
+            rows.append([])
+            for i, item in enumerate(spans):
+                row = self.source.rows_for(hidden[b, _at(item)].detach())
+                if row is None:
+                    raise ValueError(f"where='vision': sample {b}, {_kind(item)} {i} is none "
+                                     f"of the items the vision tower encoded under this pruner "
+                                     f"(pass pixel_values, or encode the images after "
+                                     f"apply(); inputs_embeds made elsewhere carry no "
+                                     f"importance)")
+                rows[b].append(row.to(hidden.device))
+        self.source.used()
+        return rows
+
     def _decode_mask(self, f: _Decode, kwargs: dict, hidden: torch.Tensor) -> None:
         rec = f.record
-        n_prev = f.past - rec.length
+        # tokens since the prompt: layer 0 holds the unpruned prompt, unless it is pruned too
+        n_prev = f.past - (rec.length_c if self.layer == 0 else rec.length)
         cache = get_cache(kwargs)
         held = int(cache.get_seq_length(self.layer)) if cache is not None else -1
         if n_prev < 0 or held != rec.length_c + n_prev:
@@ -429,6 +472,10 @@ class InLLM(Hooks):
                             q_offset=kv_len - q_len, kv_offset=0,
                             attention_mask=None if bool(valid.all()) else valid,
                             dtype=hidden.dtype, device=hidden.device)
+
+
+def _describe(layer: int) -> str:
+    return "where='vision'" if layer == 0 else f"where='llm', layer={layer}"
 
 
 def _at(item):

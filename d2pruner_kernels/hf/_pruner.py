@@ -178,9 +178,22 @@ def _setup(model, where, layer):
         if hasattr(adapter, "check_layer"):  # e.g. Qwen3.5: layer - 1 must be full attention
             adapter.check_layer(layer)
     elif layer not in (2, None):
-        raise ValueError(f"where='vision' reads the CLIP layer of config.vision_feature_layer; "
-                         f"layer={layer!r} applies to where='llm' only")
+        raise ValueError(f"where='vision' reads the vision tower (LLaVA: the CLIP layer of "
+                         f"config.vision_feature_layer; Qwen: the tower's last full-attention "
+                         f"block); layer={layer!r} applies to where='llm' only")
     return adapter, layer
+
+
+def _mode(adapter, where, layer, selector, on_kept, collect=None):
+    """What prunes: inside the language model at `layer`; or on the vision side, before the
+    first decoder layer with the tower's own importance (Qwen2.5-VL, Qwen3-VL: the
+    adapter's vision_source), or on the projected features with the CLS row (LLaVA)."""
+    if where == "llm":
+        return InLLM(adapter, layer, selector, on_kept, collect=collect)
+    source = adapter.vision_source()
+    if source is not None:
+        return InLLM(adapter, 0, selector, on_kept, collect=collect, source=source)
+    return OnVision(adapter, selector, on_kept, collect=collect)
 
 
 class Pruner:
@@ -217,10 +230,7 @@ class Pruner:
         self.importance = None
         self.kinds = None
         self._selector = selector
-        if where == "llm":
-            self._impl = InLLM(adapter, layer, selector, self._on_kept)
-        else:
-            self._impl = OnVision(adapter, selector, self._on_kept)
+        self._impl = _mode(adapter, where, layer, selector, self._on_kept)
 
     @property
     def prior(self):
@@ -288,6 +298,11 @@ def apply(model, k, *, where: str = "llm", layer: int | None = None, prior=None,
            "vision" (LLaVA): importance = the CLS row of the CLIP layer that produces the
            selected features, features = the projected image features; the LLM receives k
            tokens per image in a shorter prompt with contiguous positions.
+           "vision" (Qwen2.5-VL, Qwen3-VL; docs/spec.md §15.5, the vLLM plugin's rule):
+           importance = the attention each merged token receives in the tower's last
+           full-attention block (mean over its query tokens and heads), features = the
+           tower's merged features; pruned before the first decoder layer, so every layer
+           and the cache hold the shorter sequence, kept tokens at their M-RoPE positions.
     layer: the decoder layer K that sees the pruned sequence, in [1, num_layers - 1];
            None: 2, or for Qwen3.5 its first full-attention layer + 1 (layer - 1 must be a
            full-attention layer there: a linear one has no attention row).
@@ -356,12 +371,12 @@ def calibrate_prior(model, batches, *, where: str = "llm", layer: int | None = N
                                      f"image's row to one grid")
                 maps.append(_resample(row, tuple(g), want))
 
-    selector = Selector(1, None, {})
+    impl = _mode(adapter, where, layer, Selector(1, None, {}), lambda *a: None, collect)
     if where == "llm":
-        impl = InLLM(adapter, layer, selector, lambda *a: None, collect=collect)
         src_layer, query = layer - 1, "last"
+    elif getattr(impl, "source", None) is not None:  # a Qwen tower's block, every query
+        src_layer, query = impl.source.layer, "mean"
     else:
-        impl = OnVision(adapter, selector, lambda *a: None, collect=collect)
         src_layer, query = impl.vision_layer, "cls"
     if _active(model) is not None:
         raise RuntimeError(f"a Pruner is applied to this {type(model).__name__}: call its "

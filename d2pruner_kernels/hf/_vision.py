@@ -37,7 +37,7 @@ import torch
 from ..attention_scores import attention_scores
 from . import _attention
 from ._common import (Hooks, Stop, cache_layout, check_dtype, get_cache, is_prefill,
-                      left_packed, mark_cache, output_cache, runs)
+                      left_packed, mark_cache, new_tokens, output_cache, runs)
 
 
 class _Record:
@@ -243,7 +243,8 @@ class OnVision(Hooks):
         if ids is None and emb is None:
             return None
         if rec is not None:
-            args, kwargs = self._new_tokens(rec, cache, args, kwargs)
+            args, kwargs = new_tokens(rec.length, rec.prompt_mask.shape[1], cache, args,
+                                      kwargs)
             ids = kwargs.get("input_ids", args[0] if args else None)
             emb = kwargs.get("inputs_embeds")
         # Refused: placeholders with pixels (or encoded images) to fill them, a new image
@@ -265,39 +266,6 @@ class OnVision(Hooks):
         if rec is None:
             return None
         return args, self._decode(rec, kwargs)
-
-    def _new_tokens(self, rec: _Record, cache, args, kwargs):
-        """generate() cuts a continued sequence by the cache's length, which is shorter than
-        the unpruned positions it covers: keep only the tokens the cache does not hold."""
-        mask = kwargs.get("attention_mask")
-        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            return args, kwargs  # no way to tell: the tokens given are the new ones
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        emb = kwargs.get("inputs_embeds")
-        given = (ids if ids is not None else emb).shape[1]
-        held = cache.get_seq_length()
-        if held < rec.prompt_mask.shape[1]:
-            raise ValueError(f"the cache (past_key_values) holds {held} tokens, fewer than "
-                             f"the {rec.prompt_mask.shape[1]} of the pruned prompt it was "
-                             f"filled with (was it cropped?): start a new prefill")
-        covered = rec.length + held - rec.prompt_mask.shape[1]  # unpruned positions held
-        new = mask.shape[1] - covered
-        if new == given:
-            return args, kwargs
-        if new < 1 or given != new + rec.length - rec.prompt_mask.shape[1]:
-            raise ValueError(f"attention_mask has {mask.shape[1]} columns and {given} new "
-                             f"tokens were given, but the pruned cache covers {covered} "
-                             f"positions of the unpruned sequence ({held} tokens held): "
-                             f"expected {covered} + the new tokens")
-        kwargs = dict(kwargs)
-        for name in ("input_ids", "inputs_embeds", "position_ids", "token_type_ids"):
-            value = kwargs.get(name)
-            if isinstance(value, torch.Tensor):
-                dim = 1 if name == "inputs_embeds" else value.dim() - 1
-                kwargs[name] = value.narrow(dim, value.shape[dim] - new, new)
-        if "input_ids" not in kwargs and args:
-            args = (args[0][:, -new:],) + tuple(args[1:])
-        return args, kwargs
 
     def _decode(self, rec: _Record, kwargs: dict) -> dict:
         new = dict(kwargs)

@@ -31,7 +31,8 @@ class Qwen2VLAdapter(Adapter):
         self.merge = model.config.vision_config.spatial_merge_size
 
     def check(self, where: str) -> None:
-        self._llm_only(where)
+        if type(self).vision_source is Adapter.vision_source:  # Qwen2-VL: no vision side
+            self._llm_only(where)
         cfg = self.language_model.config
         types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
         if getattr(cfg, "use_sliding_window", False) or types != {"full_attention"}:

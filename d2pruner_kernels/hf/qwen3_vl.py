@@ -40,6 +40,11 @@ class Qwen3VLAdapter(QwenVideoAdapter):
         self._layer = None
         self._ds = None
 
+    def vision_source(self):
+        """where='vision': the tower's last block (docs/spec.md §15.5)."""
+        from .qwen_vision import qwen3_rows
+        return qwen3_rows(self.model.model.visual)
+
     def install_llm(self, layer: int, handles: list) -> None:
         """DeepStack's levels from `layer` on follow the kept tokens (see the module doc)."""
         self._layer, self._ds = layer, None

@@ -62,6 +62,11 @@ class QwenVideoAdapter(Qwen2VLAdapter):
         super().__init__(model)
         self.video_token_id = model.config.video_token_id
 
+    def vision_source(self):
+        """where='vision': the last full-attention block of the tower (docs/spec.md §15.5)."""
+        from .qwen_vision import qwen25_rows
+        return qwen25_rows(self.model.model.visual)
+
     # -- the placeholders and what the outer forward knows --------------------------------
 
     def image_mask(self, input_ids, inputs_embeds) -> torch.Tensor:

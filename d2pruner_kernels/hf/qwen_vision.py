@@ -11,9 +11,11 @@ contiguous); the result is put back in raster order of the LLM grid (t, h / 2, w
 
     vision_importance(q, k, grids, orders, merge=2)  float32 [sum of merged tokens]
 
-`qwen25_hf_importance(model, pixel_values, image_grid_thw)` (and `qwen3_hf_importance`, the
-tower's last block, no window order) computes it with transformers' Qwen2.5-VL tower (a forward pre-hook on that block's attention); the vLLM plugin reads the
-same block in vLLM's tower. No transformers import at module level.
+`VisionRows` computes it on transformers' towers (Qwen2.5-VL: the last full-attention block,
+window order; Qwen3-VL: the last block, no window order) with forward hooks, for
+`hf.apply(model, k, where="vision")`; `qwen25_hf_importance(model, pixel_values,
+image_grid_thw)` and `qwen3_hf_importance` run a tower once under them. The vLLM plugin
+reads the same block in vLLM's tower. No transformers import at module level.
 """
 from __future__ import annotations
 
@@ -60,19 +62,113 @@ def vision_importance(q: torch.Tensor, k: torch.Tensor, grids, orders, merge: in
     return torch.cat(out)
 
 
+class VisionRows:
+    """The rule on a transformers Qwen tower, kept installed (hf.apply(where="vision")):
+    every forward of the tower computes each item's importance from `block`'s attention
+    (a forward pre-hook on it: the block's own qkv projection and rotary embedding, as its
+    forward computes them; the grids from the tower's own `grid_thw`) and remembers the
+    items it encoded last, (features [n, D], importance [n]) each. `rows_for(features)`
+    finds an item's importance by its features (by value: generate() encodes the images
+    before the prefill and repeats them for beams), None if it is not among them."""
+
+    query = "mean"  # PositionalPrior provenance: every query token of the image
+
+    def __init__(self, visual, layer: int, rotary, windows: bool):  # layer: the block
+        self.visual, self.layer, self.rotary = visual, layer, rotary
+        self.attn = visual.blocks[layer].attn
+        cfg = visual.config
+        self.merge = cfg.spatial_merge_size
+        self.window = cfg.window_size // self.merge // cfg.patch_size if windows else None
+        self.grids = None
+        self.scores = None
+        self.encoded = []   # the items encoded last: (features, importance) each
+        self.last = None    # (importance, the tower's output) of the last forward
+        self._used = False
+
+    def install(self, handles: list) -> None:
+        handles.append(self.visual.register_forward_pre_hook(self._tower_pre, with_kwargs=True))
+        handles.append(self.attn.register_forward_pre_hook(self._block_pre, with_kwargs=True))
+        handles.append(self.visual.register_forward_hook(self._tower_post, always_call=True))
+
+    def forget(self) -> None:
+        self.grids = self.scores = self.last = None
+        self.encoded, self._used = [], False
+
+    def orders(self, grids):
+        m = self.merge
+        if self.window is None:
+            return [torch.arange(t * (h // m) * (w // m)) for t, h, w in grids]
+        return [window_order(t, h, w, m, self.window) for t, h, w in grids]
+
+    def _tower_pre(self, module, args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self.scores = None
+        self.grids = None if grid is None else [tuple(int(x) for x in g)
+                                                for g in grid.tolist()]
+        return None
+
+    def _block_pre(self, module, args, kwargs):
+        if self.grids is None:
+            return None
+        attn = self.attn
+        hs = args[0] if args else kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+        n = hs.shape[0]
+        q, k, _ = attn.qkv(hs).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = self.rotary(q, k, cos, sin)
+        self.scores = vision_importance(q.detach(), k.detach(), self.grids,
+                                        self.orders(self.grids), self.merge,
+                                        scale=attn.scaling)
+        return None
+
+    def _tower_post(self, module, args, output):
+        grids, scores, self.grids, self.scores = self.grids, self.scores, None, None
+        if grids is None or scores is None or isinstance(output, BaseException):
+            return None
+        feats = getattr(output, "pooler_output", output)
+        lengths = [t * (h // self.merge) * (w // self.merge) for t, h, w in grids]
+        if not isinstance(feats, torch.Tensor) or feats.shape[0] != sum(lengths):
+            return None
+        if self._used:  # a new round of encoding (generate() encodes images, then videos)
+            self.encoded, self._used = [], False
+        self.encoded += list(zip(feats.detach().split(lengths), scores.split(lengths)))
+        self.last = (scores, output)
+        return None
+
+    def used(self) -> None:
+        """A prefill read the items: the next forward of the tower starts a new set."""
+        self._used = True
+
+    def rows_for(self, feats: torch.Tensor):
+        """The importance of the encoded item whose features equal `feats` [n, D] (compared
+        in feats' dtype), or None."""
+        for enc, row in self.encoded:
+            if enc.shape == feats.shape and torch.equal(enc.to(feats.device, feats.dtype),
+                                                        feats):
+                return row
+        return None
+
+
+def qwen25_rows(visual) -> VisionRows:
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
+    return VisionRows(visual, visual.config.fullatt_block_indexes[-1],
+                      m.apply_rotary_pos_emb_vision, windows=True)
+
+
+def qwen3_rows(visual) -> VisionRows:
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as m
+    return VisionRows(visual, len(visual.blocks) - 1, m.apply_rotary_pos_emb_vision,
+                      windows=False)
+
+
+def _tower(model):
+    return model.model.visual if hasattr(model, "model") else model.visual
+
+
 def qwen25_hf_importance(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
     """The rule on transformers' Qwen2.5-VL: runs the vision tower once, reading the last
     full-attention block's q and k. Returns (importance float32 [sum merged], features)."""
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
-    visual = model.model.visual if hasattr(model, "model") else model.visual
-    cfg = visual.config
-    grids = [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
-    merge = cfg.spatial_merge_size
-    window = cfg.window_size // merge // cfg.patch_size
-    orders = [window_order(t, h, w, merge, window) for t, h, w in grids]
-    scores, out = _run_tower(visual, visual.blocks[cfg.fullatt_block_indexes[-1]].attn,
-                             m.apply_rotary_pos_emb_vision, pixel_values, image_grid_thw,
-                             grids, orders, merge)
+    scores, out = _run_tower(qwen25_rows(_tower(model)), pixel_values, image_grid_thw)
     return scores, getattr(out, "pooler_output", out)
 
 
@@ -80,32 +176,17 @@ def qwen3_hf_importance(model, pixel_values: torch.Tensor, image_grid_thw: torch
     """The rule on transformers' Qwen3-VL: its tower's last block (every block attends
     fully, patches in merge-group order: no window order). Returns (importance, main
     features [sum merged, D], DeepStack features: a list of [sum merged, D])."""
-    from transformers.models.qwen3_vl import modeling_qwen3_vl as m
-    visual = model.model.visual if hasattr(model, "model") else model.visual
-    merge = visual.config.spatial_merge_size
-    grids = [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
-    orders = [torch.arange(t * (h // merge) * (w // merge)) for t, h, w in grids]
-    scores, out = _run_tower(visual, visual.blocks[-1].attn, m.apply_rotary_pos_emb_vision,
-                             pixel_values, image_grid_thw, grids, orders, merge)
+    scores, out = _run_tower(qwen3_rows(_tower(model)), pixel_values, image_grid_thw)
     return scores, out.pooler_output, list(out.deepstack_features)
 
 
-def _run_tower(visual, attn, rotary, pixel_values, image_grid_thw, grids, orders, merge):
-    captured = {}
-
-    def hook(module, args, kwargs):
-        hs = args[0] if args else kwargs["hidden_states"]
-        cos, sin = kwargs["position_embeddings"]
-        n = hs.shape[0]
-        q, k, _ = attn.qkv(hs).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = rotary(q, k, cos, sin)
-        captured["scores"] = vision_importance(q.detach(), k.detach(), grids, orders, merge,
-                                               scale=attn.scaling)
-
-    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+def _run_tower(rows: VisionRows, pixel_values, image_grid_thw):
+    handles = []
+    rows.install(handles)
     try:
         with torch.no_grad():
-            out = visual(pixel_values.to(visual.dtype), grid_thw=image_grid_thw)
+            out = rows.visual(pixel_values.to(rows.visual.dtype), grid_thw=image_grid_thw)
     finally:
-        handle.remove()
-    return captured["scores"], out
+        for h in handles:
+            h.remove()
+    return rows.last[0], out
