@@ -101,7 +101,61 @@ def stages_body(records: list[dict]) -> list[str]:
     return lines
 
 
+def _variant(label: str) -> tuple[str, str]:
+    """"D2Pruner k=64" -> ("D2Pruner", "64"); "unpruned" -> ("unpruned", "")."""
+    kind, _, k = label.partition(" k=")
+    return kind, k
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def e2e_body(records: list[dict]) -> list[str]:
+    """benchmarks.e2e: per model, batch and k, TTFT and decode time per token unpruned,
+    with D2Pruner and with the top-k of raw attention (× = unpruned / that time), the
+    pruner's share of the pruned prefill, the KV cache per request."""
+    rows = _rows(records)
+    head = ["model", "B", "k", "TTFT unpruned", "TTFT D2Pruner", "TTFT top-k attn",
+            "decode/token unpruned", "decode D2Pruner", "decode top-k attn",
+            "pruner share of TTFT (D2Pruner / top-k)", "KV MiB/request (unpruned → pruned)"]
+    lines = [md_row(head), md_row(["---"] * len(head))]
+    groups: dict = {}
+    for (model, batch, note), cells in rows.items():
+        if note != "model":
+            kind, k = _variant(note)
+            groups.setdefault((model, batch), {})[kind, k] = cells
+    for (model, batch), cells in groups.items():
+        base = cells.get(("unpruned", ""))
+        for k in dict.fromkeys(k for _, k in cells if k):
+            ours, topk = cells.get(("D2Pruner", k), {}), cells.get(("top-k attn", k), {})
+
+            def timed(c, column):
+                if column not in c:
+                    return ""
+                t = c[column]
+                return f"{fmt_time(t)} ({base[column] / t:.2f}×)" if base else fmt_time(t)
+            share = " / ".join(f"{100 * c['pruner share']:.2f}%" if "pruner share" in c
+                               else "" for c in (ours, topk))
+            kv = (f"{_mib(base['KV / request'])} → {_mib(ours['KV / request'])}"
+                  if base and "KV / request" in ours else "")
+            lines.append(md_row([model, batch.removeprefix("B="), k,
+                                 fmt_time(base["TTFT"]) if base else "",
+                                 timed(ours, "TTFT"), timed(topk, "TTFT"),
+                                 fmt_time(base["decode / token"]) if base else "",
+                                 timed(ours, "decode / token"), timed(topk, "decode / token"),
+                                 share, kv]))
+    models = {model: cells for (model, _, note), cells in rows.items() if note == "model"}
+    if models:
+        lines += [""] + [f"- {model}: {c['parameters'] / 1e6:.1f}M parameters "
+                         f"({c['vision parameters'] / 1e6:.1f}M in the vision tower)"
+                         for model, c in models.items()]
+    return lines
+
+
 TABLES = {"report": ("prune() against its peers and the hardware floor", report_body),
+          "e2e": ("end to end: time to first token, decode time per token and KV cache, "
+                  "unpruned and pruned (benchmarks.e2e)", e2e_body),
           "stages": ("per-stage GPU timings", stages_body),
           "varlen": ("prune_varlen against dense prune() and a loop of prune(); odd D "
                      "(benchmarks.varlen_ab)", stages_body)}
