@@ -13,6 +13,9 @@ D2PRUNER_VLLM_K is set; the processor is attached with `MULTIMODAL_REGISTRY.regi
   (`SupportsMultiModalPruning`, inherited): kept tokens keep their original (t, h, w), the
   text after an image continues where it would without pruning.
 
+This is `hf.apply(model, k, where="vision")` inside vLLM: same kept indices, same tokens
+(tests/test_vllm_qwen.py).
+
 The runner does that rewrite only when `MultiModalConfig.is_multimodal_pruning_enabled()`
 (today: a video pruning rate > 0). The narrowest switch the code allows: this model's
 `__init__` (in the worker, before vLLM's `__init__` reads it) gives this engine's own
