@@ -28,12 +28,17 @@ queries. The difference between the two pruned rows is the cost of D2Pruner's st
 --quick        tiny models (hf/tiny.py), batch 1 and 2, k 16 and 0.25: a CI smoke of seconds
 --device/--dtype  cuda + bfloat16 selects the GPU shapes (LLaVA-1.5-7B, Qwen2.5-VL-7B)
 --threads      torch.set_num_threads in this script (default: as OMP_NUM_THREADS left it)
+--clock cpu    time by this process's CPU time (one thread only): on a shared machine, what
+               a quiet core would take; the wall-clock TTFT is recorded beside it
 --record       append to benchmarks/results/history.jsonl; `python -m benchmarks.tables`
                writes results/<device>_e2e.md from it
 
 Shapes (MODELS): the CPU ones are a LLaVA-1.5 (CLIP ViT-L/14-336, 576 image tokens) on a
-Qwen2-0.5B-shaped language model, and a Qwen2.5-VL (its 32-block vision tower) on a
-Qwen2.5-0.5B-shaped one at a fixed image size; parameter counts are printed and recorded.
+Qwen2-0.5B-shaped language model (batch 1 and 8, k 64, 128, 192), and a Qwen2.5-VL (its
+32-block vision tower) on a Qwen2.5-0.5B-shaped one at a fixed 448 x 448 image (batch 1,
+k = 0.25 only: its vision tower alone takes 30-60 s per image on 2 cores); parameter counts
+are printed and recorded. Runs per row: the median of 2 at batch 1 (1 for the CPU Qwen),
+one run at batch 8; every run generates --new-tokens greedy tokens after a warm-up.
 """
 from __future__ import annotations
 
@@ -79,6 +84,7 @@ class ModelShape:
     image: tuple = ()      # qwen: the image's (h, w) in patches (before the 2x2 merge)
     batch: tuple = (1, 8)  # the batch sizes and budgets run when --batch / --k are not given
     ks: tuple = (64, 128, 192)
+    reps: int | None = None  # runs per row at batch 1 when --reps is not given (default 2)
 
 
 def _text_common(cfg: dict) -> dict:
@@ -146,8 +152,8 @@ MODELS = {
         "Qwen2.5-VL: its vision tower (32 blocks, width 1280, window 112, full attention at "
         "7/15/23/31), a 448 x 448 image (32 x 32 patches -> 256 tokens), Qwen2.5-0.5B-shaped "
         "LM (as above)", qwen25vl(QWEN25VL_VISION, QWEN2_05B), image=(32, 32),
-        # its vision tower alone takes ~30 s per image on the 2-core CPU: batch 1, two budgets
-        batch=(1,), ks=(128, 0.25)),
+        # its vision tower alone takes ~30-60 s per image on the 2-core CPU: batch 1, a ratio
+        batch=(1,), ks=(0.25,), reps=1),
     # GPU (bf16)
     "llava15-7b": ModelShape(
         "llava15-7b", "llava", "LLaVA-1.5-7B: CLIP ViT-L/14-336 + Vicuna-7B (Llama-2-7B) shape",
@@ -189,15 +195,25 @@ def image_tokens(shape: ModelShape, model) -> int:
 
 # --- one measurement --------------------------------------------------------------------------
 
+# "wall": time.perf_counter. "cpu": this process's CPU time (time.process_time), for a
+# one-thread run on a shared machine: what a quiet core would take, whatever else runs (with
+# more threads it sums their work: refused).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 class Clock:
     """A generate streamer that notes when each put arrives (the prompt first, then each new
-    token: generate hands them over as CPU tensors, so a GPU has finished the step)."""
+    token: generate hands them over as CPU tensors, so a GPU has finished the step), by
+    `now` and by the wall clock."""
 
-    def __init__(self):
+    def __init__(self, now=time.perf_counter):
+        self.now = now
         self.times: list[float] = []
+        self.wall: list[float] = []
 
     def put(self, value):
-        self.times.append(time.perf_counter())
+        self.times.append(self.now())
+        self.wall.append(time.perf_counter())
 
     def end(self):
         pass
@@ -210,25 +226,25 @@ class PrunerTimer:
 
     STEPS = ("_capture", "_select")
 
-    def __init__(self, pruner, device):
-        self.seconds = 0.0
+    def __init__(self, pruner, device, now=time.perf_counter):
+        self.seconds, self.now = 0.0, now
         impl = pruner._impl
         for name in self.STEPS:
             setattr(impl, name, self._timed(getattr(impl, name), torch.device(device)))
 
     def _timed(self, fn, device):
         def timed(*args, **kwargs):
-            history_sync(device)
-            start = time.perf_counter()
+            _sync(device)
+            start = self.now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                history_sync(device)
-                self.seconds += time.perf_counter() - start
+                _sync(device)
+                self.seconds += self.now() - start
         return timed
 
 
-def history_sync(device):
+def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -248,6 +264,7 @@ def prompt_kv_bytes(cache, generated: int) -> int:
 class Result:
     ttft: float
     decode: float
+    ttft_wall: float
     kv_bytes: int
     pruner: float | None       # seconds in the pruner per prefill
     kept: list | None          # tokens kept per image (pruned runs)
@@ -255,11 +272,12 @@ class Result:
     cache_len_at_k: int        # prompt slots layer K holds
 
 
-def run_once(model, inputs, new_tokens: int, pruner=None, device="cpu") -> Result:
-    clock = Clock()
-    timer = PrunerTimer(pruner, device) if pruner is not None else None
-    history_sync(torch.device(device))
-    start = time.perf_counter()
+def run_once(model, inputs, new_tokens: int, pruner=None, device="cpu",
+             now=time.perf_counter) -> Result:
+    clock = Clock(now)
+    timer = PrunerTimer(pruner, device, now) if pruner is not None else None
+    _sync(torch.device(device))
+    start, start_wall = now(), time.perf_counter()
     out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, streamer=clock, return_dict_in_generate=True)
     times = clock.times
@@ -273,8 +291,8 @@ def run_once(model, inputs, new_tokens: int, pruner=None, device="cpu") -> Resul
     kv = prompt_kv_bytes(cache, new_tokens - 1) // batch
     layer_k = pruner.layer if pruner is not None else 2
     kept = ([len(x) for row in pruner.kept for x in row] if pruner is not None else None)
-    return Result(ttft, decode, kv, timer.seconds if timer else None, kept,
-                  inputs["input_ids"].shape[1],
+    return Result(ttft, decode, clock.wall[1] - start_wall, kv,
+                  timer.seconds if timer else None, kept, inputs["input_ids"].shape[1],
                   cache.layers[layer_k].keys.shape[-2] - (new_tokens - 1))
 
 
@@ -322,21 +340,23 @@ def measure(args, rec: history.Recorder, log=print) -> list[dict]:
             f"{shape.describe}")
         ks = [k for k in (args.k or shape.ks) if shape.family == "qwen" or isinstance(k, int)]
         run_once(model, make_inputs(shape, model, 1, device), 2, device=device)  # warm-up
+        now = CLOCKS[args.clock]
         for batch in args.batch or shape.batch:
             inputs = make_inputs(shape, model, batch, device)
-            reps = args.reps if batch == 1 else args.reps_batched
+            reps = (args.reps or shape.reps or 2) if batch == 1 else args.reps_batched
             base = None
             for label, kw in variants(ks):
                 results = []
                 for _ in range(reps):
                     if kw is None:
-                        results.append(run_once(model, inputs, args.new_tokens, device=device))
+                        results.append(run_once(model, inputs, args.new_tokens, device=device,
+                                                now=now))
                         continue
-                    kw = dict(kw)
-                    with hf.apply(model, kw.pop("k"), where="llm", layer=args.layer,
-                                  **kw) as pruner:
+                    options = {name: v for name, v in kw.items() if name != "k"}
+                    with hf.apply(model, kw["k"], where="llm", layer=args.layer,
+                                  **options) as pruner:
                         results.append(run_once(model, inputs, args.new_tokens, pruner,
-                                                device=device))
+                                                device=device, now=now))
                 r = summarize(results)
                 if base is None:
                     base = r
@@ -348,6 +368,8 @@ def measure(args, rec: history.Recorder, log=print) -> list[dict]:
                 where = f"B={batch}"
                 rec.add(name, where, "TTFT", r["ttft"], "s", note)
                 rec.add(name, where, "decode / token", r["decode"], "s", note)
+                if args.clock != "wall":
+                    rec.add(name, where, "TTFT wall", r["ttft_wall"], "s", note)
                 rec.add(name, where, "KV / request", r["kv"], "B", note)
                 rec.add(name, where, "prompt tokens at layer K", r["at_k"], "", note)
                 if r["pruner"] is not None:
@@ -368,6 +390,7 @@ def summarize(results: list[Result]) -> dict:
     pruner = [r.pruner for r in results if r.pruner is not None]
     kept = {k for r in results if r.kept for k in r.kept}
     return dict(ttft=statistics.median(r.ttft for r in results),
+                ttft_wall=statistics.median(r.ttft_wall for r in results),
                 decode=statistics.median(r.decode for r in results),
                 kv=results[0].kv_bytes, at_k=results[0].cache_len_at_k,
                 pruner=statistics.median(pruner) if pruner else None,
@@ -387,17 +410,21 @@ def main(argv=None) -> int:
                         help="default: each model's (MODELS: 1 8; the CPU Qwen 1)")
     parser.add_argument("--k", nargs="+", type=parse_k, default=None,
                         help="budgets per image (a float < 1: a ratio, Qwen only); default: "
-                        "each model's (MODELS: 64 128 192, GPU Qwen + 0.25, CPU Qwen 128 0.25)")
+                        "each model's (MODELS: 64 128 192, GPU Qwen + 0.25, CPU Qwen 0.25)")
     parser.add_argument("--layer", type=int, default=2, help="the pruning layer K (default 2)")
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="tokens generated per run (default 8; 3 with --quick)")
     parser.add_argument("--reps", type=int, default=None,
-                        help="runs per row at batch 1, median (default 3; 1 with --quick)")
+                        help="runs per row at batch 1, median (default: 2, the CPU Qwen 1; "
+                        "1 with --quick)")
     parser.add_argument("--reps-batched", type=int, default=None,
                         help="runs per row at batch > 1 (default 1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for this run (default: left as "
                         "OMP_NUM_THREADS set it)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall (default), or cpu: this process's CPU time, for a "
+                        "one-thread CPU run on a shared machine (TTFT wall recorded beside)")
     tables.add_output_arguments(parser)
     args = parser.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
@@ -410,10 +437,13 @@ def main(argv=None) -> int:
         args.k = args.k or [16, 0.25]
     args.models = args.models or (GPU_MODELS if on_gpu else CPU_MODELS)
     args.new_tokens = args.new_tokens or (3 if args.quick else 8)
-    args.reps = args.reps or (1 if args.quick else 3)
+    args.reps = args.reps or (1 if args.quick else None)
     args.reps_batched = args.reps_batched or 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and (on_gpu or torch.get_num_threads() != 1):
+        parser.error("--clock cpu measures one CPU thread's work: run on the CPU with "
+                     "OMP_NUM_THREADS=1 or --threads 1")
 
     from .harness import device_name
     rec = history.Recorder("e2e", history.command("benchmarks.e2e", argv))
@@ -423,8 +453,12 @@ def main(argv=None) -> int:
              note=f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     rec.fact("load average at start", load_average(), note="1, 5, 15 min")
     rec.fact("new tokens per run", args.new_tokens)
-    rec.fact("runs per row", f"{args.reps} at B=1, {args.reps_batched} at B>1 (median)")
+    rec.fact("runs per row", f"{args.reps or 'per model (2; CPU Qwen 1)'} at B=1, "
+             f"{args.reps_batched} at B>1 (median)")
     rec.fact("pruning layer K", args.layer)
+    rec.fact("clock", {"wall": "wall (time.perf_counter)",
+                       "cpu": "this process's CPU time (time.process_time), one thread: "
+                              "the machine is shared"}[args.clock])
     print(f"# {rec.fields['device']}, {args.dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {load_average()}", flush=True)
     start = time.perf_counter()
