@@ -161,6 +161,15 @@ def test_calibrate_prior_on_the_vision_rows(family):
     block = (model.config.vision_config.fullatt_block_indexes[-1] if family == "qwen25"
              else model.config.vision_config.depth - 1)
     assert (prior.layer, prior.query) == (block, "mean")
+    # debiased by it, each image as prune() debiases its row (the tall one: resized)
+    batch = helper.qwen_inputs(["batch_a"], family)
+    with hf.apply(model, K, where="vision", prior=prior) as pruner:
+        _generate(model, batch, 1)
+    rule = qwen3_hf_importance if family == "qwen3" else qwen25_hf_importance
+    scores, feats = rule(model, batch["pixel_values"], batch["image_grid_thw"])[:2]
+    grid = pruner.grids[0][0]
+    want = prune(feats.float(), scores, grid, K, prior=prior.for_grid(grid))
+    assert pruner.kept[0][0].tolist() == want.tolist() and grid == (1, 10, 6)
 
 
 def test_where_vision_is_refused_where_there_is_no_rule():

@@ -160,6 +160,24 @@ def test_two_images_in_one_prompt(pruned, hf_pruned):
     assert pruned["prompts"]["two_images"]["tokens"] == hf_pruned["two_images"]["tokens"]
 
 
+def test_request_budgets_in_one_batch(pruned, models):
+    # mm_processor_kwargs={"d2pruner_k": ...}: 8 for one request, a ratio 0.25 for the other
+    # (576 -> 144), in one batch, over the engine's D2PRUNER_VLLM_K=64
+    assert {n: r["placeholders"] for n, r in pruned["budgets"].items()} == {
+        "single": 8, "batch_a": 144}
+    for name, k in helper.BUDGETS.items():
+        ref = helper.hf_reference(str(models / "llava"), k, names=[name])[name]
+        assert pruned["budgets"][name]["tokens"] == ref["tokens"], name
+        assert ref["kept"][0] in pruned["budgets_kept"], name
+    assert sorted(map(len, pruned["budgets_kept"])) == [8, 144]
+
+
+def test_bad_request_budget_is_a_value_error_naming_it(pruned):
+    bad = pruned["bad_request"]
+    assert bad is not None and bad.startswith("ValueError"), bad
+    assert "mm_processor_kwargs['d2pruner_k']" in bad, bad
+
+
 # -- pruning off, and k = 1.0 -------------------------------------------------------------
 
 def test_off_changes_nothing(off, hf_full, pruned):

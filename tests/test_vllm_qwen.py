@@ -117,7 +117,7 @@ def test_request_budgets_in_one_batch(family, request):
     pruned = request.getfixturevalue("pruned" if family == "qwen25" else "q3_pruned")
     want_k = {"single": 8, "batch_a": 15}
     assert {n: r["placeholders"] for n, r in pruned["budgets"].items()} == want_k
-    for name, k in helper.Q_BUDGETS.items():
+    for name, k in helper.BUDGETS.items():
         ref = helper.qwen_hf_apply(k, family, batches=[[name]])[name]
         assert pruned["budgets"][name]["tokens"] == ref["tokens"], name
         assert ref["kept"][0] in pruned["budgets_kept"], name

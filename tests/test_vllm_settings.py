@@ -91,3 +91,24 @@ def test_settings_without_k_warn_that_pruning_is_off():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_settings({"OTHER": "1"}) is None
+
+
+def _vllm_config(**compilation):
+    from types import SimpleNamespace as NS
+    vision = NS(model_type="clip_vision_model", num_hidden_layers=2, image_size=336,
+                patch_size=14)
+    hf_config = NS(vision_feature_select_strategy="default", vision_config=vision,
+                   vision_feature_layer=-2)
+    model = NS(architectures=["LlavaForConditionalGeneration"], model="m", hf_config=hf_config)
+    return NS(model_config=model, compilation_config=NS(**compilation),
+              parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1))
+
+
+def test_an_encoder_replayed_as_a_cuda_graph_is_refused(monkeypatch):
+    # vLLM's cudagraph_mm_encoder would replay the vision tower without the hook that reads
+    # its attention: refused at engine start (check_model runs in create_engine_config)
+    import d2pruner_kernels.vllm_plugin as plugin
+    monkeypatch.setattr(plugin, "_SETTINGS", read_settings({"D2PRUNER_VLLM_K": "64"}))
+    plugin.check_model(_vllm_config(cudagraph_mm_encoder=False))
+    with pytest.raises(ValueError, match="D2PRUNER_VLLM_K: cudagraph_mm_encoder=True"):
+        plugin.check_model(_vllm_config(cudagraph_mm_encoder=True))

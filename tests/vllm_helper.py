@@ -135,6 +135,8 @@ def run(model_dir: str, out: str) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     result = {"start_s": started, "prompts": {}, "kept": []}
     generate_batches(llm, params, record, result, PROMPTS, image, IMAGE)
+    if os.environ.get("D2PRUNER_VLLM_K"):
+        request_budgets(llm, params, record, result, PROMPTS, image, IMAGE)
     with open(out, "w") as f:
         json.dump(result, f)
 
@@ -376,26 +378,26 @@ def run_qwen(model_dir: str, out: str) -> None:
     generate_batches(llm, params, record, result, Q_PROMPTS,
                      lambda seed: q_image(seed, family), Q_IMAGE)
     if os.environ.get("D2PRUNER_VLLM_K"):
-        _qwen_request_budgets(llm, params, record, result, family)
+        request_budgets(llm, params, record, result, Q_PROMPTS,
+                        lambda seed: q_image(seed, family), Q_IMAGE)
     with open(out, "w") as f:
         json.dump(result, f)
 
 
-Q_BUDGETS = {"single": 8, "batch_a": 0.25}  # per-request k (mm_processor_kwargs), one batch
+BUDGETS = {"single": 8, "batch_a": 0.25}  # per-request k (mm_processor_kwargs), one batch
 
 
-def _qwen_request_budgets(llm, params, record, result, family: str) -> None:
-    """Two requests with their own budgets in one batch, then a request with a bad one."""
+def request_budgets(llm, params, record, result, prompts, make_image, image_token) -> None:
+    """Two requests with their own budgets (BUDGETS) in one batch, then one with a bad one."""
     offset = os.path.getsize(record) if record and os.path.exists(record) else 0
-    requests = [{"prompt_token_ids": Q_PROMPTS[name][0],
-                 "multi_modal_data": {"image": [q_image(s, family)
-                                                for s in Q_PROMPTS[name][1]]},
-                 "mm_processor_kwargs": {"d2pruner_k": k}} for name, k in Q_BUDGETS.items()]
+    requests = [{"prompt_token_ids": prompts[name][0],
+                 "multi_modal_data": {"image": [make_image(s) for s in prompts[name][1]]},
+                 "mm_processor_kwargs": {"d2pruner_k": k}} for name, k in BUDGETS.items()]
     outs = llm.generate(requests, params, use_tqdm=False)
     result["budgets"] = {name: {"tokens": list(o.outputs[0].token_ids),
                                 "placeholders": sum(1 for t in o.prompt_token_ids
-                                                    if t == Q_IMAGE)}
-                         for name, o in zip(Q_BUDGETS, outs)}
+                                                    if t == image_token)}
+                         for name, o in zip(BUDGETS, outs)}
     kept = []
     if record and os.path.exists(record):
         with open(record) as f:
@@ -549,9 +551,10 @@ if __name__ == "__main__":
         raise SystemExit(f"unknown command {cmd!r}")
 
 
-def hf_reference(model_dir: str, k) -> dict:
-    """The same PROMPTS through transformers (`hf.apply(model, k, where="vision")`, or no
-    pruning for k=None), one prompt at a time: tokens and kept indices per prompt."""
+def hf_reference(model_dir: str, k, names=None) -> dict:
+    """The same PROMPTS (or `names` of them) through transformers (`hf.apply(model, k,
+    where="vision")`, or no pruning for k=None), one prompt at a time: tokens and kept
+    indices per prompt."""
     import torch
     from transformers import AutoProcessor
 
@@ -559,7 +562,8 @@ def hf_reference(model_dir: str, k) -> dict:
     model = tiny_llava()
     processor = AutoProcessor.from_pretrained(model_dir)
     out = {}
-    for name, (ids, seeds) in PROMPTS.items():
+    for name in names or PROMPTS:
+        ids, seeds = PROMPTS[name]
         full = []
         for t in ids:
             full.extend([IMAGE] * N if t == IMAGE else [t])

@@ -15,8 +15,8 @@ What changes (LlavaForConditionalGeneration, vision_feature_select_strategy="def
 `_llava.py`, registered subclasses of vLLM's classes):
 
 - the processor: every image gets k placeholder tokens instead of N = (336 / 14)^2 = 576
-  (`get_num_image_tokens` of a LlavaProcessingInfo subclass), so the KV cache holds k slots
-  per image;
+  (a LlavaMultiModalProcessor subclass, `_request.ProcessorMixin`), so the KV cache holds k
+  slots per image;
 - the image path (`_process_image_input` of a LlavaForConditionalGeneration subclass): importance = the
   CLS attention row of the CLIP layer behind `vision_feature_layer`, from that layer's own
   queries and keys (`attention_scores`), features = the projected image features; one
@@ -32,8 +32,8 @@ placeholders per image, importance from the vision tower's last full-attention b
 (`SupportsMultiModalPruning.recompute_mrope_positions`) with their positions. Images only:
 an engine that allows videos (vLLM's default) is refused; pass limit_mm_per_prompt
 {"video": 0}.
-A request may carry its own budget: mm_processor_kwargs={"d2pruner_k": 64} (an int = at
-most k, or a ratio), checked when the request is made.
+A request may carry its own budget (LLaVA and Qwen): mm_processor_kwargs={"d2pruner_k": 64}
+(an int = at most k, or a ratio), checked when the request is made (_request.py).
 Misuse (a k out of range, bad options, another architecture, tensor / pipeline
 parallelism) raises ValueError when the engine is created: the one wrapped method is
 EngineArgs.create_engine_config, for these checks (`remove()` undoes it and the
@@ -143,6 +143,11 @@ def check_model(vllm_config) -> None:
                          f"(tensor_parallel_size={pc.tensor_parallel_size}, "
                          f"pipeline_parallel_size={pc.pipeline_parallel_size}): the importance "
                          f"averages every head")
+    cc = getattr(vllm_config, "compilation_config", None)
+    if getattr(cc, "cudagraph_mm_encoder", False):
+        raise ValueError(f"{ENV_K}: cudagraph_mm_encoder=True replays the vision encoder as a "
+                         f"CUDA graph, which skips the hook that reads its attention: turn it "
+                         f"off (the default) to prune")
     if "Qwen2_5_VLForConditionalGeneration" in archs or "Qwen3VLForConditionalGeneration" in archs:
         _check_qwen(mc)
         return

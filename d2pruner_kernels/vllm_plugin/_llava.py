@@ -1,8 +1,10 @@
 """LLaVA-1.5 with D2Pruner in vLLM, by registration: a subclass of vLLM's model whose
-`_process_image_input` prunes (one prune_varlen per encoder batch), carrying a subclass of
-vLLM's processing info whose `get_num_image_tokens` is k (`MULTIMODAL_REGISTRY.register_processor`);
-`register()` points the architecture at it (`ModelRegistry.register_model`) when
-D2PRUNER_VLLM_K is set. No vLLM class is modified."""
+`_process_image_input` prunes (one prune_varlen per encoder batch), carrying subclasses of
+vLLM's processing info (`get_num_image_tokens` is the engine's k) and processor (each
+image's placeholders follow its request's k, `mm_processor_kwargs={"d2pruner_k": ...}`,
+_request.py), attached with `MULTIMODAL_REGISTRY.register_processor`; `register()` points
+the architecture at it (`ModelRegistry.register_model`) when D2PRUNER_VLLM_K is set. No
+vLLM class is modified."""
 from __future__ import annotations
 
 import json
@@ -14,22 +16,23 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..attention_scores import attention_scores
 from ..varlen import prune_varlen
+from ._request import KWARG, InfoMixin, ProcessorMixin, budgets, settings
 
 
-def _settings():
-    from . import _SETTINGS
-    if _SETTINGS is None:
-        raise RuntimeError("d2pruner: the LLaVA pruning model is registered but "
-                           "D2PRUNER_VLLM_K is not set in this process")
-    return _SETTINGS
+class D2PrunerLlavaProcessingInfo(InfoMixin, llava.LlavaProcessingInfo):
+    """vLLM's (576 tokens per image at most: what it profiles with), less the d2pruner_k
+    request option."""
 
 
-class D2PrunerLlavaProcessingInfo(llava.LlavaProcessingInfo):
-    """vLLM's, with k placeholders per image instead of 576."""
+class D2PrunerLlavaProcessor(ProcessorMixin, llava.LlavaMultiModalProcessor):
+    """vLLM's LLaVA processor; each image's placeholders follow its request's k."""
 
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return _settings().budget(n)
+    def _d2pruner_token(self) -> int:
+        return self.info.get_hf_config().image_token_index
+
+    def _d2pruner_tokens(self, item) -> int:
+        vc = self.info.get_hf_config().vision_config
+        return (vc.image_size // vc.patch_size) ** 2
 
 
 def _info(ctx):
@@ -40,14 +43,18 @@ def _info(ctx):
     return D2PrunerLlavaProcessingInfo(ctx)
 
 
-def _processor(info, dummy_inputs):
-    return llava.LlavaMultiModalProcessor(info, dummy_inputs)
-
-
-@MULTIMODAL_REGISTRY.register_processor(_processor, info=_info,
+@MULTIMODAL_REGISTRY.register_processor(D2PrunerLlavaProcessor, info=_info,
                                         dummy_inputs=llava.LlavaDummyInputsBuilder)
 class D2PrunerLlava(llava.LlavaForConditionalGeneration):
-    """vLLM's LLaVA; its image path keeps k tokens per image (CLS row of the feature layer)."""
+    """vLLM's LLaVA; its image path keeps k tokens per image (CLS row of the feature layer),
+    k the engine's or each image's request's (the batched d2pruner_k field)."""
+
+    def embed_multimodal(self, **kwargs):
+        self._d2pruner_codes = kwargs.pop(KWARG, None)
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self._d2pruner_codes = None
 
     def _process_image_input(self, image_input):
         if _is_embeddings(image_input):
@@ -56,7 +63,7 @@ class D2PrunerLlava(llava.LlavaForConditionalGeneration):
         tap.rows = None
         try:
             features = super()._process_image_input(image_input)
-            return _prune(_settings(), tap, features)
+            return _prune(settings(), tap, features, getattr(self, "_d2pruner_codes", None))
         finally:
             tap.rows = None
 
@@ -105,9 +112,10 @@ def _tap(model) -> _Tap:
     return tap
 
 
-def _prune(settings, tap: _Tap, features):
+def _prune(opts, tap: _Tap, features, codes=None):
     """features: the projected image features, [n, N, D] (or n tensors [N, D]) ->
-    [n, k, D], one prune_varlen call for every image of the batch."""
+    [n, k, D] (n tensors [k_i, D] where the requests' budgets differ), one prune_varlen
+    call for every image of the batch."""
     rows = tap.rows
     parts = list(features) if not isinstance(features, torch.Tensor) else None
     stacked = features if parts is None else torch.stack(parts)
@@ -119,14 +127,17 @@ def _prune(settings, tap: _Tap, features):
     if tap.grid[0] * tap.grid[1] != n:
         raise RuntimeError(f"d2pruner: {n} features per image, expected the "
                            f"{tap.grid[0]}x{tap.grid[1]} patch grid")
-    k = settings.budget(n)
+    ks = budgets(codes, [n] * n_img)
     tokens = stacked.reshape(n_img * n, dim)
     cu = torch.arange(0, (n_img + 1) * n, n, dtype=torch.int64)  # host offsets: never a sync
-    keep, _ = prune_varlen(tokens.detach(), rows.reshape(-1), cu, [tap.grid] * n_img, k,
-                           options=settings.options)
-    if settings.record:
-        local = (keep.view(n_img, k).cpu() - cu[:-1].view(-1, 1)).tolist()
-        with open(settings.record, "a") as f:
-            f.write(json.dumps({"n": n, "k": k, "kept": local}) + "\n")
-    pruned = tokens[keep].view(n_img, k, dim)
-    return pruned if parts is None else tuple(pruned.unbind(0))
+    keep, _ = prune_varlen(tokens.detach(), rows.reshape(-1), cu, [tap.grid] * n_img, ks,
+                           options=opts.options)
+    if opts.record:
+        local = [(part.cpu() - int(cu[b])).tolist()
+                 for b, part in enumerate(keep.split(ks))]
+        with open(opts.record, "a") as f:
+            f.write(json.dumps({"n": n, "k": ks, "kept": local}) + "\n")
+    if len(set(ks)) == 1:
+        pruned = tokens[keep].view(n_img, ks[0], dim)
+        return pruned if parts is None else tuple(pruned.unbind(0))
+    return tuple(tokens[keep].split(ks))

@@ -27,111 +27,34 @@ llm_grid_w, so tall images keep their text positions exact.
 from __future__ import annotations
 
 import json
-from functools import partial
-
 import torch
 from vllm.model_executor.models import qwen2_5_vl as base
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement
 
 from ..hf.qwen_vision import vision_importance
 from ..varlen import prune_varlen
+from ._request import KWARG, InfoMixin, ProcessorMixin, budgets, settings
 
 ARCH = "Qwen2_5_VLForConditionalGeneration"
-KWARG = "d2pruner_k"  # a request's own budget: mm_processor_kwargs={"d2pruner_k": 64}
-KWARG_NAME = f"mm_processor_kwargs[{KWARG!r}]"
 
 
-def _settings():
-    from . import _SETTINGS
-    if _SETTINGS is None:
-        raise RuntimeError("d2pruner: the Qwen2.5-VL pruning model is registered but "
-                           "D2PRUNER_VLLM_K is not set in this process")
-    return _SETTINGS
+class QwenProcessorMixin(ProcessorMixin):
+    """k placeholders per image: an image of grid (t, h, w) has t * h * w / merge^2 tokens."""
+    _d2pruner_field = "image_grid_thw"
 
+    def _d2pruner_token(self) -> int:
+        return self.info.get_hf_config().image_token_id
 
-def _request_k(raw):
-    """A request's budget (mm_processor_kwargs' d2pruner_k), checked; None: the engine's."""
-    if raw is None:
-        return _settings().k
-    from ..checks import check_k
-    try:
-        return check_k(raw, KWARG_NAME)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{e} (got {raw!r})") from None
-
-
-def _budget(k, n: int, name: str) -> int:
-    """Placeholders (= kept tokens) of an image of n merged tokens: an int k keeps at most
-    k (all n of a smaller image), a ratio its share of each image."""
-    from ..checks import resolve_k
-    return resolve_k(k, n, name=name, at_most=True)
-
-
-def _encode_k(k) -> float:
-    """A budget as one float per image (a batched field): an int k as k, a ratio r as -r."""
-    return float(k) if isinstance(k, int) else -float(k)
-
-
-def _decode_k(code: float):
-    return int(code) if code > 0 else -float(code)
-
-
-class InfoMixin:
-    """vLLM's processing info, less the d2pruner_k request option (not the HF processor's)."""
-
-    def get_hf_processor(self, **kwargs):
-        kwargs.pop(KWARG, None)
-        return super().get_hf_processor(**kwargs)
+    def _d2pruner_tokens(self, item) -> int:
+        unit = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
+        return int(item["image_grid_thw"].data.prod()) // unit
 
 
 class D2PrunerQwen2_5_VLProcessingInfo(InfoMixin, base.Qwen2_5_VLProcessingInfo):
     pass
 
 
-class ProcessorMixin:
-    """k placeholders per image (pixels); given embeddings keep their count. A request's
-    mm_processor_kwargs may carry its own k (d2pruner_k), checked here, at request time, and
-    handed to the model as one more image field. Mixed into a subclass of vLLM's Qwen
-    processor (before it)."""
-
-    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
-        hf_kwargs = dict(hf_kwargs)
-        k = _request_k(hf_kwargs.pop(KWARG, None))
-        out = super()._apply_hf_processor_main(mm_items, hf_kwargs)
-        if "image_grid_thw" in out:
-            out[KWARG] = torch.full((len(out["image_grid_thw"]),), _encode_k(k),
-                                    dtype=torch.float64)
-        return out
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        from vllm.multimodal.inputs import MultiModalFieldConfig
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        if KWARG in hf_inputs:
-            fields[KWARG] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
-        return fields
-
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        settings = _settings()
-        token = self.info.get_hf_config().image_token_id
-        unit = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
-
-        def image_replacement(item_idx: int):
-            item = out_mm_kwargs["image"][item_idx]
-            n = int(item["image_grid_thw"].data.prod()) // unit
-            if "image_embeds" in item:
-                return [token] * n
-            if KWARG in item:
-                return [token] * _budget(_decode_k(float(item[KWARG].data)), n, KWARG_NAME)
-            return [token] * _budget(settings.k, n, "D2PRUNER_VLLM_K")
-
-        return [PromptReplacement(modality="image", target=[token],
-                                  replacement=image_replacement)
-                if u.modality == "image" else u for u in updates]
-
-
-class D2PrunerQwen2_5_VLProcessor(ProcessorMixin, base.Qwen2_5_VLMultiModalProcessor):
+class D2PrunerQwen2_5_VLProcessor(QwenProcessorMixin, base.Qwen2_5_VLMultiModalProcessor):
     """vLLM's Qwen2.5-VL processor with k placeholders per image."""
 
 
@@ -204,7 +127,7 @@ class ModelMixin:
     _d2pruner_windows = True
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        _settings()
+        settings()
         mm_config = vllm_config.model_config.multimodal_config
         # the runner's M-RoPE rewrite (see the module docstring): this engine's config only
         object.__setattr__(mm_config, "is_multimodal_pruning_enabled", lambda: True)
@@ -251,7 +174,7 @@ class ModelMixin:
         return out
 
     def _d2pruner_images(self, image_input, codes=None):
-        settings = _settings()
+        opts = settings()
         grid_thw = image_input["image_grid_thw"]
         grids = [tuple(int(x) for x in g) for g in grid_thw.tolist()]
         merge = self.visual.spatial_merge_size
@@ -272,32 +195,26 @@ class ModelMixin:
             raise RuntimeError(f"d2pruner: the vision importance "
                                f"({None if scores is None else scores.numel()}) does not match "
                                f"the {tokens.shape[0]} image features")
-        if codes is None:
-            budgets = [_budget(settings.k, n, "D2PRUNER_VLLM_K") for n in lengths]
-        else:  # each image's request budget, as its placeholders were counted
-            codes = torch.as_tensor(codes).reshape(-1).tolist()
-            if len(codes) != len(lengths):
-                raise RuntimeError(f"d2pruner: {len(codes)} budgets for {len(lengths)} images")
-            budgets = [_budget(_decode_k(c), n, KWARG_NAME) for c, n in zip(codes, lengths)]
+        ks = budgets(codes, lengths)  # each image's, as its placeholders were counted
         cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)  # host: no sync
         llm_grids = [(t, h // merge, w // merge) if t > 1 else (h // merge, w // merge)
                      for t, h, w in grids]
         width = getattr(self, "visual_dim", tokens.shape[1])  # Qwen3-VL: DeepStack columns after
-        keep, cu_keep = prune_varlen(tokens[:, :width].detach(), scores, cu, llm_grids, budgets,
-                                     options=settings.options)
+        keep, cu_keep = prune_varlen(tokens[:, :width].detach(), scores, cu, llm_grids, ks,
+                                     options=opts.options)
         keep_host = keep.cpu()  # the positions are built on the host, as vLLM's EVS does
         ck = [0]
-        for n in budgets:
+        for n in ks:
             ck.append(ck[-1] + n)
         kept = [keep_host[ck[b]:ck[b + 1]] - int(cu[b]) for b in range(len(grids))]
         out = []
         for b, g in enumerate(grids):
             pos = _positions(g, merge)[kept[b]].to(tokens)
             out.append(torch.cat([tokens[keep[ck[b]:ck[b + 1]]], pos], dim=1))
-        if settings.record:
+        if opts.record:
             kept = [x.tolist() for x in kept]
-            with open(settings.record, "a") as f:
-                f.write(json.dumps({"n": lengths, "k": budgets, "kept": kept}) + "\n")
+            with open(opts.record, "a") as f:
+                f.write(json.dumps({"n": lengths, "k": ks, "kept": kept}) + "\n")
         return tuple(out)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from vllm.model_executor.models import qwen2_5_vl, qwen3_vl as base
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ._qwen2_5_vl import InfoMixin, ModelMixin, ProcessorMixin
+from ._qwen2_5_vl import ModelMixin, QwenProcessorMixin
+from ._request import InfoMixin
 
 ARCH = "Qwen3VLForConditionalGeneration"
 
@@ -20,7 +21,7 @@ class D2PrunerQwen3VLProcessingInfo(InfoMixin, base.Qwen3VLProcessingInfo):
     pass
 
 
-class D2PrunerQwen3VLProcessor(ProcessorMixin, base.Qwen3VLMultiModalProcessor):
+class D2PrunerQwen3VLProcessor(QwenProcessorMixin, base.Qwen3VLMultiModalProcessor):
     """vLLM's Qwen3-VL processor with k placeholders per image."""
 
 
