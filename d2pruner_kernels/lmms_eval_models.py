@@ -230,10 +230,6 @@ class _PrefillProbe:
             self.kept = [[int(t.numel()) for t in row] for row in self.pruner.kept]
             self.grids = [[int(math.prod(_cells(g))) for g in row] for row in self.pruner.grids]
 
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
 
 def _cells(grid):
     """A grid's dimensions ((H, W), (t, h, w), or a TokenLayout's cells)."""
@@ -260,9 +256,9 @@ def _batch_key(gen_kwargs) -> str:
 class D2PrunerMixin:
     """Before an lmms-eval HF model class: prunes its model, logs per sample (see the module).
 
-    Subclasses set `row_key`: the key the base class sorts a batch by (its generate_until's
-    _collate, applied to a request's args); a batch handed over already in that order keeps
-    it, so row b of the prefill is request b (checked on the answers)."""
+    `row_key`: the key lmms-eval's chat classes sort a batch by (their generate_until's
+    _collate: the context); a batch handed over already in that order keeps it, so row b of
+    the prefill is request b (checked on the answers, through the cache hook)."""
 
     @staticmethod
     def row_key(args):
