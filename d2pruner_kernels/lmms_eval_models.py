@@ -9,7 +9,8 @@ evaluates the pruned model (RefCOCO referring-expression localization, where the
 its claim, and OCRBench, the most fragile under pruning). Each entry subclasses lmms-eval's
 own HF model class (its chat implementation, the one lmms-eval resolves by default) and,
 once that class has loaded the model, calls `hf.apply(model, k, where=..., layer=...,
-prior=..., options=...)`: d2pruner_llava_hf, d2pruner_qwen2_5_vl, d2pruner_qwen3_vl.
+prior=..., options=...)`: d2pruner_llava_hf, d2pruner_qwen2_5_vl, d2pruner_qwen3_vl,
+d2pruner_internvl_hf.
 
 --model_args read here (the rest go to lmms-eval's class unchanged):
   k        visual tokens kept per image: an int, a ratio in (0, 1] (1.0 keeps every token,
@@ -30,7 +31,9 @@ Batching: the entry groups the requests by generation settings, orders them by t
 lmms-eval's class orders a batch by (so that the class keeps each batch's order and row b
 of the prefill is request b), and hands lmms-eval's generate_until one batch at a time.
 lmms-eval's llava_hf takes batch size 1 only; d2pruner_llava_hf generates a batch itself
-(the same prompt building, left padding).
+(the same prompt building, left padding). lmms-eval's internvl_hf takes batch size 1 only
+and does not pass image_sizes, which hf.apply needs for images of several tiles:
+d2pruner_internvl_hf generates its one request itself, image_sizes added.
 """
 from __future__ import annotations
 
@@ -46,10 +49,9 @@ from lmms_eval.models.registry_v2 import ModelManifest
 
 from .options import DEFAULTS, OPTION_NAMES, PruneOptions
 
-# family -> lmms-eval model id it subclasses (the chat class of lmms_eval.models)
-# (not internvl_hf: lmms-eval's InternVL does not pass image_sizes to generate, which
-# hf.apply needs for images of several tiles; and it turns a failed generate into "")
-BASES = {"llava_hf": "LlavaHf", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3_VL"}
+# lmms-eval model id -> its chat class (lmms_eval.models.chat.<id>), which an entry subclasses
+BASES = {"llava_hf": "LlavaHf", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3_VL",
+         "internvl_hf": "InternVLHf"}
 OWN_ARGS = ("k", "where", "layer", "prior") + tuple(n for n in OPTION_NAMES if n != "prior")
 
 
@@ -323,9 +325,13 @@ class D2PrunerMixin:
         return logged
 
 
-def _llava_generate_batch(self, requests):
-    """d2pruner_llava_hf's batch (lmms-eval's llava_hf generates one request at a time): its
-    prompt building (chat template of each request's messages) with left padding."""
+def _own_batch(self, requests, processor, pad_token_id, image_sizes=False, decode=None,
+               **processor_kwargs):
+    """One batch generated here, for the classes of lmms-eval that take batch size 1 only
+    (llava_hf) or do not pass image_sizes (internvl_hf): their prompt building (the chat
+    template of each request's messages, then the processor), left padding, their generate
+    arguments; image_sizes=True adds each picture's (height, width), as hf.apply needs for
+    InternVL's tiles."""
     from lmms_eval.protocol import ChatMessages
     _, to_messages, all_gen_kwargs, doc_ids, tasks, splits = zip(*(r.args for r in requests))
     texts, images = [], []
@@ -333,21 +339,24 @@ def _llava_generate_batch(self, requests):
         chat = ChatMessages(messages=fn(self.task_dict[task][split][doc_id]))
         visual, video, _ = chat.extract_media()
         if video:
-            raise NotImplementedError("d2pruner_llava_hf: images only (no videos)")
+            raise NotImplementedError(f"{type(self).__name__}: images only (no videos)")
         images += visual
-        texts.append(self._image_processor.apply_chat_template(
+        texts.append(processor.apply_chat_template(
             chat.model_dump()["messages"], tokenize=False, add_generation_prompt=True))
-    inputs = self._image_processor(images=images or None, text=texts, padding=True,
-                                   return_tensors="pt").to(self._device, self.model.dtype)
+    inputs = processor(images=images or None, text=texts, padding=True, return_tensors="pt",
+                       **processor_kwargs).to(self._device, self.model.dtype)
+    if image_sizes and images:
+        inputs["image_sizes"] = torch.tensor([(im.height, im.width) for im in images],
+                                             device=self._device)
     gen = {"max_new_tokens": 1024, "temperature": 0, "top_p": None, "num_beams": 1,
            **all_gen_kwargs[0]}
     sample = gen["temperature"] > 0
     out = self.model.generate(
         **inputs, do_sample=sample, temperature=gen["temperature"] if sample else None,
         top_p=gen["top_p"], num_beams=gen["num_beams"], max_new_tokens=gen["max_new_tokens"],
-        use_cache=self.use_cache, pad_token_id=self.eot_token_id, eos_token_id=self.eot_token_id)
+        use_cache=self.use_cache, pad_token_id=pad_token_id, eos_token_id=self.eot_token_id)
     new = out[:, inputs["input_ids"].shape[1]:]
-    answers = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+    answers = processor.batch_decode(new, skip_special_tokens=True, **(decode or {}))
     results = []
     for text, answer, row in zip(texts, answers, new.tolist()):
         n = row.index(self.eot_token_id) + 1 if self.eot_token_id in row else len(row)
@@ -356,8 +365,21 @@ def _llava_generate_batch(self, requests):
     return results
 
 
-# what each entry adds to D2PrunerMixin (lmms-eval's llava_hf takes batch size 1 only)
-_EXTRA = {"llava_hf": {"_generate_batch": _llava_generate_batch}}
+def _llava_batch(self, requests):
+    """d2pruner_llava_hf: batches of --batch_size (lmms-eval's llava_hf takes 1)."""
+    return _own_batch(self, requests, self._image_processor, self.eot_token_id)
+
+
+def _internvl_batch(self, requests):
+    """d2pruner_internvl_hf: lmms-eval's internvl_hf with image_sizes (batch size 1, as its)."""
+    return _own_batch(self, requests, self.processor, self.pad_token_id, image_sizes=True,
+                      decode={"clean_up_tokenization_spaces": False},
+                      min_patches=self.min_patches, max_patches=self.max_patches)
+
+
+# what each entry adds to D2PrunerMixin
+_EXTRA = {"llava_hf": {"_generate_batch": _llava_batch},
+          "internvl_hf": {"_generate_batch": _internvl_batch}}
 
 
 def __getattr__(name: str):

@@ -51,11 +51,47 @@ def build_llava(root: str) -> str:
     return d
 
 
+INTERNVL_TEMPLATE = LLAVA_TEMPLATE.replace("<image>", "<IMG_CONTEXT>")
+
+
+def build_internvl(root: str) -> str:
+    """hf/tiny.py's InternVL (112-px tiles of 4 x 4 tokens, a thumbnail), weights of a
+    visible scale (distinct greedy tokens), a word-level tokenizer and InternVL's processor."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor,
+                              PreTrainedTokenizerFast)
+    from d2pruner_kernels.hf import tiny as hft
+    d = os.path.join(root, "internvl")
+    model = hft.tiny_internvl()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(d)
+    special = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": hft.PAD, "<IMG_CONTEXT>": hft.IMAGE,
+               "<img>": hft.VISION_START, "</img>": hft.VISION_END, "<video>": hft.VIDEO}
+    vocab = {f"t{i}": i for i in range(hft.VOCAB) if i not in special.values()}
+    words = Tokenizer(models.WordLevel({**vocab, **special}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", extra_special_tokens={
+            "start_image_token": "<img>", "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    InternVLProcessor(image_processor=GotOcr2ImageProcessor(crop_to_patches=True,
+                                                            size={"height": 112, "width": 112}),
+                      tokenizer=tok, video_processor=InternVLVideoProcessor(),
+                      image_seq_length=16, chat_template=INTERNVL_TEMPLATE).save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """The models and the task's data file (the runs' working directory)."""
     root = str(tmp_path_factory.mktemp("lmms"))
     build_llava(root)
+    build_internvl(root)
     tiny.build_qwen(root)    # root/qwen25
     tiny.build_qwen3(root)   # root/qwen3
     with open(os.path.join(root, "data.jsonl"), "w") as f:
@@ -137,6 +173,21 @@ def test_llava_pruned_batched_and_keep_all_equals_base(work):
     check_scored(r["llava_base"])
     assert any(answers(r["llava_base"]).values()), answers(r["llava_base"])  # not all empty
     assert answers(r["llava_keep_all"]) == answers(r["llava_base"])
+
+
+def test_internvl_pruned_and_keep_all_equals_base(work):
+    """lmms-eval's internvl_hf takes batch size 1, and does not pass image_sizes:
+    d2pruner_internvl_hf adds them (hf.apply needs them for tiles). 224 x 224 makes 2 x 2
+    tiles + a thumbnail (80 tokens), 280 x 168 3 x 2 + 1 (112); k per image."""
+    base = f"pretrained={os.path.join(work, 'internvl')},device=cpu,device_map=cpu"
+    r = run(work, {"internvl_pruned": ("d2pruner_internvl_hf", f"{base},k=8", 1),
+                   "internvl_keep_all": ("d2pruner_internvl_hf", f"{base},k=1.0", 1),
+                   "internvl_base": ("internvl_hf", base, 1)})
+    check_pruned(r["internvl_pruned"], 8, [80, 112, 80, 112], rows=1)
+    check_pruned(r["internvl_keep_all"], None, [80, 112, 80, 112], rows=1)
+    check_scored(r["internvl_base"])
+    assert any(answers(r["internvl_base"]).values()), answers(r["internvl_base"])
+    assert answers(r["internvl_keep_all"]) == answers(r["internvl_base"])
 
 
 def test_qwen_vl_pruned_batched_and_keep_all_equals_base(work):
