@@ -352,7 +352,7 @@ def measure(args, rec: history.Recorder, log=print) -> list[dict]:
                         results.append(run_once(model, inputs, args.new_tokens, device=device,
                                                 now=now))
                         continue
-                    options = {name: v for name, v in kw.items() if name != "k"}
+                    options = {key: v for key, v in kw.items() if key != "k"}
                     with hf.apply(model, kw["k"], where="llm", layer=args.layer,
                                   **options) as pruner:
                         results.append(run_once(model, inputs, args.new_tokens, pruner,
@@ -394,7 +394,9 @@ def summarize(results: list[Result]) -> dict:
                 decode=statistics.median(r.decode for r in results),
                 kv=results[0].kv_bytes, at_k=results[0].cache_len_at_k,
                 pruner=statistics.median(pruner) if pruner else None,
-                kept=min(kept) if kept else None, kept_all=sorted(kept))
+                # one count when every image of every run kept the same, else "min-max"
+                kept=(None if not kept else min(kept) if len(kept) == 1
+                      else f"{min(kept)}-{max(kept)}"))
 
 
 def main(argv=None) -> int:
