@@ -5,7 +5,8 @@
 # import it) and pytest, torch held by constraints.txt. lmms-eval pulls PyPI's CUDA
 # torchvision, which fails beside the CPU torch (`torchvision::nms`): the vLLM tests' import
 # repair (tools/vllm_cpu_repair.py) makes lmms-eval's model classes import here too.
-# Fresh: ~2.5 min install on 2 cores (wheels cached); the tests ~2 min. A skipped test fails
+# Fresh: ~3 min install on 2 cores (wheels cached; 181 s measured); the tests ~1.2 min (13
+# lmms-eval runs, each test's side by side: 72 s at load 2.5); reused: the tests. A skip fails
 # the run (D2PRUNER_REQUIRE_LMMS=1 turns the no-lmms_eval skip into an error; -rs lists skips).
 set -euo pipefail
 cd "$(dirname "$0")/.."
