@@ -15,7 +15,8 @@ d2pruner_internvl_hf.
 --model_args read here (the rest go to lmms-eval's class unchanged):
   k        visual tokens kept per image: an int, a ratio in (0, 1] (1.0 keeps every token,
            the pruner still installed), or `none` (no pruner: the base model, same logging)
-  where    "llm" (default) or "vision" (LLaVA);  layer: int (default: the family's)
+  where    "llm" (default) or "vision" (LLaVA, Qwen2.5-VL, Qwen3-VL);  layer: int (default:
+           the family's)
   prior    a PositionalPrior file (d2pruner-calibrate)
   and every field of PruneOptions but prior (pivot_ratio, sim_threshold, spatial_weight,
   radius, temporal_radius, eps, check_finite, backend, fusion), parsed to the field's type.
