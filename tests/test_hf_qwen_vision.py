@@ -127,6 +127,25 @@ def test_apply_vision_keep_all_continuation_and_beams(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_apply_vision_in_a_forward_loop_equals_generate(family):
+    """model(input_ids=token, past_key_values=cache), no mask nor positions: the cache holds
+    the shortened prompt, the token goes where generate() puts it (the unpruned count)."""
+    model = _model(family)
+    inputs = helper.qwen_inputs(["single"], family)
+    with hf.apply(model, K, where="vision"):
+        want = _generate(model, inputs, 4)[0, inputs["input_ids"].shape[1]:].tolist()
+        got = []
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            for _ in range(4):
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                got.append(int(token))
+                out = model(input_ids=token, past_key_values=out.past_key_values,
+                            use_cache=True)
+    assert got == want
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_apply_vision_prunes_a_video_by_the_same_rule(family):
     """A video is one item: its importance is the tower's rule over its frames (full
     attention within each frame), its kept tokens prune() of its features on (t, h, w)."""
@@ -176,8 +195,8 @@ def test_where_vision_is_refused_where_there_is_no_rule():
     with pytest.raises(ValueError, match="where='vision' is for LLaVA .* Qwen2.5-VL and "
                                          "Qwen3-VL"):
         hf.apply(tiny.tiny_qwen2_vl(), 4, where="vision")      # Qwen2-VL
-    with pytest.raises(ValueError, match="layer=3 applies to where='llm' only"):
-        hf.apply(helper.tiny_qwen25(), 4, where="vision", layer=3)
+    with pytest.raises(ValueError, match="layer=2 applies to where='llm' only"):
+        hf.apply(helper.tiny_qwen25(), 4, where="vision", layer=2)
 
 
 def test_where_vision_needs_the_images_encoded_under_the_pruner():

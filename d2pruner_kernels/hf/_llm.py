@@ -174,8 +174,16 @@ class InLLM(Hooks):
             rec = cache_layout(cache)
             if self.layer == 0 and isinstance(rec, _Record) and rec.layer == 0:
                 # every layer holds the shortened prompt: generate() continuing from the
-                # cache re-feeds part of the prompt (see new_tokens)
-                return new_tokens(rec.length, rec.length_c, cache, args, kwargs)
+                # cache re-feeds part of the prompt (see new_tokens), and a forward given
+                # neither a mask nor positions would be placed by the cache's shorter length
+                args, kwargs = new_tokens(rec.length, rec.length_c, cache, args, kwargs)
+                if kwargs.get("position_ids") is None and kwargs.get("attention_mask") is None:
+                    ids = kwargs.get("input_ids", args[0] if args else None)
+                    x = ids if ids is not None else kwargs["inputs_embeds"]
+                    past = rec.length + int(cache.get_seq_length()) - rec.length_c
+                    kwargs = dict(kwargs, position_ids=self.adapter.decode_positions(
+                        past, x.shape[1], x.shape[0], x.device))
+                return args, kwargs
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")

@@ -177,10 +177,10 @@ def _setup(model, where, layer):
         layer = _check_layer(layer, len(adapter.language_model.layers))
         if hasattr(adapter, "check_layer"):  # e.g. Qwen3.5: layer - 1 must be full attention
             adapter.check_layer(layer)
-    elif layer not in (2, None):
+    elif layer is not None:
         raise ValueError(f"where='vision' reads the vision tower (LLaVA: the CLIP layer of "
                          f"config.vision_feature_layer; Qwen: the tower's last full-attention "
-                         f"block); layer={layer!r} applies to where='llm' only")
+                         f"block); layer={layer!r} applies to where='llm' only (leave it None)")
     return adapter, layer
 
 

@@ -65,6 +65,17 @@ class Qwen2VLAdapter(Adapter):
             out.append((s, e, grid))
         return out
 
+    def decode_positions(self, past: int, steps: int, batch: int, device) -> torch.Tensor:
+        """M-RoPE positions [3, B, steps] of tokens after `past` tokens of the unpruned
+        sequence, as the model places them from a full-length mask (where="vision": its
+        cache holds the shortened prompt, so its own count would be short)."""
+        pos = torch.arange(past, past + steps, device=device).view(1, 1, -1).expand(3, batch, -1)
+        deltas = self.model.model.rope_deltas  # the prefill's, from the unpruned prompt
+        if deltas is None:
+            return pos
+        deltas = deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)
+        return pos + deltas.view(1, batch, -1)
+
     def check_images(self, spans: list, outer: dict) -> None:
         thw = outer.get("image_grid_thw")
         if not isinstance(thw, torch.Tensor):

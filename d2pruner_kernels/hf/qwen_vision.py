@@ -81,8 +81,10 @@ class VisionRows:
         self.window = cfg.window_size // self.merge // cfg.patch_size if windows else None
         self.grids = None
         self.scores = None
-        self.encoded = []   # the items encoded last: (features, importance) each
+        self.encoded = []   # the items encoded last: (features, importance) each, kept
+        #                     until the next encoding (use_cache=False and beams read them)
         self.last = None    # (importance, the tower's output) of the last forward
+        self.keep_last = False
         self._used = False
 
     def install(self, handles: list) -> None:
@@ -132,7 +134,8 @@ class VisionRows:
         if self._used:  # a new round of encoding (generate() encodes images, then videos)
             self.encoded, self._used = [], False
         self.encoded += list(zip(feats.detach().split(lengths), scores.split(lengths)))
-        self.last = (scores, output)
+        if self.keep_last:  # _run_tower's single call reads it; an installed pruner does not
+            self.last = (scores, output)
         return None
 
     def used(self) -> None:
@@ -182,6 +185,7 @@ def qwen3_hf_importance(model, pixel_values: torch.Tensor, image_grid_thw: torch
 
 def _run_tower(rows: VisionRows, pixel_values, image_grid_thw):
     handles = []
+    rows.keep_last = True
     rows.install(handles)
     try:
         with torch.no_grad():

@@ -1,8 +1,8 @@
 """LLaVA-1.5 with D2Pruner in vLLM, by registration: a subclass of vLLM's model whose
 `_process_image_input` prunes (one prune_varlen per encoder batch), carrying subclasses of
-vLLM's processing info (`get_num_image_tokens` is the engine's k) and processor (each
-image's placeholders follow its request's k, `mm_processor_kwargs={"d2pruner_k": ...}`,
-_request.py), attached with `MULTIMODAL_REGISTRY.register_processor`; `register()` points
+vLLM's processing info (unchanged counts: vLLM profiles with 576) and processor (each
+image's placeholders follow its request's k, `mm_processor_kwargs={"d2pruner_k": ...}`, or
+the engine's, _request.py), attached with `MULTIMODAL_REGISTRY.register_processor`; `register()` points
 the architecture at it (`ModelRegistry.register_model`) when D2PRUNER_VLLM_K is set. No
 vLLM class is modified."""
 from __future__ import annotations
