@@ -57,17 +57,12 @@ INTERNVL_TEMPLATE = LLAVA_TEMPLATE.replace("<image>", "<IMG_CONTEXT>")
 def build_internvl(root: str) -> str:
     """hf/tiny.py's InternVL (112-px tiles of 4 x 4 tokens, a thumbnail), weights of a
     visible scale (distinct greedy tokens), a word-level tokenizer and InternVL's processor."""
-    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor,
                               PreTrainedTokenizerFast)
     from d2pruner_kernels.hf import tiny as hft
     d = os.path.join(root, "internvl")
-    model = hft.tiny_internvl()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
+    model = tiny.visible(None, hft.tiny_internvl())
     model.save_pretrained(d)
     special = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": hft.PAD, "<IMG_CONTEXT>": hft.IMAGE,
                "<img>": hft.VISION_START, "</img>": hft.VISION_END, "<video>": hft.VIDEO}

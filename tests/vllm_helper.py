@@ -32,7 +32,6 @@ MAX_TOKENS = 8
 
 
 def tiny_llava(seed: int = 0):
-    import torch
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration)
     vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=64,
@@ -45,10 +44,20 @@ def tiny_llava(seed: int = 0):
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
                       image_seq_length=N, vision_feature_layer=-2,
                       vision_feature_select_strategy="default")
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # random weights of a visible scale: distinct, stable greedy tokens
+    return visible(LlavaForConditionalGeneration, cfg, seed)
+
+
+def visible(model_class, cfg, seed: int = 0):
+    """A random model of `cfg` (sdpa) whose matrices are drawn at a visible scale (0.08):
+    distinct, stable greedy tokens on tiny models; model_class None: `cfg` is a model."""
+    import torch
+    if model_class is None:
+        model = cfg
+    else:
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(seed)
+        model = model_class(cfg).eval()
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.08)
@@ -187,7 +196,6 @@ Q_MERGED = {s: (w // 28) * (h // 28) for s, (w, h) in Q_SIZES.items()}
 
 
 def tiny_qwen25(seed: int = 0):
-    import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     text = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -200,14 +208,7 @@ def tiny_qwen25(seed: int = 0):
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=Q_IMAGE,
                            video_token_id=Q_VIDEO, vision_start_token_id=Q_START,
                            vision_end_token_id=Q_END)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-    return model
+    return visible(Qwen2_5_VLForConditionalGeneration, cfg, seed)
 
 
 def q_image(seed: int, family: str = "qwen25"):
@@ -227,7 +228,6 @@ def tiny_qwen3(seed: int = 0):
     """A tiny random Qwen3-VL: a 2-block tower (patch 16, width 64, 2 heads, block 0 feeds
     DeepStack level 0), a 2-layer Qwen3 decoder of width 128 (head size 32, interleaved
     mrope_section [4, 6, 6])."""
-    import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     text = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -242,14 +242,7 @@ def tiny_qwen3(seed: int = 0):
     cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=Q_IMAGE,
                         video_token_id=Q_VIDEO, vision_start_token_id=Q_START,
                         vision_end_token_id=Q_END)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-    return model
+    return visible(Qwen3VLForConditionalGeneration, cfg, seed)
 
 
 def _q_tokenizer():

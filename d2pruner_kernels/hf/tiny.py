@@ -101,6 +101,24 @@ def llava_inputs(model, texts: list, images_per_sample=None, seed: int = 0) -> d
     return out
 
 
+def _qwen_batch(rows: list, grids: list, vgrids: list, patch_dim: int, seed: int) -> dict:
+    """The processor's outputs for left-padded Qwen rows: input_ids, attention_mask,
+    mm_token_type_ids, and random flattened patches with their (t, h, w) grids."""
+    ids, mask = _left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask,
+           "mm_token_type_ids": (ids == IMAGE).long() + 2 * (ids == VIDEO).long()}
+    g = torch.Generator().manual_seed(seed)
+    if grids:
+        patches = sum(h * w for _, h, w in grids)
+        out["pixel_values"] = torch.randn(patches, patch_dim, generator=g)
+        out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+    if vgrids:
+        patches = sum(t * h * w for t, h, w in vgrids)
+        out["pixel_values_videos"] = torch.randn(patches, patch_dim, generator=g)
+        out["video_grid_thw"] = torch.tensor(vgrids, dtype=torch.long)
+    return out
+
+
 def qwen_inputs(model, images: list, texts=None, seed: int = 0, videos=None) -> dict:
     """Left-padded Qwen2-VL prompts: sample b holds images[b], a list of (h, w) patch grids
     (even numbers: the 2x2 merge), each as vision_start + (h/2 * w/2) image tokens +
@@ -122,19 +140,7 @@ def qwen_inputs(model, images: list, texts=None, seed: int = 0, videos=None) -> 
             vgrids.append([t, h, w])
             row += [VISION_START] + [VIDEO] * (t * h * w // merge ** 2) + [VISION_END]
         rows.append(row + list(text))
-    ids, mask = _left_pad(rows)
-    out = {"input_ids": ids, "attention_mask": mask,
-           "mm_token_type_ids": (ids == IMAGE).long() + 2 * (ids == VIDEO).long()}
-    g = torch.Generator().manual_seed(seed)
-    if grids:
-        patches = sum(h * w for _, h, w in grids)
-        out["pixel_values"] = torch.randn(patches, 3 * tp * p * p, generator=g)
-        out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
-    if vgrids:
-        patches = sum(t * h * w for t, h, w in vgrids)
-        out["pixel_values_videos"] = torch.randn(patches, 3 * tp * p * p, generator=g)
-        out["video_grid_thw"] = torch.tensor(vgrids, dtype=torch.long)
-    return out
+    return _qwen_batch(rows, grids, vgrids, 3 * tp * p * p, seed)
 
 
 # -- LLaVA-NeXT / LLaVA-OneVision (anyres) --------------------------------------------------------
@@ -357,19 +363,7 @@ def qwen3_vl_inputs(model, images: list, videos=None, texts=None, seed: int = 0,
                 parts_v += [VIDEO] * (h * w // merge ** 2) + [VISION_END]
         body = parts_v + parts_i if video_first else parts_i + parts_v
         rows.append([1, 4] + body + list(text))
-    ids, mask = _left_pad(rows)
-    out = {"input_ids": ids, "attention_mask": mask,
-           "mm_token_type_ids": (ids == IMAGE).long() + 2 * (ids == VIDEO).long()}
-    g = torch.Generator().manual_seed(seed)
-    if grids:
-        patches = sum(h * w for _, h, w in grids)
-        out["pixel_values"] = torch.randn(patches, 3 * tp * p * p, generator=g)
-        out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
-    if vgrids:
-        patches = sum(t * h * w for t, h, w in vgrids)
-        out["pixel_values_videos"] = torch.randn(patches, 3 * tp * p * p, generator=g)
-        out["video_grid_thw"] = torch.tensor(vgrids, dtype=torch.long)
-    return out
+    return _qwen_batch(rows, grids, vgrids, 3 * tp * p * p, seed)
 
 
 # -- Qwen3.5 (linear + full attention) and Gemma 3 (sliding + full, a dict of masks) ------------

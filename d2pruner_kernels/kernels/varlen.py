@@ -148,31 +148,28 @@ def device_table(p: Plan) -> torch.Tensor:
       graph, so each replay orders its own copy before its kernels, whatever stream built
       the plan (a capture may not wait on work recorded outside it); the plan, whose
       pinned rows that copy reads, is kept for good (`_captured`), outliving every graph."""
-    if p.stream is None:  # CPU (the interpreter)
-        return p.table
-    if torch.cuda.is_current_stream_capturing():
-        _captured[p.key] = p
-        return p.host.to(p.table.device, non_blocking=True)
-    stream = torch.cuda.current_stream(p.table.device)
-    if stream != p.stream:
-        stream.wait_event(p.copied)
-        p.table.record_stream(stream)
-    return p.table
+    return _served(p, p.table, p.host)
 
 
 def device_coords(p: Plan) -> torch.Tensor | None:
     """The plan's coordinate table (None without TokenLayouts), as `device_table` serves
     the table: waited for and recorded on another stream, copied inside a capture."""
-    if p.coords is None or p.stream is None:
-        return p.coords
+    return _served(p, p.coords, p.coords_host)
+
+
+def _served(p: Plan, table: torch.Tensor | None, host: torch.Tensor | None):
+    """One of the plan's device tables (copied from its pinned `host` rows on p.stream) as
+    the current stream may read it: see device_table."""
+    if table is None or p.stream is None:  # none, or CPU (the interpreter)
+        return table
     if torch.cuda.is_current_stream_capturing():
         _captured[p.key] = p
-        return p.coords_host.to(p.coords.device, non_blocking=True)
-    stream = torch.cuda.current_stream(p.coords.device)
+        return host.to(table.device, non_blocking=True)
+    stream = torch.cuda.current_stream(table.device)
     if stream != p.stream:
         stream.wait_event(p.copied)
-        p.coords.record_stream(stream)
-    return p.coords
+        table.record_stream(stream)
+    return table
 
 
 def _sorted_order(s: torch.Tensor, p: Plan, table: torch.Tensor) -> torch.Tensor:
